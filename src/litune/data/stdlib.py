@@ -1,0 +1,39 @@
+"""The Python standard library's own source files: real text that every machine has, for offline runs.
+
+The quickstart trains on these because nothing can be downloaded in CI and nobody on this team wrote them.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+STDLIB_SOURCE = "stdlib"
+"""The source name that data and tokenizer configs use to mean "the standard library's .py files"."""
+
+_SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+
+
+def stdlib_python_files(max_bytes: int | None = None) -> list[Path]:
+    """List the standard library's ``.py`` files in a fixed order (sorted by relative path).
+
+    Test suites and vendored packages are skipped: they are repetitive and would dominate a small corpus.
+
+    Args:
+        max_bytes: stop adding files once their total size would pass this many bytes (``None``: all files).
+
+    Returns:
+        Paths of readable UTF-8 source files, sorted so that every machine with the same Python gets the same list.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files: list[Path] = []
+    total = 0
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        if _SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1]):
+            continue
+        size = path.stat().st_size
+        if max_bytes is not None and total + size > max_bytes:
+            continue
+        files.append(path)
+        total += size
+    return files
