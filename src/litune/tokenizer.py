@@ -44,7 +44,9 @@ class TrainedBPE:
         cache_dir: str | None = None,
     ) -> None:
         if vocab_size < 260:
-            raise ConfigError("tokenizer.vocab_size", f"{vocab_size} is too small", "use at least 260 (256 bytes + specials)")
+            raise ConfigError(
+                "tokenizer.vocab_size", f"{vocab_size} is too small", "use at least 260 (256 bytes + specials)"
+            )
         self.corpus = corpus
         self.vocab_size = vocab_size
         self.max_bytes = max_bytes
@@ -58,7 +60,9 @@ class TrainedBPE:
         files = [Path(f) for f in ([self.corpus] if isinstance(self.corpus, str) else self.corpus)]
         for f in files:
             if not f.is_file():
-                raise ConfigError("tokenizer.corpus", f"file {f} does not exist", "list existing text files or 'stdlib'")
+                raise ConfigError(
+                    "tokenizer.corpus", f"file {f} does not exist", "list existing text files or 'stdlib'"
+                )
         return files
 
     def fingerprint(self, files: list[Path]) -> str:
@@ -126,7 +130,9 @@ def load_tokenizer(source: TokenizerSource, trust_remote_code: bool = False) -> 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(
-                "model.tokenizer", "the tokenizer has neither a pad nor an eos token", "use a tokenizer with one of them"
+                "model.tokenizer",
+                "the tokenizer has neither a pad nor an eos token",
+                "use a tokenizer with one of them",
             )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -58,9 +58,7 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     Returns:
         Scalar loss in float32 (logits are upcast so bf16 training keeps an accurate loss).
     """
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def causal_lm_output(logits: torch.Tensor, labels: torch.Tensor | None, **extra: object) -> LMOutput:

@@ -1,0 +1,77 @@
+"""``litune generate``: sample text from a litune checkpoint or a Hugging Face model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from litune.errors import ConfigError
+from litune.tokenizer import load_tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="litune generate", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="A litune .ckpt file, or a HF model folder or hub id.")
+    parser.add_argument("--prompt", default="", help="Text to continue (empty: start from the BOS/EOS token).")
+    parser.add_argument("--max-length", type=int, default=64, help="Total length in tokens, prompt included.")
+    parser.add_argument("--num-return-sequences", type=int, default=1)
+    parser.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def load_for_generation(checkpoint: str) -> tuple[torch.nn.Module, object]:
+    """Load a network and its tokenizer from a litune checkpoint or a Hugging Face model folder/hub id."""
+    path = Path(checkpoint)
+    if path.suffix == ".ckpt" or (path.is_dir() and not (path / "config.json").exists()):
+        if not path.exists():
+            raise ConfigError("--checkpoint", f"{checkpoint} does not exist", "give a .ckpt file from a run folder")
+        from litune.module import LitLM
+
+        system = LitLM.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        if system.tokenizer is None:
+            raise ConfigError("--checkpoint", "this checkpoint has no tokenizer", "train with model.tokenizer set")
+        return system.network, system.tokenizer
+    from litune.models.hf import HFCausalLM
+
+    return HFCausalLM(pretrained=checkpoint), load_tokenizer(checkpoint)
+
+
+def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.Namespace) -> list[str]:
+    """Encode the prompt, decode ``num_return_sequences`` continuations, return texts without special tokens."""
+    if args.max_length < 1:
+        raise ConfigError("--max-length", f"{args.max_length} is not positive", "use a positive length")
+    if args.num_return_sequences < 1:
+        raise ConfigError("--num-return-sequences", f"{args.num_return_sequences} is not positive", "use 1 or more")
+    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = torch.tensor([[start]])
+    torch.manual_seed(args.seed)
+    network.eval().to(args.device)
+    tokens = network.generate(
+        ids.to(args.device),
+        max_length=args.max_length,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_return_sequences=args.num_return_sequences,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    network, tokenizer = load_for_generation(args.checkpoint)
+    for i, text in enumerate(generate_texts(network, tokenizer, args)):
+        print(f"--- sequence {i} ---\n{text}")
+    return 0

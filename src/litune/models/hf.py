@@ -1,0 +1,155 @@
+"""A Hugging Face causal LM behind litune's one network interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from litune.errors import ConfigError
+from litune.models.output import LMOutput, causal_lm_output
+
+
+class HFCausalLM(nn.Module):
+    """Any ``AutoModelForCausalLM``: pretrained (hub id or local folder) or built from a config for scratch training.
+
+    The loss is not taken by the Hugging Face model (no ``labels`` are passed to it): litune computes it in
+    :func:`~litune.models.output.causal_lm_output`, so every network shifts labels in the same single place.
+
+    Args:
+        pretrained: hub id (``"gpt2"``) or local folder loaded with ``from_pretrained``. Exactly one of ``pretrained``
+            and ``config`` must be given.
+        config: keyword arguments of a Hugging Face config for training from scratch, with ``model_type``, e.g.
+            ``{"model_type": "gpt2", "n_layer": 4, "n_embd": 128, "n_head": 4, "vocab_size": 4096}``.
+        revision: hub revision (branch, tag or commit) of ``pretrained``.
+        trust_remote_code: run model code from the hub; off unless the config says so.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash_attention_2"``.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: dict[str, Any] | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if (pretrained is None) == (config is None):
+            raise ConfigError(
+                "model.network.init_args",
+                "give exactly one of `pretrained` and `config`",
+                "set `pretrained: gpt2` (or a local folder) to fine-tune, or `config: {model_type: gpt2, ...}` "
+                "to train from scratch",
+            )
+        self.pretrained = pretrained
+        if pretrained is not None:
+            if pretrained.startswith((".", "/", "~")) and not Path(pretrained).expanduser().exists():
+                raise ConfigError(
+                    "model.network.init_args.pretrained", f"folder {pretrained} does not exist", "fix the path"
+                )
+            self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+                pretrained,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
+                dtype=torch.float32,  # master weights in fp32; Lightning's precision plugin casts for compute
+            )
+        else:
+            kwargs = dict(config)
+            model_type = kwargs.pop("model_type", None)
+            if model_type is None:
+                raise ConfigError("model.network.init_args.config", "`model_type` is missing", "add model_type: gpt2")
+            hf_config = AutoConfig.for_model(model_type, **kwargs)
+            self.model = AutoModelForCausalLM.from_config(
+                hf_config, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+            )
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().num_embeddings
+
+    @property
+    def max_seq_len(self) -> int:
+        cfg = self.model.config
+        for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+            if getattr(cfg, name, None):
+                return int(getattr(cfg, name))
+        return 2**31 - 1  # rotary/relative-position models have no fixed table
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        return self.model.num_parameters(exclude_embeddings=exclude_embeddings)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM, appendix B)."""
+        cfg = self.model.config
+        n_layer = getattr(cfg, "num_hidden_layers", 0)
+        d_model = getattr(cfg, "hidden_size", 0)
+        return 6 * self.num_parameters(exclude_embeddings=True) + 12 * n_layer * d_model * seq_len
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> LMOutput:
+        """Next-token logits and loss.
+
+        Args:
+            input_ids: ``[batch, seq]`` token ids.
+            attention_mask: ``[batch, seq]`` 1 for real tokens, 0 for padding.
+            labels: ``[batch, seq]`` unshifted labels, -100 where no loss is taken.
+            position_ids: ``[batch, seq]`` positions restarting at 0 at each packed document. When given, the mask is
+                derived from them (transformers builds a block-diagonal causal mask from restarting positions when
+                no 2-D mask is passed), so attention never crosses documents.
+        """
+        if position_ids is not None:
+            attention_mask = None
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return causal_lm_output(out.logits, labels)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_length: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_return_sequences: int = 1,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Decode with the Hugging Face generation loop (KV cache included).
+
+        Returns:
+            ``[batch * num_return_sequences, <= max_length]`` token ids, prompt included.
+        """
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
+        return self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+            max_length=max_length,
+            do_sample=do_sample,
+            num_return_sequences=num_return_sequences,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            use_cache=True,
+            **sampling,
+        )
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write a folder that ``AutoModelForCausalLM.from_pretrained`` loads (``config.json``, safetensors)."""
+        self.model.save_pretrained(directory)

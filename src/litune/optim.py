@@ -1,0 +1,82 @@
+"""Optimizer parameter groups and learning-rate schedules.
+
+The optimizer class itself is chosen in the config (``class_path: torch.optim.AdamW``); this module only decides which
+parameters get weight decay and builds the warmup + decay schedule from transformers' schedule functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
+
+from litune.errors import ConfigError
+
+
+def param_groups(network: nn.Module) -> list[dict]:
+    """Split trainable parameters into a weight-decayed group and a group without weight decay.
+
+    Matrices (linear and embedding weights, ``ndim >= 2``) are decayed; biases and norm weights (``ndim < 2``) are
+    not, since shrinking them toward zero only fights the normalization. The first group keeps the optimizer's own
+    ``weight_decay``; the second overrides it with 0.
+
+    Returns:
+        ``[{"params": decayed}, {"params": not_decayed, "weight_decay": 0.0}]`` (empty groups dropped).
+    """
+    decay, no_decay = [], []
+    for param in network.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+@dataclass
+class LRSchedule:
+    """Linear warmup, then cosine or linear decay, or a constant rate; stepped once per optimizer step.
+
+    Attributes:
+        name: ``cosine`` (to ``min_lr_ratio`` × peak), ``linear`` (to 0) or ``constant``.
+        warmup_steps: optimizer steps of linear warmup from 0 to the peak rate.
+        min_lr_ratio: with ``cosine``, the final rate as a fraction of the peak.
+    """
+
+    name: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError("model.lr_schedule.warmup_steps", f"{self.warmup_steps} is negative", "use 0 or more")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("model.lr_schedule.min_lr_ratio", f"{self.min_lr_ratio} is outside [0, 1]", "use 0..1")
+
+    def build(self, optimizer: torch.optim.Optimizer, total_steps: int | float) -> torch.optim.lr_scheduler.LambdaLR:
+        """Build the scheduler for a run of ``total_steps`` optimizer steps."""
+        if self.name == "constant":
+            return get_constant_schedule_with_warmup(optimizer, self.warmup_steps)
+        if not math.isfinite(total_steps):
+            raise ConfigError(
+                "trainer.max_steps",
+                "a decaying schedule needs a finite run length",
+                "set trainer.max_steps or max_epochs",
+            )
+        if self.warmup_steps >= total_steps:
+            raise ConfigError(
+                "model.lr_schedule.warmup_steps",
+                f"{self.warmup_steps} warmup steps for a run of {int(total_steps)} optimizer steps",
+                "use fewer warmup steps than trainer.max_steps",
+            )
+        if self.name == "linear":
+            return get_linear_schedule_with_warmup(optimizer, self.warmup_steps, int(total_steps))
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, self.warmup_steps, int(total_steps), min_lr_rate=self.min_lr_ratio
+        )

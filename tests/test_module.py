@@ -1,0 +1,157 @@
+"""The LightningModule: optimizers, schedules, loss masking, perplexity, and early errors."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics.text import Perplexity
+
+from litune.errors import ConfigError
+from litune.models.hf import HFCausalLM
+from litune.models.output import IGNORE_INDEX, causal_lm_output
+from litune.module import LitLM
+from litune.optim import LRSchedule, param_groups
+
+VOCAB = 300
+
+
+def tiny_network(seed: int = 0) -> HFCausalLM:
+    torch.manual_seed(seed)
+    return HFCausalLM(config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": VOCAB})
+
+
+def batches(n: int = 16, seq: int = 12) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (n, seq), generator=g)
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in ids]
+    return DataLoader(rows, batch_size=4)
+
+
+def fit(system: LitLM, steps: int) -> L.Trainer:
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(system, batches())
+    return trainer
+
+
+OPTIMIZERS = {
+    "SGD": partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "Adam": partial(torch.optim.Adam, lr=1e-2),
+    "AdamW": partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
+    "RMSprop": partial(torch.optim.RMSprop, lr=1e-3),
+    "Adagrad": partial(torch.optim.Adagrad, lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_each_optimizer_trains_every_parameter_and_lowers_the_loss(name: str) -> None:
+    system = LitLM(tiny_network(), optimizer=OPTIMIZERS[name], lr_schedule=LRSchedule(name="constant"))
+    before = {k: v.clone() for k, v in system.network.state_dict().items()}
+    first_loss = system.network(**next(iter(batches()))).loss.item()
+    trainer = fit(system, steps=12)
+    assert type(trainer.optimizers[0]).__name__ == name
+    changed = [k for k, v in system.network.state_dict().items() if not torch.equal(v, before[k])]
+    trainable = [k for k, p in system.network.named_parameters()]
+    assert set(trainable) <= set(changed)
+    assert system.network(**next(iter(batches()))).loss.item() < first_loss
+
+
+def test_weight_decay_is_kept_off_biases_and_norm_weights() -> None:
+    network = tiny_network()
+    decayed, not_decayed = param_groups(network)
+    names = {id(p): n for n, p in network.named_parameters()}
+    assert "weight_decay" not in decayed and not_decayed["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decayed["params"])
+    no_decay_names = {names[id(p)] for p in not_decayed["params"]}
+    assert any(n.endswith("ln_f.weight") for n in no_decay_names)
+    assert any(n.endswith("c_attn.bias") for n in no_decay_names)
+    # AdamW's decoupled decay moves a decayed weight with zero gradient; a no-decay one stays put.
+    optimizer = torch.optim.AdamW(param_groups(network), lr=0.1, weight_decay=0.5)
+    for p in network.parameters():
+        p.grad = torch.zeros_like(p)
+    ln_before = network.model.transformer.ln_f.weight.clone()
+    wte_before = network.model.transformer.wte.weight.clone()
+    optimizer.step()
+    assert torch.equal(network.model.transformer.ln_f.weight, ln_before)
+    assert torch.allclose(network.model.transformer.wte.weight, wte_before * (1 - 0.1 * 0.5))
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+def test_schedule_warms_up_then_decays_per_optimizer_step(name: str) -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = LRSchedule(name=name, warmup_steps=4, min_lr_ratio=0.1).build(optimizer, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(0.5) and lrs[4] == pytest.approx(1.0)
+    end = {"cosine": 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16)), "linear": 1 / 16, "constant": 1.0}[name]
+    assert lrs[-1] == pytest.approx(end)
+
+
+def test_schedule_is_stepped_by_the_trainer_once_per_optimizer_step() -> None:
+    system = LitLM(
+        tiny_network(), optimizer=partial(torch.optim.SGD, lr=1.0), lr_schedule=LRSchedule("linear", warmup_steps=2)
+    )
+    trainer = fit(system, steps=6)
+    # linear: warmup to 1.0 over 2 steps, then down to 0 at step 6
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6
+
+
+def test_loss_ignores_positions_labelled_minus_100() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5))
+    labels[0, 3:] = IGNORE_INDEX
+    out = causal_lm_output(logits, labels)
+    # Shifted: position t predicts labels[t+1]; the last position and the ignored ones carry no loss.
+    kept = [(b, t) for b in range(2) for t in range(4) if labels[b, t + 1] != IGNORE_INDEX]
+    manual = torch.stack([-logits[b, t].log_softmax(-1)[labels[b, t + 1]] for b, t in kept]).mean()
+    torch.testing.assert_close(out.loss, manual)
+    # Changing the logits where the target is ignored does not change the loss.
+    scrambled = logits.clone()
+    scrambled[0, 2:] = torch.randn(3, 7) * 10
+    scrambled[:, -1] = 99.0
+    torch.testing.assert_close(causal_lm_output(scrambled, labels).loss, out.loss)
+
+
+def test_perplexity_metric_equals_exp_of_mean_token_loss_on_a_fixed_batch() -> None:
+    network = tiny_network().eval()
+    batch = next(iter(batches()))
+    batch["labels"][0, :5] = IGNORE_INDEX
+    with torch.no_grad():
+        out = network(**batch)
+    metric = Perplexity(ignore_index=IGNORE_INDEX)
+    metric.update(out.logits, out.targets)
+    torch.testing.assert_close(metric.compute(), out.loss.exp(), rtol=1e-5, atol=1e-4)
+    system = LitLM(network)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(system, DataLoader([{k: v[i] for k, v in batch.items()} for i in range(4)], 4))[0]
+    assert metrics["val/ppl"] == pytest.approx(out.loss.exp().item(), rel=1e-4)
+    assert metrics["val/loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-3])
+def test_non_positive_learning_rate_is_a_config_error(lr: float) -> None:
+    with pytest.raises(ConfigError, match="(?i)invalid learning rate"):
+        LitLM(tiny_network(), optimizer=partial(torch.optim.AdamW, lr=lr))
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_a_config_error(tokenizer_dir) -> None:
+    with pytest.raises(ConfigError, match=r"512 tokens .* vocabulary has 300"):
+        LitLM(tiny_network(), tokenizer=str(tokenizer_dir))
