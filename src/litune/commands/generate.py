@@ -13,7 +13,7 @@ from litune.tokenizer import load_tokenizer
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="litune generate", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="A litune .ckpt file, or a HF model folder or hub id.")
+    parser.add_argument("--checkpoint", required=True, help="A litune .ckpt file or run folder, or a HF model folder or hub id.")
     parser.add_argument("--prompt", default="", help="Text to continue (empty: start from the BOS/EOS token).")
     parser.add_argument("--max-length", type=int, default=64, help="Total length in tokens, prompt included.")
     parser.add_argument("--num-return-sequences", type=int, default=1)
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 def load_for_generation(checkpoint: str) -> tuple[torch.nn.Module, object]:
     """Load a network and its tokenizer from a litune checkpoint or a Hugging Face model folder/hub id."""
     path = Path(checkpoint)
+    if path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():  # a run folder: its last checkpoint
+        path = path / "checkpoints" / "last.ckpt"
     if path.suffix == ".ckpt" or (path.is_dir() and not (path / "config.json").exists()):
         if not path.exists():
             raise ConfigError("--checkpoint", f"{checkpoint} does not exist", "give a .ckpt file from a run folder")

@@ -1,0 +1,143 @@
+"""The ``litune`` command end to end, as a user runs it: fit, resume, generate, and the errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from litune.cli import main
+from litune.commands.generate import build_parser, generate_texts, load_for_generation
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
+
+
+def tiny_args(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", TINY,
+        f"--model.tokenizer={tokenizer_dir}",
+        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}",
+        f"--runs_dir={tmp_path / 'runs'}",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _fresh_run_dir_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each in-process CLI call sets LITUNE_RUN_DIR for its own ranks; tests are separate runs.
+    monkeypatch.delenv("LITUNE_RUN_DIR", raising=False)
+
+
+def run_dirs(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "runs").glob("*-tiny"))
+
+
+def test_fit_writes_a_run_folder_with_config_checkpoint_and_metrics(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    assert main(["fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir), "--validate_before_fit=true"]) == 0
+    (run,) = run_dirs(tmp_path)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 4 and saved["model"]["tokenizer"] == str(tokenizer_dir)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    assert {"train/loss", "val/ppl", "step"} <= set(header)
+    assert list(run.glob("events.out.tfevents.*")), "TensorBoard events in the run folder"
+
+
+def test_resume_from_last_continues_the_same_run(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    assert main(["fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir)]) == 0
+    (run,) = run_dirs(tmp_path)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    os.environ.pop("LITUNE_RUN_DIR", None)
+    args = tiny_args(tmp_path, corpus_dir, tokenizer_dir, "--trainer.max_steps=7", "--ckpt_path=last")
+    assert main(["fit", *args]) == 0
+    assert run_dirs(tmp_path) == [run]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
+
+
+def test_pretrained_gpt2_from_a_local_folder_fine_tunes_with_the_finetune_config(
+    tmp_path, corpus_dir, tiny_gpt2_dir
+) -> None:
+    """configs/gpt2-finetune.yaml with the hub ids swapped for a tiny model saved by save_pretrained."""
+    args = [
+        "fit", "--config", str(REPO / "configs" / "gpt2-finetune.yaml"),
+        f"--model.tokenizer={tiny_gpt2_dir}",
+        f"--model.network.init_args.pretrained={tiny_gpt2_dir}",
+        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}",
+        "--data.init_args.name=null", "--data.init_args.validation_split=null",
+        "--data.init_args.block_size=32", "--data.init_args.batch_size=2",
+        "--trainer.max_steps=3", "--trainer.accumulate_grad_batches=2", "--trainer.val_check_interval=3",
+        "--trainer.limit_val_batches=2", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+        "--model.lr_schedule.warmup_steps=1", f"--runs_dir={tmp_path / 'runs'}",
+    ]  # fmt: skip
+    assert main(args) == 0
+    (run,) = sorted((tmp_path / "runs").glob("*-gpt2-finetune"))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 3
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).state_dict()
+    tuned = {k.removeprefix("network.model."): v for k, v in ckpt["state_dict"].items()}
+    assert not torch.equal(tuned["transformer.h.0.attn.c_attn.weight"], original["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_generate_returns_the_requested_number_of_sequences(tmp_path, corpus_dir, tokenizer_dir, capsys) -> None:
+    assert main(["fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir)]) == 0
+    (run,) = run_dirs(tmp_path)
+    network, tokenizer = load_for_generation(str(run))
+    args = build_parser().parse_args(
+        ["--checkpoint", str(run), "--prompt", "def f(x):", "--max-length", "20", "--num-return-sequences", "3",
+         "--do-sample", "--top-k", "20", "--top-p", "0.9", "--temperature", "0.8"]
+    )  # fmt: skip
+    texts = generate_texts(network, tokenizer, args)
+    assert len(texts) == 3 and all(t.startswith("def f(x):") for t in texts)
+    assert not any("<|endoftext|>" in t for t in texts), "special tokens are skipped when decoding"
+    assert main(["generate", "--checkpoint", str(run), "--max-length", "12", "--num-return-sequences", "2"]) == 0
+    assert capsys.readouterr().out.count("--- sequence") == 2
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "litune.cli", *args], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "LITUNE_RUN_DIR": ""},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--model.optimizer.init_args.lr=-0.01"], "learning rate"),
+        (["--model.optimizer.init_args.lr=0"], "learning rate"),
+        (["--data.init_args.block_size=4096"], "block_size=4096 is longer than the model's context of 64"),
+        (["--data.init_args.path=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
+        (["--data.init_args.text_column=body"], "body"),
+    ],
+)
+def test_bad_config_fails_before_training_with_one_paragraph_and_no_traceback(
+    tmp_path, corpus_dir, tokenizer_dir, override, expected
+) -> None:
+    result = run_cli("fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir, *override))
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "runs").glob("*/checkpoints")), "nothing trained"
+
+
+def test_unknown_optimizer_name_is_rejected_naming_the_field(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    result = run_cli("fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir, "--model.optimizer=torch.optim.AdamX"))
+    assert result.returncode != 0
+    assert "optimizer" in result.stderr and "AdamX" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_dataset_is_rejected(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = run_cli("fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir, f"--data.init_args.path={empty}"))
+    assert result.returncode != 0 and "empty" in result.stderr.lower() and "Traceback" not in result.stderr
