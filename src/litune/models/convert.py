@@ -1,0 +1,183 @@
+"""Weights between Hugging Face GPT-2 (``GPT2LMHeadModel``) and litune's :class:`~litune.models.transformer.DecoderLM`.
+
+The two share parameter names, so conversion is a one-to-one renaming with two explicit differences:
+
+- Hugging Face GPT-2 stores its projections as ``Conv1D`` with weights ``[in, out]``; ours are ``nn.Linear`` with
+  ``[out, in]``: the four projection weights per block (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``,
+  ``mlp.c_proj``) are transposed, nothing else.
+- Hugging Face prefixes the body with ``transformer.``; we don't.
+
+Loading is strict: a state dict with missing or unexpected keys (or wrong shapes) raises a :class:`ConfigError`
+that lists them, instead of silently leaving random weights in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from litune.errors import ConfigError
+from litune.models.transformer import DecoderLM
+
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+"""Weights that Hugging Face GPT-2 keeps as ``Conv1D`` ``[in, out]`` and we keep as ``nn.Linear`` ``[out, in]``."""
+
+HF_PREFIX = "transformer."
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old GPT-2 checkpoints, not weights
+
+ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+def _is_conv1d(key: str) -> bool:
+    return key.startswith("h.") and key.endswith(CONV1D_SUFFIXES)
+
+
+def gpt2_to_litune(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename and transpose a ``GPT2LMHeadModel`` (or ``GPT2Model``) state dict into :class:`DecoderLM` keys.
+
+    A missing ``lm_head.weight`` (checkpoints of tied models often omit it) is filled with ``wte.weight``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix(HF_PREFIX)
+        if key.endswith(HF_BUFFERS):
+            continue
+        out[key] = value.t().contiguous() if _is_conv1d(key) else value
+    if "lm_head.weight" not in out and "wte.weight" in out:
+        out["lm_head.weight"] = out["wte.weight"]
+    return out
+
+
+def litune_to_gpt2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`gpt2_to_litune`: :class:`DecoderLM` keys into ``GPT2LMHeadModel`` keys."""
+    return {
+        (key if key == "lm_head.weight" else HF_PREFIX + key): (value.t().contiguous() if _is_conv1d(key) else value)
+        for key, value in state.items()
+    }
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``module`` and raise a :class:`ConfigError` listing every missing, unexpected or
+    wrongly shaped key (``nn.Module.load_state_dict`` would stop at the first shape error with a traceback).
+
+    Args:
+        module: the network to fill.
+        state: the converted state dict.
+        source: where the weights came from, for the message.
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or shapes:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        if shapes:
+            problems.append(f"shape mismatches [{'; '.join(shapes)}]")
+        raise ConfigError(
+            "model.network",
+            f"the weights from {source} do not fit {type(module).__name__}: {', '.join(problems)}",
+            "build the network with the checkpoint's sizes (d_model, nhead, layers, vocab_size, max_seq_len, bias) "
+            "or load a checkpoint of this architecture",
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def decoder_kwargs_from_gpt2_config(config: object) -> dict[str, object]:
+    """:class:`DecoderLM` arguments equivalent to a ``transformers.GPT2Config``."""
+    activation = config.activation_function
+    if activation not in ACTIVATION_FROM_HF:
+        raise ConfigError(
+            "model.network",
+            f"GPT-2 activation {activation!r} has no litune equivalent",
+            f"use {list(ACTIVATION_FROM_HF)}",
+        )
+    if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
+        raise ConfigError(
+            "model.network",
+            "this GPT-2 config scales attention differently from litune",
+            "use default attention scaling",
+        )
+    return dict(
+        d_model=config.n_embd,
+        nhead=config.n_head,
+        num_decoder_layers=config.n_layer,
+        dim_feedforward=config.n_inner or 4 * config.n_embd,
+        dropout=config.resid_pdrop,
+        activation=ACTIVATION_FROM_HF[activation],
+        vocab_size=config.vocab_size,
+        max_seq_len=config.n_positions,
+        layer_norm_eps=config.layer_norm_epsilon,
+        init_std=config.initializer_range,
+        tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
+    )
+
+
+def from_hf_gpt2(source: str | Path | nn.Module, gradient_checkpointing: bool = False) -> DecoderLM:
+    """Build a :class:`DecoderLM` with the weights of a Hugging Face GPT-2.
+
+    Args:
+        source: a ``GPT2LMHeadModel`` instance, or a local folder / hub id that ``from_pretrained`` loads.
+        gradient_checkpointing: passed to the new network.
+    """
+    from transformers import GPT2LMHeadModel
+
+    hf = source if isinstance(source, nn.Module) else GPT2LMHeadModel.from_pretrained(source)
+    network = DecoderLM(**decoder_kwargs_from_gpt2_config(hf.config), gradient_checkpointing=gradient_checkpointing)
+    load_strict(network, gpt2_to_litune(hf.state_dict()), source=f"GPT-2 {source if isinstance(source, str) else ''}")
+    return network
+
+
+def to_hf_gpt2(network: DecoderLM, **config_overrides: object) -> nn.Module:
+    """A ``transformers.GPT2LMHeadModel`` with ``network``'s weights (in fp32 on CPU), ready for ``save_pretrained``.
+
+    Raises:
+        ConfigError: for a post-norm network, which GPT-2 cannot represent.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = network.config
+    if not cfg.norm_first:
+        raise ConfigError(
+            "model.network.init_args.norm_first",
+            "a post-norm network (norm_first=False) has no GPT-2 equivalent",
+            "train with norm_first=True to export to Hugging Face",
+        )
+    special = {} if cfg.vocab_size > 50256 else {"bos_token_id": None, "eos_token_id": None}
+    hf_config = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_seq_len,
+        n_embd=cfg.d_model,
+        n_layer=cfg.num_decoder_layers,
+        n_head=cfg.nhead,
+        n_inner=cfg.dim_feedforward,
+        activation_function=ACTIVATION_TO_HF[cfg.activation],
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        layer_norm_epsilon=cfg.layer_norm_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        **{**special, **config_overrides},
+    )
+    hf = GPT2LMHeadModel(hf_config)
+    state = {k: v.detach().float().cpu() for k, v in network.state_dict().items()}
+    if not cfg.bias:
+        # GPT-2 always has biases; a bias-free network is the same function with all of them zero.
+        for key, value in hf.state_dict().items():
+            name = key.removeprefix(HF_PREFIX)
+            if key.endswith(".bias") and not key.endswith(HF_BUFFERS) and name not in state:
+                state[name] = torch.zeros_like(value)
+    load_strict(hf, litune_to_gpt2(state), source=f"{type(network).__name__}")
+    return hf

@@ -1,0 +1,184 @@
+"""Token-by-token decoding shared by the decoder-only and the encoder-decoder networks.
+
+A network supplies a *step*: given all tokens so far and its key/value cache, it returns the next-token logits and the
+updated cache, running only the tokens the cache has not seen. :func:`decode` owns the loop: choosing tokens (greedy or
+sampled through Hugging Face's logits warpers), EOS stopping, padding finished rows. With ``use_cache=False`` every
+step re-runs the whole prefix, which is what the cached path is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from litune.errors import ConfigError
+
+Step = Callable[[torch.Tensor, object | None], tuple[torch.Tensor, object | None]]
+"""``step(tokens [N, t], cache) -> (logits [N, vocab] for position t, new cache)``."""
+
+FIELD = "generate"
+
+
+@contextmanager
+def eval_mode(network: torch.nn.Module) -> Iterator[None]:
+    """Switch dropout off while generating (a callback may generate mid-training), then restore the mode."""
+    was_training = network.training
+    network.eval()
+    try:
+        yield
+    finally:
+        network.train(was_training)
+
+
+def check_sampling(
+    max_length: int, temperature: float, top_k: int | None, top_p: float | None, num_return_sequences: int
+) -> None:
+    """Reject bad generation settings with a :class:`ConfigError` before any compute."""
+    if max_length < 1:
+        raise ConfigError(f"{FIELD}.max_length", f"max_length={max_length} must be positive", "use e.g. 64")
+    if temperature <= 0:
+        raise ConfigError(
+            f"{FIELD}.temperature", f"temperature={temperature} must be > 0", "use do_sample=false for greedy decoding"
+        )
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"{FIELD}.top_k", f"top_k={top_k} must be >= 1", "use e.g. 50, or null to disable")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"{FIELD}.top_p", f"top_p={top_p} is outside (0, 1]", "use e.g. 0.9, or null to disable")
+    if num_return_sequences < 1:
+        raise ConfigError(
+            f"{FIELD}.num_return_sequences", f"num_return_sequences={num_return_sequences} must be >= 1", "use 1"
+        )
+
+
+def warpers(temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
+    """Hugging Face's temperature / top-k / top-p warpers, in the order ``transformers`` applies them."""
+    out = LogitsProcessorList()
+    if temperature != 1.0:
+        out.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None:
+        out.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p))
+    return out
+
+
+def decode(
+    step: Step,
+    tokens: torch.Tensor,
+    total_length: int,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Extend ``tokens`` one token at a time until ``total_length`` or until every row has produced EOS.
+
+    Args:
+        step: the network's step function (see :data:`Step`).
+        tokens: ``[N, t0]`` the starting tokens (a prompt, or the decoder start token).
+        total_length: the longest the returned rows may be (``t0`` included).
+        do_sample: sample from the (warped) distribution instead of taking the argmax.
+        temperature, top_k, top_p: sampling warpers (ignored when greedy).
+        eos_token_id: a row stops after producing it; later positions get ``pad_token_id``.
+        pad_token_id: filler after EOS (default: ``eos_token_id``).
+        use_cache: keep the step's key/value cache; False re-runs the whole prefix every step.
+        generator: random generator for sampling (reproducible samples).
+
+    Returns:
+        ``[N, <= total_length]`` token ids.
+    """
+    pad = pad_token_id if pad_token_id is not None else eos_token_id
+    warp = warpers(temperature, top_k, top_p) if do_sample else LogitsProcessorList()
+    finished = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
+    cache = None
+    while tokens.size(1) < total_length:
+        logits, new_cache = step(tokens, cache)
+        cache = new_cache if use_cache else None
+        scores = warp(tokens, logits.float())
+        if do_sample:
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            nxt = scores.argmax(dim=-1)
+        if eos_token_id is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            finished |= nxt == eos_token_id
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if eos_token_id is not None and bool(finished.all()):
+            break
+    return tokens
+
+
+def generate_causal(
+    network: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    max_length: int,
+    num_return_sequences: int = 1,
+    use_cache: bool = True,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    **kwargs: object,
+) -> torch.Tensor:
+    """Generate with a decoder-only network whose forward takes ``past_key_values`` / ``use_cache``.
+
+    Batched prompts must be left-padded (``attention_mask`` 0 on the left), as with Hugging Face models: positions
+    count from each row's first real token, and padding is never attended.
+
+    Args:
+        network: a causal LM such as :class:`~litune.models.transformer.DecoderLM`.
+        input_ids: ``[B, T]`` prompts.
+        attention_mask: ``[B, T]`` or None (no padding).
+        max_length: longest returned row, prompt included.
+        num_return_sequences: rows per prompt (each prompt is repeated, rows of one prompt are adjacent).
+        use_cache, do_sample, temperature, top_k, top_p, **kwargs: see :func:`decode`.
+
+    Returns:
+        ``[B * num_return_sequences, <= max_length]``, prompt included.
+    """
+    check_sampling(max_length, temperature, top_k, top_p, num_return_sequences)
+    input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+    prompt_mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        prompt_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0).long()
+
+    def step(tokens: torch.Tensor, cache: object | None) -> tuple[torch.Tensor, object | None]:
+        past = 0 if cache is None else cache[0][0].size(2)
+        mask = position_ids = None
+        if prompt_mask is not None:
+            generated = prompt_mask.new_ones(tokens.size(0), tokens.size(1) - prompt_mask.size(1))
+            mask = torch.cat([prompt_mask, generated], dim=1)
+            # Like Hugging Face: each row counts positions from its first real token (left padding gets 0).
+            position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, past:]
+        out = network(
+            tokens[:, past:], attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+        )
+        return out.logits[:, -1], out.past_key_values
+
+    with torch.no_grad(), eval_mode(network):
+        return decode(
+            step,
+            input_ids,
+            max_length,
+            use_cache=use_cache,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            **kwargs,
+        )

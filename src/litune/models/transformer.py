@@ -1,0 +1,474 @@
+"""litune's own decoder-only Transformer: GPT-2's architecture and parameter names, readable top to bottom.
+
+Parameter names follow Hugging Face GPT-2 (``wte``, ``wpe``, ``h.N.ln_1``, ``h.N.attn.c_attn``, ``h.N.attn.c_proj``,
+``h.N.ln_2``, ``h.N.mlp.c_fc``, ``h.N.mlp.c_proj``, ``ln_f``), so :mod:`litune.models.convert` maps weights one to one
+in both directions (only GPT-2's ``Conv1D`` ``[in, out]`` weights are transposed to ``nn.Linear``'s ``[out, in]``).
+
+The blocks defined here (:class:`SelfAttention`, :class:`MLP`, :class:`Block`) are reused by the encoder-decoder in
+:mod:`litune.models.seq2seq`, and :class:`TransformerConfig` configures both networks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from litune.errors import ConfigError
+from litune.models.output import LMOutput, causal_lm_output
+
+FIELD = "model.network.init_args"
+"""Where users set a network's arguments in YAML; error messages name fields under it."""
+
+Activation = Literal["gelu_tanh", "gelu", "relu"]
+ACTIVATIONS: dict[str, nn.Module] = {
+    # GPT-2 uses the tanh approximation of GELU (Hugging Face calls it "gelu_new"): exact parity needs the same one.
+    "gelu_tanh": nn.GELU(approximate="tanh"),
+    "gelu": nn.GELU(),
+    "relu": nn.ReLU(),
+}
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+"""One ``(key, value)`` pair per layer, each ``[batch, nhead, cached_len, head_dim]``."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+@dataclass
+class TransformerConfig:
+    """Shape and behaviour of a litune Transformer (decoder-only or encoder-decoder), validated at construction.
+
+    Args:
+        d_model: width of the residual stream.
+        nhead: attention heads per layer; must divide ``d_model``.
+        num_encoder_layers: encoder blocks (0 for a decoder-only network).
+        num_decoder_layers: decoder blocks.
+        dim_feedforward: hidden width of the feed-forward layer (``None``: ``4 * d_model`` as in GPT-2).
+        dropout: dropout on embeddings, attention weights and residual branches.
+        activation: feed-forward nonlinearity; ``gelu_tanh`` is GPT-2's ("gelu_new" in Hugging Face).
+        vocab_size: number of token ids; must equal the tokenizer's length.
+        max_seq_len: longest sequence (number of learned positions).
+        norm_first: pre-norm blocks (GPT-2) if True, post-norm (the original Transformer) if False.
+        bias: biases in linear layers and layer norms.
+        tie_embeddings: share the token embedding with the output head.
+        layer_norm_eps: epsilon of every LayerNorm.
+        init_std: standard deviation of the normal initialisation (GPT-2: 0.02).
+        gradient_checkpointing: recompute each block's activations in the backward pass instead of storing them.
+    """
+
+    d_model: int = 256
+    nhead: int = 4
+    num_encoder_layers: int = 0
+    num_decoder_layers: int = 4
+    dim_feedforward: int | None = None
+    dropout: float = 0.0
+    activation: Activation = "gelu_tanh"
+    vocab_size: int = 50257
+    max_seq_len: int = 1024
+    norm_first: bool = True
+    bias: bool = True
+    tie_embeddings: bool = True
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "nhead", "num_decoder_layers", "vocab_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{FIELD}.{name}", f"{name}={value!r} must be a positive integer", f"set {name} >= 1")
+        if self.num_encoder_layers < 0:
+            raise ConfigError(
+                f"{FIELD}.num_encoder_layers", f"num_encoder_layers={self.num_encoder_layers} is negative", "use >= 0"
+            )
+        if self.d_model % self.nhead:
+            raise ConfigError(
+                f"{FIELD}.nhead",
+                f"d_model={self.d_model} is not divisible by nhead={self.nhead}: "
+                f"per-head dim would be {self.d_model / self.nhead:g}",
+                f"choose nhead in {{{', '.join(map(str, _divisors(self.d_model)))}}} or change d_model",
+            )
+        if self.dim_feedforward is None:
+            self.dim_feedforward = 4 * self.d_model
+        if self.dim_feedforward < 1:
+            raise ConfigError(
+                f"{FIELD}.dim_feedforward", f"dim_feedforward={self.dim_feedforward} must be positive", "e.g. 4*d_model"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{FIELD}.dropout", f"dropout={self.dropout} is outside [0, 1)", "use e.g. 0.0 or 0.1")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"{FIELD}.activation", f"unknown activation {self.activation!r}", f"use one of {sorted(ACTIVATIONS)}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.nhead
+
+
+def attention_mask(
+    q_len: int,
+    past_len: int,
+    padding_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    causal: bool,
+) -> torch.Tensor | None:
+    """The boolean mask for :func:`F.scaled_dot_product_attention` (True: may attend), or None when none is needed.
+
+    Args:
+        q_len: number of query positions (the new tokens).
+        past_len: number of cached positions before them.
+        padding_mask: ``[batch, past_len + q_len]``, 1 on real tokens, 0 on padding (keys that nobody may attend).
+        position_ids: ``[batch, q_len]``; where they restart at 0 a new document begins (packed batches) and no token
+            attends across documents. Only used without a cache (documents span the whole sequence).
+        causal: forbid attending to later positions.
+
+    Returns:
+        ``[batch or 1, 1, q_len, past_len + q_len]`` bool, or None when plain ``is_causal`` (or nothing) suffices.
+    """
+    k_len = past_len + q_len
+    packed = position_ids is not None and past_len == 0 and bool((position_ids[:, 1:] == 0).any())
+    if padding_mask is None and not packed and (not causal or past_len == 0 or q_len == 1):
+        return None  # SDPA's is_causal suffices (no cache), or one new query attends to the whole cache
+    device = padding_mask.device if padding_mask is not None else position_ids.device
+    mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        q_pos = torch.arange(past_len, k_len, device=device)[:, None]
+        mask = mask & (torch.arange(k_len, device=device)[None, :] <= q_pos)
+    if padding_mask is not None:
+        mask = mask & padding_mask.bool()[:, None, None, :]
+    if packed:
+        doc = torch.cumsum(position_ids == 0, dim=1)  # [B, T]: document index of each token
+        mask = mask & (doc[:, None, :, None] == doc[:, None, None, :])
+    # A query with nothing to attend (a padding token) would make SDPA return NaN; let it attend everywhere instead:
+    # its output is never used, and no real token attends to it.
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through :func:`F.scaled_dot_product_attention`, with an optional key/value cache.
+
+    Args:
+        config: the network's configuration.
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.nhead, self.head_dim, self.dropout = config.nhead, config.head_dim, config.dropout
+        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, d_model]`` -> ``[B, nhead, T, head_dim]``."""
+        return x.view(x.size(0), x.size(1), self.nhead, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Attend ``x`` to itself (and to the cached keys/values).
+
+        Args:
+            x: ``[B, T, d_model]``.
+            mask: bool ``[B or 1, 1, T, past + T]`` from :func:`attention_mask`, or None.
+            causal: with ``mask=None`` and no cache, apply SDPA's built-in causal mask.
+            past: cached ``(key, value)``, each ``[B, nhead, past, head_dim]``.
+
+        Returns:
+            ``[B, T, d_model]`` and the new ``(key, value)`` including ``x``'s.
+        """
+        q, k, v = (self.split_heads(t) for t in self.c_attn(x).split(x.size(-1), dim=2))  # each (B, nh, T, hs)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        is_causal = causal and mask is None and past is None and x.size(1) > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(x.shape)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward layer ``c_proj(act(c_fc(x)))``."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, config.dim_feedforward, bias=config.bias)
+        self.act = ACTIVATIONS[config.activation]
+        self.c_proj = nn.Linear(config.dim_feedforward, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, d_model]`` -> ``[B, T, d_model]``."""
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+def residual(x: torch.Tensor, branch, norm: nn.LayerNorm, norm_first: bool):
+    """Apply a residual branch pre-norm (``x + f(ln(x))``) or post-norm (``ln(x + f(x))``).
+
+    ``branch`` may return ``(output, extra)``; the extra value (a key/value cache) is passed through.
+    """
+    out = branch(norm(x) if norm_first else x)
+    out, extra = out if isinstance(out, tuple) else (out, None)
+    x = x + out if norm_first else norm(x + out)
+    return x, extra
+
+
+class Block(nn.Module):
+    """A Transformer block: self-attention then feed-forward, each a residual branch with a LayerNorm.
+
+    Used causally by the decoder and bidirectionally by the encoder of the encoder-decoder.
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.norm_first = config.norm_first
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``[B, T, d_model]`` -> ``[B, T, d_model]`` and this layer's ``(key, value)``; see :class:`SelfAttention`."""
+        x, kv = residual(x, lambda h: self.attn(h, mask, causal, past), self.ln_1, self.norm_first)
+        x, _ = residual(x, self.mlp, self.ln_2, self.norm_first)
+        return x, kv
+
+
+def init_gpt2_(module: nn.Module, std: float, residual_std: float) -> None:
+    """GPT-2's initialisation: N(0, std) weights, zero biases, unit LayerNorms, and the residual output projections
+    (``*.c_proj.weight``) at ``residual_std`` so the residual stream's variance does not grow with depth."""
+    for name, p in module.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(p, 0.0, residual_std)
+        elif p.dim() >= 2:
+            nn.init.normal_(p, 0.0, std)
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def check_length(total: int, max_seq_len: int, what: str = "sequence") -> None:
+    """Raise a :class:`ConfigError` naming both numbers when a sequence does not fit the learned positions."""
+    if total > max_seq_len:
+        raise ConfigError(
+            f"{FIELD}.max_seq_len",
+            f"the {what} has {total} tokens but the network has max_seq_len={max_seq_len} positions",
+            f"shorten the input to <= {max_seq_len} tokens (data block_size / generate max_length) "
+            f"or build the network with max_seq_len >= {total}",
+        )
+
+
+class DecoderLM(nn.Module):
+    """A GPT-2-style decoder-only causal language model.
+
+    Pre-norm blocks (configurable), learned positions, tied embeddings, GPT-2 initialisation, causal attention through
+    SDPA, per-block gradient checkpointing, a key/value cache for generation. The arguments are those of
+    :class:`TransformerConfig` (without encoder layers), so LightningCLI configures it from YAML.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 4,
+        num_decoder_layers: int = 4,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.0,
+        activation: Activation = "gelu_tanh",
+        vocab_size: int = 50257,
+        max_seq_len: int = 1024,
+        norm_first: bool = True,
+        bias: bool = True,
+        tie_embeddings: bool = True,
+        layer_norm_eps: float = 1e-5,
+        init_std: float = 0.02,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        cfg = TransformerConfig(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        self.config = cfg
+        self.vocab_size, self.max_seq_len = cfg.vocab_size, cfg.max_seq_len
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.num_decoder_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Two residual branches (attention, MLP) per block add to the stream: GPT-2 scales their init by 1/sqrt(2L).
+        init_gpt2_(self, cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_decoder_layers))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        rank_zero_info(
+            f"DecoderLM: n_params={self.num_parameters():,} "
+            f"(without embeddings: {self.num_parameters(exclude_embeddings=True):,})"
+        )
+
+    @classmethod
+    def from_config(cls, config: TransformerConfig) -> DecoderLM:
+        """Build from a :class:`TransformerConfig` (its ``num_encoder_layers`` must be 0)."""
+        if config.num_encoder_layers:
+            raise ConfigError(
+                f"{FIELD}.num_encoder_layers",
+                f"a decoder-only network has no encoder, got num_encoder_layers={config.num_encoder_layers}",
+                "set it to 0 or use litune.models.seq2seq.Seq2SeqLM",
+            )
+        kwargs = asdict(config)
+        kwargs.pop("num_encoder_layers")
+        return cls(**kwargs)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (tied weights counted once).
+
+        Args:
+            exclude_embeddings: leave out the token and position embeddings (and an untied output head).
+        """
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            for p in (self.wte.weight, self.wpe.weight, self.lm_head.weight):
+                params.pop(id(p), None)
+        return sum(p.numel() for p in params.values())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) at context ``seq_len``: ``6 N + 12 L d T`` (PaLM appendix B).
+
+        ``N`` counts every weight used in a matmul (position embeddings are a lookup, so they are left out).
+        """
+        n = self.num_parameters() - self.wpe.weight.numel()
+        return 6.0 * n + 12.0 * len(self.h) * self.config.d_model * seq_len
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        **kwargs: object,
+    ) -> LMOutput:
+        """Next-token logits, and the loss when ``labels`` are given.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (only the new ones when ``past_key_values`` is given).
+            attention_mask: ``[B, past + T]``, 1 on real tokens, 0 on padding.
+            labels: ``[B, T]`` unshifted labels, ``-100`` where no loss is taken; shifted by ``causal_lm_output``.
+            position_ids: ``[B, T]`` positions; restarting at 0 marks a new packed document (no attention across).
+            past_key_values: the cache returned by a previous call with ``use_cache=True``.
+            use_cache: return the key/value cache in ``LMOutput.past_key_values``.
+            **kwargs: other batch entries, ignored.
+
+        Returns:
+            :class:`LMOutput` with ``logits [B, T, vocab_size]``.
+        """
+        _, T = input_ids.shape
+        past_len = past_key_values[0][0].size(2) if past_key_values else 0
+        check_length(past_len + T, self.max_seq_len)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=input_ids.device)[None, :]
+        elif int(position_ids.max()) >= self.max_seq_len:
+            check_length(int(position_ids.max()) + 1, self.max_seq_len, "position_ids")
+        mask = attention_mask_for_batch(T, past_len, attention_mask, position_ids)
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, d_model)
+        cache: KVCache = []
+        for i, block in enumerate(self.h):
+            past = past_key_values[i] if past_key_values else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Non-reentrant checkpointing works with keyword/None arguments and keeps the dropout RNG state.
+                x, kv = checkpoint(block, x, mask, True, past, use_reentrant=False)
+            else:
+                x, kv = block(x, mask, True, past)
+            cache.append(kv)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        return causal_lm_output(logits, labels, past_key_values=cache if use_cache else None)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_length: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_return_sequences: int = 1,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue left-padded prompts; see :func:`litune.models.generation.generate_causal`.
+
+        Returns:
+            ``[B * num_return_sequences, <= max_length]`` token ids, prompt included.
+        """
+        from litune.models.generation import generate_causal
+
+        check_length(max_length, self.max_seq_len, "generate max_length")
+        return generate_causal(
+            self,
+            input_ids,
+            attention_mask,
+            max_length=max_length,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            num_return_sequences=num_return_sequences,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            use_cache=use_cache,
+            generator=generator,
+        )
+
+    def save_pretrained(self, directory: str | Path, **config_overrides: object) -> None:
+        """Write a Hugging Face GPT-2 folder (``config.json`` + weights) that ``AutoModelForCausalLM`` loads.
+
+        Args:
+            directory: output folder.
+            **config_overrides: extra ``GPT2Config`` fields, e.g. ``bos_token_id``/``eos_token_id`` of the tokenizer.
+        """
+        from litune.models.convert import to_hf_gpt2
+
+        to_hf_gpt2(self, **config_overrides).save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, gradient_checkpointing: bool = False) -> DecoderLM:
+        """Load a Hugging Face GPT-2 checkpoint (a local folder or hub id) into a :class:`DecoderLM`."""
+        from litune.models.convert import from_hf_gpt2
+
+        return from_hf_gpt2(source, gradient_checkpointing=gradient_checkpointing)
+
+
+def attention_mask_for_batch(
+    q_len: int, past_len: int, padding_mask: torch.Tensor | None, position_ids: torch.Tensor
+) -> torch.Tensor | None:
+    """Causal mask for a decoder call: drop an all-ones padding mask so SDPA can take its fast ``is_causal`` path."""
+    if padding_mask is not None and bool(padding_mask.all()):
+        padding_mask = None
+    return attention_mask(q_len, past_len, padding_mask, position_ids, causal=True)
