@@ -1,0 +1,68 @@
+"""Batch rows of different lengths into the tensors of the batch contract.
+
+Written by hand rather than with ``transformers.DataCollatorForSeq2Seq`` because that one pads only the tokenizer's own
+input names (so not ``position_ids``) and cannot derive labels from the attention mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from litune.models.output import IGNORE_INDEX
+
+
+@dataclass
+class PadCollator:
+    """Pad a list of rows to the longest one (rounded up to a multiple of ``pad_to_multiple_of``), on the right.
+
+    Labels are ``-100`` wherever ``attention_mask`` is 0, decided by the mask and never by token id: GPT-2 pads with
+    EOS, and the EOS between documents must still be trained on.
+
+    Args:
+        pad_token_id: the id written into padded ``input_ids`` positions (masked anyway).
+        pad_to_multiple_of: round the padded length up to this (tensor cores like multiples of 8); 1 disables it.
+        max_length: never pad beyond this (the network's context); ``None`` for no cap.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 8
+    max_length: int | None = None
+
+    def padded_length(self, longest: int) -> int:
+        """The length a batch whose longest row has ``longest`` tokens is padded to."""
+        m = max(1, self.pad_to_multiple_of)
+        length = -(-longest // m) * m
+        if self.max_length is not None:
+            length = min(length, max(self.max_length, longest))
+        return length
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """Collate rows.
+
+        Args:
+            rows: dicts with ``input_ids`` and optionally ``labels`` (``-100`` on prompts) and ``position_ids``.
+
+        Returns:
+            ``input_ids [B,T] long``, ``attention_mask [B,T] long``, ``labels [B,T] long`` (``-100`` on padding and
+            wherever the row's labels had it), and ``position_ids [B,T] long`` when the rows carry them.
+        """
+        length = self.padded_length(max(len(r["input_ids"]) for r in rows))
+        batch_size = len(rows)
+        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        has_positions = "position_ids" in rows[0]
+        position_ids = torch.zeros((batch_size, length), dtype=torch.long) if has_positions else None
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            attention_mask[i, :n] = 1
+            labels[i, :n] = torch.as_tensor(row.get("labels") or row["input_ids"], dtype=torch.long)
+            if position_ids is not None:
+                position_ids[i, :n] = torch.as_tensor(row["position_ids"], dtype=torch.long)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if position_ids is not None:
+            batch["position_ids"] = position_ids
+        return batch

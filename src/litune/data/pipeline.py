@@ -1,0 +1,315 @@
+"""From a :class:`DataSpec` to tokenized train/validation rows: load, split, tokenize, lay out, count.
+
+This is the work ``litune prepare`` does once (and ``fit`` does on rank 0 when no cache exists); the result is saved by
+:mod:`litune.data.cache`. Each step is a ``datasets`` operation (``map(batched=True, num_proc=...)``,
+``train_test_split``, ``interleave_datasets``), so it runs out of core on Arrow files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from litune.data import formats, packing, sources
+from litune.data.stdlib import STDLIB_SOURCE, stdlib_python_files
+from litune.errors import ConfigError
+
+
+@dataclass
+class Source:
+    """One data source of a weighted mixture.
+
+    Args:
+        path: hub dataset id, local file, folder, glob, or ``"stdlib"``.
+        name: hub config name.
+        split: hub split (local files are one ``train`` split).
+        weight: relative sampling weight in the mixture (normalised over all sources).
+        text_column: this source's text column when it differs from ``data.text_column`` (renamed to it).
+    """
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    weight: float = 1.0
+    text_column: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError("data.sources.path", f"{self.path!r} is not a path or hub id", "give a path or hub id")
+        if not self.weight > 0:
+            raise ConfigError("data.sources.weight", f"weight {self.weight} for {self.path} is not > 0", "use > 0")
+
+
+@dataclass
+class DataSpec:
+    """Everything that decides the tokenized rows (and so the cache key), validated at construction.
+
+    See :class:`litune.data.text.TextDataModule` for the meaning of each field.
+    """
+
+    sources: list[Source]
+    validation: str | None = None
+    format: str = "text"
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+    template: str | None = None
+    layout: str = "concat"
+    document_mask: bool = False
+    block_size: int = 256
+    val_fraction: float = 0.05
+    seed: int = 42
+    max_bytes: int | None = None
+    sample_by: str = "document"
+    skip_bad_rows: bool = False
+    overlong: str = "truncate"
+    streaming: bool = False
+    num_proc: int | None = None
+    hf_cache_dir: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.path", "no data source given", "set data.path or data.sources")
+        if self.format not in formats.FORMATS:
+            raise ConfigError("data.format", f"{self.format!r} is not a format", f"use one of {formats.FORMATS}")
+        if self.layout not in packing.LAYOUTS:
+            raise ConfigError("data.layout", f"{self.layout!r} is not a layout", f"use one of {packing.LAYOUTS}")
+        if not isinstance(self.block_size, int) or self.block_size < 2:
+            raise ConfigError("data.block_size", f"{self.block_size} is too small", "use an int >= 2, e.g. 256")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("data.val_fraction", f"{self.val_fraction} is not in [0, 1)", "use e.g. 0.05")
+        if self.overlong not in ("truncate", "error"):
+            raise ConfigError("data.overlong", f"{self.overlong!r} is not a choice", "use 'truncate' or 'error'")
+        if self.sample_by not in sources.TEXT_SAMPLE_BY:
+            raise ConfigError("data.sample_by", f"{self.sample_by!r} is not a choice", f"use {sources.TEXT_SAMPLE_BY}")
+        if self.streaming and self.layout == "pack":
+            raise ConfigError(
+                "data.layout", "'pack' needs the whole dataset", "use layout=concat or pad when streaming"
+            )
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError("data.num_proc", f"{self.num_proc} is not >= 1", "use None or a positive int")
+        for src in self.sources:
+            if src.path != STDLIB_SOURCE:
+                sources.resolve_local_files(src.path)  # fails early on a missing local path, an empty file
+        if self.validation is not None and self.validation not in {s.split for s in self.sources}:
+            files = sources.resolve_local_files(self.validation, "data.validation_split")
+            if files is None and len(self.sources) != 1:
+                raise ConfigError(
+                    "data.validation_split",
+                    "a split name is ambiguous with several sources",
+                    "give a local validation file, or use val_fraction",
+                )
+
+    def key(self) -> dict:
+        """The cache-relevant content, with local files identified by path, size and modification time."""
+        key = asdict(self)
+        key.pop("hf_cache_dir")
+        key.pop("num_proc")
+        key["files"] = [sources.files_fingerprint(self._files(s.path) or []) for s in self.sources]
+        return key
+
+    def _files(self, path: str) -> list | None:
+        return stdlib_python_files(self.max_bytes) if path == STDLIB_SOURCE else sources.resolve_local_files(path)
+
+
+def load_source(
+    spec: DataSpec, src: Source, split: str | None = None, report: sources.LoadReport | None = None
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Load one source's raw rows and check that the columns the format needs are there."""
+    files = spec._files(src.path)
+    if files is None:
+        ds = sources.load_hub(
+            src.path, src.name, split or src.split, streaming=spec.streaming, cache_dir=spec.hf_cache_dir
+        )
+    else:
+        ds = sources.load_local(
+            files,
+            sample_by=spec.sample_by,
+            skip_bad_rows=spec.skip_bad_rows,
+            streaming=spec.streaming,
+            cache_dir=spec.hf_cache_dir,
+            report=report,
+        )
+    if src.text_column and src.text_column != spec.text_column and src.text_column in (ds.column_names or []):
+        ds = ds.rename_column(src.text_column, spec.text_column)
+    needed = {
+        "text": [spec.text_column],
+        "instruction": [spec.prompt_column, spec.response_column],
+        "chat": [spec.messages_column],
+    }[spec.format]
+    columns = ds.column_names
+    if columns is not None:  # streaming hub datasets may not know their columns before reading
+        for col in needed:
+            if col not in columns:
+                fix_field = {spec.text_column: "text_column", spec.prompt_column: "prompt_column"}.get(col, "columns")
+                raise ConfigError(
+                    f"data.{fix_field}",
+                    f"column {col!r} is not in {src.path} (columns: {columns})",
+                    f"set data.{fix_field} to one of {columns}",
+                )
+        ds = ds.select_columns(needed)
+    if not spec.streaming and len(ds) == 0:
+        raise ConfigError("data.path", f"the dataset {src.path} is empty", "give a source with at least one row")
+    return ds
+
+
+def load_raw(
+    spec: DataSpec, report: sources.LoadReport | None = None
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Raw train rows (mixed by weight over the sources) and, if configured, raw validation rows."""
+    parts = [load_source(spec, s, report=report) for s in spec.sources]
+    if len(parts) == 1:
+        train = parts[0]
+    else:
+        total = sum(s.weight for s in spec.sources)
+        train = datasets.interleave_datasets(
+            parts,
+            probabilities=[s.weight / total for s in spec.sources],
+            seed=spec.seed,
+            stopping_strategy="first_exhausted",
+        )
+    val = None
+    if spec.validation is not None:
+        if spec.validation in {s.split for s in spec.sources} or sources.resolve_local_files(spec.validation) is None:
+            val = load_source(spec, spec.sources[0], split=spec.validation, report=report)
+        else:
+            val = load_source(spec, Source(spec.validation), report=report)
+    if spec.format == "text" and not spec.streaming:
+        # Whitespace-only documents would become a lone EOS: drop them, and fail if nothing is left.
+        col = spec.text_column
+        train = train.filter(lambda b: [bool(t and t.strip()) for t in b[col]], batched=True)
+        if len(train) == 0:
+            raise ConfigError("data.path", "every document is empty or whitespace", "give a source with text in it")
+    return train, val
+
+
+def tokenize(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    """Tokenize raw rows with the spec's format (one batched ``map``)."""
+    if spec.format == "text":
+        fn = partial(formats.tokenize_text, tokenizer=tokenizer, text_column=spec.text_column)
+    elif spec.format == "instruction":
+        fn = partial(
+            formats.tokenize_instruction,
+            tokenizer=tokenizer,
+            prompt_column=spec.prompt_column,
+            response_column=spec.response_column,
+            template=spec.template or formats.DEFAULT_INSTRUCTION_TEMPLATE,
+        )
+    else:
+        fn = partial(
+            formats.tokenize_chat, tokenizer=tokenizer, messages_column=spec.messages_column, template=spec.template
+        )
+    kwargs = {} if spec.streaming else {"num_proc": spec.num_proc}
+    return ds.map(fn, batched=True, remove_columns=ds.column_names, **kwargs)
+
+
+def lay_out(ds: datasets.Dataset, spec: DataSpec) -> tuple[datasets.Dataset, int]:
+    """Cut, pack or truncate tokenized samples into rows of at most ``block_size`` tokens.
+
+    Returns:
+        The rows, and how many samples were truncated (always 0 for ``concat``, which splits documents by design).
+
+    Raises:
+        ConfigError: ``overlong='error'`` and a sample is longer than ``block_size`` (only for ``pack``/``pad``;
+            ``concat`` splits documents by design).
+    """
+    kwargs = {} if spec.streaming else {"num_proc": spec.num_proc}
+    if spec.layout == "concat":
+        fn = partial(packing.concat_into_blocks, block_size=spec.block_size, document_positions=spec.document_mask)
+        return ds.map(fn, batched=True, remove_columns=ds.column_names, **kwargs), 0
+    ds = ds.map(partial(packing.truncate_samples, block_size=spec.block_size), batched=True, **kwargs)
+    n = 0 if spec.streaming else sum(ds["truncated"])
+    if spec.overlong == "error" and n:
+        raise ConfigError(
+            "data.block_size",
+            f"{n} samples are longer than block_size={spec.block_size}",
+            "raise block_size, or set data.overlong=truncate to cut and count them",
+        )
+    ds = ds.remove_columns("truncated")
+    if spec.layout == "pad":
+        return ds, n
+    fn = partial(packing.pack_samples, block_size=spec.block_size, document_positions=spec.document_mask)
+    # Bin-pack in large map batches: first-fit decreasing gets closer to full rows with more samples to choose from.
+    return ds.map(fn, batched=True, batch_size=10_000, remove_columns=ds.column_names, **kwargs), n
+
+
+def _lengths(batch: dict[str, list]) -> dict[str, list]:
+    return {"length": [len(x) for x in batch["input_ids"]]}
+
+
+def _split_rows(rows: datasets.Dataset, spec: DataSpec) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Hold out a fraction of the laid-out rows (used when there are too few documents to hold out whole ones)."""
+    n_val = max(1, round(len(rows) * spec.val_fraction))
+    if len(rows) - n_val < 1:
+        raise ConfigError(
+            "data.block_size",
+            f"the data makes only {len(rows)} row(s) of {spec.block_size} tokens, too few to hold out a validation set",
+            "add data, lower block_size, or set val_fraction=0",
+        )
+    split = rows.train_test_split(test_size=n_val, seed=spec.seed)
+    return split["train"], split["test"]
+
+
+def build(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.DatasetDict, dict]:
+    """Load, split, tokenize and lay out the data of ``spec`` (not streaming).
+
+    The validation set is, in order of preference: the configured validation split or file; a held-out
+    ``val_fraction`` of the raw documents (so no document is in both sets), deterministic by ``seed``; or, when there
+    are too few documents for that (say one big text file), a held-out fraction of the laid-out rows.
+
+    Returns:
+        ``DatasetDict`` with ``train`` (and ``validation`` unless ``val_fraction=0`` and none is configured), rows of
+        ``input_ids``, optional ``labels``/``position_ids`` and ``length``; and the counts of :func:`count_stats`.
+    """
+    report = sources.LoadReport()
+    train_raw, val_raw = load_raw(spec, report)
+    samples = len(train_raw) + (len(val_raw) if val_raw is not None else 0)
+    split_rows_later = False
+    if val_raw is None and spec.val_fraction > 0:
+        n_val = round(len(train_raw) * spec.val_fraction)
+        if n_val >= 1 and len(train_raw) - n_val >= 1:
+            split = train_raw.train_test_split(test_size=n_val, seed=spec.seed)
+            train_raw, val_raw = split["train"], split["test"]
+        else:
+            split_rows_later = True
+    parts = {"train": train_raw} if val_raw is None else {"train": train_raw, "validation": val_raw}
+    tokens, truncated, out = 0, 0, {}
+    for name, raw in parts.items():
+        tok = tokenize(raw, spec, tokenizer)
+        tokens += sum(tok.map(_lengths, batched=True, remove_columns=tok.column_names)["length"])
+        rows, n = lay_out(tok, spec)
+        truncated += n
+        out[name] = rows
+    if split_rows_later:
+        out["train"], out["validation"] = _split_rows(out["train"], spec)
+    out = {k: v.map(_lengths, batched=True) for k, v in out.items()}
+    counts = {"samples": samples, "tokens": tokens, "truncated": truncated, "bad_rows_skipped": report.bad_rows}
+    return datasets.DatasetDict(out), counts
+
+
+def count_stats(rows: datasets.Dataset, block_size: int, batch_size: int, pad_to_multiple_of: int = 8) -> dict:
+    """Row statistics of a laid-out split.
+
+    Returns:
+        ``rows``; ``row_tokens`` (non-pad tokens); ``packing_efficiency`` = non-pad tokens / (rows * block_size), the
+        fill of fixed-size rows; ``padding_ratio`` = pad tokens / all tokens when consecutive rows are batched by
+        ``batch_size`` and padded to the longest (rounded up to ``pad_to_multiple_of``), as the collator does.
+    """
+    lengths = rows["length"]
+    used = sum(lengths)
+    padded = 0
+    m = max(1, pad_to_multiple_of)
+    for i in range(0, len(lengths), batch_size):
+        chunk = lengths[i : i + batch_size]
+        width = min(-(-max(chunk) // m) * m, max(block_size, max(chunk)))
+        padded += width * len(chunk)
+    return {
+        "rows": len(lengths),
+        "row_tokens": used,
+        "packing_efficiency": used / (len(lengths) * block_size) if lengths else 0.0,
+        "padding_ratio": 1 - used / padded if padded else 0.0,
+    }

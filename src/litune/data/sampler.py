@@ -1,0 +1,104 @@
+"""A ``DistributedSampler`` that can resume mid-epoch and optionally groups rows of similar length.
+
+It subclasses :class:`torch.utils.data.DistributedSampler`, so Lightning keeps it as it is (it only wraps samplers that
+are not distributed ones) and calls ``set_epoch`` on it at every epoch start. The shuffle order is a pure function of
+``(seed, epoch)`` (a fresh ``torch.Generator`` seeded with ``seed + epoch``, as in ``DistributedSampler``), so saving
+the seed, the epoch and how many rows this rank has consumed is enough to replay the exact same batches after a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+
+class ResumableSampler(DistributedSampler):
+    """Distributed, shuffling, length-grouping sampler with a mid-epoch resume point.
+
+    Each rank gets a disjoint shard: rank ``r`` takes positions ``r, r + world, r + 2*world, ...`` of the epoch's order
+    (padded by repeating the first rows when the dataset does not divide evenly, unless ``drop_last``).
+
+    Args:
+        dataset: a sized dataset.
+        num_replicas: number of ranks (world size).
+        rank: this rank.
+        shuffle: shuffle every epoch, deterministically from ``seed + epoch``.
+        seed: the shuffle seed, identical on all ranks.
+        drop_last: drop the tail instead of padding so every rank has the same number of rows.
+        lengths: row lengths, needed for ``group_by_length``.
+        group_by_length: order rows so that each batch holds rows of similar length (less padding). Rows are sorted
+            by length inside shuffled mega-batches of ``50 * batch_size * num_replicas`` rows, the longest mega-batch
+            first (so an out-of-memory shows at the first step), as ``transformers``' ``LengthGroupedSampler`` does.
+        batch_size: the per-rank micro batch, for ``group_by_length``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        lengths: Sequence[int] | None = None,
+        group_by_length: bool = False,
+        batch_size: int = 1,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        if group_by_length and lengths is None:
+            raise ValueError("group_by_length needs the row lengths")
+        self.lengths = list(lengths) if lengths is not None else None
+        self.group_by_length = group_by_length
+        self.batch_size = batch_size
+        self._resume_epoch: int | None = None
+        self._resume_skip = 0
+
+    def resume(self, epoch: int, rows_consumed: int) -> None:
+        """Make the next pass over ``epoch`` skip the first ``rows_consumed`` rows of the epoch's order.
+
+        ``rows_consumed`` counts rows over all ranks (batches * micro batch * world size), so a run can resume on a
+        different number of ranks and still continue with the rows no rank has seen.
+        """
+        self._resume_epoch, self._resume_skip = epoch, rows_consumed
+
+    def epoch_order(self) -> list[int]:
+        """All rows' indices in this epoch's order, before sharding."""
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        if self.group_by_length:
+            assert self.lengths is not None
+            mega = 50 * self.batch_size * self.num_replicas
+            groups = [sorted(order[i : i + mega], key=lambda j: -self.lengths[j]) for i in range(0, n, mega)]
+            longest = max(range(len(groups)), key=lambda k: self.lengths[groups[k][0]])
+            groups[0], groups[longest] = groups[longest], groups[0]
+            order = [j for grp in groups for j in grp]
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.epoch_order()
+        if self.drop_last:
+            order = order[: self.total_size]
+        else:
+            order = _pad(order, self.total_size)
+        if self._resume_epoch == self.epoch and self._resume_skip:
+            # Same split of the remaining rows as an uninterrupted run: rank r keeps positions r, r + world, ...
+            rest = order[self._resume_skip :]
+            order = _pad(rest, -(-len(rest) // self.num_replicas) * self.num_replicas) if rest else []
+        # The resume point is used once: the next epoch (or a new pass) starts from the beginning.
+        self._resume_epoch, self._resume_skip = None, 0
+        return iter(order[self.rank :: self.num_replicas])
+
+
+def _pad(order: list[int], size: int) -> list[int]:
+    """Repeat ``order`` from its start until it has ``size`` entries (``DistributedSampler``'s padding)."""
+    padding = size - len(order)
+    if padding <= 0:
+        return order[:size]
+    return order + (order * (padding // max(len(order), 1) + 1))[:padding]

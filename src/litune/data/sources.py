@@ -1,0 +1,225 @@
+"""Where raw documents come from: a hub dataset, local files (one format or a folder or a glob), or the stdlib.
+
+Everything here returns an untokenized :class:`datasets.Dataset` (or ``IterableDataset`` when streaming) with at least
+the requested columns, or raises :class:`~litune.errors.ConfigError` naming the field, the file and, for a bad row, the
+line number. Loading itself is left to ``datasets.load_dataset`` (its builders are fast, Arrow-backed and cached);
+when a builder fails on a local file we re-read that file line by line to say *where* it is broken, and with
+``skip_bad_rows`` we read it ourselves, dropping (and counting) the broken lines.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+
+from litune.data.stdlib import STDLIB_SOURCE, stdlib_python_files
+from litune.errors import ConfigError
+
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+"""File extension -> ``datasets`` builder. Any other extension (``.py``, ``.md``, ...) is read as plain text."""
+
+TEXT_SAMPLE_BY = ("document", "paragraph", "line")
+
+
+@dataclass
+class LoadReport:
+    """What loading skipped, for ``litune prepare``'s statistics."""
+
+    bad_rows: int = 0
+    bad_row_examples: list[str] = field(default_factory=list)
+
+
+def _looks_local(path: str) -> bool:
+    """Whether a path that does not exist was meant as a local path (so we fail loudly instead of asking the hub)."""
+    if path.startswith((".", "/", "~")) or Path(path).suffix.lower() in BUILDERS:
+        return True
+    return os.sep in path and Path(path.split(os.sep)[0]).exists()
+
+
+def resolve_local_files(path: str, field: str = "data.path") -> list[Path] | None:
+    """The local files that ``path`` names, or ``None`` when ``path`` is a hub dataset id.
+
+    Args:
+        path: a file, a folder (all files under it, recursively, hidden ones skipped), a glob, or ``"stdlib"``.
+        field: the config field to name in errors.
+
+    Raises:
+        ConfigError: the path looks local but does not exist, the glob or folder matches nothing, or a file is empty.
+    """
+    if path == STDLIB_SOURCE:
+        return stdlib_python_files()
+    expanded = Path(path).expanduser()
+    if any(ch in path for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(expanded), recursive=True) if Path(p).is_file())
+        if not files:
+            raise ConfigError(field, f"the glob {path!r} matches no file", "check the pattern and the working folder")
+    elif expanded.is_dir():
+        files = sorted(p for p in expanded.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
+        if not files:
+            raise ConfigError(field, f"the folder {path} holds no file", "point to a folder with data files")
+    elif expanded.is_file():
+        files = [expanded]
+    elif _looks_local(path):
+        raise ConfigError(field, f"the data path {path} does not exist", "give an existing file, folder or glob")
+    else:
+        return None  # a hub dataset id such as "wikitext" or "user/dataset"
+    for f in files:
+        if f.stat().st_size == 0:
+            raise ConfigError(field, f"the data file {f} is empty", "remove it or put text in it")
+    return files
+
+
+def builder_for(files: list[Path], field: str = "data.path") -> str:
+    """The one ``datasets`` builder that reads all ``files`` (they must share a format)."""
+    builders = {BUILDERS.get(f.suffix.lower(), "text") for f in files}
+    if len(builders) > 1:
+        raise ConfigError(
+            field, f"the files mix formats {sorted(builders)}", "use one format per source (mix sources with weights)"
+        )
+    return builders.pop()
+
+
+def files_fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
+    """A cheap identity of local files for cache keys: path, size and modification time (no hashing of content)."""
+    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def _bad_rows(path: Path, builder: str) -> list[tuple[int, str]]:
+    """Line numbers (1-based) and reasons of the lines of ``path`` that are not UTF-8, or not JSON for JSON Lines."""
+    bad: list[tuple[int, str]] = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad.append((lineno, f"not UTF-8 ({err.reason} at byte {err.start})"))
+                continue
+            if builder == "json" and path.suffix.lower() == ".jsonl" and line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    bad.append((lineno, f"malformed JSON ({err.msg})"))
+                    continue
+                if not isinstance(row, dict):
+                    bad.append((lineno, f"a JSON {type(row).__name__}, not an object"))
+    return bad
+
+
+def _read_skipping_bad_rows(files: list[Path], builder: str, sample_by: str, report: LoadReport) -> datasets.Dataset:
+    """Read text or JSON Lines files ourselves, dropping the rows that :func:`_bad_rows` flags.
+
+    Written by hand because ``datasets``' builders stop at the first bad row and have no skip option.
+    """
+    rows: list[dict] = []
+    for path in files:
+        bad = dict(_bad_rows(path, builder))
+        report.bad_rows += len(bad)
+        report.bad_row_examples += [f"{path}:{n}: {why}" for n, why in list(bad.items())[:3]]
+        with open(path, "rb") as fh:
+            lines = [raw.decode("utf-8") for n, raw in enumerate(fh, start=1) if n not in bad]
+        if builder == "json":
+            rows += [json.loads(line) for line in lines if line.strip()]
+        elif sample_by == "document":
+            rows.append({"text": "".join(lines)})
+        elif sample_by == "paragraph":
+            rows += [{"text": p} for p in "".join(lines).split("\n\n")]
+        else:
+            rows += [{"text": line.rstrip("\n")} for line in lines]
+    return datasets.Dataset.from_list(rows)
+
+
+def load_local(
+    files: list[Path],
+    *,
+    field: str = "data.path",
+    sample_by: str = "document",
+    skip_bad_rows: bool = False,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+    report: LoadReport | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Load local files with the matching ``datasets`` builder.
+
+    Args:
+        files: files of one format (see :data:`BUILDERS`).
+        field: the config field to name in errors.
+        sample_by: for plain text, what one sample is: a whole file, a blank-line separated paragraph, or a line.
+        skip_bad_rows: drop (and count in ``report``) non-UTF-8 or malformed JSON lines instead of failing.
+        streaming: return an ``IterableDataset`` that reads the files lazily.
+        cache_dir: where ``datasets`` keeps its Arrow cache.
+        report: receives the count of skipped rows.
+
+    Raises:
+        ConfigError: a row is broken (naming file and line) and ``skip_bad_rows`` is off.
+    """
+    builder = builder_for(files, field)
+    if sample_by not in TEXT_SAMPLE_BY:
+        raise ConfigError("data.sample_by", f"{sample_by!r} is not a choice", f"use one of {TEXT_SAMPLE_BY}")
+    kwargs: dict = {"sample_by": sample_by, "keep_linebreaks": True} if builder == "text" else {}
+    report = report if report is not None else LoadReport()
+    try:
+        return datasets.load_dataset(
+            builder,
+            data_files=[str(f) for f in files],
+            split="train",
+            streaming=streaming,
+            cache_dir=cache_dir,
+            **kwargs,
+        )
+    except Exception as err:  # the builders raise many types (Arrow, Unicode, JSON, Value); we diagnose below
+        if builder not in ("text", "json"):
+            raise ConfigError(
+                field, f"could not read {[str(f) for f in files]}: {err}", "fix or remove the file"
+            ) from err
+        for path in files:
+            bad = _bad_rows(path, builder)
+            if bad and not skip_bad_rows:
+                lineno, why = bad[0]
+                raise ConfigError(
+                    field,
+                    f"{path}, line {lineno}: {why} ({len(bad)} bad line(s) in this file)",
+                    "fix the file, or set data.skip_bad_rows=true to drop bad rows and count them",
+                ) from err
+        if not skip_bad_rows or streaming:
+            raise ConfigError(field, f"could not read {[str(f) for f in files]}: {err}", "fix the files") from err
+        return _read_skipping_bad_rows(files, builder, sample_by, report)
+
+
+def load_hub(
+    path: str,
+    name: str | None,
+    split: str,
+    *,
+    field: str = "data.path",
+    streaming: bool = False,
+    cache_dir: str | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Load one split of a hub dataset, turning every failure (unknown id, no network, no such split) into a
+    :class:`ConfigError`."""
+    try:
+        return datasets.load_dataset(path, name, split=split, streaming=streaming, cache_dir=cache_dir)
+    except Exception as err:  # DatasetNotFoundError, ConnectionError, ValueError(split), ... all mean "cannot load"
+        raise ConfigError(
+            field,
+            f"could not load hub dataset {path!r} (config {name!r}, split {split!r}): {type(err).__name__}: {err}",
+            "check the id, config name and split, and the network; or give a local file, folder or glob",
+        ) from err
+
+
+def hub_has_split(path: str, name: str | None, split: str) -> bool:
+    """Whether a hub dataset has ``split``, without downloading it (used to decide on a held-out validation set)."""
+    try:
+        return split in datasets.get_dataset_split_names(path, name)
+    except Exception:  # offline or unknown: the caller falls back to a held-out fraction
+        return False
+
+
+def text_fingerprint(value: object) -> str:
+    """A short stable hash of any JSON-serialisable value (cache keys)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
