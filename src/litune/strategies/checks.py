@@ -1,0 +1,156 @@
+"""Checks that a run can start on this machine, made before any process is spawned.
+
+Lightning quietly falls back in a few cases a user should hear about (``16-mixed`` on CPU becomes ``bf16-mixed``) and
+happily spawns more CPU processes than there are cores (each then crawls). These checks turn such set-ups into a
+:class:`~litune.errors.ConfigError` that says what to change. They take the trainer's raw settings (as written in the
+config) so they work both from the CLI, before the Trainer exists, and from the strategies, inside the Trainer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from litune.errors import ConfigError
+
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
+"""The precision flags litune configs may use (``configs/precision/*.yaml``)."""
+
+FP16_PRECISIONS = ("16-mixed", "16-true")
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (the affinity mask, not the machine's total, so containers count right)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no sched_getaffinity
+        return os.cpu_count() or 1
+
+
+def resolve_accelerator(accelerator: object) -> str:
+    """Name the accelerator a run will use: ``"cpu"``, ``"cuda"`` or another Lightning accelerator name.
+
+    Args:
+        accelerator: the ``trainer.accelerator`` setting (``"auto"``, ``"gpu"``, a name, or an Accelerator object).
+    """
+    if accelerator is None or accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(accelerator, str):
+        return "cuda" if accelerator == "gpu" else accelerator
+    name = type(accelerator).__name__.lower()
+    return "cuda" if "cuda" in name else "cpu" if "cpu" in name else name
+
+
+def processes_per_node(devices: object, accelerator: str) -> int | None:
+    """How many processes a node runs for a ``trainer.devices`` setting, or None when it cannot be told here."""
+    if isinstance(devices, int):
+        if devices == -1:
+            return cpu_cores() if accelerator == "cpu" else torch.cuda.device_count()
+        return devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str):
+        if devices.strip() in ("auto", "-1"):
+            return None if devices.strip() == "auto" else processes_per_node(-1, accelerator)
+        if "," in devices:
+            return len([d for d in devices.split(",") if d.strip()])
+        if devices.strip().isdigit():
+            return int(devices)
+    return None
+
+
+def strategy_name(strategy: object) -> str:
+    """A lower-case name for a ``trainer.strategy`` setting: a string, a ``class_path`` dict, or a Strategy object."""
+    if isinstance(strategy, Mapping):
+        return str(strategy.get("class_path", "")).lower()
+    if isinstance(strategy, str):
+        return strategy.lower()
+    if strategy is None:
+        return "auto"
+    return type(strategy).__name__.lower()
+
+
+def check_deepspeed_installed(field: str = "trainer.strategy") -> None:
+    """Fail early, naming the fix, when a DeepSpeed strategy is configured but the package is missing."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            field,
+            "a DeepSpeed strategy is configured but the `deepspeed` package is not installed",
+            "`pip install deepspeed` (litune's default dependencies include it), or use "
+            "`--config configs/strategy/ddp.yaml`",
+        )
+
+
+def check_run(
+    accelerator: str,
+    processes: int | None,
+    precision: str | None,
+    deepspeed: bool = False,
+) -> None:
+    """Check that this machine can run the requested set-up; raise :class:`ConfigError` with the fix otherwise.
+
+    Args:
+        accelerator: the resolved accelerator name (see :func:`resolve_accelerator`).
+        processes: processes per node (``trainer.devices``), or None when unknown.
+        precision: the ``trainer.precision`` flag as configured (before Lightning's CPU fallback).
+        deepspeed: whether the strategy is DeepSpeed.
+    """
+    precision = None if precision is None else str(precision)
+    if precision is not None and precision in ("16", "32", "bf16", "64"):
+        precision = {"16": "16-mixed", "32": "32-true", "bf16": "bf16-mixed", "64": "64-true"}[precision]
+    if accelerator == "cpu":
+        if precision in FP16_PRECISIONS:
+            raise ConfigError(
+                "trainer.precision",
+                f"precision={precision!r} needs a CUDA GPU (CPUs have no fast fp16 kernels and no loss-scaling AMP)",
+                "use `--config configs/precision/bf16-mixed.yaml` (or 32-true) on CPU",
+            )
+        cores = cpu_cores()
+        if processes is not None and processes > cores:
+            raise ConfigError(
+                "trainer.devices",
+                f"devices={processes} CPU processes requested but this machine gives the run only {cores} cores",
+                f"set `--trainer.devices` to at most {cores}, or run on GPUs with `--trainer.accelerator gpu`",
+            )
+    elif accelerator == "cuda":
+        available = torch.cuda.device_count()
+        if available == 0:
+            raise ConfigError(
+                "trainer.accelerator",
+                "accelerator='gpu' requested but CUDA sees no GPU on this machine",
+                "use `--trainer.accelerator cpu` (with bf16-mixed or 32-true precision) or run on a GPU node",
+            )
+        if processes is not None and processes > available:
+            raise ConfigError(
+                "trainer.devices",
+                f"devices={processes} GPUs requested but this node has {available}",
+                f"set `--trainer.devices` to at most {available} (or -1 for all)",
+            )
+        if precision is not None and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+            raise ConfigError(
+                "trainer.precision",
+                f"precision={precision!r} but this GPU has no bfloat16 support (pre-Ampere)",
+                "use `--config configs/precision/16-mixed.yaml`",
+            )
+    if deepspeed:
+        check_deepspeed_installed()
+
+
+def check_trainer_config(trainer: Mapping[str, Any]) -> None:
+    """Run :func:`check_run` on the ``trainer`` section of a parsed config (a dict or jsonargparse Namespace).
+
+    Args:
+        trainer: mapping with ``accelerator``, ``devices``, ``precision``, ``strategy`` entries (missing ones are
+            treated as Lightning's defaults).
+    """
+    get = trainer.get if hasattr(trainer, "get") else lambda key, default=None: getattr(trainer, key, default)
+    accelerator = resolve_accelerator(get("accelerator", "auto"))
+    processes = processes_per_node(get("devices", "auto"), accelerator)
+    strategy = get("strategy", "auto")
+    if hasattr(strategy, "as_dict"):  # a jsonargparse Namespace holding class_path/init_args
+        strategy = strategy.as_dict()
+    check_run(accelerator, processes, get("precision", None), deepspeed="deepspeed" in strategy_name(strategy))

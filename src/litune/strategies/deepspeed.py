@@ -1,0 +1,144 @@
+"""DeepSpeed ZeRO that runs wherever litune runs: stock Lightning on CUDA, DeepSpeed's CPU accelerator + gloo on CPU.
+
+Lightning's :class:`~lightning.pytorch.strategies.DeepSpeedStrategy` refuses any accelerator but CUDA. DeepSpeed itself
+runs on CPU when its accelerator is ``cpu`` (``DS_ACCELERATOR=cpu``) and its process group is gloo, which is what lets
+CI train ZeRO-1/2/3 for real with two CPU processes. The subclass below changes only what stands in the way on CPU:
+
+* ``setup_environment``: skip the CUDA-only check (on CUDA the stock check still runs);
+* ``setup_distributed``: skip the CUDA device-index validation (CPU "devices" have no indices);
+* ``root_device``: give the CPU device the local rank as index, which DeepSpeed reads as ``device_rank``.
+
+``DS_ACCELERATOR`` must be set before ``deepspeed`` is first imported (DeepSpeed picks its accelerator once, at import),
+and inherited by every rank. The strategy sets it in its constructor when no GPU can be used, which happens before
+Lightning spawns any process, so the children inherit it through the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
+from lightning.pytorch.strategies.ddp import DDPStrategy as _LightningDDPStrategy
+from lightning.pytorch.utilities.types import LRSchedulerConfig
+
+from litune.errors import ConfigError
+from litune.strategies.checks import check_deepspeed_installed, check_run, resolve_accelerator
+from litune.strategies.optimizers import offloads_optimizer, to_deepspeed_cpu_adam
+
+if TYPE_CHECKING:
+    from collections.abc import Generator
+
+DS_ACCELERATOR_ENV = "DS_ACCELERATOR"
+
+
+def select_deepspeed_accelerator(accelerator: str | None = None) -> str:
+    """Choose DeepSpeed's accelerator before ``deepspeed`` is imported, and export it for the ranks to inherit.
+
+    A value already in ``DS_ACCELERATOR`` (e.g. set by a launch script) wins. Otherwise ``cpu`` is chosen when the run
+    is on CPU or CUDA is not available; on GPUs the variable stays unset so DeepSpeed's own detection runs (stock).
+
+    Args:
+        accelerator: the Lightning accelerator name if known (``"cpu"``, ``"gpu"``, ``"cuda"``, ``"auto"``).
+
+    Returns:
+        The accelerator DeepSpeed will use (``"cpu"`` or ``"auto"`` for DeepSpeed's own detection).
+    """
+    if DS_ACCELERATOR_ENV in os.environ:
+        return os.environ[DS_ACCELERATOR_ENV]
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        os.environ[DS_ACCELERATOR_ENV] = "cpu"
+        return "cpu"
+    return "auto"
+
+
+class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, made to run on CPU too (ZeRO-1/2/3, optimizer/parameter offload).
+
+    Takes every argument of :class:`lightning.pytorch.strategies.DeepSpeedStrategy` (``stage``,
+    ``offload_optimizer``, ``offload_parameters``, ``config``, ...). On CUDA it behaves exactly like the stock strategy.
+
+    Args:
+        *args: forwarded to Lightning's ``DeepSpeedStrategy``.
+        **kwargs: forwarded to Lightning's ``DeepSpeedStrategy``.
+    """
+
+    strategy_name = "litune_deepspeed"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_deepspeed_installed()
+        accelerator = kwargs.get("accelerator")
+        select_deepspeed_accelerator(accelerator if isinstance(accelerator, str) else None)
+        super().__init__(*args, **kwargs)
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether this run's accelerator is the CPU (set by the Trainer before any hook runs)."""
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    def _configure_launcher(self) -> None:
+        # Runs inside Trainer construction, before any process is spawned: the last moment to fail cheaply.
+        self._check_machine()
+        super()._configure_launcher()
+
+    def _check_machine(self) -> None:
+        precision = getattr(self.precision_plugin, "precision", None)
+        processes = len(self.parallel_devices or []) or None
+        check_run(resolve_accelerator(self.accelerator), processes, precision, deepspeed=True)
+        if self.on_cpu:
+            from deepspeed.accelerator import get_accelerator
+
+            if get_accelerator().device_name() != "cpu":
+                raise ConfigError(
+                    "trainer.accelerator",
+                    f"the run is on CPU but DeepSpeed was imported with its {get_accelerator().device_name()!r} "
+                    f"accelerator ({DS_ACCELERATOR_ENV}={os.environ.get(DS_ACCELERATOR_ENV)!r})",
+                    f"export {DS_ACCELERATOR_ENV}=cpu before starting litune, or run on GPUs",
+                )
+
+    @property
+    def root_device(self) -> torch.device:
+        if self.on_cpu:
+            # DeepSpeed reads `root_device.index` as the rank's device number; CPU devices have none by default.
+            return torch.device("cpu", self.local_rank)
+        return super().root_device
+
+    def setup_environment(self) -> None:
+        if self.on_cpu:
+            # Lightning's version raises for anything but CUDA; DDP's set-up (process group, ranks) is all CPU needs.
+            _LightningDDPStrategy.setup_environment(self)
+            return
+        super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self.on_cpu:
+            super().setup_distributed()
+            return
+        # Same as Lightning's, minus the CUDA device-index validation.
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _init_optimizers(self) -> tuple[torch.optim.Optimizer, LRSchedulerConfig | None]:
+        optimizer, scheduler_config = super()._init_optimizers()
+        if offloads_optimizer(self.config):
+            optimizer = to_deepspeed_cpu_adam(optimizer)
+            if scheduler_config is not None:
+                scheduler_config.scheduler.optimizer = optimizer
+        return optimizer, scheduler_config
+
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """Create the model in ``configure_model`` partitioned across ranks under ZeRO-3 (``deepspeed.zero.Init``).
+
+        Also tells ``transformers`` that ZeRO-3 is on, so ``from_pretrained`` inside ``configure_model`` loads the
+        checkpoint into the partitioned parameters instead of materializing the whole model on every rank.
+        """
+        from litune.strategies.zero3 import hf_zero3_context
+
+        with super().model_sharded_context(), hf_zero3_context(self.config if self.zero_stage_3 else None):
+            yield
