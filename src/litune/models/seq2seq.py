@@ -1,0 +1,386 @@
+"""An encoder-decoder Transformer: ``torch.nn.Transformer``'s architecture with embeddings, positions and a head.
+
+Why not ``torch.nn.Transformer`` itself: its ``MultiheadAttention`` has no key/value cache, so generation would re-run
+the whole target prefix per token; here the decoder reuses the decoder-only network's blocks (SDPA attention with a
+cache, GPT-2 names) and adds cross-attention. Layout: a shared token embedding ``wte`` (source and target share the
+vocabulary) tied to ``lm_head``, learned positions ``wpe``, ``encoder.h.N`` bidirectional blocks + ``encoder.ln_f``,
+``decoder.h.N`` causal blocks with cross-attention + ``decoder.ln_f``.
+
+Training is teacher forcing: ``forward(input_ids=src, attention_mask=src_mask, labels=tgt)`` shifts ``labels`` right
+inside (``decoder_start_token_id`` first), and the loss covers target tokens only (``-100`` on padding).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from litune.errors import ConfigError
+from litune.models.output import IGNORE_INDEX, LMOutput, token_cross_entropy
+from litune.models.transformer import (
+    FIELD,
+    MLP,
+    Activation,
+    Block,
+    SelfAttention,
+    TransformerConfig,
+    attention_mask,
+    check_length,
+    init_gpt2_,
+    residual,
+)
+
+DecoderCache = list[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
+"""Per decoder layer: ``((self_key, self_value), (cross_key, cross_value))``, each ``[B, nhead, len, head_dim]``."""
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the target (queries) to the encoder output (keys and values), GPT-2 naming."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.nhead, self.head_dim, self.dropout = config.nhead, config.head_dim, config.dropout
+        self.q_attn = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.c_attn = nn.Linear(config.d_model, 2 * config.d_model, bias=config.bias)
+        self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), x.size(1), self.nhead, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Attend ``x [B, T, d]`` to ``memory [B, S, d]`` (``memory_mask`` bool ``[B, 1, 1, S]``).
+
+        ``kv`` are the memory's keys/values from an earlier step: the memory does not change while decoding, so they
+        are computed once per generation.
+        """
+        if kv is None:
+            kv = tuple(self._heads(t) for t in self.c_attn(memory).split(x.size(-1), dim=2))
+        y = F.scaled_dot_product_attention(
+            self._heads(self.q_attn(x)),
+            kv[0],
+            kv[1],
+            attn_mask=memory_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(x.shape))), kv
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention, cross-attention to the encoder output, feed-forward; each a residual branch."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.norm_first = config.norm_first
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = SelfAttention(config)
+        self.ln_cross_attn = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.crossattention = CrossAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, self_mask, memory, memory_mask, past=None):
+        """``x [B, T, d]`` -> ``[B, T, d]`` and this layer's cache ``((k, v), (cross_k, cross_v))``."""
+        self_past, cross_past = past if past is not None else (None, None)
+        x, self_kv = residual(x, lambda h: self.attn(h, self_mask, True, self_past), self.ln_1, self.norm_first)
+        x, cross_kv = residual(
+            x, lambda h: self.crossattention(h, memory, memory_mask, cross_past), self.ln_cross_attn, self.norm_first
+        )
+        x, _ = residual(x, self.mlp, self.ln_2, self.norm_first)
+        return x, (self_kv, cross_kv)
+
+
+class Stack(nn.Module):
+    """A stack of blocks and its final LayerNorm (``h``, ``ln_f``), as in ``nn.TransformerEncoder/Decoder``."""
+
+    def __init__(self, blocks: list[nn.Module], config: TransformerConfig) -> None:
+        super().__init__()
+        self.h = nn.ModuleList(blocks)
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+
+
+def _run(block: nn.Module, use_checkpoint: bool, *args: object):
+    # Non-reentrant checkpointing accepts None/bool arguments and restores the dropout RNG state on recompute.
+    return checkpoint(block, *args, use_reentrant=False) if use_checkpoint else block(*args)
+
+
+class Seq2SeqLM(nn.Module):
+    """Encoder-decoder Transformer trained with teacher forcing; the arguments are :class:`TransformerConfig`'s plus
+    the special token ids.
+
+    Args:
+        pad_token_id: id of padding in ``input_ids`` and in the shifted decoder input.
+        decoder_start_token_id: first decoder input token (BOS), before the first target token.
+        (the others: see :class:`~litune.models.transformer.TransformerConfig`; here post-norm ``norm_first=False`` is
+        the original Transformer, pre-norm the default because it trains more stably.)
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 4,
+        num_encoder_layers: int = 3,
+        num_decoder_layers: int = 3,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.0,
+        activation: Activation = "gelu_tanh",
+        vocab_size: int = 50257,
+        max_seq_len: int = 512,
+        norm_first: bool = True,
+        bias: bool = True,
+        tie_embeddings: bool = True,
+        layer_norm_eps: float = 1e-5,
+        init_std: float = 0.02,
+        gradient_checkpointing: bool = False,
+        pad_token_id: int = 0,
+        decoder_start_token_id: int = 1,
+    ) -> None:
+        super().__init__()
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.pad_token_id = args.pop("pad_token_id")
+        self.decoder_start_token_id = args.pop("decoder_start_token_id")
+        cfg = TransformerConfig(**args)
+        if cfg.num_encoder_layers < 1:
+            raise ConfigError(
+                f"{FIELD}.num_encoder_layers",
+                f"num_encoder_layers={cfg.num_encoder_layers}: an encoder-decoder needs at least one encoder layer",
+                "set num_encoder_layers >= 1 or use litune.models.transformer.DecoderLM",
+            )
+        for name in ("pad_token_id", "decoder_start_token_id"):
+            if not 0 <= getattr(self, name) < cfg.vocab_size:
+                raise ConfigError(
+                    f"{FIELD}.{name}",
+                    f"{name}={getattr(self, name)} is outside the vocabulary [0, {cfg.vocab_size})",
+                    "use the tokenizer's pad / bos token id",
+                )
+        self.config = cfg
+        self.vocab_size, self.max_seq_len = cfg.vocab_size, cfg.max_seq_len
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = Stack([Block(cfg) for _ in range(cfg.num_encoder_layers)], cfg)
+        self.decoder = Stack([DecoderBlock(cfg) for _ in range(cfg.num_decoder_layers)], cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # GPT-2's scaled init, generalised: scale residual projections by 1/sqrt(number of residual branches).
+        branches = 2 * cfg.num_encoder_layers + 3 * cfg.num_decoder_layers
+        init_gpt2_(self, cfg.init_std, cfg.init_std / math.sqrt(branches))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        rank_zero_info(
+            f"Seq2SeqLM: n_params={self.num_parameters():,} "
+            f"(without embeddings: {self.num_parameters(exclude_embeddings=True):,})"
+        )
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (tied weights counted once), optionally without token/position embeddings."""
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            for p in (self.wte.weight, self.wpe.weight, self.lm_head.weight):
+                params.pop(id(p), None)
+        return sum(p.numel() for p in params.values())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per target token, approximating source length = target length = ``seq_len``.
+
+        ``6 N`` for the matmul weights (encoder and decoder each see about one token per target token) plus the
+        attention scores: ``12 d T`` per encoder layer, and per decoder layer for self- and cross-attention.
+        """
+        n = self.num_parameters() - self.wpe.weight.numel()
+        attn_layers = self.config.num_encoder_layers + 2 * self.config.num_decoder_layers
+        return 6.0 * n + 12.0 * attn_layers * self.config.d_model * seq_len
+
+    def _embed(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        check_length(offset + ids.size(1), self.max_seq_len)
+        pos = torch.arange(offset, offset + ids.size(1), device=ids.device)
+        return self.drop(self.wte(ids) + self.wpe(pos))  # (B, T, d)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, object]:
+        """Encode the source.
+
+        Args:
+            input_ids: ``[B, S]`` source ids.
+            attention_mask: ``[B, S]`` 1 on real tokens, 0 on padding (or None).
+
+        Returns:
+            memory ``[B, S, d_model]`` and the key-padding mask for cross-attention (bool ``[B, 1, 1, S]`` or None).
+        """
+        memory_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            memory_mask = attention_mask.bool()[:, None, None, :]
+        x = self._embed(input_ids)
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.encoder.h:
+            x, _ = _run(block, use_ckpt, x, memory_mask, False, None)
+        return self.encoder.ln_f(x), memory_mask
+
+    def decode(
+        self,
+        decoder_input_ids: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        decoder_padding_mask: torch.Tensor | None = None,
+        past: DecoderCache | None = None,
+    ) -> tuple[torch.Tensor, DecoderCache]:
+        """Run the decoder on ``decoder_input_ids [B, T]`` (only the uncached ones when ``past`` is given).
+
+        Returns:
+            logits ``[B, T, vocab_size]`` and the updated cache.
+        """
+        past_len = past[0][0][0].size(2) if past else 0
+        x = self._embed(decoder_input_ids, offset=past_len)
+        self_mask = attention_mask(x.size(1), past_len, decoder_padding_mask, None, causal=True)
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        cache: DecoderCache = []
+        for i, block in enumerate(self.decoder.h):
+            x, layer_cache = _run(block, use_ckpt, x, self_mask, memory, memory_mask, past[i] if past else None)
+            cache.append(layer_cache)
+        return self.lm_head(self.decoder.ln_f(x)), cache
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forcing decoder input: ``[start, y_0, ..., y_{T-2}]`` with ``-100`` replaced by padding."""
+        shifted = F.pad(labels[:, :-1], (1, 0), value=self.decoder_start_token_id)
+        return shifted.masked_fill(shifted == IGNORE_INDEX, self.pad_token_id)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> LMOutput:
+        """Teacher-forced logits for the target, and the loss on target tokens.
+
+        Args:
+            input_ids: ``[B, S]`` source ids.
+            attention_mask: ``[B, S]`` source padding mask (1 real, 0 padding).
+            labels: ``[B, T]`` target ids, ``-100`` on padding; the decoder sees them shifted right.
+            decoder_input_ids: ``[B, T]`` explicit decoder input instead of shifted ``labels``.
+            **kwargs: other batch entries, ignored.
+
+        Returns:
+            :class:`LMOutput` with ``logits [B, T, vocab_size]`` and ``targets = labels``.
+        """
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ConfigError("batch", "a seq2seq forward needs labels or decoder_input_ids", "add 'labels'")
+            decoder_input_ids = self.shift_right(labels)
+        decoder_padding = None
+        if labels is not None and bool((labels == IGNORE_INDEX).any()):
+            # Padding keys: the shifted position of every ignored label (causality already hides the trailing ones;
+            # this also masks padding inside a row).
+            decoder_padding = F.pad(labels[:, :-1] != IGNORE_INDEX, (1, 0), value=True)
+        memory, memory_mask = self.encode(input_ids, attention_mask)
+        logits, _ = self.decode(decoder_input_ids, memory, memory_mask, decoder_padding)
+        if labels is None:
+            return LMOutput(logits=logits)
+        return LMOutput(logits=logits, loss=token_cross_entropy(logits, labels), targets=labels)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_length: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_return_sequences: int = 1,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Generate targets for a (right- or left-padded) source batch.
+
+        The source is encoded once; each step runs the decoder on the new token only (self-attention keys/values
+        cached, cross-attention keys/values computed once).
+
+        Returns:
+            ``[B * num_return_sequences, <= max_length]`` target ids (the decoder start token is not included).
+        """
+        from litune.models.generation import check_sampling, decode, eval_mode
+
+        check_sampling(max_length, temperature, top_k, top_p, num_return_sequences)
+        check_length(max_length, self.max_seq_len, "generate max_length")
+        input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
+        with eval_mode(self):
+            memory, memory_mask = self.encode(input_ids, attention_mask)
+
+            def step(tokens: torch.Tensor, cache: DecoderCache | None) -> tuple[torch.Tensor, DecoderCache]:
+                past_len = cache[0][0][0].size(2) if cache else 0
+                logits, new_cache = self.decode(tokens[:, past_len:], memory, memory_mask, past=cache)
+                return logits[:, -1], new_cache
+
+            start = torch.full((input_ids.size(0), 1), self.decoder_start_token_id, device=input_ids.device)
+            out = decode(
+                step,
+                start,
+                max_length + 1,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                use_cache=use_cache,
+                generator=generator,
+            )
+        return out[:, 1:]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` (the constructor arguments) and ``model.safetensors``; Hugging Face has no
+        architecture equal to this one, so :meth:`from_pretrained` (not ``AutoModel``) loads the folder."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"class_path": f"{type(self).__module__}.{type(self).__name__}", "init_args": self.init_args()}
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            state.pop("lm_head.weight")  # safetensors refuses shared tensors; re-tied on load
+        save_file(state, str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Seq2SeqLM:
+        """Load a folder written by :meth:`save_pretrained` (strict: missing/unexpected keys are an error)."""
+        from safetensors.torch import load_file
+
+        from litune.models.convert import load_strict
+
+        directory = Path(directory)
+        network = cls(**json.loads((directory / "config.json").read_text())["init_args"])
+        state = load_file(str(directory / "model.safetensors"))
+        if network.config.tie_embeddings and "wte.weight" in state:
+            state["lm_head.weight"] = state["wte.weight"]
+        load_strict(network, state, source=str(directory))
+        return network
+
+    def init_args(self) -> dict[str, object]:
+        """The constructor arguments that rebuild this network."""
+        from dataclasses import asdict
+
+        return {
+            **asdict(self.config),
+            "pad_token_id": self.pad_token_id,
+            "decoder_start_token_id": self.decoder_start_token_id,
+        }
