@@ -1,0 +1,16 @@
+"""Callbacks that observe training: throughput and MFU, memory, gradient norm, run metadata, progress."""
+
+from litune.callbacks.grad_norm import GradNormMonitor
+from litune.callbacks.memory import MemoryMonitor
+from litune.callbacks.progress import LituneProgressBar
+from litune.callbacks.run_info import EnvironmentLogger, ScrubbedSaveConfigCallback
+from litune.callbacks.throughput import ThroughputMonitor
+
+__all__ = [
+    "EnvironmentLogger",
+    "GradNormMonitor",
+    "LituneProgressBar",
+    "MemoryMonitor",
+    "ScrubbedSaveConfigCallback",
+    "ThroughputMonitor",
+]

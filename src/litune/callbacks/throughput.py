@@ -1,0 +1,182 @@
+"""Throughput and model FLOPs utilization (MFU): tokens/s, samples/s, step time, tokens seen, elapsed time.
+
+MFU follows PaLM (Chowdhery et al. 2022, appendix B)::
+
+    MFU = flops_per_token(T) * tokens_per_sec / (peak_flops_per_device * n_devices)
+
+where ``flops_per_token(T)`` is the network's training cost per token at sequence length ``T`` (forward + backward,
+``6N + 12*L*d*T`` for a decoder with ``N`` parameters, ``L`` layers, width ``d``), asked from
+``network.flops_per_token(T)``; a network without that method falls back to ``6N``.
+
+Why not Lightning's ``ThroughputMonitor``: it needs a ``flops_per_batch`` attribute on the module, counts samples on
+rank 0 only (assuming equal batches everywhere), reports nothing until its rolling window is full, and its peak table
+gives sparse figures for some GPUs (see :mod:`litune.callbacks.peaks`). Here each rank counts its own real tokens and
+the counts are summed across ranks at logging steps only, so the numbers are exact under DDP and DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from litune.callbacks.peaks import device_peak_flops
+from litune.errors import ConfigError
+
+
+def model_flops_per_token(network: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) of ``network`` at sequence length ``seq_len``.
+
+    Args:
+        network: a litune network; its ``flops_per_token(seq_len)`` is used when it has one.
+        seq_len: tokens per sequence ``T``.
+
+    Returns:
+        ``network.flops_per_token(seq_len)``, or ``6 * N`` with ``N`` the parameter count (the attention term
+        ``12*L*d*T`` needs the architecture, which only the network knows).
+    """
+    if hasattr(network, "flops_per_token"):
+        return float(network.flops_per_token(seq_len))
+    # DeepSpeed ZeRO-3 leaves empty placeholders in `p`; `ds_numel` keeps the full size.
+    return 6.0 * sum(getattr(p, "ds_numel", p.numel()) for p in network.parameters())
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, peak_flops: float, devices: int) -> float:
+    """Model FLOPs utilization, the fraction of the devices' dense peak spent on the model's FLOPs.
+
+    Args:
+        flops_per_token: training FLOPs per token (forward + backward).
+        tokens_per_sec: tokens trained per second over all devices.
+        peak_flops: dense peak FLOP/s of one device.
+        devices: number of devices (world size).
+    """
+    return flops_per_token * tokens_per_sec / (peak_flops * devices)
+
+
+def batch_tokens(batch: Any) -> tuple[int, int, int]:
+    """Count a batch: ``(samples, real tokens, sequence length)``.
+
+    Real tokens are the positions where ``attention_mask`` is 1 (all positions if there is no mask): padding costs
+    compute but trains nothing, so it does not count as throughput or as model FLOPs.
+
+    Args:
+        batch: a litune batch, a dict with ``input_ids [B, T]`` and optionally ``attention_mask [B, T]``.
+    """
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    tokens = int(mask.sum()) if mask is not None else input_ids.numel()
+    return input_ids.shape[0], tokens, input_ids.shape[-1]
+
+
+class ThroughputMonitor(Callback):
+    """Logs ``perf/tokens_per_sec``, ``perf/samples_per_sec``, ``perf/step_time_s``, ``perf/mfu``,
+    ``perf/elapsed_s`` and ``train/tokens_seen`` every ``trainer.log_every_n_steps`` optimizer steps.
+
+    Rates are averaged over the steps since the previous log; time spent in validation is excluded from them.
+    ``perf/mfu`` is left out (not logged as zero) when the device's peak is unknown, e.g. on CPU, unless
+    ``peak_flops`` is given. Tokens seen and elapsed time are kept in checkpoints, so they continue on resume.
+
+    Args:
+        peak_flops: dense peak FLOP/s of one device, overriding the table in :mod:`litune.callbacks.peaks`
+            (for accelerators it does not list).
+        prog_bar: show tokens/s in the progress bar.
+    """
+
+    def __init__(self, peak_flops: float | None = None, prog_bar: bool = True) -> None:
+        if peak_flops is not None and peak_flops <= 0:
+            raise ConfigError(
+                "throughput.peak_flops", f"{peak_flops} is not positive", "give the device's dense peak FLOP/s or null"
+            )
+        self.peak_flops = peak_flops
+        self.prog_bar = prog_bar
+        self.tokens_seen = 0
+        self.samples_seen = 0
+        self.elapsed_s = 0.0  # train + validation wall time of previous runs (before a resume)
+        self._fpt_cache: dict[int, float] = {}
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._window = torch.zeros(3, dtype=torch.float64)  # samples, tokens, model FLOPs since the last log
+        self._window_steps = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._peak = self.peak_flops or device_peak_flops(trainer.strategy.root_device, str(trainer.precision))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = self._last = time.perf_counter()
+        self._last_step = trainer.global_step
+        self._reset_window()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if hasattr(self, "_last"):  # validation inside fit: keep it out of the training rates
+            self._last += time.perf_counter() - self._val_start
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        samples, tokens, seq_len = batch_tokens(batch)
+        if seq_len not in self._fpt_cache:
+            self._fpt_cache[seq_len] = model_flops_per_token(_network(pl_module), seq_len)
+        self._window += torch.tensor([samples, tokens, tokens * self._fpt_cache[seq_len]], dtype=torch.float64)
+        if trainer.global_step == self._last_step:
+            return  # gradient accumulation: the optimizer step is not done yet
+        self._window_steps += trainer.global_step - self._last_step
+        self._last_step = trainer.global_step
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            log_exact(pl_module, self._compute(trainer), prog_bar=("perf/tokens_per_sec",) if self.prog_bar else ())
+
+    def _compute(self, trainer: pl.Trainer) -> dict[str, float]:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # kernels are asynchronous: wait for them before reading the clock
+        now = time.perf_counter()
+        seconds = now - self._last
+        # One small collective per logging step (not per batch) makes the counts exact across ranks.
+        samples, tokens, flops = trainer.strategy.reduce(
+            self._window.to(trainer.strategy.root_device), reduce_op="sum"
+        ).tolist()
+        self.tokens_seen += int(tokens)
+        self.samples_seen += int(samples)
+        metrics = {
+            "train/tokens_seen": float(self.tokens_seen),
+            "perf/tokens_per_sec": tokens / seconds,
+            "perf/samples_per_sec": samples / seconds,
+            "perf/step_time_s": seconds / self._window_steps,
+            "perf/elapsed_s": self.elapsed_s + now - self._start,
+        }
+        if self._peak:
+            metrics["perf/mfu"] = flops / seconds / (self._peak * trainer.world_size)
+        self._last = now
+        self._reset_window()
+        return metrics
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.elapsed_s += time.perf_counter() - self._start
+        del self._start
+
+    def state_dict(self) -> dict[str, Any]:
+        elapsed = self.elapsed_s + (time.perf_counter() - self._start if hasattr(self, "_start") else 0.0)
+        return {"tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "elapsed_s": elapsed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens_seen = int(state_dict["tokens_seen"])
+        self.samples_seen = int(state_dict["samples_seen"])
+        self.elapsed_s = float(state_dict["elapsed_s"])
+
+
+def log_exact(pl_module: pl.LightningModule, metrics: dict[str, float], prog_bar: tuple[str, ...] = ()) -> None:
+    """Log step metrics as float64: ``self.log`` would store Python floats as float32, which cannot count tokens
+    exactly past 2**24 (16.7M)."""
+    for key, value in metrics.items():
+        tensor = torch.tensor(value, dtype=torch.float64, device=pl_module.device)
+        pl_module.log(key, tensor, prog_bar=key in prog_bar, on_step=True, on_epoch=False)
+
+
+def _network(pl_module: pl.LightningModule) -> torch.nn.Module:
+    """The plain network inside the system (``LitLM.network``), or the module itself for other LightningModules."""
+    return getattr(pl_module, "network", pl_module)
