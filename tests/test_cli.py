@@ -98,8 +98,11 @@ def test_generate_returns_the_requested_number_of_sequences(tmp_path, corpus_dir
     texts = generate_texts(network, tokenizer, args)
     assert len(texts) == 3 and all(t.startswith("def f(x):") for t in texts)
     assert not any("<|endoftext|>" in t for t in texts), "special tokens are skipped when decoding"
-    assert main(["generate", "--checkpoint", str(run), "--max-length", "12", "--num-return-sequences", "2"]) == 0
+    assert main(["generate", "--checkpoint", str(run), "--max-length", "12", "--num-return-sequences", "2",
+                 "--do-sample"]) == 0  # fmt: skip
     assert capsys.readouterr().out.count("--- sequence") == 2
+    assert main(["generate", "--checkpoint", str(run), "--num-return-sequences", "2"]) == 2  # greedy: all the same
+    assert "--do-sample" in capsys.readouterr().err
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -94,13 +94,6 @@ class RunConfigSaver(SaveConfigCallback):
             (run_dir / self.config_filename).write_text(self.parser.dump(self.config, skip_none=False))
 
 
-def _copy_tokenizer_to_data(cfg: Namespace) -> None:
-    """Give the data module the model's tokenizer, when it takes one and none is set (one place to configure it)."""
-    data_args = cfg.get("data", {}).get("init_args") if cfg.get("data") else None
-    if isinstance(data_args, Namespace) and "tokenizer" in data_args and data_args.tokenizer is None:
-        data_args.tokenizer = cfg.model.tokenizer
-
-
 class LituneCLI(LightningCLI):
     """LightningCLI with litune's run folders, checkpointing defaults and early config checks."""
 
@@ -115,6 +108,8 @@ class LituneCLI(LightningCLI):
         parser.add_argument(
             "--validate_before_fit", type=bool, default=False, help="Run validation at step 0 before training."
         )
+        # The tokenizer is configured once, on the model (a checkpoint must know how to decode); the data gets a copy.
+        parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="parse")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -129,7 +124,6 @@ class LituneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._section()
-        _copy_tokenizer_to_data(cfg)
         if self.subcommand is None:
             return
         run_dir, ckpt_path = resolve_run_dir(cfg.runs_dir, cfg.experiment, cfg.get("ckpt_path"))
@@ -228,15 +222,30 @@ class _DataOnlyCLI(LituneCLI):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``litune`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in COMMANDS:
-            return int(importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0)
-        LituneCLI(args=argv)
-    except ConfigError as err:
-        print(f"litune: configuration error: {err}", file=sys.stderr)
+        if args and args[0] in COMMANDS:
+            return int(importlib.import_module(COMMANDS[args[0]]).main(args[1:]) or 0)
+        LituneCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+    except Exception as err:
+        config_error = _find_config_error(err)
+        if config_error is None:
+            raise
+        print(f"litune: configuration error: {config_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _find_config_error(err: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``err``: jsonargparse wraps errors raised while instantiating classes in a ValueError."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConfigError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ same interface.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -46,7 +47,10 @@ class LitLM(L.LightningModule):
         lr_schedule: LRSchedule | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        with warnings.catch_warnings():
+            # Outside the CLI (load_from_checkpoint, Python use) the network arrives built; it is dropped just below.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
         if isinstance(self.hparams.get("network"), nn.Module):
             # Built in Python rather than by the CLI: the module itself is saved in the state dict, not in hparams;
             # pass `network=` to load_from_checkpoint.

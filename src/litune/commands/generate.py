@@ -51,6 +51,12 @@ def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.N
         raise ConfigError("--max-length", f"{args.max_length} is not positive", "use a positive length")
     if args.num_return_sequences < 1:
         raise ConfigError("--num-return-sequences", f"{args.num_return_sequences} is not positive", "use 1 or more")
+    if args.num_return_sequences > 1 and not args.do_sample:
+        raise ConfigError(
+            "--num-return-sequences",
+            f"{args.num_return_sequences} sequences with greedy decoding would all be the same",
+            "add --do-sample (with --temperature/--top-k/--top-p) or ask for 1 sequence",
+        )
     ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
