@@ -196,8 +196,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_set = data["validation"] if "validation" in data else None
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = self._trainer if hasattr(self, "_trainer") else None
-        trainer = trainer or getattr(self, "trainer", None)
+        trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 1
         return trainer.global_rank, trainer.world_size
