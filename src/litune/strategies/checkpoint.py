@@ -1,0 +1,107 @@
+"""Checkpoints of every strategy: tell them apart, check a resume's world size, consolidate ZeRO shards.
+
+A DDP (or single-device) checkpoint is one ``.ckpt`` file with the full ``state_dict``. A DeepSpeed checkpoint is a
+*directory* named ``*.ckpt`` holding, under its tag folder, one model-state file and one optimizer-state file per rank
+(the fp32 master weights are only in the optimizer shards). Consolidation uses DeepSpeed's ``zero_to_fp32`` through
+Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``, which keeps Lightning's own entries (hyperparameters, loop
+state), so the result loads with ``LitLM.load_from_checkpoint`` like any DDP checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from litune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from litune.module import LitLM
+
+_OPTIM_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def resolve_checkpoint(path: str | Path, field: str = "--checkpoint") -> Path:
+    """Accept a checkpoint file, a DeepSpeed checkpoint directory or a run folder (its ``checkpoints/last.ckpt``)."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoints" / "last.ckpt").exists():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.exists():
+        raise ConfigError(field, f"{path} does not exist", "give a .ckpt file or directory, or a run folder")
+    if path.is_dir() and not is_deepspeed_checkpoint(path):
+        raise ConfigError(
+            field,
+            f"{path} is a directory but neither a run folder nor a DeepSpeed checkpoint (no 'latest' file)",
+            "give runs/<run>, runs/<run>/checkpoints/last.ckpt or a step*.ckpt inside it",
+        )
+    return path
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a DeepSpeed checkpoint directory (DeepSpeed writes a ``latest`` file naming the tag)."""
+    path = Path(path)
+    return path.is_dir() and (path / "latest").is_file()
+
+
+def saved_world_size(path: str | Path) -> int | None:
+    """The data-parallel world size a DeepSpeed checkpoint was written with (one optimizer shard per rank).
+
+    Returns:
+        The number of ranks, or None for a non-DeepSpeed checkpoint.
+    """
+    path = Path(path)
+    if not is_deepspeed_checkpoint(path):
+        return None
+    tag = (path / "latest").read_text().strip()
+    ranks = {int(m.group(1)) for f in (path / tag).iterdir() if (m := _OPTIM_SHARD.search(f.name))}
+    return len(ranks) or None
+
+
+def check_resume_world_size(path: str | Path, world_size: int) -> None:
+    """Refuse to resume a ZeRO checkpoint on a different number of ranks, with the two ways out.
+
+    DeepSpeed can only restore partitioned optimizer state onto the partitioning it was saved with (its "universal
+    checkpoint" conversion is the reshard path and is not wired into litune). Failing here beats DeepSpeed's own
+    error, which comes from deep inside ``load_checkpoint`` after every rank has started.
+    """
+    saved = saved_world_size(path)
+    if saved is not None and saved != world_size:
+        raise ConfigError(
+            "ckpt_path",
+            f"the DeepSpeed checkpoint {path} was saved by {saved} processes but this run has {world_size}; ZeRO "
+            "optimizer shards cannot be loaded onto a different number of processes",
+            f"resume with devices x num_nodes = {saved}, or start a new run from its weights: "
+            f"`litune export --checkpoint {path} --output DIR` then `--model.network.init_args.pretrained DIR`",
+        )
+
+
+def consolidate(path: str | Path, output_file: str | Path) -> Path:
+    """Write a single-file Lightning checkpoint with the full fp32 ``state_dict`` of a DeepSpeed checkpoint.
+
+    Args:
+        path: a DeepSpeed checkpoint directory (ZeRO-1, -2 or -3, any world size).
+        output_file: the ``.ckpt`` file to write.
+
+    Returns:
+        ``output_file``.
+    """
+    from litune.strategies.deepspeed import select_deepspeed_accelerator
+
+    select_deepspeed_accelerator("cpu")  # consolidation is plain tensor work on the host
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    convert_zero_checkpoint_to_fp32_state_dict(str(path), str(output_file))
+    return Path(output_file)
+
+
+def load_system(path: str | Path) -> LitLM:
+    """Load a :class:`~litune.module.LitLM` on CPU from any strategy's checkpoint (DeepSpeed shards consolidated)."""
+    from litune.module import LitLM
+
+    path = resolve_checkpoint(path)
+    if not is_deepspeed_checkpoint(path):
+        return LitLM.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    with tempfile.TemporaryDirectory(prefix="litune-consolidate-") as tmp:
+        single = consolidate(path, Path(tmp) / "consolidated.ckpt")
+        return LitLM.load_from_checkpoint(single, map_location="cpu", weights_only=False)
