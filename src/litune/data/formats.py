@@ -89,8 +89,9 @@ def _chat_segments(
                 raise ValueError("the chat template does not render conversations prefix by prefix")
             added = rendered[len(previous) :]
             if message["role"] == "assistant" and message["content"] in added:
+                # The turn's closing markup (tail) is trained too: the model must learn to end its turn.
                 head, _, tail = added.partition(message["content"])
-                segments += [(head, False), (message["content"], True), (tail, False)]
+                segments += [(head, False), (message["content"], True), (tail, True)]
             else:
                 segments.append((added, False))
             previous = rendered

@@ -136,22 +136,21 @@ def load_source(
         )
     if src.text_column and src.text_column != spec.text_column and src.text_column in (ds.column_names or []):
         ds = ds.rename_column(src.text_column, spec.text_column)
-    needed = {
-        "text": [spec.text_column],
-        "instruction": [spec.prompt_column, spec.response_column],
-        "chat": [spec.messages_column],
+    needed = {  # config field -> column name
+        "text": {"text_column": spec.text_column},
+        "instruction": {"prompt_column": spec.prompt_column, "response_column": spec.response_column},
+        "chat": {"messages_column": spec.messages_column},
     }[spec.format]
     columns = ds.column_names
     if columns is not None:  # streaming hub datasets may not know their columns before reading
-        for col in needed:
+        for fix_field, col in needed.items():
             if col not in columns:
-                fix_field = {spec.text_column: "text_column", spec.prompt_column: "prompt_column"}.get(col, "columns")
                 raise ConfigError(
                     f"data.{fix_field}",
                     f"column {col!r} is not in {src.path} (columns: {columns})",
                     f"set data.{fix_field} to one of {columns}",
                 )
-        ds = ds.select_columns(needed)
+        ds = ds.select_columns(list(needed.values()))
     if not spec.streaming and len(ds) == 0:
         raise ConfigError("data.path", f"the dataset {src.path} is empty", "give a source with at least one row")
     return ds
