@@ -11,6 +11,7 @@ The blocks defined here (:class:`SelfAttention`, :class:`MLP`, :class:`Block`) a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,12 +29,13 @@ FIELD = "model.network.init_args"
 """Where users set a network's arguments in YAML; error messages name fields under it."""
 
 Activation = Literal["gelu_tanh", "gelu", "relu"]
-ACTIVATIONS: dict[str, nn.Module] = {
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     # GPT-2 uses the tanh approximation of GELU (Hugging Face calls it "gelu_new"): exact parity needs the same one.
-    "gelu_tanh": nn.GELU(approximate="tanh"),
-    "gelu": nn.GELU(),
-    "relu": nn.ReLU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
 }
+"""Activation name -> module factory (a fresh module per layer: a shared instance would be shared mode state)."""
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 """One ``(key, value)`` pair per layer, each ``[batch, nhead, cached_len, head_dim]``."""
@@ -207,7 +209,7 @@ class MLP(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.d_model, config.dim_feedforward, bias=config.bias)
-        self.act = ACTIVATIONS[config.activation]
+        self.act = ACTIVATIONS[config.activation]()
         self.c_proj = nn.Linear(config.dim_feedforward, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
