@@ -7,6 +7,7 @@ be downloaded here; everything else in the file is used as written.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,13 @@ def cli_args(config: Path, tiny_gpt2_dir: Path, corpus_dir: Path) -> list[str]:
         args.append(f"--model.tokenizer={tiny_gpt2_dir}")
     if _get(tree, "model.network.init_args.pretrained"):
         args.append(f"--model.network.init_args.pretrained={tiny_gpt2_dir}")
+        if not whole:  # the base's from-scratch `config` would otherwise merge in beside `pretrained`
+            args.append("--model.network.init_args.config=null")
     data_path = _get(tree, "data.init_args.path")
     if isinstance(data_path, str) and data_path != "stdlib" and not Path(data_path).is_absolute():
-        args += [f"--data.init_args.path={corpus_dir / 'docs.jsonl'}", "--data.init_args.name=null"]
+        args.append(f"--data.init_args.path={corpus_dir / 'docs.jsonl'}")
+        if _get(tree, "data.init_args.name"):
+            args.append("--data.init_args.name=null")
         if _get(tree, "data.init_args.validation_split"):
             args.append("--data.init_args.validation_split=null")
     if not whole and _get(tree, "data.init_args.block_size"):
@@ -53,7 +58,9 @@ def test_config_parses(config: Path, tiny_gpt2_dir, corpus_dir, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         LituneCLI(args=[*cli_args(config, tiny_gpt2_dir, corpus_dir), "--print_config"], run=False)
     assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    # DeepSpeed logs "[date] [WARNING] ..." lines to stdout when imported; the config starts at the first YAML key.
+    printed = yaml.safe_load(out[re.search(r"^[A-Za-z_]+:", out, re.MULTILINE).start() :])
     assert printed["model"]["network"]["class_path"]
 
 

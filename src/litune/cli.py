@@ -18,6 +18,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from torchmetrics import Metric
 
 from litune.errors import ConfigError
 from litune.module import LitLM
@@ -154,6 +155,12 @@ class LituneCLI(LightningCLI):
         if self._section().validate_before_fit and not self._section().get("ckpt_path"):
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             self.start_metrics = _scalars(self.trainer.callback_metrics)
+            self.trainer.num_sanity_val_steps = 0  # just validated in full
+            # validate() ran in inference mode, so the metrics' states are inference tensors that fit's own
+            # validation could not update in place: recreate them out here.
+            for metric in self.model.modules():
+                if isinstance(metric, Metric):
+                    metric.reset()
 
     def after_fit(self) -> None:
         trainer = self.trainer
