@@ -140,7 +140,7 @@ class TextDataModule(L.LightningDataModule):
         self.train_set: datasets.Dataset | datasets.IterableDataset | None = None
         self.val_set: datasets.Dataset | datasets.IterableDataset | None = None
         self.stats: dict[str, Any] = {}
-        self.cache_hit: bool | None = None
+        self.cache_hit: bool | None = None  # False: this process tokenized; True: it found the data in the cache
         self._resume: dict[str, int] | None = None
 
     @property
@@ -185,6 +185,8 @@ class TextDataModule(L.LightningDataModule):
         key = self._key()
         folder = cache.cache_folder(self.cache_root, key)
         stats = cache.lookup(folder, key)
+        if stats is not None and self.cache_hit is None:
+            self.cache_hit = True  # prepared earlier, or by rank 0 while this process waited
         if stats is None:
             if self._rank_world()[1] > 1:
                 raise RuntimeError(f"no prepared data at {folder}: prepare_data did not run on this node")
