@@ -9,8 +9,12 @@ CI train ZeRO-1/2/3 for real with two CPU processes. The subclass below changes 
 * ``root_device``: give the CPU device the local rank as index, which DeepSpeed reads as ``device_rank``.
 
 ``DS_ACCELERATOR`` must be set before ``deepspeed`` is first imported (DeepSpeed picks its accelerator once, at import),
-and inherited by every rank. The strategy sets it in its constructor when no GPU can be used, which happens before
-Lightning spawns any process, so the children inherit it through the environment.
+and inherited by every rank. Importing ``deepspeed`` can happen early: jsonargparse, resolving the strategy's
+signature while parsing the config, executes the ``if TYPE_CHECKING: import deepspeed`` block of Lightning's module.
+So this module sets ``DS_ACCELERATOR=cpu`` when it is imported on a machine without CUDA (the only choice there; it is
+what DeepSpeed's detection would pick, made explicit so that every rank agrees), and the constructor does it again
+for an explicit ``accelerator="cpu"``. Lightning's launchers copy the environment to the ranks they spawn. A run on
+CPU on a machine *with* CUDA must export ``DS_ACCELERATOR=cpu`` itself; the strategy says so if it was not done.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from lightning.pytorch.strategies.ddp import DDPStrategy as _LightningDDPStrateg
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 
 from litune.errors import ConfigError
+from litune.strategies.checkpoint import check_resume_world_size
 from litune.strategies.checks import check_deepspeed_installed, check_run, resolve_accelerator
 from litune.strategies.optimizers import offloads_optimizer, to_deepspeed_cpu_adam
 
@@ -54,6 +59,10 @@ def select_deepspeed_accelerator(accelerator: str | None = None) -> str:
         os.environ[DS_ACCELERATOR_ENV] = "cpu"
         return "cpu"
     return "auto"
+
+
+if not torch.cuda.is_available():
+    select_deepspeed_accelerator("cpu")
 
 
 class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
@@ -130,6 +139,11 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
             if scheduler_config is not None:
                 scheduler_config.scheduler.optimizer = optimizer
         return optimizer, scheduler_config
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if not (self.load_full_weights and self.zero_stage_3):
+            check_resume_world_size(checkpoint_path, self.world_size)
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
     @contextmanager
     def model_sharded_context(self) -> Generator[None, None, None]:
