@@ -77,6 +77,14 @@ def test_trained_decoder_exports_to_a_folder_that_from_pretrained_loads(tmp_path
         torch.testing.assert_close(again(x).logits, net(x).logits, rtol=0, atol=0)
 
 
+def test_export_keeps_the_network_dtype(tmp_path) -> None:
+    net = DecoderLM(d_model=32, nhead=2, num_decoder_layers=1, vocab_size=VOCAB, max_seq_len=32).to(torch.bfloat16)
+    net.save_pretrained(tmp_path / "bf16")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert hf.dtype == torch.bfloat16
+    assert torch.equal(hf.transformer.wte.weight, net.wte.weight)
+
+
 def test_bias_free_decoder_exports_with_zero_biases(tmp_path) -> None:
     net = DecoderLM(d_model=32, nhead=2, num_decoder_layers=1, vocab_size=VOCAB, max_seq_len=32, bias=False).eval()
     hf = to_hf_gpt2(net).eval()

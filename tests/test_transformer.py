@@ -208,3 +208,14 @@ def test_litune_fit_and_generate_with_the_custom_decoder(tmp_path, corpus_dir, t
     assert main(["generate", "--checkpoint", str(run), "--prompt", "def ", "--max-length", "20"]) == 0
     printed = capsys.readouterr().out
     assert "--- sequence 0 ---" in printed and printed.split("--- sequence 0 ---\n")[1].startswith("def")
+    # litune export writes a Hugging Face GPT-2 folder that gives the trained network's logits.
+    from transformers import AutoModelForCausalLM
+
+    from litune.module import LitLM
+
+    assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    trained = LitLM.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=False).network.eval()
+    x = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, trained(x).logits, rtol=1e-5, atol=1e-5)

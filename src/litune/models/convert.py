@@ -140,7 +140,7 @@ def from_hf_gpt2(source: str | Path | nn.Module, gradient_checkpointing: bool = 
 
 
 def to_hf_gpt2(network: DecoderLM, **config_overrides: object) -> nn.Module:
-    """A ``transformers.GPT2LMHeadModel`` with ``network``'s weights (in fp32 on CPU), ready for ``save_pretrained``.
+    """A ``transformers.GPT2LMHeadModel`` with ``network``'s weights (its dtype, on CPU), ready for ``save_pretrained``.
 
     Raises:
         ConfigError: for a post-norm network, which GPT-2 cannot represent.
@@ -171,8 +171,9 @@ def to_hf_gpt2(network: DecoderLM, **config_overrides: object) -> nn.Module:
         tie_word_embeddings=cfg.tie_embeddings,
         **{**special, **config_overrides},
     )
-    hf = GPT2LMHeadModel(hf_config)
-    state = {k: v.detach().float().cpu() for k, v in network.state_dict().items()}
+    # Same dtype as the network, so `litune export --dtype bfloat16` (which casts the network first) writes bf16.
+    hf = GPT2LMHeadModel(hf_config).to(next(network.parameters()).dtype)
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
     if not cfg.bias:
         # GPT-2 always has biases; a bias-free network is the same function with all of them zero.
         for key, value in hf.state_dict().items():
