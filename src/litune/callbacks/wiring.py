@@ -1,0 +1,94 @@
+"""How ``litune fit`` gets its loggers and tracking callbacks: two calls from :class:`litune.cli.LituneCLI`.
+
+The callbacks are added to the parsed config (``trainer.callbacks``) rather than hidden in code, so the saved
+``config.yaml`` lists them and a user configures one by listing it with its own ``init_args`` (then it is not added a
+second time), e.g.::
+
+    trainer:
+      callbacks:
+        - class_path: litune.callbacks.ThroughputMonitor
+          init_args: {peak_flops: 4.0e14}   # an accelerator the peak table does not know
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser
+
+from litune.loggers import LOGGERS, logger_entries, resume_wandb_id
+
+_TRACKING_CALLBACKS: list[tuple[str, dict[str, Any]]] = [
+    ("litune.callbacks.ThroughputMonitor", {}),
+    ("litune.callbacks.MemoryMonitor", {}),
+    ("litune.callbacks.GradNormMonitor", {}),
+    ("litune.callbacks.EnvironmentLogger", {}),
+    ("lightning.pytorch.callbacks.LearningRateMonitor", {"logging_interval": "step"}),
+]
+_PROGRESS_BAR = "litune.callbacks.LituneProgressBar"
+_WANDB_RUN_ID = "litune.loggers.WandbRunId"
+
+
+def add_tracking_arguments(parser: LightningArgumentParser) -> None:
+    """Add ``--loggers`` (names) to a LightningCLI parser; call from ``add_arguments_to_parser``."""
+    parser.add_argument(
+        "--loggers",
+        type=list[str] | None,
+        default=None,
+        help=f"Loggers by name, any of {sorted(LOGGERS)}, e.g. --loggers=[csv,wandb]; added to trainer.logger. "
+        "Default: CSV and TensorBoard. For options, use a configs/logger/*.yaml fragment.",
+    )
+
+
+def _class_name(entry: Any) -> str:
+    """``"ThroughputMonitor"`` for a config entry ``{class_path: litune.callbacks.throughput.ThroughputMonitor}``
+    or for an already built object."""
+    if isinstance(entry, (Namespace, dict)):
+        return str(entry.get("class_path", "")).rsplit(".", 1)[-1]
+    return type(entry).__name__
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value in (None, True, False):
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def add_tracking(cfg: Namespace) -> None:
+    """Complete a parsed ``fit`` config before its classes are built; call from ``before_instantiate_classes``
+    *before* the CLI points the loggers at the run folder.
+
+    * ``--loggers`` names become logger entries (an unknown name raises a ConfigError listing the valid ones);
+    * a wandb logger resuming from ``ckpt_path`` gets the wandb run id stored in that checkpoint;
+    * the tracking callbacks (throughput/MFU, memory, gradient norm, environment, learning rate, the wandb id keeper)
+      and the progress bar are appended to ``trainer.callbacks`` unless already listed there.
+    """
+    trainer = cfg.trainer
+    if cfg.get("loggers") is not None:
+        configured = _as_list(trainer.logger)
+        present = {_class_name(e) for e in configured}
+        combined = configured + [e for e in logger_entries(cfg.loggers) if _class_name(e) not in present]
+        trainer.logger = combined or False
+    loggers = _as_list(trainer.logger)
+    wandb_entries = [e for e in loggers if isinstance(e, Namespace) and "Wandb" in _class_name(e)]
+    if wandb_entries and cfg.get("ckpt_path"):
+        run_id = resume_wandb_id(cfg.ckpt_path)
+        for entry in wandb_entries:
+            if entry.get("init_args") is None:
+                entry.init_args = Namespace()
+            if run_id and entry.init_args.get("id") is None:
+                entry.init_args.id = run_id
+
+    callbacks = _as_list(trainer.get("callbacks"))
+    present = {_class_name(c) for c in callbacks}
+    wanted = list(_TRACKING_CALLBACKS)
+    if wandb_entries:
+        wanted.append((_WANDB_RUN_ID, {}))
+    has_progress = any("ProgressBar" in p for p in present)
+    if trainer.get("enable_progress_bar") is not False and not has_progress:
+        wanted.append((_PROGRESS_BAR, {}))
+    for class_path, init_args in wanted:
+        if class_path.rsplit(".", 1)[-1] not in present:
+            callbacks.append(Namespace(class_path=class_path, init_args=Namespace(**init_args)))
+    trainer.callbacks = callbacks
