@@ -130,7 +130,8 @@ def summary_rows(run: Run) -> dict[str, float | None]:
     elapsed = run.last("perf/elapsed_s")
     steps = [s for series in m.values() for s, _ in series]
     return {
-        "last logged step": float(max(steps)) if steps else None,
+        # Lightning logs the k-th optimizer step's metrics at step k - 1.
+        "steps": float(max(steps) + 1) if steps else None,
         "final train/loss": run.last("train/loss"),
         "final val/loss": run.last("val/loss"),
         "best val/loss": min(v for _, v in val_loss) if val_loss else None,
@@ -146,12 +147,12 @@ def summary_rows(run: Run) -> dict[str, float | None]:
 
 
 def format_value(key: str, value: float | None) -> str:
-    """How a summary number is written: 4 significant digits, integers for counts, h:mm:ss for wall time."""
+    """How a summary number is written: 4 significant digits, integers for counts, seconds or h:mm:ss for wall time."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if key == "wall time":
-        return str(timedelta(seconds=round(value)))
-    if key in ("tokens seen", "last logged step"):
+        return f"{value:.1f} s" if value < 60 else str(timedelta(seconds=round(value)))
+    if key in ("tokens seen", "steps"):
         return f"{int(value):,}"
     if key == "mean MFU":
         return f"{100 * value:.3g}%"
@@ -184,9 +185,10 @@ def plot(runs: list[Run], keys: list[str], ylabel: str, path: Path) -> bool:
                 drew = True
     if not drew:
         return False
-    if ylabel in ("loss", "perplexity") and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+    values = [v for line in ax.get_lines() for v in line.get_ydata()]
+    if min(values) > 0 and max(values) / min(values) > 20:  # early losses dwarf late ones: log scale shows both
         ax.set_yscale("log")
-    ax.set_xlabel("step")
+    ax.set_xlabel("step (as logged: the k-th optimizer step is k - 1)")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
