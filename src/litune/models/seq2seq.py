@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -375,10 +376,15 @@ class Seq2SeqLM(nn.Module):
         load_strict(network, state, source=str(directory))
         return network
 
+    @classmethod
+    def from_config(
+        cls, config: TransformerConfig, pad_token_id: int = 0, decoder_start_token_id: int = 1
+    ) -> Seq2SeqLM:
+        """Build from a :class:`TransformerConfig` and the special token ids."""
+        return cls(**asdict(config), pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id)
+
     def init_args(self) -> dict[str, object]:
         """The constructor arguments that rebuild this network."""
-        from dataclasses import asdict
-
         return {
             **asdict(self.config),
             "pad_token_id": self.pad_token_id,

@@ -310,6 +310,8 @@ class DecoderLM(nn.Module):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        # The typed arguments above exist for LightningCLI/jsonargparse (they become `init_args` in YAML); the
+        # dataclass validates them and is what the rest of the code reads.
         cfg = TransformerConfig(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
         self.config = cfg
         self.vocab_size, self.max_seq_len = cfg.vocab_size, cfg.max_seq_len
