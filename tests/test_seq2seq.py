@@ -177,6 +177,28 @@ def test_a_missing_column_lists_the_columns_of_the_file(tmp_path, tokenizer_dir)
         dm.setup("fit")
 
 
+def test_token_accuracy_callback_is_the_micro_average_over_the_epoch(tmp_path) -> None:
+    import lightning as L
+
+    from litune.callbacks.token_accuracy import TokenAccuracy
+    from litune.module import LitLM
+
+    dm = SyntheticSeq2SeqDataModule(num_symbols=6, min_length=2, max_length=9, num_train=8, num_val=50, batch_size=16)
+    system = LitLM(network=tiny(vocab_size=10))
+    trainer = L.Trainer(accelerator="cpu", callbacks=[TokenAccuracy()], logger=False, default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    (metrics,) = trainer.validate(system, datamodule=dm, verbose=False)
+    correct = total = 0
+    with torch.no_grad():
+        for batch in dm.val_dataloader():  # batches with different numbers of target tokens
+            out = system.network.eval()(**batch)
+            keep = out.targets != IGNORE_INDEX
+            correct += int((out.logits.argmax(-1) == out.targets)[keep].sum())
+            total += int(keep.sum())
+    assert metrics["val/acc"] == pytest.approx(correct / total, abs=1e-6)
+    assert 0 < correct < total  # an untrained network: neither all right nor all wrong
+
+
 # --- end to end through the CLI -----------------------------------------------------------------------------------
 
 
