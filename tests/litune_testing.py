@@ -1,0 +1,157 @@
+"""Helpers for the distributed tests: run ``litune`` as a user would, and probe the model inside real runs.
+
+``FinalLogits`` is a Lightning callback loaded into ``litune fit`` runs by class path (the tests put ``tests/`` on
+PYTHONPATH). It records what the model being trained computes on one fixed batch at chosen optimizer steps, on the live
+(possibly sharded) model, so tests can compare runs on different strategies, world sizes and launchers, and compare an
+exported Hugging Face folder with the model as it was in training.
+
+The reference run (1 process, accumulation 2) is shared by the strategy and launch tests through a folder under the
+session's base temp dir, so it runs once per pytest session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+LITUNE = str(Path(sys.executable).parent / "litune")
+NETWORK = {  # tests/configs/tiny.yaml's network without dropout, so runs with different world sizes can agree
+    "model_type": "gpt2", "vocab_size": 512, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2,
+    "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+}  # fmt: skip
+FIRST, SECOND = 3, 5  # optimizer steps of a first leg and of the leg resumed from it
+PROBE_SHAPE = (2, 16)
+PROBE_SEED = 1234
+
+
+def probe_input_ids(vocab_size: int) -> torch.Tensor:
+    """The fixed ``[2, 16]`` batch every probe uses."""
+    return torch.randint(0, vocab_size, PROBE_SHAPE, generator=torch.Generator().manual_seed(PROBE_SEED))
+
+
+class FinalLogits(Callback):
+    """Save ``logits`` and ``loss`` of the training model on the probe batch as ``<directory>/step<N>.pt``.
+
+    Every rank runs the forward (under ZeRO-3 the parameters are gathered collectively); rank 0 writes.
+
+    Args:
+        directory: output folder.
+        steps: optimizer steps (``trainer.global_step`` after the step) at which to record.
+    """
+
+    def __init__(self, directory: str, steps: list[int]) -> None:
+        self.directory = Path(directory)
+        self.steps = set(steps)
+        self.done: set[int] = set()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        if step in self.steps and step not in self.done:
+            self.done.add(step)
+            self._record(trainer, pl_module, step)
+
+    @torch.no_grad()
+    def _record(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        network = pl_module.network
+        ids = probe_input_ids(network.vocab_size).to(pl_module.device)
+        was_training = network.training
+        network.eval()
+        out = network(input_ids=ids, labels=ids)
+        network.train(was_training)
+        if trainer.is_global_zero:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            record = {
+                "logits": out.logits.float().cpu(),
+                "loss": float(out.loss),
+                "world_size": trainer.world_size,
+                "gradient_checkpointing": bool(getattr(network.model, "is_gradient_checkpointing", False)),
+            }
+            torch.save(record, self.directory / f"step{step}.pt")
+
+
+def probe(root: Path, step: int) -> dict:
+    """What :class:`FinalLogits` recorded in the run under ``root`` at ``step``."""
+    return torch.load(root / "probe" / f"step{step}.pt")
+
+
+def litune_env() -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    env.pop("LITUNE_RUN_DIR", None)  # each command is its own run
+    return env
+
+
+def check_ok(proc: subprocess.CompletedProcess, what: str) -> None:
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def run_litune(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the ``litune`` console script; fail with its output tail unless it exits 0."""
+    proc = subprocess.run([LITUNE, *args], env=litune_env(), capture_output=True, text=True, timeout=timeout)
+    check_ok(proc, f"litune {args[0]}")
+    return proc
+
+
+def fit_args(root: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str, steps: int = FIRST) -> list[str]:
+    """``litune fit`` arguments for the tiny run under ``root`` (no subcommand): global batch 8, fp32, probed.
+
+    Topology (``--trainer.devices``, a strategy fragment) comes in ``extra``; the micro-batch is 4, so accumulation
+    is 2 on one process and 1 on two.
+    """
+    callbacks = [
+        {
+            "class_path": "litune_testing.FinalLogits",
+            "init_args": {"directory": str(root / "probe"), "steps": [FIRST, SECOND]},
+        },
+        {"class_path": "litune.strategies.memory.ModelStateReport"},
+    ]
+    return [
+        "--config", str(TINY),
+        f"--model.tokenizer={tokenizer_dir}",
+        f"--model.network.init_args.config={json.dumps(NETWORK)}",
+        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}",
+        "--data.init_args.batch_size=4", "--global_batch_size=8",
+        f"--runs_dir={root / 'runs'}",
+        f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.precision=32-true",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+        *extra,
+    ]  # fmt: skip
+
+
+def the_run(root: Path) -> Path:
+    """The one run folder under ``root``."""
+    (run,) = sorted((root / "runs").iterdir())
+    return run
+
+
+def reference_run(base: Path, corpus_dir: Path, tokenizer_dir: Path) -> Path:
+    """The 1-process baseline: ``FIRST`` steps, then resumed from ``last`` to ``SECOND``; run once per session.
+
+    Args:
+        base: the session's base temp dir (``tmp_path_factory.getbasetemp()``), shared by all test modules.
+    """
+    root = base / "reference-1-process"
+    if not (root / "probe" / f"step{SECOND}.pt").exists():
+        run_litune("fit", *fit_args(root, corpus_dir, tokenizer_dir, "--trainer.devices=1"))
+        run_litune(
+            "fit", *fit_args(root, corpus_dir, tokenizer_dir, "--trainer.devices=1", "--ckpt_path=last", steps=SECOND)
+        )
+    return root
+
+
+def assert_matches(root: Path, reference: Path, step: int, world_size: int = 2) -> None:
+    """The run under ``root`` computes what the 1-process reference computes after ``step`` optimizer steps."""
+    got, want = probe(root, step), probe(reference, step)
+    assert got["world_size"] == world_size and want["world_size"] == 1
+    # Same optimization, different reduction order (all-reduce vs. accumulation): fp32 round-off only.
+    torch.testing.assert_close(got["logits"], want["logits"], atol=2e-4, rtol=1e-4)
+    assert abs(got["loss"] - want["loss"]) < 1e-4
