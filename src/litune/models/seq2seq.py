@@ -235,11 +235,13 @@ class Seq2SeqLM(nn.Module):
         memory_mask: torch.Tensor | None,
         decoder_padding_mask: torch.Tensor | None = None,
         past: DecoderCache | None = None,
+        use_cache: bool = False,
     ) -> tuple[torch.Tensor, DecoderCache]:
         """Run the decoder on ``decoder_input_ids [B, T]`` (only the uncached ones when ``past`` is given).
 
         Returns:
-            logits ``[B, T, vocab_size]`` and the updated cache.
+            logits ``[B, T, vocab_size]`` and the updated cache (empty unless ``use_cache``: holding every layer's
+            keys/values during training would undo gradient checkpointing's saving).
         """
         past_len = past[0][0][0].size(2) if past else 0
         x = self._embed(decoder_input_ids, offset=past_len)
@@ -248,7 +250,8 @@ class Seq2SeqLM(nn.Module):
         cache: DecoderCache = []
         for i, block in enumerate(self.decoder.h):
             x, layer_cache = _run(block, use_ckpt, x, self_mask, memory, memory_mask, past[i] if past else None)
-            cache.append(layer_cache)
+            if use_cache:
+                cache.append(layer_cache)
         return self.lm_head(self.decoder.ln_f(x)), cache
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
@@ -328,7 +331,7 @@ class Seq2SeqLM(nn.Module):
 
             def step(tokens: torch.Tensor, cache: DecoderCache | None) -> tuple[torch.Tensor, DecoderCache]:
                 past_len = cache[0][0][0].size(2) if cache else 0
-                logits, new_cache = self.decode(tokens[:, past_len:], memory, memory_mask, past=cache)
+                logits, new_cache = self.decode(tokens[:, past_len:], memory, memory_mask, past=cache, use_cache=True)
                 return logits[:, -1], new_cache
 
             start = torch.full((input_ids.size(0), 1), self.decoder_start_token_id, device=input_ids.device)

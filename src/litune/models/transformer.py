@@ -405,7 +405,8 @@ class DecoderLM(nn.Module):
                 x, kv = checkpoint(block, x, mask, True, past, use_reentrant=False)
             else:
                 x, kv = block(x, mask, True, past)
-            cache.append(kv)
+            if use_cache:  # only then: holding every layer's keys/values would undo checkpointing's saving
+                cache.append(kv)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         return causal_lm_output(logits, labels, past_key_values=cache if use_cache else None)
 
