@@ -5,6 +5,7 @@ The quickstart trains on these because nothing can be downloaded in CI and nobod
 
 from __future__ import annotations
 
+import os
 import sysconfig
 from pathlib import Path
 
@@ -26,11 +27,18 @@ def stdlib_python_files(max_bytes: int | None = None) -> list[Path]:
         Paths of readable UTF-8 source files, sorted so that every machine with the same Python gets the same list.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
+    candidates: list[tuple[str, Path]] = []
+    # os.walk with pruning, not rglob: the stdlib folder usually holds site-packages, which can be many times larger
+    # than the stdlib itself and would otherwise be walked only to be skipped.
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIPPED_DIRS]
+        for name in names:
+            if name.endswith(".py"):
+                path = Path(folder) / name
+                candidates.append((path.relative_to(root).as_posix(), path))
     files: list[Path] = []
     total = 0
-    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-        if _SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1]):
-            continue
+    for _, path in sorted(candidates):
         size = path.stat().st_size
         if max_bytes is not None and total + size > max_bytes:
             continue

@@ -142,6 +142,7 @@ class TextDataModule(L.LightningDataModule):
         self.stats: dict[str, Any] = {}
         self.cache_hit: bool | None = None  # False: this process tokenized; True: it found the data in the cache
         self._resume: dict[str, int] | None = None
+        self._cache_key: dict | None = None
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -155,7 +156,11 @@ class TextDataModule(L.LightningDataModule):
         return cache.cache_folder(self.cache_root, self._key())
 
     def _key(self) -> dict:
-        return cache.cache_key(self.spec.key(), self.tokenizer)
+        # Computed once per module: hashing the tokenizer and listing the files is not free, and prepare_data and
+        # setup must agree on the folder anyway.
+        if self._cache_key is None:
+            self._cache_key = cache.cache_key(self.spec.key(), self.tokenizer)
+        return self._cache_key
 
     def prepare_data(self) -> None:
         """Tokenize into the cache unless an identical build is there (local rank 0 only, under Lightning)."""
