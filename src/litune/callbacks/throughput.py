@@ -56,7 +56,7 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak_flops: float, device
     return flops_per_token * tokens_per_sec / (peak_flops * devices)
 
 
-def batch_tokens(batch: Any) -> tuple[int, int, int]:
+def batch_tokens(batch: Any) -> tuple[int, torch.Tensor, int]:
     """Count a batch: ``(samples, real tokens, sequence length)``.
 
     Real tokens are the positions where ``attention_mask`` is 1 (all positions if there is no mask): padding costs
@@ -64,10 +64,14 @@ def batch_tokens(batch: Any) -> tuple[int, int, int]:
 
     Args:
         batch: a litune batch, a dict with ``input_ids [B, T]`` and optionally ``attention_mask [B, T]``.
+
+    Returns:
+        The token count stays a 0-d tensor on the batch's device: reading it (``int()``) would make the host wait
+        for the GPU on every step.
     """
     input_ids = batch["input_ids"]
     mask = batch.get("attention_mask")
-    tokens = int(mask.sum()) if mask is not None else input_ids.numel()
+    tokens = mask.sum(dtype=torch.float64) if mask is not None else torch.tensor(float(input_ids.numel()))
     return input_ids.shape[0], tokens, input_ids.shape[-1]
 
 
@@ -99,7 +103,10 @@ class ThroughputMonitor(Callback):
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self._window = torch.zeros(3, dtype=torch.float64)  # samples, tokens, model FLOPs since the last log
+        # Since the last log: samples (host), real tokens and model FLOPs (device tensors, summed without syncing).
+        self._samples = 0
+        self._tokens: torch.Tensor | float = 0.0
+        self._flops: torch.Tensor | float = 0.0
         self._window_steps = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -123,7 +130,9 @@ class ThroughputMonitor(Callback):
         samples, tokens, seq_len = batch_tokens(batch)
         if seq_len not in self._fpt_cache:
             self._fpt_cache[seq_len] = model_flops_per_token(_network(pl_module), seq_len)
-        self._window += torch.tensor([samples, tokens, tokens * self._fpt_cache[seq_len]], dtype=torch.float64)
+        self._samples += samples
+        self._tokens = self._tokens + tokens
+        self._flops = self._flops + tokens * self._fpt_cache[seq_len]
         if trainer.global_step == self._last_step:
             return  # gradient accumulation: the optimizer step is not done yet
         self._window_steps += trainer.global_step - self._last_step
@@ -137,9 +146,10 @@ class ThroughputMonitor(Callback):
         now = time.perf_counter()
         seconds = now - self._last
         # One small collective per logging step (not per batch) makes the counts exact across ranks.
-        samples, tokens, flops = trainer.strategy.reduce(
-            self._window.to(trainer.strategy.root_device), reduce_op="sum"
-        ).tolist()
+        device = trainer.strategy.root_device
+        counts = (self._samples, self._tokens, self._flops)
+        window = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in counts])
+        samples, tokens, flops = trainer.strategy.reduce(window, reduce_op="sum").tolist()
         self.tokens_seen += int(tokens)
         self.samples_seen += int(samples)
         metrics = {
