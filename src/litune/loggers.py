@@ -128,7 +128,11 @@ class WandbLogger(pl_loggers.WandbLogger):
         mode = mode or os.environ.get("WANDB_MODE") or "offline"  # type: ignore[assignment]
         mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)  # type: ignore[arg-type]
         if mode not in ("offline", "online", "disabled"):
-            raise ConfigError("wandb mode", f"'{mode}' is not a wandb mode", "use offline, online or disabled")
+            raise ConfigError(
+                "trainer.logger[WandbLogger].init_args.mode",
+                f"'{mode}' is not a wandb mode",
+                "use offline, online or disabled",
+            )
         api_key = None if api_key == REDACTED else api_key
         if mode == "online" and not _has_wandb_key(api_key):
             rank_zero_warn("wandb: online mode needs an API key (api_key, $WANDB_API_KEY or `wandb login`); offline")

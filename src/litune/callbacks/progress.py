@@ -32,13 +32,18 @@ class LituneProgressBar(TQDMProgressBar):
 
     Args:
         plain: ``True`` for lines, ``False`` for the bar, ``None`` to choose by whether stdout is a terminal.
-        every_n_steps: in plain mode, print one line every this many optimizer steps (and after each validation).
+        every_n_steps: in plain mode, print one line every this many optimizer steps (and after each validation);
+            ``None``: every ``trainer.log_every_n_steps``, when the logged metrics are fresh.
         refresh_rate: in bar mode, redraw every this many batches.
     """
 
-    def __init__(self, plain: bool | None = None, every_n_steps: int = 50, refresh_rate: int = 1) -> None:
-        if every_n_steps < 1:
-            raise ConfigError("progress.every_n_steps", f"{every_n_steps} is less than 1", "use a positive number")
+    def __init__(self, plain: bool | None = None, every_n_steps: int | None = None, refresh_rate: int = 1) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ConfigError(
+                "trainer.callbacks[LituneProgressBar].init_args.every_n_steps",
+                f"{every_n_steps} is less than 1",
+                "use a positive number",
+            )
         self.plain = (not sys.stdout.isatty()) if plain is None else plain
         self.every_n_steps = every_n_steps
         # refresh_rate=0 disables the tqdm bars themselves; the lines below are printed instead.
@@ -64,7 +69,8 @@ class LituneProgressBar(TQDMProgressBar):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
         stepped, self._last_step = step != self._last_step, step
-        if self.plain and self._line_enabled and stepped and step % self.every_n_steps == 0:
+        every = self.every_n_steps or trainer.log_every_n_steps
+        if self.plain and self._line_enabled and stepped and step % every == 0:
             self._line(trainer, pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

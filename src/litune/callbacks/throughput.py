@@ -92,7 +92,9 @@ class ThroughputMonitor(Callback):
     def __init__(self, peak_flops: float | None = None, prog_bar: bool = True) -> None:
         if peak_flops is not None and peak_flops <= 0:
             raise ConfigError(
-                "throughput.peak_flops", f"{peak_flops} is not positive", "give the device's dense peak FLOP/s or null"
+                "trainer.callbacks[ThroughputMonitor].init_args.peak_flops",
+                f"{peak_flops} is not positive",
+                "give the device's dense peak FLOP/s or null",
             )
         self.peak_flops = peak_flops
         self.prog_bar = prog_bar
