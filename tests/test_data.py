@@ -185,3 +185,14 @@ def test_bad_settings_fail_at_construction() -> None:
         with pytest.raises(ConfigError) as err:
             TextDataModule("gpt2", path="stdlib", **kw)
         assert err.value.field == field
+
+
+def test_num_proc_gives_the_same_rows(tmp_path: Path, txt: Path) -> None:
+    one = make_dm(tmp_path / "one", str(txt), sample_by="line", layout="pack", document_mask=True)
+    one.setup("fit")
+    two = make_dm(tmp_path / "two", str(txt), sample_by="line", layout="pack", document_mask=True, num_proc=2)
+    two.setup("fit")
+    assert one.cache_folder().name == two.cache_folder().name  # num_proc is not part of the key...
+    for split in ("train", "validation"):  # ...because it does not change the rows
+        a, b = (dm.train_set if split == "train" else dm.val_set for dm in (one, two))
+        assert a["input_ids"] == b["input_ids"] and a["position_ids"] == b["position_ids"]

@@ -216,7 +216,10 @@ def lay_out(ds: datasets.Dataset, spec: DataSpec) -> tuple[datasets.Dataset, int
         ConfigError: ``overlong='error'`` and a sample is longer than ``block_size`` (only for ``pack``/``pad``;
             ``concat`` splits documents by design).
     """
-    kwargs = {} if spec.streaming else {"num_proc": spec.num_proc}
+    # Single process on purpose: ``num_proc`` would shard the rows, and the map-batch boundaries (where a concat
+    # remainder or a bin-packing window ends) would then depend on it, so the same cache key could mean different rows.
+    # Cutting and packing lists is cheap next to tokenizing, which does use ``num_proc``.
+    kwargs: dict = {}
     if spec.layout == "concat":
         fn = partial(packing.concat_into_blocks, block_size=spec.block_size, document_positions=spec.document_mask)
         return ds.map(fn, batched=True, remove_columns=ds.column_names, **kwargs), 0
