@@ -196,3 +196,16 @@ def test_num_proc_gives_the_same_rows(tmp_path: Path, txt: Path) -> None:
     for split in ("train", "validation"):  # ...because it does not change the rows
         a, b = (dm.train_set if split == "train" else dm.val_set for dm in (one, two))
         assert a["input_ids"] == b["input_ids"] and a["position_ids"] == b["position_ids"]
+
+
+def test_validation_from_a_local_file(tmp_path: Path, txt: Path) -> None:
+    val = tmp_path / "val.txt"
+    val.write_text("\n".join(sentences(7, seed=11)))
+    dm = make_dm(tmp_path, str(txt), validation_split=str(val), sample_by="line", layout="pad")
+    dm.setup("fit")
+    assert len(dm.val_set) == 7 and len(dm.train_set) == 120  # nothing held out of the training file
+    with pytest.raises(ConfigError, match="local files have no split named 'validation'") as err:
+        make_dm(tmp_path, str(txt), validation_split="validation")
+    assert err.value.field == "data.validation_split"
+    with pytest.raises(ConfigError, match="does not exist"):
+        make_dm(tmp_path, str(txt), validation_split=str(tmp_path / "missing.txt"))

@@ -95,14 +95,25 @@ class DataSpec:
         for src in self.sources:
             if src.path != STDLIB_SOURCE:
                 sources.resolve_local_files(src.path)  # fails early on a missing local path, an empty file
-        if self.validation is not None and self.validation not in {s.split for s in self.sources}:
-            files = sources.resolve_local_files(self.validation, "data.validation_split")
-            if files is None and len(self.sources) != 1:
+        if self.validation is not None and self.validation_files() is None:  # a split name, not a local path
+            if len(self.sources) != 1:
                 raise ConfigError(
                     "data.validation_split",
-                    "a split name is ambiguous with several sources",
-                    "give a local validation file, or use val_fraction",
+                    f"the split name {self.validation!r} is ambiguous with several sources",
+                    "give a local validation file, folder or glob, or use val_fraction",
                 )
+            if self._files(self.sources[0].path) is not None:
+                raise ConfigError(
+                    "data.validation_split",
+                    f"local files have no split named {self.validation!r}",
+                    "give a local validation file, folder or glob, or leave it null to hold out val_fraction",
+                )
+
+    def validation_files(self) -> list | None:
+        """The local validation files, or ``None`` when ``validation`` is a hub split name (or not set)."""
+        if self.validation is None:
+            return None
+        return sources.resolve_local_files(self.validation, "data.validation_split")
 
     def key(self) -> dict:
         """The cache-relevant content, with local files identified by path, size and modification time."""
@@ -110,6 +121,7 @@ class DataSpec:
         key.pop("hf_cache_dir")
         key.pop("num_proc")
         key["files"] = [sources.files_fingerprint(self._files(s.path) or []) for s in self.sources]
+        key["validation_files"] = sources.files_fingerprint(self.validation_files() or [])
         return key
 
     def _files(self, path: str) -> list | None:
@@ -173,7 +185,7 @@ def load_raw(
         )
     val = None
     if spec.validation is not None:
-        if spec.validation in {s.split for s in spec.sources} or sources.resolve_local_files(spec.validation) is None:
+        if spec.validation_files() is None:
             val = load_source(spec, spec.sources[0], split=spec.validation, report=report)
         else:
             val = load_source(spec, Source(spec.validation), report=report)
