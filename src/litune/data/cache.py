@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import datasets
@@ -66,15 +67,25 @@ def lookup(folder: Path, key: dict) -> dict | None:
 
 def save(folder: Path, data: datasets.DatasetDict, key: dict, stats: dict) -> None:
     """Write ``data`` and its key under ``folder`` atomically (a temporary folder renamed into place), so a crash or
-    a concurrent reader never sees half a cache."""
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    a concurrent reader never sees half a cache.
+
+    When several writers race (one per node on a shared file system, with ``prepare_data_per_node``), the first
+    complete folder wins and the others discard theirs: a folder that readers may already use is never replaced.
+    """
+    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     data.save_to_disk(str(tmp))
     (tmp / "meta.json").write_text(json.dumps({"key": key, "stats": stats}, indent=1, default=str))
+    if lookup(folder, key) is not None:  # another writer finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     if folder.exists():  # a stale or foreign cache under this name: replace it, never reuse it
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # lost the race between the check and the rename: theirs is complete, keep it
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load(folder: Path) -> datasets.DatasetDict:

@@ -2,7 +2,9 @@
 
 Lightning calls ``prepare_data`` on one process per node (local rank 0) and then, after a barrier, ``setup`` on every
 process. ``prepare_data`` builds the tokenized dataset into the fingerprinted cache (or finds it there); ``setup``
-memory-maps it. So under DDP only rank 0 tokenizes while the others wait, and all read the same files.
+memory-maps it. So under DDP only rank 0 tokenizes while the others wait, and all read the same files. Lightning
+waits for ``prepare_data`` at a barrier without timeout (its ``_InfiniteBarrier``), so a long tokenization does not
+hit the process-group timeout; ``litune prepare`` before ``fit`` takes the work out of the training job altogether.
 """
 
 from __future__ import annotations
