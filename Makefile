@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 quickstart: install
 	HF_HUB_OFFLINE=1 $(BIN)/litune fit --config configs/quickstart.yaml
 	$(BIN)/litune generate --checkpoint "$$(ls -d runs/*-quickstart | tail -n 1)" \
-		--prompt "def " --max-length 96 --num-return-sequences 2 --do-sample --top-k 40 --temperature 0.8
+		--prompt "def" --max-length 96 --num-return-sequences 2 --do-sample --top-k 40 --temperature 0.8
 
 test: install
 	$(BIN)/ruff check src tests bench

@@ -12,13 +12,15 @@ from pathlib import Path
 STDLIB_SOURCE = "stdlib"
 """The source name that data and tokenizer configs use to mean "the standard library's .py files"."""
 
-_SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+# Test suites and vendored packages are repetitive, and encodings/ is mostly generated code-point tables: they would
+# dominate a small corpus and teach a model little Python.
+_SKIPPED_DIRS = {
+    "test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "turtledemo", "encodings"
+}  # fmt: skip
 
 
 def stdlib_python_files(max_bytes: int | None = None) -> list[Path]:
     """List the standard library's ``.py`` files in a fixed order (sorted by relative path).
-
-    Test suites and vendored packages are skipped: they are repetitive and would dominate a small corpus.
 
     Args:
         max_bytes: stop adding files once their total size would pass this many bytes (``None``: all files).
