@@ -1,5 +1,5 @@
-"""A real 2-process CPU DDP run (gloo): rank 0 tokenizes into the cache while rank 1 waits and then reads the same
-files; each rank trains on a disjoint shard of the rows."""
+"""A real 2-process CPU run (DDP over gloo; DeepSpeed ZeRO-2 too, marked slow): rank 0 tokenizes into the cache
+while rank 1 waits and then reads the same files; each rank trains on a disjoint shard of the rows."""
 
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ SCRIPT = textwrap.dedent(
     from litune.models.transformer import DecoderLM
     from litune.module import LitLM
 
-    tmp, data = Path(sys.argv[1]), sys.argv[2]
+    tmp, data, strategy = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    if strategy == "deepspeed":
+        from litune.strategies import DeepSpeedStrategy
+        strategy = DeepSpeedStrategy(stage=2)
 
     class Rows(Callback):
         def __init__(self):
@@ -39,7 +42,7 @@ SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     net = DecoderLM(d_model=16, nhead=2, num_decoder_layers=1, vocab_size=300, max_seq_len=64)
     rows = Rows()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, callbacks=[rows])
     trainer.fit(LitLM(net), datamodule=dm)
@@ -51,13 +54,14 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.distributed
-def test_ddp_rank0_prepares_and_shards_are_disjoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed", marks=pytest.mark.slow)])
+def test_rank0_prepares_and_shards_are_disjoint(tmp_path: Path, strategy: str) -> None:
     data = tmp_path / "d.txt"
     data.write_text("\n".join(f"{i} {s}" for i, s in enumerate(sentences(64, seed=9))))  # unique rows
     script = tmp_path / "ddp_fit.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(data)],
+        [sys.executable, str(script), str(tmp_path), str(data), strategy],
         capture_output=True,
         text=True,
         timeout=300,
