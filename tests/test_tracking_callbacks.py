@@ -230,5 +230,9 @@ def test_secret_names_and_values_are_scrubbed(monkeypatch) -> None:
     assert clean["model"] == {**kept, "hubToken": REDACTED}
     assert clean["db_password"] == REDACTED and clean["max_tokens"] == 512
     assert clean["notes"] == [f"url https://x/?key={REDACTED}", REDACTED]
+    argv = ["fit", "--trainer.logger.init_args.api_key=sk-123", "--hf_token", "hf_abc", "--lr", "0.1", "--x=1"]
+    assert scrub(argv) == ["fit", f"--trainer.logger.init_args.api_key={REDACTED}", "--hf_token", REDACTED, "--lr",
+                           "0.1", "--x=1"]  # fmt: skip
+    assert scrub("https://h/?api_key=abc&page=2") == f"https://h/?api_key={REDACTED}&page=2"
     assert not is_secret_name("tokenizer") and is_secret_name("WANDB_API_KEY") and is_secret_name("client_secret")
     assert math.isclose(scrub({"lr": 0.1})["lr"], 0.1)

@@ -72,9 +72,23 @@ def scrub(obj: Any, secrets: list[str] | None = None) -> Any:
             for k, v in obj.items()
         }
     if isinstance(obj, (list, tuple)):
-        return type(obj)(scrub(v, secrets) for v in obj)
+        # A command line ["--hf_token", "hf_..."]: the value after a secret-named flag is a secret too.
+        after_flag = [i > 0 and _is_secret_flag(obj[i - 1]) for i in range(len(obj))]
+        return type(obj)(REDACTED if flagged else scrub(v, secrets) for v, flagged in zip(obj, after_flag, strict=True))
     if isinstance(obj, str):
         for secret in secrets:
             obj = obj.replace(secret, REDACTED)
-        return obj
+        # "--trainer.logger.init_args.api_key=abc" on a command line, "?token=abc" in a URL
+        return _ASSIGNMENT.sub(lambda m: f"{m[1]}={REDACTED}" if is_secret_name(_last_name(m[1])) else m[0], obj)
     return obj
+
+
+_ASSIGNMENT = re.compile(r"([A-Za-z0-9_.\-]+)=([^\s&]+)")
+
+
+def _last_name(dotted: str) -> str:
+    return dotted.lstrip("-").rsplit(".", 1)[-1]
+
+
+def _is_secret_flag(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("--") and "=" not in value and is_secret_name(_last_name(value))
