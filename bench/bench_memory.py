@@ -1,0 +1,114 @@
+"""Per-rank model-state memory of every strategy, measured on CPU ranks, beside ``litune estimate``'s prediction.
+
+Runs ``litune fit`` for one optimizer step with each strategy fragment on N CPU processes (gloo; DeepSpeed's CPU
+accelerator), each rank writing the bytes of the parameters, fp32 master weights and optimizer states it holds
+(:class:`litune.strategies.memory.ModelStateReport`), then prints a table of measured vs. predicted bytes and each
+strategy's per-rank model state as a ratio of DDP's, measured in the same run.
+
+    python bench/bench_memory.py                       # 2 processes, bf16-mixed, all strategies
+    python bench/bench_memory.py --precision 32-true --n-embd 128 --n-layer 4
+
+Gradients are not in the measurement (DeepSpeed frees them between steps); the prediction's gradient bytes are shown
+separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from litune.strategies.memory_model import PRECISION_BYTES, ModelShape, RunShape, StrategyShape, estimate
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "ddp": StrategyShape(),
+    "deepspeed_zero1": StrategyShape(stage=1, deepspeed=True),
+    "deepspeed_zero2": StrategyShape(stage=2, deepspeed=True),
+    "deepspeed_zero2_offload": StrategyShape(stage=2, deepspeed=True, offload_optimizer=True),
+    "deepspeed_zero3": StrategyShape(stage=3, deepspeed=True),
+    "deepspeed_zero3_offload": StrategyShape(stage=3, deepspeed=True, offload_optimizer=True, offload_params=True),
+}
+
+
+def prepare(work: Path) -> tuple[Path, Path]:
+    """A small local corpus (standard-library source) and a 512-token BPE trained on it."""
+    from litune.data.stdlib import stdlib_python_files
+    from litune.tokenizer import TrainedBPE
+
+    corpus = work / "corpus.jsonl"
+    files = stdlib_python_files(max_bytes=200_000)
+    corpus.write_text("".join(json.dumps({"text": p.read_text(encoding="utf-8")}) + "\n" for p in files))
+    tokenizer = work / "tokenizer"
+    TrainedBPE(corpus=[str(p) for p in files], vocab_size=512, cache_dir=tokenizer).load().save_pretrained(tokenizer)
+    return corpus, tokenizer
+
+
+def run_strategy(strategy: str, work: Path, corpus: Path, tokenizer: Path, args: argparse.Namespace) -> list[dict]:
+    network = {"model_type": "gpt2", "vocab_size": 512, "n_positions": 64, "n_embd": args.n_embd}
+    network.update(n_layer=args.n_layer, n_head=args.n_head)
+    callbacks = [{"class_path": "litune.strategies.memory.ModelStateReport"}]
+    runs = work / "runs" / strategy
+    cmd = [
+        str(Path(sys.executable).parent / "litune"), "fit",
+        "--config", str(REPO / "tests" / "configs" / "tiny.yaml"),
+        "--config", str(REPO / "configs" / "strategy" / f"{strategy}.yaml"),
+        f"--model.tokenizer={tokenizer}", f"--model.network.init_args.config={json.dumps(network)}",
+        f"--data.init_args.path={corpus}", f"--runs_dir={runs}",
+        f"--trainer.devices={args.devices}", f"--trainer.precision={args.precision}",
+        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--checkpoint.save_last=false",
+        "--checkpoint.save_top_k=0", f"--trainer.callbacks={json.dumps(callbacks)}",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("LITUNE_RUN_DIR", None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{strategy} failed:\n{proc.stderr[-4000:]}")
+    (run,) = runs.iterdir()
+    return [json.loads(p.read_text()) for p in sorted((run / "model_state").glob("rank*.json"))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument("--n-embd", type=int, default=64)
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--strategies", nargs="*", default=list(SHAPES))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        work = Path(tmp)
+        corpus, tokenizer = prepare(work)
+        results = {s: run_strategy(s, work, corpus, tokenizer, args) for s in args.strategies}
+    psi = results[args.strategies[0]][0]["num_params"]
+    model = ModelShape(num_params=psi, n_layer=args.n_layer, hidden=args.n_embd, n_head=args.n_head, vocab_size=512)
+    run = RunShape(seq_len=32, micro_batch=4, precision=args.precision, devices=args.devices)
+    print(f"Ψ = {psi} parameters, {args.devices} CPU processes, {args.precision}; bytes per rank (rank 0 | rank 1 ...)")
+    header = "| strategy | params measured | params predicted | master+optimizer measured | predicted (device+host) |"
+    print(header + " grads predicted | measured model state vs DDP |")
+    print("|---" * 7 + "|")
+    baseline = None
+    for strategy, reports in results.items():
+        shape = SHAPES[strategy]
+        predicted = estimate(model, run, shape)
+        # Offloaded state is the same tensors, in host memory: compare the measurement with device + host.
+        width = PRECISION_BYTES[args.precision]
+        want_params = predicted.params + (psi * width / args.devices if shape.offload_params else 0)
+        want_optimizer = predicted.optimizer + (12 * psi / args.devices if shape.offload_optimizer else 0)
+        state = [r["params"] + r["master"] + r["optimizer"] for r in reports]
+        baseline = baseline or state[0]
+        params = " / ".join(str(r["params"]) for r in reports)
+        optim = " / ".join(str(r["master"] + r["optimizer"]) for r in reports)
+        print(
+            f"| {strategy} | {params} | {want_params:.0f} | {optim} | {want_optimizer:.0f} | {predicted.grads:.0f} "
+            f"| {state[0] / baseline:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
