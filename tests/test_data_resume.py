@@ -3,6 +3,7 @@ the real Trainer, checkpointing and a real tiny litune decoder."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +27,9 @@ class BatchRecorder(Callback):
         self.batches.append(batch["input_ids"].clone())
 
 
-def fit(tmp: Path, data: Path, max_steps: int, ckpt_path: str | None = None, **dm_kw) -> list[torch.Tensor]:
+def fit(
+    tmp: Path, data: Path, max_steps: int, ckpt_path: str | None = None, reload: int = 0, **dm_kw
+) -> list[torch.Tensor]:
     dm = make_dm(tmp, str(data), sample_by="line", block_size=32, batch_size=4, val_fraction=0.0, **dm_kw)
     torch.manual_seed(0)
     net = DecoderLM(d_model=16, nhead=2, num_decoder_layers=1, vocab_size=len(dm.tokenizer), max_seq_len=32)
@@ -40,16 +43,21 @@ def fit(tmp: Path, data: Path, max_steps: int, ckpt_path: str | None = None, **d
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
+        reload_dataloaders_every_n_epochs=reload,
     )
     trainer.fit(LitLM(net), datamodule=dm, ckpt_path=ckpt_path, weights_only=False)  # our own checkpoint
     return recorder.batches
 
 
-@pytest.mark.parametrize("group_by_length", [False, True])
-def test_resumed_run_sees_the_same_batches(tmp_path: Path, group_by_length: bool) -> None:
+@pytest.mark.parametrize(("group_by_length", "num_workers"), [(False, 0), (True, 0), (False, 2)])
+def test_resumed_run_sees_the_same_batches(tmp_path: Path, group_by_length: bool, num_workers: int) -> None:
     data = tmp_path / "d.txt"
     data.write_text("\n".join(sentences(50, seed=2, lo=2, hi=25)))
-    kw = {"group_by_length": group_by_length, "layout": "pad" if group_by_length else "concat"}
+    kw = {
+        "group_by_length": group_by_length,
+        "layout": "pad" if group_by_length else "concat",
+        "num_workers": num_workers,
+    }  # worker processes iterate the sampler ahead of training
     full = fit(tmp_path / "full", data, max_steps=30, **kw)
     epoch_len = len(
         make_dm(
@@ -71,6 +79,36 @@ def test_resumed_run_sees_the_same_batches(tmp_path: Path, group_by_length: bool
         assert torch.equal(a, b), f"batch {i} differs after resuming at step 14"
 
 
+def test_streaming_resume_sees_the_same_batches(tmp_path: Path) -> None:
+    """Streams have no sampler: the epoch reshuffle (reloading the loader every epoch) and the skip of consumed rows
+    are done by the data module, and must give the same batches too."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"{i} {s}"}) for i, s in enumerate(sentences(50, seed=2, hi=25))))
+    kw = {"streaming": True, "layout": "pad", "reload": 1}
+    probe = make_dm(
+        tmp_path / "probe",
+        str(data),
+        sample_by="line",
+        block_size=32,
+        batch_size=4,
+        val_fraction=0.0,
+        streaming=True,
+        layout="pad",
+    )
+    probe.setup("fit")
+    epoch_len = sum(1 for _ in probe.train_dataloader())
+    assert epoch_len < 14 < 2 * epoch_len and epoch_len % 7
+    full = fit(tmp_path / "full", data, max_steps=30, **kw)
+    assert not torch.equal(full[0], full[epoch_len])  # the stream is reshuffled each epoch
+    fit(tmp_path / "run", data, max_steps=14, **kw)
+    first = fit(tmp_path / "run2", data, max_steps=14, **kw)
+    ckpt = next((tmp_path / "run" / "ckpt").glob("*step=14*.ckpt"))
+    resumed = fit(tmp_path / "run", data, max_steps=30, ckpt_path=str(ckpt), **kw)
+    assert len(first) + len(resumed) == len(full) == 30
+    for i, (a, b) in enumerate(zip(full, first + resumed, strict=True)):
+        assert torch.equal(a, b), f"batch {i} differs after resuming at step 14"
+
+
 def test_restart_without_resume_state_would_differ(tmp_path: Path) -> None:
     """The sampler state is what makes the resume exact: a plain restart of the epoch repeats batches."""
     data = list(range(40))
@@ -81,7 +119,10 @@ def test_restart_without_resume_state_would_differ(tmp_path: Path) -> None:
     resumed.resume(epoch=3, rows_consumed=12)
     resumed.set_epoch(3)
     assert list(resumed) == order[12:]
-    assert list(resumed) == order  # used once: the next pass starts the epoch from the beginning
+    assert list(resumed) == order[12:]  # every pass over the resumed epoch (Lightning may iterate twice)
+    resumed.set_epoch(4)
+    s.set_epoch(4)
+    assert list(resumed) == list(s)  # the next epoch starts from its beginning
 
 
 def test_shards_are_disjoint_and_cover_the_epoch() -> None:

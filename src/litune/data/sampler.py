@@ -56,12 +56,15 @@ class ResumableSampler(DistributedSampler):
         self._resume_skip = 0
 
     def resume(self, epoch: int, rows_consumed: int) -> None:
-        """Make the next pass over ``epoch`` skip the first ``rows_consumed`` rows of the epoch's order.
+        """Make the passes over ``epoch`` skip the first ``rows_consumed`` rows of the epoch's order.
 
         ``rows_consumed`` counts rows over all ranks (batches * micro batch * world size), so a run can resume on a
         different number of ranks and still continue with the rows no rank has seen.
         """
         self._resume_epoch, self._resume_skip = epoch, rows_consumed
+        # Set the epoch now rather than wait for Lightning's set_epoch: with worker processes the DataLoader iterates
+        # the sampler as soon as its iterator is created, which on a resume happens before set_epoch is called.
+        self.epoch = epoch
 
     def epoch_order(self) -> list[int]:
         """All rows' indices in this epoch's order, before sharding."""
@@ -91,9 +94,17 @@ class ResumableSampler(DistributedSampler):
             # Same split of the remaining rows as an uninterrupted run: rank r keeps positions r, r + world, ...
             rest = order[self._resume_skip :]
             order = _pad(rest, -(-len(rest) // self.num_replicas) * self.num_replicas) if rest else []
-        # The resume point is used once: the next epoch (or a new pass) starts from the beginning.
-        self._resume_epoch, self._resume_skip = None, 0
         return iter(order[self.rank :: self.num_replicas])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch``; the resume point only holds for the epoch it was saved in.
+
+        It is kept for every pass over that epoch, not consumed by the first: Lightning may create (and drop) an
+        iterator before the one it trains on, and worker processes start iterating as soon as one is created.
+        """
+        if epoch != self._resume_epoch:
+            self._resume_epoch, self._resume_skip = None, 0
+        super().set_epoch(epoch)
 
 
 def _pad(order: list[int], size: int) -> list[int]:

@@ -8,6 +8,8 @@ needs no length.
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
 import datasets
 from datasets.distributed import split_dataset_by_node
@@ -48,3 +50,29 @@ def streaming_splits(
         out.append(rows)
     out[0] = out[0].shuffle(seed=spec.seed, buffer_size=shuffle_buffer)
     return out[0], out[1]
+
+
+class SkipBatches:
+    """Iterate a stream's DataLoader but drop its first ``n`` batches during ``epoch``: a stream's mid-epoch resume.
+
+    Written by hand because ``IterableDataset.skip`` counts rows before or after the per-rank (and per-worker) split
+    depending on how many shards the source has; dropping whole batches after the DataLoader is exact in every case
+    (at the cost of reading the skipped rows again). Every pass during ``epoch`` skips, not only the first: Lightning
+    may create (and drop) an iterator before the one it trains on.
+
+    Args:
+        loader: the stream's DataLoader.
+        n: batches to drop.
+        epoch: the epoch the resume point belongs to.
+        current_epoch: returns the trainer's current epoch.
+    """
+
+    def __init__(self, loader: Iterable, n: int, epoch: int, current_epoch: Callable[[], int]) -> None:
+        self.loader = loader
+        self.n = n
+        self.epoch = epoch
+        self.current_epoch = current_epoch
+
+    def __iter__(self) -> Iterator:
+        it = iter(self.loader)
+        return itertools.islice(it, self.n, None) if self.current_epoch() == self.epoch else it

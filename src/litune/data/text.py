@@ -22,7 +22,7 @@ from litune.data import cache
 from litune.data.collate import PadCollator
 from litune.data.pipeline import DataSpec, Source, build, count_stats
 from litune.data.sampler import ResumableSampler
-from litune.data.stream import streaming_splits
+from litune.data.stream import SkipBatches, streaming_splits
 from litune.errors import ConfigError
 from litune.tokenizer import DEFAULT_CACHE, TokenizerSource, load_tokenizer
 
@@ -217,9 +217,7 @@ class TextDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         if self.spec.streaming:
-            return DataLoader(
-                self.train_set, batch_size=self.batch_size, collate_fn=self.collator(), num_workers=self.num_workers
-            )
+            return self._streaming_train_dataloader()
         rank, world = self._rank_world()
         sampler = ResumableSampler(
             self.train_set,
@@ -243,6 +241,26 @@ class TextDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _streaming_train_dataloader(self) -> DataLoader:
+        """The training stream for this epoch, resumed mid-epoch when a checkpoint says so.
+
+        ``datasets`` reshuffles a stream from ``seed + epoch`` once told the epoch; Lightning tells samplers, not
+        streams, so the epoch is set here, which is at every epoch start with ``reload_dataloaders_every_n_epochs=1``.
+        """
+        trainer = getattr(self, "trainer", None)
+        epoch = trainer.current_epoch if trainer is not None else 0
+        self.train_set.set_epoch(epoch)
+        loader = DataLoader(
+            self.train_set, batch_size=self.batch_size, collate_fn=self.collator(), num_workers=self.num_workers
+        )
+        skip = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            skip = self._resume["rows_consumed"] // (self.batch_size * self._rank_world()[1])
+        self._resume = None
+        if not skip or trainer is None:
+            return loader
+        return SkipBatches(loader, skip, epoch, lambda: trainer.current_epoch)
+
     def val_dataloader(self) -> DataLoader | list:
         if self.train_set is None:
             self.setup("validate")
@@ -263,7 +281,7 @@ class TextDataModule(L.LightningDataModule):
         from the sampler, which runs ahead of training because of prefetching and worker processes.
         """
         trainer = getattr(self, "trainer", None)
-        if trainer is None or self.spec.streaming:
+        if trainer is None:
             return {}
         _, world = self._rank_world()
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
