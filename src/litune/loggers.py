@@ -14,6 +14,7 @@ make exactly one wandb run.
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from argparse import Namespace
@@ -25,6 +26,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch import loggers as pl_loggers
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from litune.callbacks.secrets import REDACTED, scrub
@@ -42,6 +45,16 @@ def _scrubbed(params: dict[str, Any] | Namespace) -> dict[str, Any]:
     return scrub(vars(params) if isinstance(params, Namespace) else dict(params))
 
 
+class _AppendingCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts. A resumed litune run continues in its
+    own run folder, so this writer appends to the file instead, keeping its columns (new ones rewrite the header)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+
 class CSVLogger(pl_loggers.CSVLogger):
     """Lightning's ``CSVLogger`` (``metrics.csv``, ``hparams.yaml``) with secrets removed from hyperparameters.
 
@@ -56,6 +69,14 @@ class CSVLogger(pl_loggers.CSVLogger):
         self, save_dir: str | None = None, name: str | None = "", version: int | str | None = "", **kwargs: Any
     ) -> None:
         super().__init__(save_dir if save_dir is not None else ".", name=name, version=version, **kwargs)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingCSVWriter(log_dir=self.log_dir)
+        return self._experiment
 
     def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:  # type: ignore[override]
         super().log_hyperparams(_scrubbed(params))

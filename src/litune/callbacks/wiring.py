@@ -83,7 +83,7 @@ def add_tracking(cfg: Namespace) -> None:
     callbacks = _as_list(trainer.get("callbacks"))
     present = {_class_name(c) for c in callbacks}
     wanted = list(_TRACKING_CALLBACKS)
-    if trainer.logger in (False, None, []):  # Lightning's LearningRateMonitor refuses to run without a logger
+    if trainer.logger is False or trainer.logger == []:  # LearningRateMonitor refuses to run without a logger
         wanted = [w for w in wanted if not w[0].endswith("LearningRateMonitor")]
     if wandb_entries:
         wanted.append((_WANDB_RUN_ID, {}))

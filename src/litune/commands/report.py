@@ -55,16 +55,19 @@ class Run:
 
 
 def read_csv_metrics(path: Path) -> dict[str, Series]:
-    """Read a Lightning ``metrics.csv`` (one row per logging call, empty cells where a metric was not logged)."""
-    metrics: dict[str, Series] = {}
+    """Read a Lightning ``metrics.csv`` (one row per logging call, empty cells where a metric was not logged).
+
+    A run resumed from a checkpoint older than its last logged step logs those steps again: the later row wins.
+    """
+    metrics: dict[str, dict[int, float]] = {}
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
             step = int(float(row["step"]))
             for key, cell in row.items():
                 if key in ("step", "epoch") or cell in ("", None):
                     continue
-                metrics.setdefault(key, []).append((step, float(cell)))
-    return {k: sorted(v, key=lambda sv: sv[0]) for k, v in metrics.items()}
+                metrics.setdefault(key, {})[step] = float(cell)
+    return {k: sorted(v.items()) for k, v in metrics.items()}
 
 
 def read_tensorboard_metrics(run_dir: Path) -> tuple[dict[str, Series], float | None]:
