@@ -7,4 +7,4 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
 exec torchrun --standalone --nnodes=1 --nproc_per_node="$NPROC_PER_NODE" \
-  -m litune.cli fit --trainer.devices="$NPROC_PER_NODE" --trainer.num_nodes=1 "$@"
+  -m litune.cli fit "$@" --trainer.devices="$NPROC_PER_NODE" --trainer.num_nodes=1

@@ -15,4 +15,4 @@ RUN_ID=${RUN_ID:-${USER:-litune}-${MASTER_PORT}}
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RUN_ID" \
   --max_restarts="${MAX_RESTARTS:-0}" \
-  -m litune.cli fit --trainer.devices="$NPROC_PER_NODE" --trainer.num_nodes="$NNODES" "$@"
+  -m litune.cli fit "$@" --trainer.devices="$NPROC_PER_NODE" --trainer.num_nodes="$NNODES"

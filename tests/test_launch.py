@@ -53,7 +53,7 @@ def test_slurm_script_takes_master_addr_from_the_node_list(tmp_path) -> None:
     )
     check_ok(proc, "slurm.sbatch")
     assert "MASTER_ADDR=gpu-a17 MASTER_PORT=24242" in proc.stdout
-    assert "python -m litune.cli fit --trainer.num_nodes=2 --trainer.devices=8 --config configs/x.yaml" in proc.stdout
+    assert "python -m litune.cli fit --config configs/x.yaml --trainer.num_nodes=2 --trainer.devices=8" in proc.stdout
     header = (LAUNCH / "slurm.sbatch").read_text()
     assert "#SBATCH --signal=SIGUSR1@" in header and "#SBATCH --requeue" in header
 
@@ -102,3 +102,19 @@ def test_two_node_loopback_launch_matches_one_process(tmp_path_factory, tmp_path
     assert run.name == f"tiny-jobloop{port}"  # both agents' ranks wrote into one run folder named by the RUN_ID
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert_matches(tmp_path, reference, FIRST)  # world size 2 across the two "nodes", same model as 1 process
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_deepspeed_launcher_on_this_host_matches_one_process(tmp_path_factory, tmp_path, corpus_dir, tokenizer_dir):
+    """launch/deepspeed.sh with NNODES=1 and no hostfile: the real `deepspeed` launcher starts 2 CPU ranks (ZeRO-2)."""
+    reference = reference_run(tmp_path_factory.getbasetemp(), corpus_dir, tokenizer_dir)
+    env = litune_env()
+    env.update(HOSTFILE=str(tmp_path / "no-hostfile"), NNODES="1", NPROC_PER_NODE="2", MASTER_PORT=str(free_port()))
+    fragment = str(REPO / "configs/strategy/deepspeed_zero2.yaml")
+    args = fit_args(tmp_path, corpus_dir, tokenizer_dir, "--config", fragment)
+    proc = subprocess.run(
+        [str(LAUNCH / "deepspeed.sh"), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    check_ok(proc, "launch/deepspeed.sh")
+    assert_matches(tmp_path, reference, FIRST)
