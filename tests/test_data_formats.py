@@ -140,3 +140,24 @@ def test_missing_instruction_column(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'response' is not in") as err:
         dm.prepare_data()
     assert err.value.field == "data.response_column" and "answer" in err.value.fix
+
+
+def test_chat_template_that_rewrites_earlier_turns_is_a_config_error(tmp_path: Path) -> None:
+    folder = tmp_path / "tok-bad-template"
+    tok = make_tokenizer(tmp_path).load()
+    # numbers each turn from the end: adding a turn changes the text of every earlier one
+    tok.chat_template = "{% for m in messages %}[{{ loop.revindex }}]{{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(folder)
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in _chat_rows()))
+    dm = TextDataModule(str(folder), path=str(f), format="chat", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="re-renders earlier turns") as err:
+        dm.prepare_data()
+    assert err.value.field == "data.template"
+
+
+def test_template_must_fit_the_format() -> None:
+    with pytest.raises(ConfigError, match="is not a template for format 'instruction'"):
+        TextDataModule("gpt2", path="stdlib", format="instruction", template="Q: {question}")
+    with pytest.raises(ConfigError, match="for format 'text'"):
+        TextDataModule("gpt2", path="stdlib", template="{prompt}")

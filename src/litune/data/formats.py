@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
 
 FORMATS = ("text", "instruction", "chat")
@@ -86,15 +87,26 @@ def _chat_segments(
         for k, message in enumerate(messages, start=1):
             rendered = tokenizer.apply_chat_template(messages[:k], tokenize=False)
             if not rendered.startswith(previous):
-                raise ValueError("the chat template does not render conversations prefix by prefix")
-            added = rendered[len(previous) :]
-            if message["role"] == "assistant" and message["content"] in added:
-                # The turn's closing markup (tail) is trained too: the model must learn to end its turn.
-                head, _, tail = added.partition(message["content"])
-                segments += [(head, False), (message["content"], True), (tail, True)]
-            else:
+                raise ConfigError(
+                    "data.template",
+                    "the tokenizer's chat template re-renders earlier turns when a turn is added, so the assistant "
+                    "tokens cannot be located",
+                    "set data.template to a per-turn template with {role} and {content}",
+                )
+            added, previous = rendered[len(previous) :], rendered
+            if message["role"] != "assistant":
                 segments.append((added, False))
-            previous = rendered
+                continue
+            content = message["content"] if message["content"] in added else message["content"].strip()
+            if content not in added:
+                raise ConfigError(
+                    "data.template",
+                    "the tokenizer's chat template changes the assistant text, so its tokens cannot be located",
+                    "set data.template to a per-turn template with {role} and {content}",
+                )
+            # The turn's closing markup (tail) is trained too: the model must learn to end its turn.
+            head, _, tail = added.partition(content)
+            segments += [(head, False), (content, True), (tail, True)]
         return segments
     turn = template or DEFAULT_CHAT_TURN_TEMPLATE
     segments = []

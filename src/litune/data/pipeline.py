@@ -90,6 +90,14 @@ class DataSpec:
             raise ConfigError(
                 "data.layout", "'pack' needs the whole dataset", "use layout=concat or pad when streaming"
             )
+        if self.template is not None:
+            needed = {"instruction": "{prompt}", "chat": "{content}"}.get(self.format)
+            if needed is None or needed not in self.template:
+                raise ConfigError(
+                    "data.template",
+                    f"{self.template!r} is not a template for format {self.format!r}",
+                    "use {prompt} for instruction data, {role} and {content} for chat turns, none for text",
+                )
         if self.num_proc is not None and self.num_proc < 1:
             raise ConfigError("data.num_proc", f"{self.num_proc} is not >= 1", "use None or a positive int")
         for src in self.sources:

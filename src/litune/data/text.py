@@ -175,10 +175,7 @@ class TextDataModule(L.LightningDataModule):
             return
         self.cache_hit = False
         data, counts = build(self.spec, self.tokenizer)
-        stats = dict(counts)
-        for split, rows in data.items():
-            stats[split] = count_stats(rows, self.block_size, self.batch_size, self.pad_to_multiple_of)
-        cache.save(folder, data, key, stats)
+        cache.save(folder, data, key, counts)
         log.info("tokenized data saved to %s", folder)
 
     def setup(self, stage: str | None = None) -> None:
@@ -201,6 +198,9 @@ class TextDataModule(L.LightningDataModule):
             stats = cache.lookup(folder, key)
         data = cache.load(folder)
         self.stats = {**(stats or {}), "cache_folder": str(folder)}
+        # Row statistics depend on the batch size (padding), which is not part of the cache key: computed here.
+        for split, rows in data.items():
+            self.stats[split] = count_stats(rows, self.block_size, self.batch_size, self.pad_to_multiple_of)
         self.train_set = data["train"]
         self.val_set = data["validation"] if "validation" in data else None
 
