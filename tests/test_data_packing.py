@@ -6,10 +6,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from litune.data.collate import PadCollator
 from litune.data.packing import concat_into_blocks, pack_samples
+from litune.models import HFCausalLM
 from litune.models.transformer import DecoderLM
 from test_data import make_dm, sentences
 
@@ -61,8 +63,19 @@ def test_packed_layout_is_efficient_and_padding_is_not(tmp_path: Path) -> None:
     assert padded.stats["train"]["packing_efficiency"] < 0.7
 
 
-def test_no_attention_across_packed_documents(tmp_path: Path) -> None:
-    """A real litune decoder gives the 2nd document of a packed row the same logits as that document alone."""
+def _decoder(vocab_size: int) -> torch.nn.Module:
+    return DecoderLM(d_model=32, nhead=2, num_decoder_layers=2, vocab_size=vocab_size, max_seq_len=64)
+
+
+def _hf_gpt2(vocab_size: int) -> torch.nn.Module:
+    cfg = {"model_type": "gpt2", "vocab_size": vocab_size, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}
+    return HFCausalLM(config=cfg)
+
+
+@pytest.mark.parametrize("network", [_decoder, _hf_gpt2], ids=["litune-decoder", "hf-gpt2"])
+def test_no_attention_across_packed_documents(tmp_path: Path, network) -> None:
+    """A real network (litune's decoder, or the HF GPT-2 wrapper) gives the 2nd document of a packed row the same
+    logits as that document alone."""
     f = _docs_file(tmp_path)
     dm = make_dm(
         tmp_path,
@@ -81,7 +94,7 @@ def test_no_attention_across_packed_documents(tmp_path: Path) -> None:
     row, pos, mask = batch["input_ids"], batch["position_ids"], batch["attention_mask"]
     assert int(((pos[0] == 0) & mask[0].bool()).sum()) >= 3, "a packed row should hold several documents"
     torch.manual_seed(0)
-    net = DecoderLM(d_model=32, nhead=2, num_decoder_layers=2, vocab_size=len(dm.tokenizer), max_seq_len=64).eval()
+    net = network(len(dm.tokenizer)).eval()
     starts = (pos[0] == 0).nonzero().flatten().tolist()
     a, b = starts[1], starts[2]
     with torch.no_grad():
