@@ -102,7 +102,7 @@ def run_litune(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def fit_args(root: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str, steps: int = FIRST) -> list[str]:
-    """``litune fit`` arguments for the tiny run under ``root`` (no subcommand): global batch 8, fp32, probed.
+    """``litune fit`` arguments for the tiny run under ``root`` (no subcommand): global batch 8, fp32, clipped, probed.
 
     Topology (``--trainer.devices``, a strategy fragment) comes in ``extra``; the micro-batch is 4, so accumulation
     is 2 on one process and 1 on two.
@@ -122,6 +122,7 @@ def fit_args(root: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str, ste
         "--data.init_args.batch_size=4", "--global_batch_size=8",
         f"--runs_dir={root / 'runs'}",
         f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.precision=32-true",
+        "--trainer.gradient_clip_val=0.1",  # small enough to clip every step: clipping must agree across strategies
         f"--trainer.callbacks={json.dumps(callbacks)}",
         *extra,
     ]  # fmt: skip

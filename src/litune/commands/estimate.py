@@ -53,6 +53,9 @@ def load_config(configs: list[str], overrides: list[str]) -> Namespace:
         def instantiate_classes(self) -> None:
             self.model = self.datamodule = self.trainer = None
 
+        def after_instantiate_classes(self) -> None:
+            pass
+
     args = [item for path in configs for item in ("--config", path)] + overrides
     with warnings.catch_warnings():
         # LightningCLI warns when given args while sys.argv also holds some: here argv is `litune estimate ...`.
