@@ -66,3 +66,28 @@ def test_streaming_cannot_pack(tmp_path: Path) -> None:
     a, _ = _two_sources(tmp_path)
     with pytest.raises(ConfigError, match="'pack' needs the whole dataset"):
         make_dm(tmp_path, str(a), streaming=True, layout="pack")
+
+
+def test_stream_with_unknown_columns(tmp_path: Path) -> None:
+    """Hub streams may not know their columns until read: selection, renaming and tokenization stay lazy."""
+    import datasets
+
+    from litune.data.pipeline import lay_out, select_raw_columns, tokenize
+
+    texts = sentences(30, seed=6)
+
+    def rows():
+        for i, t in enumerate(texts):
+            yield {"body": t, "id": i, "meta": {"len": len(t)}}
+
+    stream = datasets.IterableDataset.from_generator(rows)
+    assert stream.column_names is None
+    dm = make_dm(tmp_path, "stdlib", streaming=True, layout="concat", block_size=16)
+    raw = select_raw_columns(stream, dm.spec, Source("hub/stream", text_column="body"))
+    blocks, _ = lay_out(tokenize(raw, dm.spec, dm.tokenizer), dm.spec)
+    out = list(blocks)
+    assert set(out[0]) == {"input_ids"} and all(len(r["input_ids"]) == 16 for r in out[:-1])
+    eos = dm.tokenizer.eos_token_id
+    stream_ids = [t for r in out for t in r["input_ids"]]
+    assert dm.tokenizer.decode(stream_ids).split(dm.tokenizer.eos_token)[:-1] == texts
+    assert stream_ids.count(eos) == len(texts)

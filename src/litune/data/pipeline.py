@@ -117,6 +117,18 @@ class DataSpec:
                     "give a local validation file, folder or glob, or leave it null to hold out val_fraction",
                 )
 
+    def raw_columns(self) -> dict[str, str]:
+        """The raw columns this format reads: config field -> column name."""
+        return {
+            "text": {"text_column": self.text_column},
+            "instruction": {"prompt_column": self.prompt_column, "response_column": self.response_column},
+            "chat": {"messages_column": self.messages_column},
+        }[self.format]
+
+    def token_columns(self) -> list[str]:
+        """The columns tokenization produces (named explicitly: a stream may not know its columns)."""
+        return ["input_ids"] if self.format == "text" else ["input_ids", "labels"]
+
     def validation_files(self) -> list | None:
         """The local validation files, or ``None`` when ``validation`` is a hub split name (or not set)."""
         if self.validation is None:
@@ -154,25 +166,33 @@ def load_source(
             cache_dir=spec.hf_cache_dir,
             report=report,
         )
-    if src.text_column and src.text_column != spec.text_column and src.text_column in (ds.column_names or []):
-        ds = ds.rename_column(src.text_column, spec.text_column)
-    needed = {  # config field -> column name
-        "text": {"text_column": spec.text_column},
-        "instruction": {"prompt_column": spec.prompt_column, "response_column": spec.response_column},
-        "chat": {"messages_column": spec.messages_column},
-    }[spec.format]
-    columns = ds.column_names
-    if columns is not None:  # streaming hub datasets may not know their columns before reading
-        for fix_field, col in needed.items():
-            if col not in columns:
-                raise ConfigError(
-                    f"data.{fix_field}",
-                    f"column {col!r} is not in {src.path} (columns: {columns})",
-                    f"set data.{fix_field} to one of {columns}",
-                )
-        ds = ds.select_columns(list(needed.values()))
+    ds = select_raw_columns(ds, spec, src)
     if not spec.streaming and len(ds) == 0:
         raise ConfigError("data.path", f"the dataset {src.path} is empty", "give a source with at least one row")
+    return ds
+
+
+def select_raw_columns(
+    ds: datasets.Dataset | datasets.IterableDataset, spec: DataSpec, src: Source
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Keep only the columns the format reads (renaming a source's own text column), failing on a missing one.
+
+    Streams from the hub may not know their columns before the first row is read (``column_names`` is None): then
+    the selection is lazy and a missing column fails at the first row.
+    """
+    columns = ds.column_names  # None for streaming sources whose columns are only known once read
+    if src.text_column and src.text_column != spec.text_column and (columns is None or src.text_column in columns):
+        ds = ds.rename_column(src.text_column, spec.text_column)
+        columns = ds.column_names
+    needed = spec.raw_columns()
+    for fix_field, col in needed.items() if columns is not None else ():
+        if col not in columns:
+            raise ConfigError(
+                f"data.{fix_field}",
+                f"column {col!r} is not in {src.path} (columns: {columns})",
+                f"set data.{fix_field} to one of {columns}",
+            )
+    ds = ds.select_columns(list(needed.values()))
     return ds
 
 
@@ -197,11 +217,11 @@ def load_raw(
             val = load_source(spec, spec.sources[0], split=spec.validation, report=report)
         else:
             val = load_source(spec, Source(spec.validation), report=report)
-    if spec.format == "text" and not spec.streaming:
+    if spec.format == "text":
         # Whitespace-only documents would become a lone EOS: drop them, and fail if nothing is left.
         col = spec.text_column
         train = train.filter(lambda b: [bool(t and t.strip()) for t in b[col]], batched=True)
-        if len(train) == 0:
+        if not spec.streaming and len(train) == 0:
             raise ConfigError("data.path", "every document is empty or whitespace", "give a source with text in it")
     return train, val
 
@@ -223,7 +243,7 @@ def tokenize(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenize
             formats.tokenize_chat, tokenizer=tokenizer, messages_column=spec.messages_column, template=spec.template
         )
     kwargs = {} if spec.streaming else {"num_proc": spec.num_proc}
-    return ds.map(fn, batched=True, remove_columns=ds.column_names, **kwargs)
+    return ds.map(fn, batched=True, remove_columns=list(spec.raw_columns().values()), **kwargs)
 
 
 def lay_out(ds: datasets.Dataset, spec: DataSpec) -> tuple[datasets.Dataset, int]:
@@ -242,7 +262,7 @@ def lay_out(ds: datasets.Dataset, spec: DataSpec) -> tuple[datasets.Dataset, int
     kwargs: dict = {}
     if spec.layout == "concat":
         fn = partial(packing.concat_into_blocks, block_size=spec.block_size, document_positions=spec.document_mask)
-        return ds.map(fn, batched=True, remove_columns=ds.column_names, **kwargs), 0
+        return ds.map(fn, batched=True, remove_columns=spec.token_columns(), **kwargs), 0
     ds = ds.map(partial(packing.truncate_samples, block_size=spec.block_size), batched=True, **kwargs)
     n = 0 if spec.streaming else sum(ds["truncated"])
     if spec.overlong == "error" and n:
@@ -256,7 +276,7 @@ def lay_out(ds: datasets.Dataset, spec: DataSpec) -> tuple[datasets.Dataset, int
         return ds, n
     fn = partial(packing.pack_samples, block_size=spec.block_size, document_positions=spec.document_mask)
     # Bin-pack in large map batches: first-fit decreasing gets closer to full rows with more samples to choose from.
-    return ds.map(fn, batched=True, batch_size=10_000, remove_columns=ds.column_names, **kwargs), n
+    return ds.map(fn, batched=True, batch_size=10_000, remove_columns=spec.token_columns(), **kwargs), n
 
 
 def _lengths(batch: dict[str, list]) -> dict[str, list]:
