@@ -1,0 +1,16 @@
+"""Data: from files or the hub to batches of the batch contract (``input_ids``, ``attention_mask``, ``labels``).
+
+One job per module, in the order a row goes through them:
+
+- :mod:`~litune.data.sources`: load raw rows (hub id, local files, folder, glob, stdlib), with bad-row diagnosis;
+- :mod:`~litune.data.formats`: tokenize text, instruction or chat rows (labels -100 where no loss is taken);
+- :mod:`~litune.data.packing`: lay tokens out in rows (concatenate and cut, bin-pack, or pad per sample);
+- :mod:`~litune.data.pipeline`: the validated :class:`~litune.data.pipeline.DataSpec` and the build steps;
+- :mod:`~litune.data.cache`: the fingerprinted tokenize-once cache;
+- :mod:`~litune.data.stream`: the same pipeline on streams;
+- :mod:`~litune.data.sampler`, :mod:`~litune.data.collate`: shards, order, resume point; padding into tensors;
+- :mod:`~litune.data.text`: :class:`~litune.data.text.TextDataModule`, the LightningDataModule that wires them.
+
+Nothing is imported here: :mod:`litune.tokenizer` imports :mod:`litune.data.stdlib`, and importing the data module
+from this package would make that import circular.
+"""
