@@ -25,10 +25,12 @@ def _jsonl_with_bad_line(tmp_path: Path) -> Path:
     return f
 
 
-def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_malformed_jsonl_names_file_and_line(tmp_path: Path, suffix: str) -> None:
     f = _jsonl_with_bad_line(tmp_path)
+    f = f.rename(f.with_suffix(suffix))  # JSON Lines in a .json file, as the hub often ships them
     dm = make_dm(tmp_path, str(f))
-    with pytest.raises(ConfigError, match=r"bad\.jsonl, line 7: malformed JSON") as err:
+    with pytest.raises(ConfigError, match=rf"bad\{suffix}, line 7: malformed JSON") as err:
         dm.prepare_data()
     assert "skip_bad_rows" in err.value.fix
 

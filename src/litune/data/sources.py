@@ -90,9 +90,17 @@ def files_fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
     return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
+def _is_json_array(path: Path) -> bool:
+    """Whether a ``.json`` file holds one JSON document (an array) rather than JSON Lines."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
 def _bad_rows(path: Path, builder: str) -> list[tuple[int, str]]:
     """Line numbers (1-based) and reasons of the lines of ``path`` that are not UTF-8, or not JSON for JSON Lines."""
     bad: list[tuple[int, str]] = []
+    json_lines = builder == "json" and (path.suffix.lower() == ".jsonl" or not _is_json_array(path))
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -100,7 +108,7 @@ def _bad_rows(path: Path, builder: str) -> list[tuple[int, str]]:
             except UnicodeDecodeError as err:
                 bad.append((lineno, f"not UTF-8 ({err.reason} at byte {err.start})"))
                 continue
-            if builder == "json" and path.suffix.lower() == ".jsonl" and line.strip():
+            if json_lines and line.strip():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
