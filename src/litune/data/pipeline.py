@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import datasets
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from litune.data import formats, packing, sources
@@ -217,12 +218,6 @@ def load_raw(
             val = load_source(spec, spec.sources[0], split=spec.validation, report=report)
         else:
             val = load_source(spec, Source(spec.validation), report=report)
-    if spec.format == "text":
-        # Whitespace-only documents would become a lone EOS: drop them, and fail if nothing is left.
-        col = spec.text_column
-        train = train.filter(lambda b: [bool(t and t.strip()) for t in b[col]], batched=True)
-        if not spec.streaming and len(train) == 0:
-            raise ConfigError("data.path", "every document is empty or whitespace", "give a source with text in it")
     return train, val
 
 
@@ -309,7 +304,6 @@ def build(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.
     """
     report = sources.LoadReport()
     train_raw, val_raw = load_raw(spec, report)
-    samples = len(train_raw) + (len(val_raw) if val_raw is not None else 0)
     split_rows_later = False
     if val_raw is None and spec.val_fraction > 0:
         n_val = round(len(train_raw) * spec.val_fraction)
@@ -319,10 +313,13 @@ def build(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.
         else:
             split_rows_later = True
     parts = {"train": train_raw} if val_raw is None else {"train": train_raw, "validation": val_raw}
-    tokens, truncated, out = 0, 0, {}
+    samples, tokens, truncated, out = 0, 0, 0, {}
     for name, raw in parts.items():
         tok = tokenize(raw, spec, tokenizer)
-        tokens += sum(tok.map(_lengths, batched=True, remove_columns=tok.column_names)["length"])
+        if name == "train" and len(tok) == 0:
+            raise ConfigError("data.path", "every document is empty or whitespace", "give a source with text in it")
+        samples += len(tok)
+        tokens += pc.sum(pc.list_value_length(tok.data.column("input_ids"))).as_py() or 0  # in Arrow: no Python pass
         rows, n = lay_out(tok, spec)
         truncated += n
         out[name] = rows
