@@ -44,7 +44,7 @@ def tokenize_text(
     # Dropped here rather than by a separate filter pass: a filter leaves an indices mapping that slows every later
     # pass, and this map removes all input columns, so it may return fewer rows.
     texts = [t for t in batch[text_column] if t and not t.isspace()]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # (it fails on an empty list)
     if append_eos and tokenizer.eos_token_id is not None:
         ids = [x + [tokenizer.eos_token_id] for x in ids]
     return {"input_ids": ids}
