@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from litune.commands.prepare import format_stats
 from litune.data import cache
 from litune.data.sources import load_hub
 from litune.data.text import TextDataModule
@@ -40,6 +41,8 @@ def test_skip_bad_rows_drops_and_counts(tmp_path: Path) -> None:
     dm = make_dm(tmp_path, str(f), skip_bad_rows=True, layout="pad", val_fraction=0.0, block_size=128)
     dm.setup("fit")
     assert dm.stats["bad_rows_skipped"] == 1 and dm.stats["samples"] == 9 and len(dm.train_set) == 9
+    assert "bad rows skipped: 1 (e.g. " in format_stats(dm.stats, False, 0.1)
+    assert "bad.jsonl:7: malformed JSON" in format_stats(dm.stats, False, 0.1)
 
 
 def test_non_utf8_line(tmp_path: Path) -> None:

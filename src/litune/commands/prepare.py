@@ -21,7 +21,8 @@ def format_stats(stats: dict, cache_hit: bool | None, seconds: float) -> str:
         f"truncated samples: {stats.get('truncated', 0):,}",
     ]
     if stats.get("bad_rows_skipped"):
-        lines.append(f"bad rows skipped: {stats['bad_rows_skipped']:,}")
+        examples = "; ".join(stats.get("bad_row_examples", []))
+        lines.append(f"bad rows skipped: {stats['bad_rows_skipped']:,} (e.g. {examples})")
     for split in ("train", "validation"):
         if split in stats:
             s = stats[split]

@@ -10,8 +10,6 @@ networks build a block-diagonal causal mask from them so attention never crosses
 
 from __future__ import annotations
 
-from litune.models.output import IGNORE_INDEX
-
 LAYOUTS = ("concat", "pack", "pad")
 """``concat``: join documents (EOS between them) and cut every ``block_size`` tokens, splitting documents.
 ``pack``: put whole samples (truncated to ``block_size``) into blocks without splitting them (first-fit decreasing).
@@ -95,8 +93,3 @@ def pack_samples(batch: dict[str, list], block_size: int, document_positions: bo
     if document_positions:
         out["position_ids"] = [_positions([len(ids[i]) for i in b]) for b in bins]
     return out
-
-
-def count_label_tokens(labels: list[int]) -> int:
-    """Tokens that carry a loss in a row."""
-    return sum(1 for t in labels if t != IGNORE_INDEX)

@@ -326,7 +326,13 @@ def build(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.
     if split_rows_later:
         out["train"], out["validation"] = _split_rows(out["train"], spec)
     out = {k: v.map(_lengths, batched=True) for k, v in out.items()}
-    counts = {"samples": samples, "tokens": tokens, "truncated": truncated, "bad_rows_skipped": report.bad_rows}
+    counts = {
+        "samples": samples,
+        "tokens": tokens,
+        "truncated": truncated,
+        "bad_rows_skipped": report.bad_rows,
+        "bad_row_examples": report.bad_row_examples[:5],
+    }
     return datasets.DatasetDict(out), counts
 
 

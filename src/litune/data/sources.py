@@ -10,7 +10,6 @@ when a builder fails on a local file we re-read that file line by line to say *w
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -218,16 +217,3 @@ def load_hub(
             f"could not load hub dataset {path!r} (config {name!r}, split {split!r}): {type(err).__name__}: {err}",
             "check the id, config name and split, and the network; or give a local file, folder or glob",
         ) from err
-
-
-def hub_has_split(path: str, name: str | None, split: str) -> bool:
-    """Whether a hub dataset has ``split``, without downloading it (used to decide on a held-out validation set)."""
-    try:
-        return split in datasets.get_dataset_split_names(path, name)
-    except Exception:  # offline or unknown: the caller falls back to a held-out fraction
-        return False
-
-
-def text_fingerprint(value: object) -> str:
-    """A short stable hash of any JSON-serialisable value (cache keys)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
