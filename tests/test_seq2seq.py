@@ -187,7 +187,10 @@ def test_token_accuracy_callback_is_the_micro_average_over_the_epoch(tmp_path) -
     system = LitLM(network=tiny(vocab_size=10))
     trainer = L.Trainer(accelerator="cpu", callbacks=[TokenAccuracy()], logger=False, default_root_dir=tmp_path,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    calls = []
+    system.network.register_forward_hook(lambda *args: calls.append(1))
     (metrics,) = trainer.validate(system, datamodule=dm, verbose=False)
+    assert len(calls) == len(dm.val_dataloader())  # the callback reuses validation_step's output, no second forward
     correct = total = 0
     with torch.no_grad():
         for batch in dm.val_dataloader():  # batches with different numbers of target tokens

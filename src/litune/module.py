@@ -92,19 +92,21 @@ class LitLM(L.LightningModule):
         self.log("train/ppl", out.loss.detach().exp())
         return out.loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_ppl)
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput:
+        return self._eval_step(batch, "val", self.val_ppl)
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_ppl)
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput:
+        return self._eval_step(batch, "test", self.test_ppl)
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, ppl: Perplexity) -> None:
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, ppl: Perplexity) -> LMOutput:
         out = self.network(**batch)
         n_tokens = (out.targets != IGNORE_INDEX).sum()
         # Token-weighted mean over the epoch, matching what perplexity aggregates.
         self.log(f"{stage}/loss", out.loss, batch_size=int(n_tokens), sync_dist=True)
         ppl.update(out.logits.float(), out.targets)
         self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
+        # Returned so that metric callbacks (e.g. callbacks.token_accuracy) reuse the logits instead of re-running.
+        return out
 
     def on_validation_epoch_end(self) -> None:
         self._last_val_step = self.global_step  # lets the CLI skip a redundant final validation
