@@ -22,6 +22,7 @@ from torchmetrics import Metric
 
 from litune.errors import ConfigError
 from litune.module import LitLM
+from litune.strategies import apply_global_batch_size, check_trainer_config
 
 COMMANDS: dict[str, str] = {
     "generate": "litune.commands.generate",
@@ -109,6 +110,13 @@ class LituneCLI(LightningCLI):
         parser.add_argument(
             "--validate_before_fit", type=bool, default=False, help="Run validation at step 0 before training."
         )
+        parser.add_argument(
+            "--global_batch_size",
+            type=int | None,
+            default=None,
+            help="Sequences per optimizer step over all processes; trainer.accumulate_grad_batches is derived from it, "
+            "data.init_args.batch_size and the world size (devices x nodes).",
+        )
         # The tokenizer is configured once, on the model (a checkpoint must know how to decode); the data gets a copy.
         parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="parse")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -125,6 +133,7 @@ class LituneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._section()
+        check_trainer_config(cfg.trainer)  # fp16 on CPU, devices > cores, ...: fail before any process is spawned
         if self.subcommand is None:
             return
         run_dir, ckpt_path = resolve_run_dir(cfg.runs_dir, cfg.experiment, cfg.get("ckpt_path"))
@@ -138,6 +147,12 @@ class LituneCLI(LightningCLI):
         cfg.trainer.logger = _loggers_in(run_dir, cfg.trainer.logger)
 
     def after_instantiate_classes(self) -> None:
+        global_batch_size = self._section().get("global_batch_size")
+        if global_batch_size is not None and self.trainer is not None:
+            micro_batch_size = getattr(self.datamodule, "batch_size", None)
+            if micro_batch_size is None:
+                raise ConfigError("global_batch_size", "the data module has no batch_size", "remove global_batch_size")
+            apply_global_batch_size(self.trainer, micro_batch_size, global_batch_size)
         if self.subcommand is None:
             return
         network = self.model.network
