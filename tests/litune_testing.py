@@ -29,6 +29,7 @@ NETWORK = {  # tests/configs/tiny.yaml's network without dropout, so runs with d
     "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
 }  # fmt: skip
 FIRST, SECOND = 3, 5  # optimizer steps of a first leg and of the leg resumed from it
+PROBED = [1, FIRST, SECOND]
 PROBE_SHAPE = (2, 16)
 PROBE_SEED = 1234
 
@@ -110,7 +111,7 @@ def fit_args(root: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str, ste
     callbacks = [
         {
             "class_path": "litune_testing.FinalLogits",
-            "init_args": {"directory": str(root / "probe"), "steps": [FIRST, SECOND]},
+            "init_args": {"directory": str(root / "probe"), "steps": PROBED},
         },
         {"class_path": "litune.strategies.memory.ModelStateReport"},
     ]
@@ -134,18 +135,20 @@ def the_run(root: Path) -> Path:
     return run
 
 
-def reference_run(base: Path, corpus_dir: Path, tokenizer_dir: Path) -> Path:
-    """The 1-process baseline: ``FIRST`` steps, then resumed from ``last`` to ``SECOND``; run once per session.
+def reference_run(base: Path, corpus_dir: Path, tokenizer_dir: Path, resumed: bool = False) -> Path:
+    """The 1-process baseline of ``FIRST`` steps (and, if ``resumed``, resumed from ``last`` to ``SECOND``).
+
+    Each leg runs once per pytest session, whichever test asks first.
 
     Args:
         base: the session's base temp dir (``tmp_path_factory.getbasetemp()``), shared by all test modules.
     """
     root = base / "reference-1-process"
-    if not (root / "probe" / f"step{SECOND}.pt").exists():
+    if not (root / "probe" / f"step{FIRST}.pt").exists():
         run_litune("fit", *fit_args(root, corpus_dir, tokenizer_dir, "--trainer.devices=1"))
-        run_litune(
-            "fit", *fit_args(root, corpus_dir, tokenizer_dir, "--trainer.devices=1", "--ckpt_path=last", steps=SECOND)
-        )
+    if resumed and not (root / "probe" / f"step{SECOND}.pt").exists():
+        extra = ("--trainer.devices=1", "--ckpt_path=last")
+        run_litune("fit", *fit_args(root, corpus_dir, tokenizer_dir, *extra, steps=SECOND))
     return root
 
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from litune.cli import main
 from litune.commands.export import export
 from litune.errors import ConfigError
-from litune_testing import SECOND, probe, probe_input_ids, reference_run, the_run
+from litune_testing import probe, probe_input_ids, reference_run, the_run
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_cli_exports_a_run_folder_with_the_trained_logits(reference, tmp_path, t
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()
     }
-    torch.testing.assert_close(probe_logits(out), probe(reference, SECOND)["logits"], atol=1e-5, rtol=1e-5)
+    step = torch.load(the_run(reference) / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    torch.testing.assert_close(probe_logits(out), probe(reference, step)["logits"], atol=1e-5, rtol=1e-5)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer("def f(x):")["input_ids"] == AutoTokenizer.from_pretrained(tokenizer_dir)("def f(x):")["input_ids"]
     assert "exported" in capsys.readouterr().out

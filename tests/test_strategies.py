@@ -56,6 +56,11 @@ def reference(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
     return reference_run(tmp_path_factory.getbasetemp(), corpus_dir, tokenizer_dir)
 
 
+@pytest.fixture(scope="module")
+def resumed_reference(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
+    return reference_run(tmp_path_factory.getbasetemp(), corpus_dir, tokenizer_dir, resumed=True)
+
+
 def strategy_args(strategy: str) -> tuple[str, ...]:
     # Gradient checkpointing on in every 2-process run, off in the reference: recomputation must not change the math.
     fragment = str(REPO / "configs" / "strategy" / f"{strategy}.yaml")
@@ -102,8 +107,8 @@ def test_two_processes_match_one_process_and_the_memory_accounting(strategy, fir
     assert_matches(root, reference, FIRST)
     assert probe(root, FIRST)["gradient_checkpointing"] and not probe(reference, FIRST)["gradient_checkpointing"]
     check_model_state(root, strategy)
-    # The comparison has teeth: two more steps move the logits far beyond its tolerance.
-    assert (probe(reference, SECOND)["logits"] - probe(reference, FIRST)["logits"]).abs().max() > 1e-2
+    # The comparison has teeth: two optimizer steps move the logits far beyond its tolerance.
+    assert (probe(reference, FIRST)["logits"] - probe(reference, 1)["logits"]).abs().max() > 1e-2
 
 
 def resume_then_export(root: Path, strategy: str, corpus_dir: Path, tokenizer_dir: Path, reference: Path) -> None:
@@ -129,25 +134,27 @@ def resume_then_export(root: Path, strategy: str, corpus_dir: Path, tokenizer_di
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "strategy", [pytest.param(s, marks=() if s == "deepspeed_zero3" else pytest.mark.slow) for s in STRATEGIES]
-)
-def test_resume_and_export_match_the_trained_model(strategy, first_leg, reference, corpus_dir, tokenizer_dir) -> None:
-    resume_then_export(first_leg(strategy), strategy, corpus_dir, tokenizer_dir, reference)
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_resume_and_export_match_the_trained_model(
+    strategy, first_leg, resumed_reference, corpus_dir, tokenizer_dir
+) -> None:
+    resume_then_export(first_leg(strategy), strategy, corpus_dir, tokenizer_dir, resumed_reference)
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", OFFLOAD)
-def test_offload_trains_resumes_and_exports(strategy, first_leg, reference, corpus_dir, tokenizer_dir) -> None:
+def test_offload_trains_resumes_and_exports(strategy, first_leg, resumed_reference, corpus_dir, tokenizer_dir) -> None:
     """ZeRO-Offload on CPU: the optimizer step runs in DeepSpeed's CPU Adam (compiled by DeepSpeed's op builder)."""
     root = first_leg(strategy)
-    assert_matches(root, reference, FIRST)
+    assert_matches(root, resumed_reference, FIRST)
     check_model_state(root, strategy)
-    resume_then_export(root, strategy, corpus_dir, tokenizer_dir, reference)
+    resume_then_export(root, strategy, corpus_dir, tokenizer_dir, resumed_reference)
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_resuming_zero_shards_on_another_world_size_says_how(first_leg, corpus_dir, tokenizer_dir) -> None:
     """A ZeRO-3 checkpoint of 2 ranks resumed on 1: a clear error (exit 2) instead of DeepSpeed's deep failure."""
     root = first_leg("deepspeed_zero3")
@@ -158,32 +165,36 @@ def test_resuming_zero_shards_on_another_world_size_says_how(first_leg, corpus_d
     assert "saved by 2 processes but this run has 1" in proc.stderr and "litune export" in proc.stderr
 
 
-def build_trainer(tmp_path: Path, tokenizer_dir: Path, *extra: str):
+@pytest.fixture
+def build_trainer(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path):
     """Build model, data module and Trainer as `litune fit` does, without fitting (nothing is spawned)."""
     from litune.cli import LituneCLI
 
-    args = ["--config", str(TINY), f"--model.tokenizer={tokenizer_dir}", f"--runs_dir={tmp_path}", *extra]
-    args += [f"--data.init_args.path={tmp_path / 'unused.jsonl'}"]
-    return LituneCLI(args=args, run=False).trainer
+    def build(*extra: str):
+        args = ["--config", str(TINY), f"--model.tokenizer={tokenizer_dir}", f"--runs_dir={tmp_path}"]
+        args += [f"--data.init_args.path={corpus_dir / 'docs.jsonl'}", *extra]
+        return LituneCLI(args=args, run=False).trainer
+
+    return build
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2"])
-def test_fp16_on_cpu_fails_before_spawning(strategy, tmp_path, tokenizer_dir) -> None:
+def test_fp16_on_cpu_fails_before_spawning(strategy, build_trainer) -> None:
     fragment = str(REPO / "configs" / "strategy" / f"{strategy}.yaml")
     precision = str(REPO / "configs" / "precision" / "16-mixed.yaml")
     with pytest.raises(ConfigError, match="trainer.precision.*bf16-mixed"):
-        build_trainer(tmp_path, tokenizer_dir, "--config", fragment, "--config", precision, "--trainer.devices=2")
+        build_trainer("--config", fragment, "--config", precision, "--trainer.devices=2")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero3"])
-def test_more_cpu_processes_than_cores_fails_before_spawning(strategy, tmp_path, tokenizer_dir) -> None:
+def test_more_cpu_processes_than_cores_fails_before_spawning(strategy, build_trainer) -> None:
     fragment = str(REPO / "configs" / "strategy" / f"{strategy}.yaml")
     too_many = cpu_cores() + 2
     with pytest.raises(ConfigError, match=f"trainer.devices: devices={too_many} CPU processes"):
-        build_trainer(tmp_path, tokenizer_dir, "--config", fragment, f"--trainer.devices={too_many}")
+        build_trainer("--config", fragment, f"--trainer.devices={too_many}")
 
 
-def test_deepspeed_missing_names_the_fix(tmp_path, tokenizer_dir, monkeypatch) -> None:
+def test_deepspeed_missing_names_the_fix(build_trainer, monkeypatch) -> None:
     """DeepSpeed is installed here, so its absence is simulated: the package lookup litune does answers 'not found'."""
     real_find_spec = checks.importlib.util.find_spec
     monkeypatch.setattr(
@@ -191,20 +202,20 @@ def test_deepspeed_missing_names_the_fix(tmp_path, tokenizer_dir, monkeypatch) -
     )
     fragment = str(REPO / "configs" / "strategy" / "deepspeed_zero2.yaml")
     with pytest.raises(ConfigError, match="pip install deepspeed"):
-        build_trainer(tmp_path, tokenizer_dir, "--config", fragment)
+        build_trainer("--config", fragment)
 
 
-def test_global_batch_size_sets_accumulation_from_the_world_size(tmp_path, tokenizer_dir) -> None:
+def test_global_batch_size_sets_accumulation_from_the_world_size(build_trainer) -> None:
     fragment = str(REPO / "configs" / "strategy" / "ddp.yaml")
-    trainer = build_trainer(
-        tmp_path, tokenizer_dir, "--config", fragment, "--trainer.devices=2", "--global_batch_size=16"
-    )
+    trainer = build_trainer("--config", fragment, "--trainer.devices=2", "--global_batch_size=16")
     assert trainer.accumulate_grad_batches == 2  # 16 = micro-batch 4 x 2 processes x 2
     assert accumulation_steps(64, 4, 16) == 1
     with pytest.raises(ConfigError, match="multiple of 8 .e.g. 8, 16"):
-        build_trainer(tmp_path, tokenizer_dir, "--config", fragment, "--trainer.devices=2", "--global_batch_size=12")
+        build_trainer("--config", fragment, "--trainer.devices=2", "--global_batch_size=12")
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_zero3_loads_pretrained_weights_partitioned(tmp_path, tiny_gpt2_dir) -> None:
     """HFCausalLM built in configure_model under ZeRO-3: each rank holds a shard; gathered, they are the checkpoint.
 
