@@ -195,6 +195,7 @@ def test_litune_fit_and_generate_with_the_custom_decoder(tmp_path, corpus_dir, t
         f"--model.tokenizer={tokenizer_dir}", f"--data.init_args.path={corpus_dir / 'docs.jsonl'}",
         "--model.network.init_args.d_model=32", "--model.network.init_args.num_decoder_layers=2",
         "--model.network.init_args.vocab_size=512", "--model.network.init_args.max_seq_len=64",
+        "--model.network.init_args.gradient_checkpointing=true",
         # documents concatenated into rows with positions restarting at each one: the block-diagonal mask in training
         "--data.init_args.document_mask=true",
         "--trainer.max_steps=6", f"--runs_dir={tmp_path / 'runs'}",
