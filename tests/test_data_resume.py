@@ -28,7 +28,7 @@ class BatchRecorder(Callback):
 
 
 def fit(
-    tmp: Path, data: Path, max_steps: int, ckpt_path: str | None = None, reload: int = 0, **dm_kw
+    tmp: Path, data: Path, max_steps: int, ckpt_path: str | None = None, reload: int = 0, every: int | None = 7, **dm_kw
 ) -> list[torch.Tensor]:
     dm = make_dm(tmp, str(data), sample_by="line", block_size=32, batch_size=4, val_fraction=0.0, **dm_kw)
     torch.manual_seed(0)
@@ -38,7 +38,10 @@ def fit(
         accelerator="cpu",
         devices=1,
         max_steps=max_steps,
-        callbacks=[recorder, ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=7, save_top_k=-1)],
+        callbacks=[
+            recorder,
+            ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=every, save_top_k=-1, save_last=True),
+        ],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -77,6 +80,21 @@ def test_resumed_run_sees_the_same_batches(tmp_path: Path, group_by_length: bool
     assert len(first) + len(resumed) == len(full) == 30
     for i, (a, b) in enumerate(zip(full, first + resumed, strict=True)):
         assert torch.equal(a, b), f"batch {i} differs after resuming at step 14"
+
+
+def test_extending_a_finished_run_continues_its_epoch(tmp_path: Path) -> None:
+    """A run stopped by max_steps mid-epoch and extended from its ``last.ckpt``: Lightning has already counted that
+    epoch as complete in the checkpoint, yet the data must continue where the stopped run left off."""
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(sentences(50, seed=2, lo=2, hi=25)))
+    last = str(tmp_path / "run" / "ckpt" / "last.ckpt")  # saved when max_steps ends each leg (no periodic saves)
+    full = fit(tmp_path / "full", data, max_steps=40, every=None)
+    first = fit(tmp_path / "run", data, max_steps=10, every=None)
+    second = fit(tmp_path / "run", data, max_steps=25, ckpt_path=last, every=None)
+    third = fit(tmp_path / "run", data, max_steps=40, ckpt_path=last, every=None)
+    assert len(first) + len(second) + len(third) == len(full) == 40
+    for i, (a, b) in enumerate(zip(full, first + second + third, strict=True)):
+        assert torch.equal(a, b), f"batch {i} differs in the extended run"
 
 
 def test_streaming_resume_sees_the_same_batches(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ the seed, the epoch and how many rows this rank has consumed is enough to replay
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -32,6 +32,10 @@ class ResumableSampler(DistributedSampler):
             by length inside shuffled mega-batches of ``50 * batch_size * num_replicas`` rows, the longest mega-batch
             first (so an out-of-memory shows at the first step), as ``transformers``' ``LengthGroupedSampler`` does.
         batch_size: the per-rank micro batch, for ``group_by_length``.
+        current_epoch: returns the epoch the trainer is training (Lightning's ``trainer.current_epoch``); when given,
+            it decides the order instead of ``set_epoch``. Lightning resuming from a checkpoint taken at the end of a
+            run stopped by ``max_steps`` continues that epoch but calls ``set_epoch`` with the next one, and with
+            worker processes the sampler is iterated before ``set_epoch`` is called at all.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class ResumableSampler(DistributedSampler):
         lengths: Sequence[int] | None = None,
         group_by_length: bool = False,
         batch_size: int = 1,
+        current_epoch: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         if group_by_length and lengths is None:
@@ -52,6 +57,7 @@ class ResumableSampler(DistributedSampler):
         self.lengths = list(lengths) if lengths is not None else None
         self.group_by_length = group_by_length
         self.batch_size = batch_size
+        self.current_epoch = current_epoch
         self._resume_epoch: int | None = None
         self._resume_skip = 0
 
@@ -59,11 +65,11 @@ class ResumableSampler(DistributedSampler):
         """Make the passes over ``epoch`` skip the first ``rows_consumed`` rows of the epoch's order.
 
         ``rows_consumed`` counts rows over all ranks (batches * micro batch * world size), so a run can resume on a
-        different number of ranks and still continue with the rows no rank has seen.
+        different number of ranks and still continue with the rows no rank has seen. Every pass over ``epoch`` skips
+        them (Lightning may create and drop an iterator before the one it trains on); later epochs start from their
+        beginning, since epochs only go up.
         """
         self._resume_epoch, self._resume_skip = epoch, rows_consumed
-        # Set the epoch now rather than wait for Lightning's set_epoch: with worker processes the DataLoader iterates
-        # the sampler as soon as its iterator is created, which on a resume happens before set_epoch is called.
         self.epoch = epoch
 
     def epoch_order(self) -> list[int]:
@@ -85,6 +91,8 @@ class ResumableSampler(DistributedSampler):
         return order
 
     def __iter__(self) -> Iterator[int]:
+        if self.current_epoch is not None:
+            self.epoch = self.current_epoch()
         order = self.epoch_order()
         if self.drop_last:
             order = order[: self.total_size]
@@ -95,16 +103,6 @@ class ResumableSampler(DistributedSampler):
             rest = order[self._resume_skip :]
             order = _pad(rest, -(-len(rest) // self.num_replicas) * self.num_replicas) if rest else []
         return iter(order[self.rank :: self.num_replicas])
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch``; the resume point only holds for the epoch it was saved in.
-
-        It is kept for every pass over that epoch, not consumed by the first: Lightning may create (and drop) an
-        iterator before the one it trains on, and worker processes start iterating as soon as one is created.
-        """
-        if epoch != self._resume_epoch:
-            self._resume_epoch, self._resume_skip = None, 0
-        super().set_epoch(epoch)
 
 
 def _pad(order: list[int], size: int) -> list[int]:

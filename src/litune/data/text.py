@@ -219,6 +219,7 @@ class TextDataModule(L.LightningDataModule):
         if self.spec.streaming:
             return self._streaming_train_dataloader()
         rank, world = self._rank_world()
+        trainer = getattr(self, "trainer", None)
         sampler = ResumableSampler(
             self.train_set,
             num_replicas=world,
@@ -228,6 +229,7 @@ class TextDataModule(L.LightningDataModule):
             lengths=self.train_set["length"] if self.group_by_length else None,
             group_by_length=self.group_by_length,
             batch_size=self.batch_size,
+            current_epoch=(lambda: trainer.current_epoch) if trainer is not None else None,
         )
         if self._resume is not None:
             sampler.resume(self._resume["epoch"], self._resume["rows_consumed"])
