@@ -89,8 +89,8 @@ def test_checkpointing_gives_the_same_gradients() -> None:
 
 def test_save_and_load_round_trip_and_strict_keys(tmp_path) -> None:
     net = tiny().eval()
-    net.save_pretrained(tmp_path / "s2s")
-    again = Seq2SeqLM.from_pretrained(tmp_path / "s2s").eval()
+    net.save(tmp_path / "s2s")
+    again = Seq2SeqLM.load(tmp_path / "s2s").eval()
     src, tgt = ids(2, 7), ids(2, 5)
     torch.testing.assert_close(again(src, labels=tgt).logits, net(src, labels=tgt).logits, rtol=0, atol=0)
     from litune.models.convert import load_strict
@@ -228,6 +228,9 @@ def test_litune_fit_learns_to_reverse_and_generate_reverses(tmp_path, monkeypatc
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(run), "--prompt", "3 1 4 1 5 9 2 6", "--max-length", "16"]) == 0
     assert capsys.readouterr().out.split("--- sequence 0 ---\n")[1].strip() == "6 2 9 5 1 4 1 3"
+    # No Hugging Face equivalent: `litune export` says so (exit 2) rather than writing a folder AutoModel can't load.
+    assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "hf")]) == 2
+    assert "no Hugging Face equivalent" in capsys.readouterr().err
 
 
 def test_litune_fit_on_text_pairs_and_generate(tmp_path, tokenizer_dir, monkeypatch, capsys) -> None:

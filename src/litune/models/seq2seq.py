@@ -350,9 +350,12 @@ class Seq2SeqLM(nn.Module):
             )
         return out[:, 1:]
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` (the constructor arguments) and ``model.safetensors``; Hugging Face has no
-        architecture equal to this one, so :meth:`from_pretrained` (not ``AutoModel``) loads the folder."""
+    def save(self, directory: str | Path) -> None:
+        """Write ``config.json`` (the constructor arguments) and ``model.safetensors``, which :meth:`load` reads.
+
+        Deliberately not ``save_pretrained``: Hugging Face has no architecture equal to this one, and ``litune export``
+        promises a folder that ``AutoModel`` loads; it says so for this network instead of writing a foreign folder.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -365,8 +368,8 @@ class Seq2SeqLM(nn.Module):
         save_file(state, str(directory / "model.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> Seq2SeqLM:
-        """Load a folder written by :meth:`save_pretrained` (strict: missing/unexpected keys are an error)."""
+    def load(cls, directory: str | Path) -> Seq2SeqLM:
+        """Load a folder written by :meth:`save` (strict: missing/unexpected keys are an error)."""
         from safetensors.torch import load_file
 
         from litune.models.convert import load_strict
