@@ -11,15 +11,19 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from torchmetrics import Metric
 
+from litune.callbacks.run_info import log_once
+from litune.callbacks.wiring import add_tracking, add_tracking_arguments
 from litune.errors import ConfigError
 from litune.module import LitLM
 from litune.strategies import apply_global_batch_size, check_trainer_config
@@ -93,7 +97,8 @@ class RunConfigSaver(SaveConfigCallback):
         if trainer.is_global_zero:
             run_dir = Path(trainer.default_root_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / self.config_filename).write_text(self.parser.dump(self.config, skip_none=False))
+            # Secrets removed, and the config logged to every logger too (litune.callbacks.run_info).
+            log_once(trainer, self.config_filename, yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
 
 
 class LituneCLI(LightningCLI):
@@ -119,6 +124,7 @@ class LituneCLI(LightningCLI):
         )
         # The tokenizer is configured once, on the model (a checkpoint must know how to decode); the data gets a copy.
         parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="parse")
+        add_tracking_arguments(parser)  # --loggers=[csv,tensorboard,wandb]
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -144,6 +150,7 @@ class LituneCLI(LightningCLI):
         cfg.trainer.default_root_dir = str(run_dir)
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = str(run_dir / "checkpoints")
+        add_tracking(cfg)  # loggers by name, wandb id of the resumed run, throughput/MFU/memory/... callbacks
         cfg.trainer.logger = _loggers_in(run_dir, cfg.trainer.logger)
 
     def after_instantiate_classes(self) -> None:
@@ -204,8 +211,8 @@ def _loggers_in(run_dir: Path, logger: Any) -> Any:
     """Point the configured loggers at the run folder; the default (``True``) is CSV plus TensorBoard there."""
     if logger is True or logger is None:
         logger = [
-            Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace()),
-            Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=Namespace()),
+            Namespace(class_path="litune.loggers.CSVLogger", init_args=Namespace()),
+            Namespace(class_path="litune.loggers.TensorBoardLogger", init_args=Namespace()),
         ]
     if logger is False:
         return logger
@@ -226,7 +233,10 @@ def load_datamodule(argv: list[str]) -> LightningDataModule:
 
     Used by ``litune prepare``: no model weights are loaded and no trainer is built.
     """
-    cli = _DataOnlyCLI(args=argv, run=False)
+    with warnings.catch_warnings():
+        # sys.argv holds `litune prepare ...` too; LightningCLI warns about that, but argv is the intended input.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _DataOnlyCLI(args=argv, run=False)
     return cli.datamodule
 
 
