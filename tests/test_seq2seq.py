@@ -71,8 +71,9 @@ def test_padding_on_either_side_does_not_change_the_real_tokens() -> None:
         assert not torch.allclose(net(src, None, tgt).logits[1:, :4], alone, atol=1e-3)
 
 
-def test_checkpointing_gives_the_same_gradients() -> None:
-    net = tiny(dropout=0.1).train()
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-norm", "post-norm"])
+def test_checkpointing_gives_the_same_gradients(norm_first: bool) -> None:
+    net = tiny(dropout=0.1, norm_first=norm_first, activation="relu").train()
     src, tgt = ids(3, 8), ids(3, 6, seed=1)
 
     def grads() -> dict[str, torch.Tensor]:
