@@ -79,7 +79,9 @@ class LitLM(L.LightningModule):
         lr = probe.param_groups[0]["lr"]
         if not lr > 0:
             raise ConfigError(
-                "model.optimizer.init_args.lr", f"invalid learning rate {lr}: it must be positive", "use a positive lr such as 3e-4"
+                "model.optimizer.init_args.lr",
+                f"invalid learning rate {lr}: it must be positive",
+                "use a positive lr such as 3e-4",
             )
 
     def forward(self, **batch: torch.Tensor) -> LMOutput:

@@ -13,7 +13,9 @@ from litune.tokenizer import load_tokenizer
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="litune generate", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="A litune .ckpt file or run folder, or a HF model folder or hub id.")
+    parser.add_argument(
+        "--checkpoint", required=True, help="A litune .ckpt file or run folder, or a HF model folder or hub id."
+    )
     parser.add_argument("--prompt", default="", help="Text to continue (empty: start from the BOS/EOS token).")
     parser.add_argument("--max-length", type=int, default=64, help="Total length in tokens, prompt included.")
     parser.add_argument("--num-return-sequences", type=int, default=1)

@@ -89,11 +89,19 @@ class HFCausalLM(nn.Module):
         return self.model.num_parameters(exclude_embeddings=exclude_embeddings)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM, appendix B)."""
+        """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM, appendix B).
+
+        ``N`` counts the token embedding too, since tied models use it as the output layer (a matmul); learned
+        position tables are a lookup and are left out, as in :meth:`litune.models.transformer.DecoderLM.flops_per_token`.
+        """
         cfg = self.model.config
         n_layer = getattr(cfg, "num_hidden_layers", 0)
         d_model = getattr(cfg, "hidden_size", 0)
-        return 6 * self.num_parameters(exclude_embeddings=True) + 12 * n_layer * d_model * seq_len
+        n = self.num_parameters()
+        positions = getattr(getattr(self.model, "transformer", None), "wpe", None)
+        if isinstance(positions, nn.Embedding):
+            n -= positions.weight.numel()
+        return 6 * n + 12 * n_layer * d_model * seq_len
 
     def forward(
         self,
