@@ -92,7 +92,7 @@ class HFCausalLM(nn.Module):
         """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM, appendix B).
 
         ``N`` counts the token embedding too, since tied models use it as the output layer (a matmul); learned
-        position tables are a lookup and are left out, as in :meth:`litune.models.transformer.DecoderLM.flops_per_token`.
+        position tables are a lookup and are left out (as in ``DecoderLM.flops_per_token``).
         """
         cfg = self.model.config
         n_layer = getattr(cfg, "num_hidden_layers", 0)
