@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -19,7 +20,18 @@ from litune.errors import ConfigError
 DEFAULT_CACHE = Path(os.environ.get("LITUNE_CACHE", Path.home() / ".cache" / "litune"))
 
 
-class TrainedBPE:
+class TokenizerBuilder(ABC):
+    """A tokenizer that litune builds itself rather than loads from a hub id or folder.
+
+    Subclasses are selected in configs by ``class_path`` wherever a tokenizer source is accepted (``model.tokenizer``).
+    """
+
+    @abstractmethod
+    def load(self) -> PreTrainedTokenizerFast:
+        """Build (or load from litune's cache) the tokenizer."""
+
+
+class TrainedBPE(TokenizerBuilder):
     """A byte-level BPE tokenizer (GPT-2's scheme) trained on a local corpus the first time it is asked for.
 
     The trained tokenizer is saved under ``cache_dir/tokenizers/<fingerprint>``, keyed by the corpus file list, their
@@ -105,8 +117,8 @@ class TrainedBPE:
         return f"TrainedBPE(corpus={self.corpus!r}, vocab_size={self.vocab_size})"
 
 
-TokenizerSource = str | TrainedBPE
-"""A hub id or local folder (loaded with ``AutoTokenizer.from_pretrained``), or a :class:`TrainedBPE`."""
+TokenizerSource = str | TokenizerBuilder
+"""A hub id or local folder (loaded with ``AutoTokenizer.from_pretrained``), or a :class:`TokenizerBuilder`."""
 
 
 def load_tokenizer(source: TokenizerSource, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -116,10 +128,10 @@ def load_tokenizer(source: TokenizerSource, trust_remote_code: bool = False) -> 
     attention mask (not by token id), so EOS between documents is still trained on.
 
     Args:
-        source: a hub id or local folder, or a :class:`TrainedBPE`.
+        source: a hub id or local folder, or a :class:`TokenizerBuilder` such as :class:`TrainedBPE`.
         trust_remote_code: allow tokenizer code from the hub (off unless the config says so).
     """
-    if isinstance(source, TrainedBPE):
+    if isinstance(source, TokenizerBuilder):
         tokenizer = source.load()
     else:
         if not isinstance(source, str) or not source:

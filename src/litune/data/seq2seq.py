@@ -25,25 +25,22 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
-from litune.tokenizer import TokenizerSource, TrainedBPE, load_tokenizer
+from litune.tokenizer import TokenizerBuilder, TokenizerSource, load_tokenizer
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 """The synthetic task's special ids: padding, decoder start, end of target, unknown word. Symbols follow them."""
 
 
-class SymbolTokenizer(TrainedBPE):
+class SymbolTokenizer(TokenizerBuilder):
     """The synthetic task's vocabulary as a Hugging Face tokenizer: ``<pad> <s> </s> <unk>`` then the symbols
-    ``0 1 2 ...``, split on whitespace.
-
-    It subclasses :class:`~litune.tokenizer.TrainedBPE` only to be accepted wherever a tokenizer source is
-    (``model.tokenizer``); nothing is trained and nothing is cached: :meth:`load` builds the word-level tokenizer.
+    ``0 1 2 ...``, split on whitespace. Nothing is trained or cached: :meth:`load` builds the word-level tokenizer.
 
     Args:
         num_symbols: how many symbols the task uses.
     """
 
-    def __init__(self, num_symbols: int = 10) -> None:  # TrainedBPE.__init__'s corpus settings do not apply here
+    def __init__(self, num_symbols: int = 10) -> None:
         if num_symbols < 2:
             raise ConfigError("model.tokenizer.init_args.num_symbols", f"num_symbols={num_symbols} < 2", "use >= 2")
         self.num_symbols = num_symbols
