@@ -134,8 +134,9 @@ def resume_then_export(root: Path, strategy: str, corpus_dir: Path, tokenizer_di
 
 
 @pytest.mark.distributed
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(
+    "strategy", [pytest.param(s, marks=() if s == "deepspeed_zero3" else pytest.mark.slow) for s in STRATEGIES]
+)
 def test_resume_and_export_match_the_trained_model(
     strategy, first_leg, resumed_reference, corpus_dir, tokenizer_dir
 ) -> None:
@@ -154,7 +155,6 @@ def test_offload_trains_resumes_and_exports(strategy, first_leg, resumed_referen
 
 
 @pytest.mark.distributed
-@pytest.mark.slow
 def test_resuming_zero_shards_on_another_world_size_says_how(first_leg, corpus_dir, tokenizer_dir) -> None:
     """A ZeRO-3 checkpoint of 2 ranks resumed on 1: a clear error (exit 2) instead of DeepSpeed's deep failure."""
     root = first_leg("deepspeed_zero3")

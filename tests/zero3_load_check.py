@@ -65,3 +65,6 @@ if __name__ == "__main__":
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(Probe(pretrained, out), data)
+    # Tear the gloo group down before interpreter exit: left to process exit, its threads can abort the process.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
