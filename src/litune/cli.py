@@ -42,8 +42,11 @@ RUN_DIR_ENV = "LITUNE_RUN_DIR"
 
 
 def _rank_env_run_id() -> str | None:
-    """A run id that every rank of an externally launched job shares (torchrun, SLURM), when one exists."""
-    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+    """A run id that every rank of an externally launched job shares (torchrun, SLURM), when one exists.
+
+    ``LITUNE_RUN_ID`` is for launchers that have no job id of their own (launch/deepspeed.sh sets it).
+    """
+    for var in ("LITUNE_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
         value = os.environ.get(var)
         if value and value != "none":
             return value
