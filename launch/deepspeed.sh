@@ -19,6 +19,9 @@ else
   echo "launch/deepspeed.sh: NNODES=$NNODES needs a hostfile; $HOSTFILE does not exist (see hostfile.example)" >&2
   exit 2
 fi
+# All ranks must agree on one run folder and this launcher has no job id: name it here (litune reads LITUNE_RUN_ID).
+# The launcher forwards it to the ranks on this host; for other hosts put it in ./.deepspeed_env (see README.md).
+export LITUNE_RUN_ID=${LITUNE_RUN_ID:-ds-$(date +%Y%m%d-%H%M%S)}
 HERE=$(cd "$(dirname "$0")" && pwd)
 # The launcher sets RANK/LOCAL_RANK/WORLD_SIZE but names the node rank CROSS_RANK; launch/deepspeed_rank.sh maps it
 # to NODE_RANK for Lightning and runs `litune fit` (--no_python: it is not a Python file; --no_local_rank: litune

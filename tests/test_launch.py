@@ -117,4 +117,5 @@ def test_deepspeed_launcher_on_this_host_matches_one_process(tmp_path_factory, t
         [str(LAUNCH / "deepspeed.sh"), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
     )
     check_ok(proc, "launch/deepspeed.sh")
+    assert the_run(tmp_path).name.startswith("tiny-jobds-")  # one folder for both ranks, named by LITUNE_RUN_ID
     assert_matches(tmp_path, reference, FIRST)
