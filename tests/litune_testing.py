@@ -54,6 +54,10 @@ class FinalLogits(Callback):
         self.steps = set(steps)
         self.done: set[int] = set()
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if 0 in self.steps and trainer.global_step == 0:  # the model as built/loaded, before any optimizer step
+            self._record(trainer, pl_module, 0)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
         step = trainer.global_step
         if step in self.steps and step not in self.done:
@@ -75,6 +79,7 @@ class FinalLogits(Callback):
                 "loss": float(out.loss),
                 "world_size": trainer.world_size,
                 "gradient_checkpointing": bool(getattr(network.model, "is_gradient_checkpointing", False)),
+                "built_partitioned": getattr(network, "built_partitioned", None),
             }
             torch.save(record, self.directory / f"step{step}.pt")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -216,20 +215,43 @@ def test_global_batch_size_sets_accumulation_from_the_world_size(build_trainer) 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_zero3_loads_pretrained_weights_partitioned(tmp_path, tiny_gpt2_dir) -> None:
-    """HFCausalLM built in configure_model under ZeRO-3: each rank holds a shard; gathered, they are the checkpoint.
+def test_zero3_loads_a_pretrained_model_into_shards(tmp_path, corpus_dir, tiny_gpt2_dir) -> None:
+    """`litune fit` with DeferredHFCausalLM under ZeRO-3 on 2 ranks: the weights are born partitioned (no rank holds
+    the whole model) and are the checkpoint's (same loss on the probe batch before any step as the HF model); the run
+    then exports back to a Hugging Face folder.
 
-    Without litune's ZeRO-3 context for transformers, from_pretrained fails here (it copies full tensors into shards).
+    Without litune's ZeRO-3 context for transformers, from_pretrained inside deepspeed.zero.Init fails with a size
+    mismatch (it copies full tensors into empty shards).
     """
-    script = Path(__file__).with_name("zero3_load_check.py")
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_gpt2_dir), str(tmp_path / "out.json")],
-        env=litune_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads((tmp_path / "out.json").read_text())
-    assert result["partitioned"] and result["local_numel"] < result["full_numel"]
-    assert result["max_abs_diff"] == 0.0
+    from transformers import AutoModelForCausalLM
+
+    from litune.commands.export import export
+
+    fragment = str(REPO / "configs" / "strategy" / "deepspeed_zero3.yaml")
+    args = fit_args(tmp_path, corpus_dir, tiny_gpt2_dir, "--config", fragment, "--trainer.devices=2", steps=1)
+    args += [
+        "--model.network.class_path=litune.strategies.zero3.DeferredHFCausalLM",
+        f"--model.network.init_args.pretrained={tiny_gpt2_dir}",
+        "--model.network.init_args.config=null",
+    ]
+    callbacks = [
+        {
+            "class_path": "litune_testing.FinalLogits",
+            "init_args": {"directory": str(tmp_path / "probe"), "steps": [0, 1]},
+        }
+    ]
+    run_litune("fit", *args, f"--trainer.callbacks={json.dumps(callbacks)}")
+    at_start = probe(tmp_path, 0)
+    assert at_start["built_partitioned"] is True
+    pretrained = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    with torch.no_grad():
+        logits = pretrained(probe_input_ids(pretrained.config.vocab_size)).logits
+    torch.testing.assert_close(at_start["logits"], logits, atol=1e-5, rtol=1e-5)
+    folder = export(the_run(tmp_path), tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = exported(probe_input_ids(exported.config.vocab_size)).logits
+    torch.testing.assert_close(logits, probe(tmp_path, 1)["logits"], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -113,6 +113,13 @@ class LitLM(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._last_val_step = self.global_step  # lets the CLI skip a redundant final validation
 
+    def configure_model(self) -> None:
+        # Networks that defer creating their weights (litune.strategies.zero3.DeferredHFCausalLM) create them here:
+        # Lightning runs this inside the strategy's sharded context (deepspeed.zero.Init under ZeRO-3).
+        build = getattr(self.network, "configure_model", None)
+        if callable(build):
+            build()
+
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(param_groups(self.network))
         scheduler = self.lr_schedule.build(optimizer, self.trainer.estimated_stepping_batches)
