@@ -126,6 +126,19 @@ def test_cli_reads_only_the_config_of_a_pretrained_folder(capsys, tiny_gpt2_dir,
     assert data["strategy"] == "ddp" and data["run"]["precision"] == "32-true"
 
 
+def test_cli_counts_a_deferred_network(capsys) -> None:
+    """DeferredHFCausalLM creates its weights in configure_model: the estimator builds it there too (on meta)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    data = estimate_json(
+        capsys,
+        "--config", str(REPO / "configs" / "quickstart.yaml"), "--devices", "1",
+        "--model.network.class_path=litune.strategies.zero3.DeferredHFCausalLM",
+    )  # fmt: skip
+    cfg = GPT2Config(vocab_size=4096, n_positions=128, n_embd=128, n_layer=4, n_head=4)
+    assert data["model"]["num_params"] == GPT2LMHeadModel(cfg).num_parameters()
+
+
 def test_cli_prints_a_table(capsys) -> None:
     args = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--config", str(REPO / "configs/strategy/ddp.yaml")]
     assert estimate_main(args) == 0

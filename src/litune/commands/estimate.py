@@ -77,7 +77,11 @@ def _network_on_meta(network: Namespace) -> torch.nn.Module:
             return AutoModelForCausalLM.from_config(hf_config)
         parser = ArgumentParser(exit_on_error=False)
         parser.add_argument("--network", type=torch.nn.Module)
-        return parser.instantiate_classes(parser.parse_object({"network": network.as_dict()})).network
+        built = parser.instantiate_classes(parser.parse_object({"network": network.as_dict()})).network
+        deferred = getattr(built, "configure_model", None)  # e.g. DeferredHFCausalLM creates its weights there
+        if callable(deferred):
+            deferred()
+        return built
 
 
 def model_shape(network: torch.nn.Module) -> ModelShape:
