@@ -235,6 +235,7 @@ def fit_two_processes(runs_dir: Path, corpus_dir: Path, tokenizer_dir: Path, *st
                     "--trainer.devices=2", "--trainer.accelerator=cpu", *strategy)  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     env.pop("LITUNE_RUN_DIR", None)
+    env.pop("WANDB_SERVICE", None)  # set by earlier in-process wandb runs: the new process must start its own
     result = subprocess.run(
         [sys.executable, "-m", "litune.cli", *args], capture_output=True, text=True, timeout=300, env=env
     )
