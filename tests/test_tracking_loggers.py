@@ -166,6 +166,27 @@ def test_csv_tensorboard_and_wandb_combine_read_back_and_keep_secrets_out(
             assert FAKE_ENV_KEY.encode() not in content and FAKE_CONFIG_KEY.encode() not in content, path
 
 
+def test_mfu_through_the_cli_matches_the_palm_formula_computed_by_hand(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    # tiny.yaml's GPT-2: vocab V=512, positions P=64, d=32, L=2 layers, sequences of T=32 tokens.
+    # Parameters per block: 2 layer norms 2*(2*32) + c_attn 32*96+96 + attn c_proj 32*32+32 + c_fc 32*128+128
+    #   + mlp c_proj 128*32+32 = 128 + 3168 + 1056 + 4224 + 4128 = 12,704.
+    # N = token embedding (tied output layer) 512*32 + 2 blocks + final norm 64 = 16,384 + 25,408 + 64 = 41,856
+    #   (the position table is a lookup, not a matmul: left out).
+    # flops/token = 6N + 12*L*d*T = 251,136 + 24,576 = 275,712.
+    flops_per_token, peak = 275_712, 1.0e12  # a made-up peak: the CPU has none
+    runs_dir = tmp_path / "runs"
+    monitor = ["--trainer.callbacks+=litune.callbacks.ThroughputMonitor", f"--trainer.callbacks.peak_flops={peak}"]
+    args = fit_args(runs_dir, corpus_dir, tokenizer_dir, "--loggers=[csv]", "--trainer.max_steps=3", *monitor)
+    assert fit(*args) == 0
+    run = the_run(runs_dir)
+    tokens_per_sec, mfu = csv_series(run, "perf/tokens_per_sec"), csv_series(run, "perf/mfu")
+    assert set(mfu) == set(tokens_per_sec) == {0, 1, 2}
+    for step, value in mfu.items():
+        assert value == pytest.approx(flops_per_token * tokens_per_sec[step] / peak, rel=1e-9)
+    saved = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["callbacks"]
+    assert [c["class_path"] for c in saved].count("litune.callbacks.ThroughputMonitor") == 1, "not added twice"
+
+
 def test_resume_continues_the_same_wandb_run(tmp_path, corpus_dir, tokenizer_dir, capsys) -> None:
     runs_dir = tmp_path / "runs"
     args = fit_args(runs_dir, corpus_dir, tokenizer_dir, "--loggers=[csv,wandb]")
