@@ -85,8 +85,8 @@ def add_tracking(cfg: Namespace) -> None:
     wanted = list(_TRACKING_CALLBACKS)
     if trainer.logger is False or trainer.logger == []:  # LearningRateMonitor refuses to run without a logger
         wanted = [w for w in wanted if not w[0].endswith("LearningRateMonitor")]
-    if wandb_entries:
-        wanted.append((_WANDB_RUN_ID, {}))
+    # Always kept, even without wandb: a run resumed with a different set of loggers then finds the state it expects.
+    wanted.append((_WANDB_RUN_ID, {}))
     has_progress = any("ProgressBar" in p for p in present)
     if trainer.get("enable_progress_bar") is not False and not has_progress:
         wanted.append((_PROGRESS_BAR, {}))
