@@ -3,7 +3,7 @@
 from litune.callbacks.grad_norm import GradNormMonitor
 from litune.callbacks.memory import MemoryMonitor
 from litune.callbacks.progress import LituneProgressBar
-from litune.callbacks.run_info import EnvironmentLogger, ScrubbedSaveConfigCallback
+from litune.callbacks.run_info import EnvironmentLogger
 from litune.callbacks.throughput import ThroughputMonitor
 
 __all__ = [
@@ -11,6 +11,5 @@ __all__ = [
     "GradNormMonitor",
     "LituneProgressBar",
     "MemoryMonitor",
-    "ScrubbedSaveConfigCallback",
     "ThroughputMonitor",
 ]

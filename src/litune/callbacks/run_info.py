@@ -1,6 +1,7 @@
 """Record what a run was: the resolved config (secrets removed) and the environment it ran in.
 
-Both are written into the run folder (``config.yaml``, ``env.json``) and logged once to every logger, so a dashboard
+Both are written into the run folder (``config.yaml`` by the CLI's config saver through :func:`log_once`, ``env.json``
+by :class:`EnvironmentLogger`) and logged once to every logger, so a dashboard
 or ``litune report`` weeks later can tell which versions, devices and settings produced a curve.
 """
 
@@ -19,7 +20,6 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import SaveConfigCallback
 
 from litune.callbacks.secrets import scrub
 
@@ -101,20 +101,3 @@ class EnvironmentLogger(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             log_once(trainer, "env.json", environment(trainer))
-
-
-class ScrubbedSaveConfigCallback(SaveConfigCallback):
-    """LightningCLI's ``SaveConfigCallback`` that removes secrets before the config reaches the disk or a logger.
-
-    Lightning's callback writes ``parser.save(config)`` verbatim; this one dumps the resolved config, scrubs it with
-    :func:`litune.callbacks.secrets.scrub`, writes ``config.yaml`` into the run folder and logs it to every logger as
-    ``config``. Use it with ``LightningCLI(save_config_callback=ScrubbedSaveConfigCallback)``.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["save_to_log_dir"] = False  # the parent would write the unscrubbed file
-        super().__init__(*args, **kwargs)
-
-    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
-        log_once(trainer, self.config_filename, config)
