@@ -110,6 +110,14 @@ def test_two_processes_match_one_process_and_the_memory_accounting(strategy, fir
     assert (probe(reference, FIRST)["logits"] - probe(reference, 1)["logits"]).abs().max() > 1e-2
 
 
+@pytest.mark.distributed
+def test_the_same_zero_config_on_one_process_matches(tmp_path, reference, corpus_dir, tokenizer_dir) -> None:
+    """ZeRO-2 on a single CPU process: DeepSpeed accumulates 2 micro-batches itself (global batch 8 = 4 x 1 x 2)."""
+    fragment = str(REPO / "configs" / "strategy" / "deepspeed_zero2.yaml")
+    run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, "--config", fragment, "--trainer.devices=1"))
+    assert_matches(tmp_path, reference, FIRST, world_size=1)
+
+
 def resume_then_export(root: Path, strategy: str, corpus_dir: Path, tokenizer_dir: Path, reference: Path) -> None:
     """Continue ``root``'s run from ``last`` to ``SECOND`` steps, match the reference, export, match the HF model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
