@@ -50,11 +50,18 @@ def test_fit_writes_a_run_folder_with_config_checkpoint_and_metrics(tmp_path, co
     assert list(run.glob("events.out.tfevents.*")), "TensorBoard events in the run folder"
 
 
+def test_two_runs_in_one_process_get_their_own_folders(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    """The run folder handed to a run's ranks (LITUNE_RUN_DIR) must not leak into the next run in the process."""
+    for _ in range(2):
+        assert main(["fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir, "--trainer.max_steps=1")]) == 0
+    assert len(run_dirs(tmp_path)) == 2
+    assert "LITUNE_RUN_DIR" not in os.environ
+
+
 def test_resume_from_last_continues_the_same_run(tmp_path, corpus_dir, tokenizer_dir) -> None:
     assert main(["fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir)]) == 0
     (run,) = run_dirs(tmp_path)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
-    os.environ.pop("LITUNE_RUN_DIR", None)
     args = tiny_args(tmp_path, corpus_dir, tokenizer_dir, "--trainer.max_steps=7", "--ckpt_path=last")
     assert main(["fit", *args]) == 0
     assert run_dirs(tmp_path) == [run]

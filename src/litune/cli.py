@@ -86,8 +86,14 @@ def resolve_run_dir(runs_dir: str, experiment: str, ckpt_path: str | None) -> tu
             return path.parent.parent, ckpt_path
     run_id = _rank_env_run_id()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"{stamp}-{experiment}" if run_id is None else f"{experiment}-job{run_id}"
-    return Path(runs_dir) / name, ckpt_path
+    if run_id is not None:
+        return Path(runs_dir) / f"{experiment}-job{run_id}", ckpt_path
+    run_dir = Path(runs_dir) / f"{stamp}-{experiment}"
+    suffix = 1
+    while run_dir.exists():  # two runs started within the same second (a sweep, a script)
+        suffix += 1
+        run_dir = Path(runs_dir) / f"{stamp}.{suffix}-{experiment}"  # sorts after the first
+    return run_dir, ckpt_path
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -110,7 +116,14 @@ class LituneCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(LitLM, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
+        inherited_run_dir = os.environ.get(RUN_DIR_ENV)
+        try:
+            super().__init__(LitLM, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
+        finally:
+            # The run folder is shared with this run's ranks only: a next run in the same Python process (a
+            # notebook, a test) must get a folder of its own.
+            if inherited_run_dir is None:
+                os.environ.pop(RUN_DIR_ENV, None)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment", type=str, default="litune", help="Experiment name, part of the run folder.")

@@ -29,22 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_for_generation(checkpoint: str) -> tuple[torch.nn.Module, object]:
-    """Load a network and its tokenizer from a litune checkpoint or a Hugging Face model folder/hub id."""
+    """Load a network and its tokenizer from a litune checkpoint or a Hugging Face model folder/hub id.
+
+    A litune checkpoint is a ``.ckpt`` file, a DeepSpeed checkpoint directory (shards are consolidated) or a run
+    folder (its ``checkpoints/last.ckpt``); a folder with a ``config.json`` or anything else is a Hugging Face model.
+    """
     path = Path(checkpoint)
-    if path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():  # a run folder: its last checkpoint
-        path = path / "checkpoints" / "last.ckpt"
-    if path.suffix == ".ckpt" or (path.is_dir() and not (path / "config.json").exists()):
-        if not path.exists():
-            raise ConfigError("--checkpoint", f"{checkpoint} does not exist", "give a .ckpt file from a run folder")
-        from litune.module import LitLM
+    looks_like_hub_id = not path.exists() and path.suffix != ".ckpt" and checkpoint.count("/") <= 1
+    if (path / "config.json").is_file() or looks_like_hub_id:
+        from litune.models.hf import HFCausalLM
 
-        system = LitLM.load_from_checkpoint(path, map_location="cpu", weights_only=False)
-        if system.tokenizer is None:
-            raise ConfigError("--checkpoint", "this checkpoint has no tokenizer", "train with model.tokenizer set")
-        return system.network, system.tokenizer
-    from litune.models.hf import HFCausalLM
+        return HFCausalLM(pretrained=checkpoint), load_tokenizer(checkpoint)
+    from litune.strategies.checkpoint import load_system
 
-    return HFCausalLM(pretrained=checkpoint), load_tokenizer(checkpoint)
+    system = load_system(path)
+    if system.tokenizer is None:
+        raise ConfigError("--checkpoint", "this checkpoint has no tokenizer", "train with model.tokenizer set")
+    return system.network, system.tokenizer
 
 
 def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.Namespace) -> list[str]:
