@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(importlib.import_module(COMMANDS[args[0]]).main(args[1:]) or 0)
         LituneCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except Exception as err:
-        config_error = _find_config_error(err)
+        config_error = find_config_error(err)
         if config_error is None:
             raise
         print(f"litune: configuration error: {config_error}", file=sys.stderr)
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _find_config_error(err: BaseException) -> ConfigError | None:
+def find_config_error(err: BaseException) -> ConfigError | None:
     """The ConfigError behind ``err``: jsonargparse wraps errors raised while instantiating classes in a ValueError."""
     seen: set[int] = set()
     current: BaseException | None = err

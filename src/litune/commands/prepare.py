@@ -33,17 +33,6 @@ def format_stats(stats: dict, cache_hit: bool | None, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def _config_error_in(err: BaseException | None) -> ConfigError | None:
-    """The first :class:`ConfigError` in an exception's cause/context chain."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, ConfigError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
 def main(argv: list[str]) -> int:
     """Prepare (or find) the tokenized data of a config and print its statistics.
 
@@ -53,7 +42,7 @@ def main(argv: list[str]) -> int:
     Returns:
         0 on success (configuration errors propagate as :class:`ConfigError`; the CLI prints them and exits 2).
     """
-    from litune.cli import load_datamodule
+    from litune.cli import find_config_error, load_datamodule
 
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -62,7 +51,7 @@ def main(argv: list[str]) -> int:
         datamodule = load_datamodule(argv)
     except ValueError as err:
         # jsonargparse wraps errors raised by a constructor in its own ValueError: surface our ConfigError.
-        raise _config_error_in(err) or err from None
+        raise find_config_error(err) or err from None
     if not hasattr(datamodule, "prepare_data") or not hasattr(datamodule, "stats"):
         raise ConfigError("data", f"{type(datamodule).__name__} has nothing to prepare", "use a litune data module")
     start = time.perf_counter()
