@@ -24,7 +24,7 @@ quickstart: install
 
 test: install
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-all: PYTEST_ARGS =
 test-all: test

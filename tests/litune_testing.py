@@ -91,7 +91,9 @@ def probe(root: Path, step: int) -> dict:
 
 def litune_env() -> dict[str, str]:
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    # The launch scripts call torchrun/deepspeed/litune by name: find this interpreter's, as an activated venv would.
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     env.pop("LITUNE_RUN_DIR", None)  # each command is its own run
     return env
 
