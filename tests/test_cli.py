@@ -68,6 +68,18 @@ def test_resume_from_last_continues_the_same_run(tmp_path, corpus_dir, tokenizer
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
 
 
+def test_validate_and_test_evaluate_a_checkpoint_into_its_run_folder(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    assert main(["fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir)]) == 0
+    (run,) = run_dirs(tmp_path)
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    for subcommand, metric in (("validate", "val/ppl"), ("test", "test/ppl")):
+        assert main([subcommand, *tiny_args(tmp_path, corpus_dir, tokenizer_dir), f"--ckpt_path={ckpt}"]) == 0
+        header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert metric in header, f"{subcommand} logged {metric} into the run's metrics"
+    assert run_dirs(tmp_path) == [run]
+    assert "train/loss" in header, "the training rows are kept"
+
+
 def test_pretrained_gpt2_from_a_local_folder_fine_tunes_with_the_finetune_config(
     tmp_path, corpus_dir, tiny_gpt2_dir
 ) -> None:

@@ -39,7 +39,8 @@ class TextDataModule(L.LightningDataModule):
         name: hub dataset config name.
         split: hub split to train on.
         validation_split: hub split name, or a local file/folder/glob, to validate on; ``None`` holds out
-            ``val_fraction``.
+            ``val_fraction``. ``litune test`` evaluates on this same held-out set: to test on a test split, run it with
+            ``--data.init_args.validation_split=test`` (or the test file).
         text_column: column with the text (format ``text``).
         val_fraction: fraction of documents held out for validation when no validation split is given (deterministic
             by ``seed``); 0 disables validation.
@@ -275,6 +276,10 @@ class TextDataModule(L.LightningDataModule):
             collate_fn=self.collator(),
             num_workers=self.num_workers,
         )
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The held-out rows: one evaluation set, chosen by ``validation_split`` (see the class docstring)."""
+        return self.val_dataloader()
 
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the epoch, for an exact mid-epoch resume.
