@@ -124,6 +124,14 @@ def test_generate_returns_the_requested_number_of_sequences(tmp_path, corpus_dir
     assert "--do-sample" in capsys.readouterr().err
 
 
+def test_bare_litune_lists_every_subcommand(capsys) -> None:
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert all(
+        name in out for name in ("fit", "validate", "test", "generate", "prepare", "export", "estimate", "report")
+    )
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "litune.cli", *args], capture_output=True, text=True, timeout=300,

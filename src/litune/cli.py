@@ -37,6 +37,16 @@ COMMANDS: dict[str, str] = {
 }
 """Subcommands outside LightningCLI: name -> module with ``main(argv: list[str]) -> int``."""
 
+USAGE = """usage: litune {fit,validate,test,generate,prepare,export,estimate,report} ...
+
+  fit | validate | test   train or evaluate from --config files (LightningCLI; `litune fit --help` lists every field)
+  generate                sample text from a checkpoint, run folder or Hugging Face model
+  prepare                 tokenize a config's data once into the cache and print statistics
+  export                  write a checkpoint of any strategy as a Hugging Face model folder
+  estimate                per-device memory of a config under each strategy, before launching
+  report                  plots and a summary table of one or several run folders
+"""
+
 RUN_DIR_ENV = "LITUNE_RUN_DIR"
 """Set by the first process (or a launch script) so that every rank of a run writes into the same run folder."""
 
@@ -271,6 +281,10 @@ class _DataOnlyCLI(LituneCLI):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``litune`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        if not args:
+            return 2
     try:
         if args and args[0] in COMMANDS:
             return int(importlib.import_module(COMMANDS[args[0]]).main(args[1:]) or 0)
