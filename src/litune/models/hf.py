@@ -7,10 +7,49 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from litune.errors import ConfigError
 from litune.models.output import LMOutput, causal_lm_output
+
+
+def build_hf_config(
+    pretrained: str | None, config: dict[str, Any] | None, revision: str | None, trust_remote_code: bool
+) -> PretrainedConfig:
+    """Check the ``pretrained``/``config`` choice and return the Hugging Face config it names (a small JSON file).
+
+    Args:
+        pretrained: hub id or local folder, or ``None``.
+        config: Hugging Face config keyword arguments with ``model_type``, or ``None``.
+        revision: hub revision of ``pretrained``.
+        trust_remote_code: allow config code from the hub.
+    """
+    if (pretrained is None) == (config is None):
+        raise ConfigError(
+            "model.network.init_args",
+            "give exactly one of `pretrained` and `config`",
+            "set `pretrained: gpt2` (or a local folder) to fine-tune, or `config: {model_type: gpt2, ...}` "
+            "to train from scratch",
+        )
+    if pretrained is not None:
+        if pretrained.startswith((".", "/", "~")) and not Path(pretrained).expanduser().exists():
+            raise ConfigError(
+                "model.network.init_args.pretrained", f"folder {pretrained} does not exist", "fix the path"
+            )
+        return AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+    kwargs = dict(config)
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError("model.network.init_args.config", "`model_type` is missing", "add model_type: gpt2")
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def context_length(hf_config: PretrainedConfig) -> int:
+    """The longest sequence a Hugging Face model's position table allows (no limit for rotary/relative positions)."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        if getattr(hf_config, name, None):
+            return int(getattr(hf_config, name))
+    return 2**31 - 1
 
 
 class HFCausalLM(nn.Module):
@@ -40,34 +79,20 @@ class HFCausalLM(nn.Module):
         attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
-        if (pretrained is None) == (config is None):
-            raise ConfigError(
-                "model.network.init_args",
-                "give exactly one of `pretrained` and `config`",
-                "set `pretrained: gpt2` (or a local folder) to fine-tune, or `config: {model_type: gpt2, ...}` "
-                "to train from scratch",
-            )
         self.pretrained = pretrained
+        hf_cfg = build_hf_config(pretrained, config, revision, trust_remote_code)
         if pretrained is not None:
-            if pretrained.startswith((".", "/", "~")) and not Path(pretrained).expanduser().exists():
-                raise ConfigError(
-                    "model.network.init_args.pretrained", f"folder {pretrained} does not exist", "fix the path"
-                )
             self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
                 pretrained,
+                config=hf_cfg,
                 revision=revision,
                 trust_remote_code=trust_remote_code,
                 attn_implementation=attn_implementation,
                 dtype=torch.float32,  # master weights in fp32; Lightning's precision plugin casts for compute
             )
         else:
-            kwargs = dict(config)
-            model_type = kwargs.pop("model_type", None)
-            if model_type is None:
-                raise ConfigError("model.network.init_args.config", "`model_type` is missing", "add model_type: gpt2")
-            hf_config = AutoConfig.for_model(model_type, **kwargs)
             self.model = AutoModelForCausalLM.from_config(
-                hf_config, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+                hf_cfg, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
             )
         if gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
@@ -82,11 +107,7 @@ class HFCausalLM(nn.Module):
 
     @property
     def max_seq_len(self) -> int:
-        cfg = self.model.config
-        for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-            if getattr(cfg, name, None):
-                return int(getattr(cfg, name))
-        return 2**31 - 1  # rotary/relative-position models have no fixed table
+        return context_length(self.model.config)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         return self.model.num_parameters(exclude_embeddings=exclude_embeddings)

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from litune.errors import ConfigError
+from litune.models.hf import build_hf_config, context_length
 
 
 class _ZeRO3Marker:
@@ -112,7 +112,7 @@ class DeferredHFCausalLM(nn.Module):
             "gradient_checkpointing": gradient_checkpointing,
             "attn_implementation": attn_implementation,
         }
-        self.hf_config = _hf_config(pretrained, config, revision, trust_remote_code)
+        self.hf_config = build_hf_config(pretrained, config, revision, trust_remote_code)
         self.inner: nn.Module | None = None
         self.built_partitioned: bool | None = None  # whether the weights were born as ZeRO-3 shards
 
@@ -141,10 +141,7 @@ class DeferredHFCausalLM(nn.Module):
 
     @property
     def max_seq_len(self) -> int:
-        for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-            if getattr(self.hf_config, name, None):
-                return int(getattr(self.hf_config, name))
-        return 2**31 - 1
+        return context_length(self.hf_config)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._built()(*args, **kwargs)
@@ -160,22 +157,3 @@ class DeferredHFCausalLM(nn.Module):
 
     def save_pretrained(self, directory: Any) -> None:
         self._built().save_pretrained(directory)
-
-
-def _hf_config(pretrained: str | None, config: dict[str, Any] | None, revision: str | None, trust: bool) -> Any:
-    """The Hugging Face config alone (a small JSON file), validated like ``HFCausalLM`` validates its arguments."""
-    from transformers import AutoConfig
-
-    if (pretrained is None) == (config is None):
-        raise ConfigError(
-            "model.network.init_args",
-            "give exactly one of `pretrained` and `config`",
-            "set `pretrained: <hub id or folder>` to fine-tune, or `config: {model_type: gpt2, ...}` for scratch",
-        )
-    if pretrained is not None:
-        return AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust)
-    kwargs = dict(config or {})
-    model_type = kwargs.pop("model_type", None)
-    if model_type is None:
-        raise ConfigError("model.network.init_args.config", "`model_type` is missing", "add model_type: gpt2")
-    return AutoConfig.for_model(model_type, **kwargs)
