@@ -2,8 +2,9 @@
 
 The loopback test starts two torchrun agents on this machine (``--nnodes 2 --nproc_per_node 1``, c10d rendezvous on
 127.0.0.1, a free port), each running ``litune fit`` with DDP over gloo, and checks the result against the shared
-1-process reference run. SLURM and multi-host ssh do not exist here: the SLURM test puts stand-ins for ``scontrol``
-and ``srun`` on PATH (they only print what they are given) to check what the script derives and passes on.
+1-process reference run. Multi-host ssh does not exist here. launch/slurm.sbatch runs on a real local SLURM cluster in
+tests/test_slurm.py; the SLURM test here puts stand-ins for ``scontrol`` and ``srun`` on PATH (they only print what
+they are given) to check what the script derives for a GPU cluster's node list, which the local cluster cannot show.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def test_readme_documents_every_script() -> None:
 
 
 def test_slurm_script_takes_master_addr_from_the_node_list(tmp_path) -> None:
-    """Stand-ins for SLURM's `scontrol` and `srun` (SLURM is not installed here): they echo what they receive."""
+    """Stand-ins for SLURM's `scontrol` and `srun` (a GPU cluster's node list): they echo what they receive."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "gpu-a17\\ngpu-a18\\n"\n')
