@@ -172,3 +172,40 @@ def test_sbatch_trains_to_completion(uninterrupted, tmp_path_factory, corpus_dir
     # Two SLURM tasks compute what one process with gradient accumulation 2 computes.
     reference = reference_run(tmp_path_factory.getbasetemp(), corpus_dir, tokenizer_dir)
     assert_matches(root, reference, FIRST)
+
+
+def test_preempted_job_saves_requeues_and_resumes_exactly(slurm, uninterrupted, tmp_path, corpus_dir, tokenizer_dir):
+    """SIGUSR1 to the job's tasks: save at the next step boundary, `scontrol requeue`, the same job id resumes."""
+    job = submit(slurm, tmp_path, corpus_dir, tokenizer_dir, hold=True)
+    wait_held(slurm, tmp_path, job)
+    # What slurmctld sends at `--signal=SIGUSR1@<s>` before the time limit: SIGUSR1 to the tasks of the job's steps.
+    slurm.run("scancel", "--signal=USR1", job)
+    (tmp_path / "release").touch()
+    finished(slurm, tmp_path, job, restarts=1)
+    first, second = split_attempts(tmp_path)
+    assert {a["start_step"] for a in first} == {0}
+    (resumed_at,) = {a["start_step"] for a in second}  # both ranks resumed from one checkpoint
+    assert HOLD_AT <= resumed_at < STEPS  # saved when signalled, not at a periodic checkpoint (4) or from scratch
+    assert_same_losses(step_losses(the_run(tmp_path, job)), step_losses(the_run(*uninterrupted)))
+
+
+@pytest.mark.slow
+def test_two_nodes_with_one_task_each_match_one_node_with_two(
+    slurm, uninterrupted, tmp_path, corpus_dir, tokenizer_dir
+):
+    """`sbatch --nodes=2 --ntasks-per-node=1`: two slurmd, one rank on each, rendezvous from SLURM's environment."""
+    job = submit(slurm, tmp_path, corpus_dir, tokenizer_dir, nodes=2)
+    finished(slurm, tmp_path, job)
+    attempts = read_attempts(tmp_path)
+    assert sorted((a["rank"], a["node_rank"]) for a in attempts) == [(0, 0), (1, 1)]
+    assert sorted(a["node"] for a in attempts) == sorted(slurm.nodes)  # one rank on each slurmd
+    assert_same_losses(step_losses(the_run(tmp_path, job)), step_losses(the_run(*uninterrupted)))
+
+
+def split_attempts(root: Path) -> tuple[list[dict], list[dict]]:
+    """The records of the first attempt and of the requeued one, two ranks each."""
+    attempts = read_attempts(root)
+    first = [a for a in attempts if a["restart"] == 0]
+    second = [a for a in attempts if a["restart"] == 1]
+    assert len(first) == 2 and len(second) == 2 and len(attempts) == 4, attempts
+    return first, second
