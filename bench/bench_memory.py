@@ -2,7 +2,7 @@
 
 Runs ``litune fit`` for one optimizer step with each strategy fragment on N CPU processes (gloo; DeepSpeed's CPU
 accelerator), each rank writing the bytes of the parameters, fp32 master weights and optimizer states it holds
-(:class:`litune.strategies.memory.ModelStateReport`), then prints a table of measured vs. predicted bytes and each
+(:class:`litune.callbacks.model_state.ModelStateReport`), then prints a table of measured vs. predicted bytes and each
 strategy's per-rank model state as a ratio of DDP's, measured in the same run.
 
     python bench/bench_memory.py                       # 2 processes, bf16-mixed, all strategies
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from litune.strategies.memory_model import PRECISION_BYTES, ModelShape, RunShape, StrategyShape, estimate
+from litune.memory_model import PRECISION_BYTES, ModelShape, RunShape, StrategyShape, estimate
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -51,7 +51,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
 def run_strategy(strategy: str, work: Path, corpus: Path, tokenizer: Path, args: argparse.Namespace) -> list[dict]:
     network = {"model_type": "gpt2", "vocab_size": 512, "n_positions": 64, "n_embd": args.n_embd}
     network.update(n_layer=args.n_layer, n_head=args.n_head)
-    callbacks = [{"class_path": "litune.strategies.memory.ModelStateReport"}]
+    callbacks = [{"class_path": "litune.callbacks.model_state.ModelStateReport"}]
     runs = work / "runs" / strategy
     cmd = [
         str(Path(sys.executable).parent / "litune"), "fit",

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from litune.models import DeferredHFCausalLM
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -79,9 +81,25 @@ class FinalLogits(Callback):
                 "loss": float(out.loss),
                 "world_size": trainer.world_size,
                 "gradient_checkpointing": bool(getattr(network.model, "is_gradient_checkpointing", False)),
-                "built_partitioned": getattr(network, "built_partitioned", None),
+                "built_partitioned": getattr(network, "built_partitioned", None),  # see ProbedDeferredHFCausalLM
             }
             torch.save(record, self.directory / f"step{step}.pt")
+
+
+class ProbedDeferredHFCausalLM(DeferredHFCausalLM):
+    """:class:`litune.models.DeferredHFCausalLM` that records whether its weights were born as ZeRO-3 shards.
+
+    Checked right after ``configure_model`` builds them, before the DeepSpeed engine exists (the engine would partition
+    a whole model too, so checking later could not tell the two apart). DeepSpeed marks shards with ``ds_id``.
+    """
+
+    built_partitioned: bool | None = None
+
+    def configure_model(self) -> None:
+        if self.is_built:
+            return
+        super().configure_model()
+        self.built_partitioned = all(hasattr(p, "ds_id") for p in self.model.parameters())
 
 
 def probe(root: Path, step: int) -> dict:
@@ -120,7 +138,7 @@ def fit_args(root: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str, ste
             "class_path": "litune_testing.FinalLogits",
             "init_args": {"directory": str(root / "probe"), "steps": PROBED},
         },
-        {"class_path": "litune.strategies.memory.ModelStateReport"},
+        {"class_path": "litune.callbacks.model_state.ModelStateReport"},
     ]
     return [
         "--config", str(TINY),

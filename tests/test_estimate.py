@@ -13,7 +13,7 @@ import pytest
 
 from litune.commands.estimate import main as estimate_main
 from litune.errors import ConfigError
-from litune.strategies.memory_model import (
+from litune.memory_model import (
     ModelShape,
     RunShape,
     StrategyShape,
@@ -133,7 +133,7 @@ def test_cli_counts_a_deferred_network(capsys) -> None:
     data = estimate_json(
         capsys,
         "--config", str(REPO / "configs" / "quickstart.yaml"), "--devices", "1",
-        "--model.network.class_path=litune.strategies.zero3.DeferredHFCausalLM",
+        "--model.network.class_path=litune.models.DeferredHFCausalLM",
     )  # fmt: skip
     cfg = GPT2Config(vocab_size=4096, n_positions=128, n_embd=128, n_layer=4, n_head=4)
     assert data["model"]["num_params"] == GPT2LMHeadModel(cfg).num_parameters()

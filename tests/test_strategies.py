@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from litune.errors import ConfigError
+from litune.memory_model import ModelShape, RunShape, StrategyShape, estimate
 from litune.strategies import accumulation_steps, checks
 from litune.strategies.checks import cpu_cores
-from litune.strategies.memory_model import ModelShape, RunShape, StrategyShape, estimate
 from litune_testing import (
     FIRST,
     LITUNE,
@@ -238,7 +238,7 @@ def test_zero3_loads_a_pretrained_model_into_shards(tmp_path, corpus_dir, tiny_g
     fragment = str(REPO / "configs" / "strategy" / "deepspeed_zero3.yaml")
     args = fit_args(tmp_path, corpus_dir, tiny_gpt2_dir, "--config", fragment, "--trainer.devices=2", steps=1)
     args += [
-        "--model.network.class_path=litune.strategies.zero3.DeferredHFCausalLM",
+        "--model.network.class_path=litune_testing.ProbedDeferredHFCausalLM",
         f"--model.network.init_args.pretrained={tiny_gpt2_dir}",
         "--model.network.init_args.config=null",
     ]

@@ -16,10 +16,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from litune.callbacks import GradNormMonitor, LituneProgressBar, MemoryMonitor, ThroughputMonitor
-from litune.callbacks.peaks import chip_of, compute_dtype, peak_flops
-from litune.callbacks.secrets import REDACTED, is_secret_name, scrub
 from litune.callbacks.throughput import mfu, model_flops_per_token
 from litune.errors import ConfigError
+from litune.tracking.peaks import chip_of, compute_dtype, peak_flops
+from litune.tracking.secrets import REDACTED, is_secret_name, scrub
 
 VOCAB, SEQ, BATCH = 50, 16, 4
 

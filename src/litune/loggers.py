@@ -2,7 +2,7 @@
 
 litune's loggers are Lightning's, with two additions:
 
-* every logger removes secrets (:mod:`litune.callbacks.secrets`) from hyperparameters before saving or sending them;
+* every logger removes secrets (:mod:`litune.tracking.secrets`) from hyperparameters before saving or sending them;
 * :class:`WandbLogger` runs offline unless online mode *and* an API key are configured, never kills training when
   wandb fails (it warns once and falls back to an offline run, then to no wandb at all), and continues the same
   wandb run when training resumes from a checkpoint: :class:`WandbRunId` keeps the run id in the checkpoint and
@@ -30,8 +30,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
-from litune.callbacks.secrets import REDACTED, scrub
 from litune.errors import ConfigError
+from litune.tracking.secrets import REDACTED, scrub
 
 LOGGERS: dict[str, str] = {
     "csv": "litune.loggers.CSVLogger",

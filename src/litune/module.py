@@ -114,7 +114,7 @@ class LitLM(L.LightningModule):
         self._last_val_step = self.global_step  # lets the CLI skip a redundant final validation
 
     def configure_model(self) -> None:
-        # Networks that defer creating their weights (litune.strategies.zero3.DeferredHFCausalLM) create them here:
+        # Networks that defer creating their weights (litune.models.DeferredHFCausalLM) create them here:
         # Lightning runs this inside the strategy's sharded context (deepspeed.zero.Init under ZeRO-3).
         build = getattr(self.network, "configure_model", None)
         if callable(build):

@@ -1,4 +1,4 @@
-"""Callbacks that observe training: throughput and MFU, memory, gradient norm, run metadata, progress."""
+"""Callbacks that observe training: throughput and MFU, memory, model-state bytes, grad norm, run info, progress."""
 
 from litune.callbacks.grad_norm import GradNormMonitor
 from litune.callbacks.memory import MemoryMonitor

@@ -21,7 +21,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from litune.callbacks.secrets import scrub
+from litune.tracking.secrets import scrub
 
 _PACKAGES = ("litune", "torch", "lightning", "deepspeed", "transformers", "datasets", "tokenizers", "wandb")
 

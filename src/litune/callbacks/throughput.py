@@ -10,7 +10,7 @@ where ``flops_per_token(T)`` is the network's training cost per token at sequenc
 
 Why not Lightning's ``ThroughputMonitor``: it needs a ``flops_per_batch`` attribute on the module, counts samples on
 rank 0 only (assuming equal batches everywhere), reports nothing until its rolling window is full, and its peak table
-gives sparse figures for some GPUs (see :mod:`litune.callbacks.peaks`). Here each rank counts its own real tokens and
+gives sparse figures for some GPUs (see :mod:`litune.tracking.peaks`). Here each rank counts its own real tokens and
 the counts are summed across ranks at logging steps only, so the numbers are exact under DDP and DeepSpeed.
 """
 
@@ -23,8 +23,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from litune.callbacks.peaks import device_peak_flops
 from litune.errors import ConfigError
+from litune.tracking.peaks import device_peak_flops
 
 
 def model_flops_per_token(network: torch.nn.Module, seq_len: int) -> float:
@@ -84,7 +84,7 @@ class ThroughputMonitor(Callback):
     ``peak_flops`` is given. Tokens seen and elapsed time are kept in checkpoints, so they continue on resume.
 
     Args:
-        peak_flops: dense peak FLOP/s of one device, overriding the table in :mod:`litune.callbacks.peaks`
+        peak_flops: dense peak FLOP/s of one device, overriding the table in :mod:`litune.tracking.peaks`
             (for accelerators it does not list).
         prog_bar: show tokens/s in the progress bar.
     """

@@ -4,7 +4,7 @@ Reads the same config files ``litune fit`` would (several ``--config`` merge, do
 on PyTorch's ``meta`` device to count its parameters without allocating or downloading weights (only a pretrained
 model's ``config.json`` is read), and prints per-device memory for parameters, gradients, optimizer state and
 activations under the configured strategy, precision, gradient checkpointing and micro-batch (see
-:mod:`litune.strategies.memory_model` for the formulas), then which GPU sizes it fits and the cheapest strategy that
+:mod:`litune.memory_model` for the formulas), then which GPU sizes it fits and the cheapest strategy that
 fits each.
 """
 
@@ -19,8 +19,7 @@ import torch
 from jsonargparse import Namespace
 
 from litune.errors import ConfigError
-from litune.strategies.checks import processes_per_node, resolve_accelerator, strategy_name
-from litune.strategies.memory_model import (
+from litune.memory_model import (
     GPU_SIZES_GIB,
     STRATEGIES_BY_COST,
     GiB,
@@ -31,6 +30,7 @@ from litune.strategies.memory_model import (
     cheapest_fitting,
     estimate,
 )
+from litune.strategies.checks import processes_per_node, resolve_accelerator, strategy_name
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -69,6 +69,9 @@ class HFCausalLM(nn.Module):
         attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash_attention_2"``.
     """
 
+    deferred: ClassVar[bool] = False
+    """Whether the weights wait for :meth:`DeferredHFCausalLM.configure_model` instead of being made here."""
+
     def __init__(
         self,
         pretrained: str | None = None,
@@ -80,21 +83,30 @@ class HFCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.pretrained = pretrained
-        hf_cfg = build_hf_config(pretrained, config, revision, trust_remote_code)
-        if pretrained is not None:
+        self.revision = revision
+        self.trust_remote_code = trust_remote_code
+        self.gradient_checkpointing = gradient_checkpointing
+        self.attn_implementation = attn_implementation
+        self.hf_config = build_hf_config(pretrained, config, revision, trust_remote_code)
+        if not self.deferred:
+            self._build()
+
+    def _build(self) -> None:
+        """Create ``self.model``: load the pretrained weights or initialise a fresh model from the config."""
+        if self.pretrained is not None:
             self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-                pretrained,
-                config=hf_cfg,
-                revision=revision,
-                trust_remote_code=trust_remote_code,
-                attn_implementation=attn_implementation,
+                self.pretrained,
+                config=self.hf_config,
+                revision=self.revision,
+                trust_remote_code=self.trust_remote_code,
+                attn_implementation=self.attn_implementation,
                 dtype=torch.float32,  # master weights in fp32; Lightning's precision plugin casts for compute
             )
         else:
             self.model = AutoModelForCausalLM.from_config(
-                hf_cfg, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+                self.hf_config, trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation
             )
-        if gradient_checkpointing:
+        if self.gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
@@ -102,12 +114,20 @@ class HFCausalLM(nn.Module):
             self.model.config.use_cache = False
 
     @property
+    def is_built(self) -> bool:
+        """Whether the Hugging Face model exists (always, except for a :class:`DeferredHFCausalLM` before
+        ``configure_model``)."""
+        return "model" in self._modules
+
+    @property
     def vocab_size(self) -> int:
+        if not self.is_built:
+            return int(self.hf_config.vocab_size)
         return self.model.get_input_embeddings().num_embeddings
 
     @property
     def max_seq_len(self) -> int:
-        return context_length(self.model.config)
+        return context_length(self.model.config if self.is_built else self.hf_config)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         return self.model.num_parameters(exclude_embeddings=exclude_embeddings)
@@ -185,3 +205,34 @@ class HFCausalLM(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write a folder that ``AutoModelForCausalLM.from_pretrained`` loads (``config.json``, safetensors)."""
         self.model.save_pretrained(directory)
+
+
+class DeferredHFCausalLM(HFCausalLM):
+    """An :class:`HFCausalLM` whose weights are created in ``LitLM.configure_model``, not when the config is parsed.
+
+    ``litune fit`` builds the network when it parses the config, before the strategy exists, so a pretrained model
+    would be loaded in full on every rank. This class only reads the model's ``config.json`` then; Lightning calls
+    ``configure_model`` inside the strategy's sharded context (``deepspeed.zero.Init`` plus
+    :func:`litune.strategies.zero3.hf_zero3_context` under ZeRO-3), where ``from_pretrained`` loads straight into each
+    rank's shard. Under other strategies it simply loads later. Use it in place of :class:`HFCausalLM` (same
+    arguments) for large pretrained models:
+
+    .. code-block:: yaml
+
+        model:
+          network:
+            class_path: litune.models.DeferredHFCausalLM
+            init_args: {pretrained: meta-llama/Llama-3.1-8B, gradient_checkpointing: true}
+    """
+
+    deferred = True
+
+    def configure_model(self) -> None:
+        """Build the Hugging Face model (once; Lightning may call this again, e.g. when loading a checkpoint)."""
+        if not self.is_built:
+            self._build()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "model" and "model" not in self._modules:
+            raise RuntimeError("DeferredHFCausalLM is used before configure_model() built it")
+        return super().__getattr__(name)

@@ -86,7 +86,8 @@ def consolidate(path: str | Path, output_file: str | Path) -> Path:
     Returns:
         ``output_file``.
     """
-    from litune.strategies.deepspeed import select_deepspeed_accelerator
+    # Imported here, not at the top, only to keep this module free of torch for commands that never consolidate.
+    from litune.strategies.checks import select_deepspeed_accelerator
 
     select_deepspeed_accelerator("cpu")  # consolidation is plain tensor work on the host
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict

@@ -154,3 +154,26 @@ def check_trainer_config(trainer: Mapping[str, Any]) -> None:
     if hasattr(strategy, "as_dict"):  # a jsonargparse Namespace holding class_path/init_args
         strategy = strategy.as_dict()
     check_run(accelerator, processes, get("precision", None), deepspeed="deepspeed" in strategy_name(strategy))
+
+
+DS_ACCELERATOR_ENV = "DS_ACCELERATOR"
+
+
+def select_deepspeed_accelerator(accelerator: str | None = None) -> str:
+    """Choose DeepSpeed's accelerator before ``deepspeed`` is imported, and export it for the ranks to inherit.
+
+    A value already in ``DS_ACCELERATOR`` (e.g. set by a launch script) wins. Otherwise ``cpu`` is chosen when the run
+    is on CPU or CUDA is not available; on GPUs the variable stays unset so DeepSpeed's own detection runs (stock).
+
+    Args:
+        accelerator: the Lightning accelerator name if known (``"cpu"``, ``"gpu"``, ``"cuda"``, ``"auto"``).
+
+    Returns:
+        The accelerator DeepSpeed will use (``"cpu"`` or ``"auto"`` for DeepSpeed's own detection).
+    """
+    if DS_ACCELERATOR_ENV in os.environ:
+        return os.environ[DS_ACCELERATOR_ENV]
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        os.environ[DS_ACCELERATOR_ENV] = "cpu"
+        return "cpu"
+    return "auto"

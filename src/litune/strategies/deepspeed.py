@@ -32,34 +32,17 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 
 from litune.errors import ConfigError
 from litune.strategies.checkpoint import check_resume_world_size
-from litune.strategies.checks import check_deepspeed_installed, check_run, resolve_accelerator
+from litune.strategies.checks import (
+    DS_ACCELERATOR_ENV,
+    check_deepspeed_installed,
+    check_run,
+    resolve_accelerator,
+    select_deepspeed_accelerator,
+)
 from litune.strategies.optimizers import offloads_optimizer, to_deepspeed_cpu_adam
 
 if TYPE_CHECKING:
     from collections.abc import Generator
-
-DS_ACCELERATOR_ENV = "DS_ACCELERATOR"
-
-
-def select_deepspeed_accelerator(accelerator: str | None = None) -> str:
-    """Choose DeepSpeed's accelerator before ``deepspeed`` is imported, and export it for the ranks to inherit.
-
-    A value already in ``DS_ACCELERATOR`` (e.g. set by a launch script) wins. Otherwise ``cpu`` is chosen when the run
-    is on CPU or CUDA is not available; on GPUs the variable stays unset so DeepSpeed's own detection runs (stock).
-
-    Args:
-        accelerator: the Lightning accelerator name if known (``"cpu"``, ``"gpu"``, ``"cuda"``, ``"auto"``).
-
-    Returns:
-        The accelerator DeepSpeed will use (``"cpu"`` or ``"auto"`` for DeepSpeed's own detection).
-    """
-    if DS_ACCELERATOR_ENV in os.environ:
-        return os.environ[DS_ACCELERATOR_ENV]
-    if accelerator == "cpu" or not torch.cuda.is_available():
-        os.environ[DS_ACCELERATOR_ENV] = "cpu"
-        return "cpu"
-    return "auto"
-
 
 if not torch.cuda.is_available():
     select_deepspeed_accelerator("cpu")

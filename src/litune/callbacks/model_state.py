@@ -72,7 +72,7 @@ class ModelStateReport(Callback):
     """Write each rank's measured model-state bytes to ``<run folder>/model_state/rank<R>.json`` after training.
 
     Compare with ``litune estimate`` for the same config. Add it with
-    ``--trainer.callbacks+=litune.strategies.memory.ModelStateReport``.
+    ``--trainer.callbacks+=litune.callbacks.model_state.ModelStateReport``.
 
     Args:
         directory: where to write; defaults to ``<trainer.default_root_dir>/model_state``.
