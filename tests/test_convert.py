@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from litune.errors import ConfigError
-from litune.models.convert import from_hf_gpt2, gpt2_to_litune, litune_to_gpt2, load_strict, to_hf_gpt2
+from litune.models.convert import gpt2_to_litune, litune_to_gpt2, to_hf_gpt2
+from litune.models.state_dict import load_strict
 from litune.models.transformer import DecoderLM
 
 VOCAB = 300
@@ -28,7 +29,7 @@ def batch(seed: int = 1, b: int = 3, t: int = 24) -> torch.Tensor:
 @pytest.mark.parametrize("tied", [True, False])
 def test_hf_gpt2_weights_give_the_same_logits_and_loss(tied: bool) -> None:
     hf = tiny_hf(tie_word_embeddings=tied)
-    ours = from_hf_gpt2(hf).eval()
+    ours = DecoderLM.from_pretrained(hf).eval()
     assert ours.config.tie_embeddings is tied
     x = batch()
     labels = x.clone()

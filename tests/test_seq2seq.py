@@ -94,7 +94,7 @@ def test_save_and_load_round_trip_and_strict_keys(tmp_path) -> None:
     again = Seq2SeqLM.load(tmp_path / "s2s").eval()
     src, tgt = ids(2, 7), ids(2, 5)
     torch.testing.assert_close(again(src, labels=tgt).logits, net(src, labels=tgt).logits, rtol=0, atol=0)
-    from litune.models.convert import load_strict
+    from litune.models.state_dict import load_strict
 
     state = net.state_dict()
     state["decoder.h.7.ln_1.weight"] = state.pop("decoder.h.1.ln_1.weight")

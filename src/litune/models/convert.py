@@ -9,18 +9,24 @@ The two share parameter names, so conversion is a one-to-one renaming with two e
 
 Loading is strict: a state dict with missing or unexpected keys (or wrong shapes) raises a :class:`ConfigError`
 that lists them, instead of silently leaving random weights in place.
+
+This module is the GPT-2 *format* (names, shapes, config fields), below the network: :class:`DecoderLM` imports it
+for ``from_pretrained``/``save_pretrained``, and nothing here imports a network class, so there is no import cycle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from litune.errors import ConfigError
-from litune.models.transformer import DecoderLM
+from litune.models.state_dict import load_strict
+
+if TYPE_CHECKING:  # only for annotations: DecoderLM imports this module, which knows no network class
+    from litune.models.transformer import DecoderLM
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 """Weights that Hugging Face GPT-2 keeps as ``Conv1D`` ``[in, out]`` and we keep as ``nn.Linear`` ``[out, in]``."""
@@ -60,40 +66,6 @@ def litune_to_gpt2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     }
 
 
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``module`` and raise a :class:`ConfigError` listing every missing, unexpected or
-    wrongly shaped key (``nn.Module.load_state_dict`` would stop at the first shape error with a traceback).
-
-    Args:
-        module: the network to fill.
-        state: the converted state dict.
-        source: where the weights came from, for the message.
-    """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if shapes:
-            problems.append(f"shape mismatches [{'; '.join(shapes)}]")
-        raise ConfigError(
-            "model.network",
-            f"the weights from {source} do not fit {type(module).__name__}: {', '.join(problems)}",
-            "build the network with the checkpoint's sizes (d_model, nhead, layers, vocab_size, max_seq_len, bias) "
-            "or load a checkpoint of this architecture",
-        )
-    module.load_state_dict(state, strict=True)
-
-
 def decoder_kwargs_from_gpt2_config(config: object) -> dict[str, object]:
     """:class:`DecoderLM` arguments equivalent to a ``transformers.GPT2Config``."""
     activation = config.activation_function
@@ -122,21 +94,6 @@ def decoder_kwargs_from_gpt2_config(config: object) -> dict[str, object]:
         init_std=config.initializer_range,
         tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
     )
-
-
-def from_hf_gpt2(source: str | Path | nn.Module, gradient_checkpointing: bool = False) -> DecoderLM:
-    """Build a :class:`DecoderLM` with the weights of a Hugging Face GPT-2.
-
-    Args:
-        source: a ``GPT2LMHeadModel`` instance, or a local folder / hub id that ``from_pretrained`` loads.
-        gradient_checkpointing: passed to the new network.
-    """
-    from transformers import GPT2LMHeadModel
-
-    hf = source if isinstance(source, nn.Module) else GPT2LMHeadModel.from_pretrained(source)
-    network = DecoderLM(**decoder_kwargs_from_gpt2_config(hf.config), gradient_checkpointing=gradient_checkpointing)
-    load_strict(network, gpt2_to_litune(hf.state_dict()), source=f"GPT-2 {source if isinstance(source, str) else ''}")
-    return network
 
 
 def to_hf_gpt2(network: DecoderLM, **config_overrides: object) -> nn.Module:

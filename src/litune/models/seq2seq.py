@@ -372,7 +372,7 @@ class Seq2SeqLM(nn.Module):
         """Load a folder written by :meth:`save` (strict: missing/unexpected keys are an error)."""
         from safetensors.torch import load_file
 
-        from litune.models.convert import load_strict
+        from litune.models.state_dict import load_strict
 
         directory = Path(directory)
         network = cls(**json.loads((directory / "config.json").read_text())["init_args"])

@@ -23,7 +23,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from litune.errors import ConfigError
+from litune.models.convert import decoder_kwargs_from_gpt2_config, gpt2_to_litune, to_hf_gpt2
 from litune.models.output import LMOutput, causal_lm_output
+from litune.models.state_dict import load_strict
 
 FIELD = "model.network.init_args"
 """Where users set a network's arguments in YAML; error messages name fields under it."""
@@ -458,16 +460,23 @@ class DecoderLM(nn.Module):
             directory: output folder.
             **config_overrides: extra ``GPT2Config`` fields, e.g. ``bos_token_id``/``eos_token_id`` of the tokenizer.
         """
-        from litune.models.convert import to_hf_gpt2
-
         to_hf_gpt2(self, **config_overrides).save_pretrained(directory)
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, gradient_checkpointing: bool = False) -> DecoderLM:
-        """Load a Hugging Face GPT-2 checkpoint (a local folder or hub id) into a :class:`DecoderLM`."""
-        from litune.models.convert import from_hf_gpt2
+    def from_pretrained(cls, source: str | Path | nn.Module, gradient_checkpointing: bool = False) -> DecoderLM:
+        """Build a :class:`DecoderLM` with the weights of a Hugging Face GPT-2.
 
-        return from_hf_gpt2(source, gradient_checkpointing=gradient_checkpointing)
+        Args:
+            source: a ``GPT2LMHeadModel`` instance, or a local folder / hub id that ``from_pretrained`` loads.
+            gradient_checkpointing: passed to the new network.
+        """
+        from transformers import GPT2LMHeadModel  # only here: building a network needs no transformers import
+
+        hf = source if isinstance(source, nn.Module) else GPT2LMHeadModel.from_pretrained(source)
+        network = cls(**decoder_kwargs_from_gpt2_config(hf.config), gradient_checkpointing=gradient_checkpointing)
+        where = f"GPT-2 {source if isinstance(source, str) else ''}"
+        load_strict(network, gpt2_to_litune(hf.state_dict()), source=where)
+        return network
 
 
 def attention_mask_for_batch(
