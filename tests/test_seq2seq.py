@@ -10,18 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from litune.data.seq2seq import (
-    EOS_ID,
-    PAD_ID,
-    Seq2SeqDataModule,
-    SymbolTokenizer,
-    SyntheticSeq2SeqDataModule,
-    write_pairs,
-)
+from litune.data.seq2seq import Seq2SeqDataModule
+from litune.data.sources import write_pairs
+from litune.data.synthetic import SyntheticSeq2SeqDataModule
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
 from litune.models.seq2seq import Seq2SeqLM
-from litune.tokenizer import load_tokenizer
+from litune.tokenizer import SymbolTokenizer, load_tokenizer
+
+PAD_ID, EOS_ID = SymbolTokenizer.PAD_ID, SymbolTokenizer.EOS_ID
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 32

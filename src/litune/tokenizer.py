@@ -121,6 +121,43 @@ TokenizerSource = str | TokenizerBuilder
 """A hub id or local folder (loaded with ``AutoTokenizer.from_pretrained``), or a :class:`TokenizerBuilder`."""
 
 
+class SymbolTokenizer(TokenizerBuilder):
+    """The synthetic task's vocabulary as a Hugging Face tokenizer: ``<pad> <s> </s> <unk>`` then the symbols
+    ``0 1 2 ...``, split on whitespace. Nothing is trained or cached: :meth:`load` builds the word-level tokenizer.
+
+    Args:
+        num_symbols: how many symbols the task uses.
+    """
+
+    SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+    PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+    """Special ids: padding, decoder start, end of target, unknown word. Symbol ``k`` has id ``4 + k``."""
+
+    def __init__(self, num_symbols: int = 10) -> None:
+        if num_symbols < 2:
+            raise ConfigError("model.tokenizer.init_args.num_symbols", f"num_symbols={num_symbols} < 2", "use >= 2")
+        self.num_symbols = num_symbols
+        self.vocab_size = len(self.SPECIALS) + num_symbols
+
+    def load(self) -> PreTrainedTokenizerFast:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        vocab = {tok: i for i, tok in enumerate([*self.SPECIALS, *map(str, range(self.num_symbols))])}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token=self.SPECIALS[self.UNK_ID]))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            pad_token=self.SPECIALS[self.PAD_ID],
+            bos_token=self.SPECIALS[self.BOS_ID],
+            eos_token=self.SPECIALS[self.EOS_ID],
+            unk_token=self.SPECIALS[self.UNK_ID],
+        )
+
+    def __repr__(self) -> str:
+        return f"SymbolTokenizer(num_symbols={self.num_symbols})"
+
+
 def load_tokenizer(source: TokenizerSource, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it can pad.
 

@@ -11,6 +11,10 @@ One job per module, in the order a row goes through them:
 - :mod:`~litune.data.sampler`, :mod:`~litune.data.collate`: shards, order, resume point; padding into tensors;
 - :mod:`~litune.data.text`: :class:`~litune.data.text.TextDataModule`, the LightningDataModule that wires them.
 
+Encoder-decoder data reuses the same rooms (sources, ``formats.tokenize_pairs``, ``collate.Seq2SeqCollator``):
+:mod:`~litune.data.seq2seq` has the DataModule of source/target pairs from files, :mod:`~litune.data.synthetic` the
+generated reverse/sort/copy task (its tokenizer is :class:`litune.tokenizer.SymbolTokenizer`).
+
 Nothing is imported here: :mod:`litune.tokenizer` imports :mod:`litune.data.stdlib`, and importing the data module
 from this package would make that import circular.
 """

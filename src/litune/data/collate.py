@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from litune.models.output import IGNORE_INDEX
 
@@ -66,3 +67,26 @@ class PadCollator:
         if position_ids is not None:
             batch["position_ids"] = position_ids
         return batch
+
+
+@dataclass
+class Seq2SeqCollator:
+    """Pad source and target rows separately, on the right, to the longest row of the batch.
+
+    Written by hand (with ``pad_sequence``) rather than with ``transformers.DataCollatorForSeq2Seq`` because the
+    synthetic task has no tokenizer to pad with.
+
+    Args:
+        pad_token_id: id written into padded source positions (they are masked by ``attention_mask``).
+    """
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict[str, list[int] | torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Rows with ``input_ids`` and ``labels`` -> ``input_ids [B,S]``, ``attention_mask [B,S]``, ``labels [B,T]``."""
+        src = [torch.as_tensor(r["input_ids"], dtype=torch.long) for r in rows]
+        tgt = [torch.as_tensor(r["labels"], dtype=torch.long) for r in rows]
+        input_ids = pad_sequence(src, batch_first=True, padding_value=self.pad_token_id)
+        mask = pad_sequence([torch.ones_like(s) for s in src], batch_first=True, padding_value=0)
+        labels = pad_sequence(tgt, batch_first=True, padding_value=IGNORE_INDEX)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

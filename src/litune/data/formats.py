@@ -148,3 +148,31 @@ def tokenize_chat(
         input_ids.append(ids + eos)
         labels.append(lab + eos)
     return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_pairs(
+    batch: dict[str, list],
+    tokenizer: PreTrainedTokenizerBase,
+    source_column: str,
+    target_column: str,
+    max_source_length: int,
+    max_target_length: int,
+) -> dict[str, list]:
+    """Tokenize source/target pairs for an encoder-decoder: ``input_ids`` from the source, ``labels`` the target.
+
+    The source is encoded as ``litune generate`` encodes a prompt (default special tokens); the target gets EOS
+    appended so the network learns where to stop.
+
+    Args:
+        batch: raw rows with the two text columns.
+        tokenizer: a fast tokenizer with an EOS token.
+        source_column: the column holding the source text.
+        target_column: the column holding the target text.
+        max_source_length: longer sources are truncated to this many tokens.
+        max_target_length: longer targets are truncated to this many tokens (EOS included).
+    """
+    eos = tokenizer.eos_token_id
+    src = tokenizer(batch[source_column], truncation=True, max_length=max_source_length)
+    tgt = tokenizer(batch[target_column], add_special_tokens=False)["input_ids"]
+    labels = [t[: max_target_length - 1] + [eos] for t in tgt]
+    return {"input_ids": src["input_ids"], "labels": labels}

@@ -217,3 +217,10 @@ def load_hub(
             f"could not load hub dataset {path!r} (config {name!r}, split {split!r}): {type(err).__name__}: {err}",
             "check the id, config name and split, and the network; or give a local file, folder or glob",
         ) from err
+
+
+def write_pairs(path: str | Path, pairs: list[tuple[str, str]], source: str = "source", target: str = "target") -> None:
+    """Write ``(source, target)`` text pairs as JSON Lines (handy for tests and for preparing data)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for s, t in pairs:
+            fh.write(json.dumps({source: s, target: t}) + "\n")
