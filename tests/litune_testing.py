@@ -184,3 +184,53 @@ def assert_matches(root: Path, reference: Path, step: int, world_size: int = 2) 
     # Same optimization, different reduction order (all-reduce vs. accumulation): fp32 round-off only.
     torch.testing.assert_close(got["logits"], want["logits"], atol=2e-4, rtol=1e-4)
     assert abs(got["loss"] - want["loss"]) < 1e-4
+
+
+class StepRecorder(Callback):
+    """Record, at every optimizer step, the logged ``train/loss``, ``train/grad_norm`` and ``train/tokens_seen``, and
+    at the end of training the network's parameters; rank 0 saves both to ``<directory>/record.pt``.
+
+    Under ZeRO-1/2 every rank holds the whole model, so the parameters are read as they are.
+
+    Args:
+        directory: output folder.
+        mean_of_means: train with the objective litune had before its token-weighted one (each micro-batch returns
+            its own mean token loss, which Lightning and the strategy then average), to show what the equivalence
+            tests would catch.
+    """
+
+    KEYS = ("train/loss", "train/grad_norm", "train/tokens_seen")
+
+    def __init__(self, directory: str, mean_of_means: bool = False) -> None:
+        self.directory = Path(directory)
+        self.mean_of_means = mean_of_means
+        self.steps: dict[int, dict[str, float]] = {}
+        self._last = 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.mean_of_means:
+            from litune.objective import BATCH_TAG
+
+            def training_step(batch: dict, batch_idx: int) -> torch.Tensor:
+                batch = {k: v for k, v in batch.items() if k != BATCH_TAG}
+                return pl_module.network(**batch).loss
+
+            pl_module.training_step = training_step  # instance attribute: what Lightning's strategies call
+
+    def _flush(self, trainer: Trainer) -> None:
+        # Read after every callback's on_train_batch_end of the step (the DeepSpeed grad norm is logged there).
+        if trainer.global_step != self._last:
+            self._last = trainer.global_step
+            metrics = trainer.callback_metrics
+            self.steps[trainer.global_step] = {k: float(metrics[k]) for k in self.KEYS if k in metrics}
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
+        self._flush(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush(trainer)
+        if trainer.is_global_zero:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            params = {k: v.detach().cpu().clone() for k, v in pl_module.network.state_dict().items()}
+            record = {"steps": self.steps, "params": params, "world_size": trainer.world_size}
+            torch.save(record, self.directory / "record.pt")

@@ -23,7 +23,7 @@ from litune.cli import main
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
 LOGGER_CONFIGS = REPO / "configs" / "logger"
-TOKENS_PER_STEP = 4 * 32  # tiny.yaml: batch_size 4, block_size 32, packed (no padding)
+TOKENS_PER_STEP = 4 * 31  # tiny.yaml: batch_size 4, block_size 32, packed: 31 next-token targets a row
 FAKE_ENV_KEY = "fake-env-wandb-key-5f1c0ffee0123456789abcdef"
 FAKE_CONFIG_KEY = "fake-config-api-key-0badc0de987654321"
 

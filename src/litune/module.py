@@ -1,12 +1,14 @@
 """The LightningModule ("system"): composes an injected network, its optimizer and schedule, loss and metrics.
 
-The network computes logits and loss (see :mod:`litune.models.output`); this module only wires them into Lightning:
-logging, perplexity, optimizer and scheduler. It has no ``if model_type == ...`` branches: every network has the
-same interface.
+The network computes logits and its summed token loss (see :mod:`litune.models.output`); this module turns those into
+the step objective of :mod:`litune.objective` (every target token of an optimizer step weighs the same, on any number
+of processes and accumulation steps) and wires it into Lightning: logging, perplexity, optimizer and scheduler. It
+has no ``if model_type == ...`` branches: every network has the same interface.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -16,8 +18,19 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from litune.callbacks.throughput import log_exact
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX, LMOutput
+from litune.objective import (
+    BATCH_TAG,
+    gradient_divisor,
+    install_look_ahead,
+    step_objective,
+    steps_left_in_window,
+    targets_counter,
+    train_look_ahead,
+    uninstall_look_ahead,
+)
 from litune.optim import LRSchedule, param_groups
 from litune.tokenizer import TokenizerSource, load_tokenizer
 
@@ -69,6 +82,12 @@ class LitLM(L.LightningModule):
             )
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.tokens_seen = 0  # target tokens of all optimizer steps so far, all ranks; kept in checkpoints
+        self._window: tuple[int, int, int] | None = None  # (epoch, first batch_idx, end batch_idx) of this step
+        self._step_targets = torch.zeros((), dtype=torch.long)
+        self._window_loss: torch.Tensor | float = 0.0
+        self._window_targets: torch.Tensor | int = 0
+        self._estimated_warned = False
 
     def _check_optimizer(self) -> None:
         """Build the optimizer once on a probe parameter, so a bad learning rate fails now, not after spawning."""
@@ -87,12 +106,76 @@ class LitLM(L.LightningModule):
     def forward(self, **batch: torch.Tensor) -> LMOutput:
         return self.network(**batch)
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # Count each step's target tokens ahead of its first backward (see litune.objective).
+            install_look_ahead(self.trainer, targets_counter(self.network))
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            uninstall_look_ahead(self.trainer)
+
+    def on_train_start(self) -> None:
+        self._window = None
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One micro-batch's share of the step objective ``sum of token losses / N`` (see :mod:`litune.objective`)."""
+        batch = dict(batch)
+        tag = batch.pop(BATCH_TAG, None)
+        epoch = self.trainer.current_epoch
+        if self._window is None or self._window[0] != epoch or not self._window[1] <= batch_idx < self._window[2]:
+            self._start_window(batch, tag, batch_idx)
         out = self.network(**batch)
-        # Per batch, perplexity is exactly exp(mean token loss); a second log-softmax over [B, T, V] would cost memory.
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log("train/ppl", out.loss.detach().exp())
-        return out.loss
+        if out.loss_sum is None or out.num_targets is None:
+            raise ConfigError("data", "a training batch reached the network without 'labels'", "give batches labels")
+        self._window_loss = self._window_loss + out.loss_sum.detach().double()
+        self._window_targets = self._window_targets + out.num_targets
+        if batch_idx + 1 == self._window[2]:  # type: ignore[index]
+            self._end_window()
+        return step_objective(out.loss_sum, self._step_targets, gradient_divisor(self.trainer))
+
+    def _start_window(self, batch: dict[str, torch.Tensor], tag: tuple[int, int] | None, batch_idx: int) -> None:
+        """Count the target tokens of the optimizer step that starts at this micro-batch, over all ranks."""
+        trainer = self.trainer
+        length = steps_left_in_window(trainer, batch_idx)
+        look_ahead = train_look_ahead(trainer)
+        if tag is not None and look_ahead is not None:
+            local = look_ahead.targets_ahead(tag, length)
+        else:
+            # Not fed by the look-ahead wrapper (training_step called by hand, a non-dict batch): exact without
+            # accumulation, an estimate from this micro-batch with it.
+            local = targets_counter(self.network)(batch) * length
+            if length > 1 and not self._estimated_warned:
+                self._estimated_warned = True
+                warnings.warn(
+                    "the step's target tokens are estimated: batches do not come from LitLM's look-ahead", stacklevel=2
+                )
+        count = torch.tensor(local, dtype=torch.long, device=self.device)
+        self._step_targets = trainer.strategy.reduce(count, reduce_op="sum")
+        self._window = (trainer.current_epoch, batch_idx, batch_idx + length)
+        self._window_loss, self._window_targets = 0.0, 0
+
+    def _end_window(self) -> None:
+        """Log the step's token-weighted loss over all micro-batches and ranks, and count its tokens."""
+        local = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
+                             for v in (self._window_loss, self._window_targets)])  # fmt: skip
+        loss_sum, targets = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
+        if int(targets) != int(self._step_targets):
+            raise RuntimeError(
+                f"the network trained on {int(targets)} target tokens in this step but {int(self._step_targets)} were "
+                "counted ahead: its targets_from_labels does not match how its forward turns labels into targets"
+            )
+        self.tokens_seen += int(targets)
+        loss = loss_sum / max(targets, 1)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/ppl", math.exp(min(loss, 80.0)), on_step=True, on_epoch=False)
+        log_exact(self, {"train/tokens_seen": float(self.tokens_seen)})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["litune_objective"] = {"tokens_seen": self.tokens_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("litune_objective", {}).get("tokens_seen", 0))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput:
         return self._eval_step(batch, "val", self.val_ppl)

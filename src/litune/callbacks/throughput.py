@@ -1,4 +1,4 @@
-"""Throughput and model FLOPs utilization (MFU): tokens/s, samples/s, step time, tokens seen, elapsed time.
+"""Throughput and model FLOPs utilization (MFU): tokens/s, samples/s, step time, elapsed time.
 
 MFU follows PaLM (Chowdhery et al. 2022, appendix B)::
 
@@ -76,12 +76,16 @@ def batch_tokens(batch: Any) -> tuple[int, torch.Tensor, int]:
 
 
 class ThroughputMonitor(Callback):
-    """Logs ``perf/tokens_per_sec``, ``perf/samples_per_sec``, ``perf/step_time_s``, ``perf/mfu``,
-    ``perf/elapsed_s`` and ``train/tokens_seen`` every ``trainer.log_every_n_steps`` optimizer steps.
+    """Logs ``perf/tokens_per_sec``, ``perf/samples_per_sec``, ``perf/step_time_s``, ``perf/mfu`` and
+    ``perf/elapsed_s`` every ``trainer.log_every_n_steps`` optimizer steps.
+
+    ``train/tokens_seen`` (the target tokens trained on) is the LightningModule's (:class:`litune.module.LitLM`), which
+    counts every optimizer step exactly; the real tokens counted here (padding excluded, prompts included) measure
+    speed.
 
     Rates are averaged over the steps since the previous log; time spent in validation is excluded from them.
     ``perf/mfu`` is left out (not logged as zero) when the device's peak is unknown, e.g. on CPU, unless
-    ``peak_flops`` is given. Tokens seen and elapsed time are kept in checkpoints, so they continue on resume.
+    ``peak_flops`` is given. Elapsed time is kept in checkpoints, so it continues on resume.
 
     Args:
         peak_flops: dense peak FLOP/s of one device, overriding the table in :mod:`litune.tracking.peaks`
@@ -155,7 +159,6 @@ class ThroughputMonitor(Callback):
         self.tokens_seen += int(tokens)
         self.samples_seen += int(samples)
         metrics = {
-            "train/tokens_seen": float(self.tokens_seen),
             "perf/tokens_per_sec": tokens / seconds,
             "perf/samples_per_sec": samples / seconds,
             "perf/step_time_s": seconds / self._window_steps,
@@ -176,8 +179,8 @@ class ThroughputMonitor(Callback):
         return {"tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "elapsed_s": elapsed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.tokens_seen = int(state_dict["tokens_seen"])
-        self.samples_seen = int(state_dict["samples_seen"])
+        self.tokens_seen = int(state_dict.get("tokens_seen", 0))
+        self.samples_seen = int(state_dict.get("samples_seen", 0))
         self.elapsed_s = float(state_dict["elapsed_s"])
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from litune.errors import ConfigError
-from litune.models.output import IGNORE_INDEX, LMOutput, token_cross_entropy
+from litune.models.output import IGNORE_INDEX, LMOutput, lm_output
 from litune.models.transformer import (
     FIELD,
     MLP,
@@ -128,6 +128,11 @@ class Seq2SeqLM(nn.Module):
         (the others: see :class:`~litune.models.transformer.TransformerConfig`; here post-norm ``norm_first=False`` is
         the original Transformer, pre-norm the default because it trains more stably.)
     """
+
+    @staticmethod
+    def targets_from_labels(labels: torch.Tensor) -> torch.Tensor:
+        """The targets aligned with the logits: the labels themselves (the decoder input is shifted, not they)."""
+        return labels
 
     def __init__(
         self,
@@ -290,9 +295,7 @@ class Seq2SeqLM(nn.Module):
             decoder_padding = F.pad(labels[:, :-1] != IGNORE_INDEX, (1, 0), value=True)
         memory, memory_mask = self.encode(input_ids, attention_mask)
         logits, _ = self.decode(decoder_input_ids, memory, memory_mask, decoder_padding)
-        if labels is None:
-            return LMOutput(logits=logits)
-        return LMOutput(logits=logits, loss=token_cross_entropy(logits, labels), targets=labels)
+        return lm_output(logits, labels)
 
     @torch.no_grad()
     def generate(

@@ -1,0 +1,145 @@
+"""The token-weighted objective: the same global batch trains the same model whatever the micro-batch, accumulation
+and number of processes.
+
+One padded instruction data set (loss on the responses only) whose rows have very uneven target counts (1 to ~40
+tokens) trains the tiny GPT-2 for 3 optimizer steps of 4 rows each, in fp32 without dropout, with SGD + momentum (so a
+wrongly scaled gradient shows in the weights: Adam would hide a constant factor) and gradient clipping at a norm the
+first steps exceed. The parameters of every topology must agree within 1e-5 with one process at micro-batch 4, and the
+pre-clipping gradient norms (DeepSpeed's own, read from its engine) within round-off, which checks the scale that
+clipping sees. The mean of means (each micro-batch's own mean) moves the same weights far more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from litune.cli import main
+from litune_testing import NETWORK, REPO, TINY, run_litune
+
+TOLERANCE = 1e-5
+WORDS = "def return class import lambda yield while for if else try except with as pass raise".split()
+
+
+def write_instructions(path: Path, rows: int = 24) -> Path:
+    """Prompt/response rows whose responses have 1 to ~40 tokens (seeded), prompts 1 to 8 words."""
+    gen = torch.Generator().manual_seed(0)
+    with path.open("w") as f:
+        for i in range(rows):
+            prompt_words = 1 + int(torch.randint(0, 8, (), generator=gen))
+            response_words = [1, 2, 20, 3, 25, 1, 8, 14][i % 8] + int(torch.randint(0, 3, (), generator=gen))
+            pick = torch.randint(0, len(WORDS), (prompt_words + response_words,), generator=gen).tolist()
+            words = [WORDS[j] for j in pick]
+            row = {"prompt": " ".join(words[:prompt_words]), "response": " ".join(words[prompt_words:])}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def instructions(tmp_path_factory) -> Path:
+    return write_instructions(tmp_path_factory.mktemp("instructions") / "rows.jsonl")
+
+
+def objective_args(root: Path, data: Path, tokenizer_dir: Path, micro: int, *extra: str, mean_of_means=False) -> list:
+    """``litune fit`` arguments: 3 steps of global batch 4 on the instruction rows with micro-batch ``micro``."""
+    callbacks = [
+        {
+            "class_path": "litune_testing.StepRecorder",
+            "init_args": {"directory": str(root / "record"), "mean_of_means": mean_of_means},
+        }
+    ]
+    optimizer = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5, "momentum": 0.9}}
+    return [
+        "--config", str(TINY),
+        f"--model.tokenizer={tokenizer_dir}",
+        f"--model.network.init_args.config={json.dumps(NETWORK)}",
+        f"--model.optimizer={json.dumps(optimizer)}",
+        f"--data.init_args.path={data}", "--data.init_args.format=instruction", "--data.init_args.layout=pad",
+        "--data.init_args.block_size=64", "--data.init_args.val_fraction=0",
+        f"--data.init_args.batch_size={micro}", "--global_batch_size=4",
+        f"--runs_dir={root / 'runs'}",
+        "--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--trainer.precision=32-true",
+        "--trainer.gradient_clip_val=1.4",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+        *extra,
+    ]  # fmt: skip
+
+
+def fit_in_process(args: list[str]) -> None:
+    try:
+        assert main(["fit", *args]) == 0
+    finally:
+        os.environ.pop("LITUNE_RUN_DIR", None)
+
+
+def record(root: Path) -> dict:
+    return torch.load(root / "record" / "record.pt")
+
+
+def max_param_diff(a: dict, b: dict) -> float:
+    assert a["params"].keys() == b["params"].keys()
+    return max((a["params"][k] - b["params"][k]).abs().max().item() for k in a["params"])
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, instructions, tokenizer_dir):
+    """``one_process(micro, mean_of_means=False)``: the 1-process run with that micro-batch (accumulation 4/micro)."""
+    done: dict[tuple[int, bool], dict] = {}
+
+    def run(micro: int, mean_of_means: bool = False) -> dict:
+        if (micro, mean_of_means) not in done:
+            root = tmp_path_factory.mktemp(f"one-process-micro{micro}{'-mean-of-means' if mean_of_means else ''}")
+            fit_in_process(objective_args(root, instructions, tokenizer_dir, micro, mean_of_means=mean_of_means))
+            done[micro, mean_of_means] = record(root)
+        return done[micro, mean_of_means]
+
+    return run
+
+
+def assert_same_training(got: dict, want: dict) -> float:
+    """Same parameters (max abs difference < 1e-5), same step losses, grad norms and token counts; returns the diff."""
+    diff = max_param_diff(got, want)
+    assert diff < TOLERANCE, f"max parameter difference {diff:.3g}"
+    assert got["steps"].keys() == want["steps"].keys() == {1, 2, 3}
+    for step, metrics in want["steps"].items():
+        assert got["steps"][step]["train/tokens_seen"] == metrics["train/tokens_seen"]
+        assert got["steps"][step]["train/loss"] == pytest.approx(metrics["train/loss"], rel=1e-5)
+        assert got["steps"][step]["train/grad_norm"] == pytest.approx(metrics["train/grad_norm"], rel=1e-4)
+    return diff
+
+
+def test_accumulation_trains_what_one_big_micro_batch_trains(one_process) -> None:
+    big, accumulated = one_process(4), one_process(1)
+    diff = assert_same_training(accumulated, big)
+    print(f"\n1 process micro 4 vs micro 1 x accumulation 4: max parameter difference {diff:.3g}; {big['steps']}")
+    grad_norms = [m["train/grad_norm"] for m in big["steps"].values()]
+    assert grad_norms[0] > 1.4 > grad_norms[-1], "the first step is clipped, the last is not: both must see the right scale"
+    tokens = [m["train/tokens_seen"] for m in big["steps"].values()]
+    per_step = [b - a for a, b in zip([0.0, *tokens], tokens, strict=False)]
+    assert max(per_step) > 1.5 * min(per_step) > 0, "the steps' target counts differ: the data is uneven"
+
+
+def test_mean_of_means_differs_far_beyond_the_tolerance(one_process) -> None:
+    """The objective litune had before (and Lightning's default): micro-batch size changes the trained weights."""
+    diff = max_param_diff(one_process(1, mean_of_means=True), one_process(4, mean_of_means=True))
+    print(f"\nmean of means, micro 4 vs micro 1 x accumulation 4: max parameter difference {diff:.3g}")
+    assert diff > 1000 * TOLERANCE
+    # At micro-batch 4 without accumulation on one process, both objectives are the same mean over the batch's tokens.
+    assert max_param_diff(one_process(4, mean_of_means=True), one_process(4)) < TOLERANCE
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2"])
+def test_two_processes_train_what_one_process_trains(strategy, tmp_path, instructions, tokenizer_dir, one_process):
+    """2 processes x micro-batch 1 x accumulation 2 (DeepSpeed divides by its accumulation steps once more)."""
+    fragment = str(REPO / "configs" / "strategy" / f"{strategy}.yaml")
+    args = objective_args(tmp_path, instructions, tokenizer_dir, 1, "--config", fragment, "--trainer.devices=2")
+    run_litune("fit", *args)
+    got = record(tmp_path)
+    assert got["world_size"] == 2
+    diff = assert_same_training(got, one_process(4))
+    print(f"\n2 processes {strategy} micro 1 x accumulation 2 vs 1 process micro 4: max parameter difference {diff:.3g}")
