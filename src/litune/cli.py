@@ -1,32 +1,18 @@
-"""The ``litune`` command.
+"""The ``litune`` command: a dispatcher that imports only what the chosen subcommand needs.
 
-``litune fit | validate | test`` are Lightning's own ``LightningCLI`` subcommands: several ``--config`` files merge
-(last wins), dotted overrides such as ``--trainer.max_steps=50`` work, and the resolved config is saved in the run
-folder. Every other subcommand is a module in :mod:`litune.commands` with ``main(argv) -> int``.
+``litune fit | validate | test`` are Lightning's own ``LightningCLI`` subcommands (:mod:`litune.commands.fit`);
+every other subcommand is a module in :mod:`litune.commands` with ``main(argv) -> int``. Nothing heavy is imported
+here: torch, transformers and Lightning together take seconds to import, and ``litune --help``, ``litune report`` or
+``litune estimate --help`` need none of them.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
-import time
-import warnings
-from pathlib import Path
 from typing import Any
 
-import yaml
-from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from torchmetrics import Metric
-
-from litune.callbacks.run_info import log_once
-from litune.callbacks.wiring import add_tracking, add_tracking_arguments
 from litune.errors import ConfigError
-from litune.module import LitLM
-from litune.strategies import apply_global_batch_size, check_trainer_config
 
 COMMANDS: dict[str, str] = {
     "generate": "litune.commands.generate",
@@ -37,6 +23,9 @@ COMMANDS: dict[str, str] = {
 }
 """Subcommands outside LightningCLI: name -> module with ``main(argv: list[str]) -> int``."""
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+"""Subcommands that LightningCLI runs (:mod:`litune.commands.fit`)."""
+
 USAGE = """usage: litune {fit,validate,test,generate,prepare,export,estimate,report} ...
 
   fit | validate | test   train or evaluate from --config files (LightningCLI; `litune fit --help` lists every field)
@@ -45,257 +34,47 @@ USAGE = """usage: litune {fit,validate,test,generate,prepare,export,estimate,rep
   export                  write a checkpoint of any strategy as a Hugging Face model folder
   estimate                per-device memory of a config under each strategy, before launching
   report                  plots and a summary table of one or several run folders
+
+`litune COMMAND --help` describes one command.
 """
 
 RUN_DIR_ENV = "LITUNE_RUN_DIR"
 """Set by the first process (or a launch script) so that every rank of a run writes into the same run folder."""
 
-
-def _rank_env_run_id() -> str | None:
-    """A run id that every rank of an externally launched job shares (torchrun, SLURM), when one exists.
-
-    ``LITUNE_RUN_ID`` is for launchers that have no job id of their own (launch/deepspeed.sh sets it).
-    """
-    for var in ("LITUNE_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
-        value = os.environ.get(var)
-        if value and value != "none":
-            return value
-    return None
+_FIT_NAMES = ("LituneCLI", "RunConfigSaver", "resolve_run_dir", "load_datamodule")
 
 
-def resolve_run_dir(runs_dir: str, experiment: str, ckpt_path: str | None) -> tuple[Path, str | None]:
-    """Pick the run folder and resolve ``ckpt_path="last"``.
-
-    A new run gets ``runs_dir/<YYYYmmdd-HHMMSS>-<experiment>`` (sorts by time, says what it is). A resumed run
-    (``ckpt_path`` given) continues in the folder its checkpoint lives in; ``ckpt_path="last"`` means the newest run of
-    this experiment that has a ``checkpoints/last.ckpt``.
-
-    Returns:
-        The run folder and the checkpoint path to resume from (``None`` for a new run).
-    """
-    if os.environ.get(RUN_DIR_ENV):
-        run_dir = Path(os.environ[RUN_DIR_ENV])
-        if ckpt_path == "last":
-            ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
-        return run_dir, ckpt_path
-    if ckpt_path == "last":
-        candidates = sorted(Path(runs_dir).glob(f"*-{experiment}"))
-        candidates = [c for c in candidates if (c / "checkpoints" / "last.ckpt").exists()]
-        if not candidates:
-            raise ConfigError(
-                "ckpt_path",
-                f"no run of experiment '{experiment}' under {runs_dir}/ has checkpoints/last.ckpt",
-                "give the checkpoint's path instead of 'last', or check --experiment and --runs_dir",
-            )
-        return candidates[-1], str(candidates[-1] / "checkpoints" / "last.ckpt")
-    if ckpt_path:
-        path = Path(ckpt_path)
-        if not path.exists():
-            raise ConfigError("ckpt_path", f"{ckpt_path} does not exist", "give an existing checkpoint, or 'last'")
-        if path.parent.name == "checkpoints":
-            return path.parent.parent, ckpt_path
-    run_id = _rank_env_run_id()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    if run_id is not None:
-        return Path(runs_dir) / f"{experiment}-job{run_id}", ckpt_path
-    run_dir = Path(runs_dir) / f"{stamp}-{experiment}"
-    suffix = 1
-    while run_dir.exists():  # two runs started within the same second (a sweep, a script)
-        suffix += 1
-        run_dir = Path(runs_dir) / f"{stamp}.{suffix}-{experiment}"  # sorts after the first
-    return run_dir, ckpt_path
-
-
-class RunConfigSaver(SaveConfigCallback):
-    """Saves the resolved config as ``config.yaml`` in the run folder (not in a logger's sub-folder)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, save_to_log_dir=False, **kwargs)
-
-    def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        if trainer.is_global_zero:
-            run_dir = Path(trainer.default_root_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # Secrets removed, and the config logged to every logger too (litune.callbacks.run_info).
-            log_once(trainer, self.config_filename, yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
-
-
-class LituneCLI(LightningCLI):
-    """LightningCLI with litune's run folders, checkpointing defaults and early config checks."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("save_config_callback", RunConfigSaver)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        inherited_run_dir = os.environ.get(RUN_DIR_ENV)
-        try:
-            super().__init__(LitLM, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
-        finally:
-            # The run folder is shared with this run's ranks only: a next run in the same Python process (a
-            # notebook, a test) must get a folder of its own.
-            if inherited_run_dir is None:
-                os.environ.pop(RUN_DIR_ENV, None)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--experiment", type=str, default="litune", help="Experiment name, part of the run folder.")
-        parser.add_argument("--runs_dir", type=str, default="runs", help="Where run folders are created.")
-        parser.add_argument(
-            "--validate_before_fit", type=bool, default=False, help="Run validation at step 0 before training."
-        )
-        parser.add_argument(
-            "--global_batch_size",
-            type=int | None,
-            default=None,
-            help="Sequences per optimizer step over all processes; trainer.accumulate_grad_batches is derived from it, "
-            "data.init_args.batch_size and the world size (devices x nodes).",
-        )
-        # The tokenizer is configured once, on the model (a checkpoint must know how to decode); the data gets a copy.
-        parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="parse")
-        add_tracking_arguments(parser)  # --loggers=[csv,tensorboard,wandb]
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.save_last": True,
-                "checkpoint.filename": "step{step:06d}",
-                "checkpoint.auto_insert_metric_name": False,
-            }
-        )
-
-    def _section(self) -> Namespace:
-        return self.config[self.subcommand] if self.subcommand else self.config
-
-    def before_instantiate_classes(self) -> None:
-        cfg = self._section()
-        check_trainer_config(cfg.trainer)  # fp16 on CPU, devices > cores, ...: fail before any process is spawned
-        if self.subcommand is None:
-            return
-        run_dir, ckpt_path = resolve_run_dir(cfg.runs_dir, cfg.experiment, cfg.get("ckpt_path"))
-        if "ckpt_path" in cfg:
-            cfg.ckpt_path = ckpt_path
-        os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the ranks that Lightning's launcher starts
-        self.run_dir = run_dir
-        cfg.trainer.default_root_dir = str(run_dir)
-        if cfg.checkpoint.dirpath is None:
-            cfg.checkpoint.dirpath = str(run_dir / "checkpoints")
-        add_tracking(cfg)  # loggers by name, wandb id of the resumed run, throughput/MFU/memory/... callbacks
-        cfg.trainer.logger = _loggers_in(run_dir, cfg.trainer.logger)
-
-    def after_instantiate_classes(self) -> None:
-        global_batch_size = self._section().get("global_batch_size")
-        if global_batch_size is not None and self.trainer is not None:
-            micro_batch_size = getattr(self.datamodule, "batch_size", None)
-            if micro_batch_size is None:
-                raise ConfigError("global_batch_size", "the data module has no batch_size", "remove global_batch_size")
-            apply_global_batch_size(self.trainer, micro_batch_size, global_batch_size)
-        if self.subcommand is None:
-            return
-        network = self.model.network
-        block_size = getattr(self.datamodule, "block_size", None)
-        max_len = getattr(network, "max_seq_len", None)
-        if block_size is not None and max_len is not None and block_size > max_len:
-            raise ConfigError(
-                "data.init_args.block_size",
-                f"block_size={block_size} is longer than the model's context of {max_len} tokens",
-                f"set data.init_args.block_size to at most {max_len}",
-            )
-
-    def before_fit(self) -> None:
-        self.start_metrics: dict[str, float] = {}
-        if self._section().validate_before_fit and not self._section().get("ckpt_path"):
-            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-            self.start_metrics = _scalars(self.trainer.callback_metrics)
-            self.trainer.num_sanity_val_steps = 0  # just validated in full
-            # validate() ran in inference mode, so the metrics' states are inference tensors that fit's own
-            # validation could not update in place: recreate them out here.
-            for metric in self.model.modules():
-                if isinstance(metric, Metric):
-                    metric.reset()
-
-    def after_fit(self) -> None:
-        trainer = self.trainer
-        if self.start_metrics and getattr(self.model, "_last_val_step", None) != trainer.global_step:
-            trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-        end_metrics = _scalars(trainer.callback_metrics)
-        if not trainer.is_global_zero:
-            return
-        lines = [f"run folder: {trainer.default_root_dir}"]
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None and ckpt.last_model_path:
-            lines.append(f"checkpoint: {ckpt.last_model_path}")
-        for key in ("val/loss", "val/ppl"):
-            if key in self.start_metrics:
-                lines.append(f"{key} at step 0: {self.start_metrics[key]:.3f}")
-            if key in end_metrics:
-                lines.append(f"{key} at step {trainer.global_step}: {end_metrics[key]:.3f}")
-        print("\n".join(["", "litune fit finished", *lines]), flush=True)
-
-
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()}
-
-
-def _loggers_in(run_dir: Path, logger: Any) -> Any:
-    """Point the configured loggers at the run folder; the default (``True``) is CSV plus TensorBoard there."""
-    if logger is True or logger is None:
-        logger = [
-            Namespace(class_path="litune.loggers.CSVLogger", init_args=Namespace()),
-            Namespace(class_path="litune.loggers.TensorBoardLogger", init_args=Namespace()),
-        ]
-    if logger is False:
-        return logger
-    for entry in logger if isinstance(logger, list) else [logger]:
-        if isinstance(entry, Namespace) and isinstance(entry.get("init_args"), Namespace):
-            args = entry.init_args
-            if args.get("save_dir") in (None, ".", ""):
-                args.save_dir = str(run_dir)
-            if "CSVLogger" in entry.class_path or "TensorBoardLogger" in entry.class_path:
-                # name="" and version="" put the files straight into the run folder, not lightning_logs/version_N
-                args.name = args.get("name") if args.get("name") not in (None, "lightning_logs") else ""
-                args.version = args.get("version") if args.get("version") is not None else ""
-    return logger
-
-
-def load_datamodule(argv: list[str]) -> LightningDataModule:
-    """Parse ``--config`` files and overrides as ``litune fit`` does, and build only the data module.
-
-    Used by ``litune prepare``: no model weights are loaded and no trainer is built.
-    """
-    with warnings.catch_warnings():
-        # sys.argv holds `litune prepare ...` too; LightningCLI warns about that, but argv is the intended input.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = _DataOnlyCLI(args=argv, run=False)
-    return cli.datamodule
-
-
-class _DataOnlyCLI(LituneCLI):
-    def instantiate_classes(self) -> None:
-        from jsonargparse import ArgumentParser
-
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_subclass_arguments(LightningDataModule, "data")
-        parsed = parser.parse_object({"data": self.config.data.as_dict()})
-        self.datamodule = parser.instantiate_classes(parsed).data
-        self.model = None
-        self.trainer = None
+def __getattr__(name: str) -> Any:
+    # `from litune.cli import LituneCLI` keeps working; the import of Lightning happens only when asked for.
+    if name in _FIT_NAMES:
+        return getattr(importlib.import_module("litune.commands.fit"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``litune`` console script."""
+    """Entry point of the ``litune`` console script.
+
+    Args:
+        argv: arguments after ``litune``; ``None`` reads ``sys.argv`` (LightningCLI then parses it itself).
+
+    Returns:
+        The exit status: 0, or 2 for a bare ``litune`` and for a configuration error (printed as one paragraph).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
-        if not args:
-            return 2
+        return 2 if not args else 0
     try:
-        if args and args[0] in COMMANDS:
+        if args[0] in COMMANDS:
             return int(importlib.import_module(COMMANDS[args[0]]).main(args[1:]) or 0)
-        LituneCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+        # fit/validate/test, and anything else (LightningCLI names the valid subcommands in its own error).
+        return importlib.import_module("litune.commands.fit").main(argv)
     except Exception as err:
         config_error = find_config_error(err)
         if config_error is None:
             raise
         print(f"litune: configuration error: {config_error}", file=sys.stderr)
         return 2
-    return 0
 
 
 def find_config_error(err: BaseException) -> ConfigError | None:

@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
     Returns:
         0 on success (configuration errors propagate as :class:`ConfigError`; the CLI prints them and exits 2).
     """
-    from litune.cli import find_config_error, load_datamodule
+    from litune.cli import find_config_error
+    from litune.commands.fit import load_datamodule
 
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
