@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -76,6 +77,19 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict[str, float]:
     return {"saved": sum(seen.values()), "peak": peak, "time": time.perf_counter() - start}
 
 
+def _child_argv(argv: list[str]) -> list[str]:
+    """The parent's arguments without ``--arch`` and ``--json`` (and their values): the child prints, never writes."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--arch", "--json"):
+            skip = True
+        elif not arg.startswith(("--arch=", "--json=")):
+            out.append(arg)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["decoder", "seq2seq", "both"], default="both")
@@ -86,26 +100,37 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="A tiny model: checks the script in seconds.")
+    parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     parser.add_argument("--child", choices=["off", "on"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.d_model, args.nhead, args.layers, args.seq, args.batch, args.vocab = 64, 2, 2, 64, 2, 512
     if args.child:
         print(json.dumps(measure(args, args.child == "on")))
         return
     mib = 2**20
     print(f"size: d_model={args.d_model} nhead={args.nhead} layers={args.layers} seq={args.seq} batch={args.batch} "
           f"vocab={args.vocab} device={args.device} torch={torch.__version__}")  # fmt: skip
+    report = {"benchmark": "checkpointing", "command": " ".join(sys.argv), "args": vars(args), "results": {}}
     for arch in ["decoder", "seq2seq"] if args.arch == "both" else [args.arch]:
         results = {}
         for setting in ("off", "on"):
-            argv = [a for a in sys.argv[1:] if not a.startswith("--arch")] + ["--arch", arch, "--child", setting]
-            out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=True)
+            argv = _child_argv(sys.argv[1:]) + ["--arch", arch]
+            out = subprocess.run(
+                [sys.executable, __file__, *argv, "--child", setting], capture_output=True, text=True, check=True
+            )
             results[setting] = json.loads(out.stdout.strip().splitlines()[-1])
+        report["results"][arch] = results
         off, on = results["off"], results["on"]
         print(f"{arch:8s} saved activations: {off['saved'] / mib:8.1f} MiB -> {on['saved'] / mib:7.1f} MiB "
               f"({on['saved'] / off['saved']:.3f}x, {1 - on['saved'] / off['saved']:.1%} saved) | "
               f"peak growth: {off['peak'] / mib:8.1f} MiB -> {on['peak'] / mib:7.1f} MiB "
               f"({on['peak'] / max(off['peak'], 1):.3f}x) | step time {off['time']:.2f}s -> {on['time']:.2f}s "
               f"({on['time'] / off['time']:.2f}x)")  # fmt: skip
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

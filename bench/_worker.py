@@ -1,0 +1,128 @@
+"""The baselines that ``bench_overhead.py`` times against ``litune fit``: one training run per process.
+
+    python bench/_worker.py loop SPEC.json       # a hand-written PyTorch loop
+    python bench/_worker.py trainer SPEC.json    # transformers.Trainer with its defaults
+
+``SPEC.json`` (written by :mod:`_harness`) names the model folder, tokenizer, corpus, batch, steps, precision, device
+and where to write the per-step losses. Both baselines take their batches from the same ``TextDataModule`` litune uses
+(same tokens, same collation into ``input_ids``/``attention_mask``/``labels``) and start from the same saved weights,
+so any difference in time is the training loop's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _datamodule(spec: dict):
+    from litune.data.text import TextDataModule
+
+    dm = TextDataModule(
+        tokenizer=spec["tokenizer"],
+        path=spec["corpus"],
+        block_size=spec["block_size"],
+        batch_size=spec["batch_size"],
+        val_fraction=0.0,
+        seed=spec["seed"],
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    # The grouping every careful hand-written loop uses (nanoGPT's): decay matrices, not biases and norms.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def run_loop(spec: dict) -> list[float]:
+    """The loop a user writes by hand: AdamW, autocast in bf16-mixed, ``loss.item()`` every step (to log it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(spec["seed"])
+    device = torch.device(spec["device"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
+    model.to(device).train()
+    if spec.get("compile"):
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(_param_groups(model, spec["weight_decay"]), lr=spec["lr"], betas=(0.9, 0.999))
+    bf16 = spec["precision"] == "bf16-mixed"
+    dm = _datamodule(spec)
+    loader = dm.train_dataloader()
+    losses: list[float] = []
+    step = 0
+    while step < spec["steps"]:
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            if step == spec["steps"]:
+                break
+    return losses
+
+
+def run_trainer(spec: dict) -> list[float]:
+    """``transformers.Trainer`` with the same model, batches, optimizer settings and steps; its defaults otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    torch.manual_seed(spec["seed"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
+    dm = _datamodule(spec)
+    losses: list[float] = []
+
+    class KeepLosses(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    args = TrainingArguments(
+        output_dir=spec["out_dir"],
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        learning_rate=spec["lr"],
+        weight_decay=spec["weight_decay"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=0.0,  # litune and the loop do not clip either
+        logging_steps=1,  # as the other two sides: the loss of every step
+        save_strategy="no",
+        report_to=[],
+        bf16=spec["precision"] == "bf16-mixed",
+        use_cpu=spec["device"] == "cpu",
+        seed=spec["seed"],
+        torch_compile=bool(spec.get("compile")),
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dm.train_set.remove_columns([c for c in dm.train_set.column_names if c != "input_ids"]),
+        data_collator=dm.collator(),
+        callbacks=[KeepLosses()],
+    )
+    trainer.train()
+    return losses
+
+
+def main() -> None:
+    side, spec_path = sys.argv[1], Path(sys.argv[2])
+    spec = json.loads(spec_path.read_text())
+    start = time.perf_counter()
+    losses = {"loop": run_loop, "trainer": run_trainer}[side](spec)
+    Path(spec["losses"]).write_text(json.dumps({"losses": losses, "in_process_s": time.perf_counter() - start}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every GPU benchmark and GPU-only test in one command, on one CUDA device (H100/H200: under 8 minutes).
+#
+#   bash bench/gpu.sh                 # on a GPU machine; results under $OUT (default bench-results/gpu-<date>)
+#   bash bench/gpu.sh --dry-run       # the same steps on CPU at tiny sizes: checks the script (tests/test_bench.py)
+#
+# Each step writes a JSON and a text table into $OUT; the tables also go to stdout. A failing step is reported and the
+# next one still runs (GPU minutes are scarce: one failure must not waste the rest); the exit status is 1 if any failed.
+# Copy the numbers into docs/benchmarks.md with the device name (in $OUT/machine.txt) and this command.
+set -uo pipefail
+
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(dirname "$HERE")"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+OUT="${OUT:-$REPO/bench-results/gpu-$(date -u +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT"
+FAILED=()
+
+step() {  # step NAME COMMAND...: run one benchmark, keep its output, never stop the script
+  local name="$1"; shift
+  echo "=== $name: $*" | tee -a "$OUT/log.txt"
+  local start=$SECONDS
+  if "$@" > >(tee "$OUT/$name.txt") 2> "$OUT/$name.err"; then
+    echo "=== $name: ok in $((SECONDS - start)) s" | tee -a "$OUT/log.txt"
+  else
+    echo "=== $name: FAILED after $((SECONDS - start)) s (see $OUT/$name.err)" | tee -a "$OUT/log.txt"
+    tail -n 20 "$OUT/$name.err"
+    FAILED+=("$name")
+  fi
+}
+
+if (( DRY_RUN )); then
+  DEVICE=cpu; PRECISION=32-true; SIZE=tiny; QUICK=(--quick); PEAK=()
+  echo "dry run on CPU: tiny sizes, quick modes" > "$OUT/machine.txt"
+else
+  DEVICE=cuda; PRECISION=bf16-mixed; SIZE=gpt2; QUICK=()
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/machine.txt" 2>&1 || true
+  # Dense bf16 peak of the device, for MFU (H100 SXM 989 TFLOP/s; H200 the same chip): override with PEAK_FLOPS.
+  PEAK=(--peak-flops "${PEAK_FLOPS:-989e12}")
+fi
+"$PYTHON" -c "import sys; sys.path.insert(0, '$HERE'); import json, _harness; print(json.dumps(_harness.versions()))" \
+  >> "$OUT/machine.txt"
+cat "$OUT/machine.txt"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+
+# 1. GPU-only tests (skipped without CUDA, so the dry run only collects them).
+if (( DRY_RUN )); then
+  step gpu-tests "$PYTHON" -m pytest "$REPO/tests" -m gpu -q --collect-only
+else
+  step gpu-tests "$PYTHON" -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider
+fi
+
+# 2. GPT-2 124M, bf16-mixed, flash SDPA: litune vs the hand-written loop vs transformers.Trainer, with and without
+#    torch.compile; tokens/s and MFU. One round (GPU steps are steady; compile time is start-up, excluded).
+step overhead "$PYTHON" "$HERE/bench_overhead.py" --sizes "$SIZE" --device "$DEVICE" --precision "$PRECISION" \
+  --rounds 1 --steps 20 120 --threads "$OMP_NUM_THREADS" "${PEAK[@]}" "${QUICK[@]}" \
+  --json "$OUT/overhead.json"
+
+# 3. Activation memory with and without gradient checkpointing.
+step checkpointing "$PYTHON" "$HERE/bench_checkpointing.py" --device "$DEVICE" "${QUICK[@]}" \
+  --json "$OUT/checkpointing.json"
+
+echo "results in $OUT"
+if (( ${#FAILED[@]} )); then
+  echo "failed steps: ${FAILED[*]}"
+  exit 1
+fi

@@ -1,0 +1,38 @@
+"""The benchmarks keep running: ``bench/gpu.sh --dry-run`` runs every benchmark's ``--quick`` mode on CPU.
+
+No speed is asserted (the machine is shared); what is checked is that each script runs to the end, prints its table
+and writes its JSON, and that litune and the hand-written loop, fed the same batches, log the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_runs_every_benchmark_quick_mode(tmp_path: Path) -> None:
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh"), "--dry-run"], env=env, capture_output=True, text=True, timeout=1500
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = tmp_path / "out"
+    overhead = json.loads((out / "overhead.json").read_text())
+    tiny = overhead["results"]["tiny"]
+    assert set(tiny) >= {"litune", "loop", "trainer"}
+    steps = overhead["args"]["steps"][1]
+    assert len(tiny["litune"]["losses"]) == len(tiny["loop"]["losses"]) == steps
+    # Same weights, same batches, same optimizer, fp32: the per-step losses agree to float noise.
+    diffs = [abs(a - b) for a, b in zip(tiny["litune"]["losses"], tiny["loop"]["losses"], strict=True)]
+    assert max(diffs) < 1e-4, diffs
+    assert "| tiny | litune |" in (out / "overhead.txt").read_text()
+    assert json.loads((out / "checkpointing.json").read_text())["results"]["decoder"]["on"]["saved"] > 0
