@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from litune.cli import main
+from litune.models.hf import HFCausalLM
+from litune.models.output import IGNORE_INDEX
+from litune.module import LitLM
 from litune_testing import NETWORK, REPO, TINY, run_litune
 
 TOLERANCE = 1e-5
@@ -143,3 +149,53 @@ def test_two_processes_train_what_one_process_trains(strategy, tmp_path, instruc
     assert got["world_size"] == 2
     diff = assert_same_training(got, one_process(4))
     print(f"\n2 processes {strategy} micro 1 x accumulation 2 vs 1 process micro 4: max parameter diff {diff:.3g}")
+
+
+def tiny_system(seed: int = 0) -> LitLM:
+    torch.manual_seed(seed)
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 64}
+    network = HFCausalLM(config={**config, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+    return LitLM(network, optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9))
+
+
+def python_fit(system: LitLM, rows: list[dict], batch_size: int, accumulate: int, steps: int) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, accumulate_grad_batches=accumulate, logger=False, limit_val_batches=0,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(system, DataLoader(rows, batch_size=batch_size))
+    return trainer
+
+
+def test_a_micro_batch_without_targets_adds_zero_loss_and_zero_gradient() -> None:
+    system = tiny_system()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    out = system.network(input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX))
+    assert out.num_targets == 0 and out.loss_sum == 0 and out.loss == 0  # 0, not the 0/0 = NaN of a mean
+    out.loss_sum.backward()
+    assert all(p.grad is None or not p.grad.any() for p in system.parameters())
+
+    # Through the Trainer: a step of [rows, prompt-only rows] (accumulation 2) trains exactly what [rows] alone does.
+    rows = [{"input_ids": r, "labels": r.clone()} for r in ids]
+    empty = [{"input_ids": r, "labels": torch.full_like(r, IGNORE_INDEX)} for r in ids]
+    with_empty, alone = tiny_system(), tiny_system()
+    python_fit(with_empty, rows + empty, batch_size=2, accumulate=2, steps=1)
+    python_fit(alone, rows, batch_size=2, accumulate=1, steps=1)
+    for (name, a), b in zip(with_empty.named_parameters(), alone.parameters(), strict=True):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert with_empty.tokens_seen == alone.tokens_seen == 2 * 9
+
+
+def test_prepare_drops_and_reports_rows_without_a_target(tmp_path, tokenizer_dir, capsys) -> None:
+    """An instruction whose prompt fills block_size keeps no response token after truncation: dropped, counted."""
+    data = write_instructions(tmp_path / "rows.jsonl", rows=6)
+    with data.open("a") as f:
+        for _ in range(2):
+            f.write(json.dumps({"prompt": " ".join(WORDS * 6), "response": "pass"}) + "\n")
+    args = ["--config", str(TINY), f"--model.tokenizer={tokenizer_dir}", f"--data.init_args.path={data}",
+            "--data.init_args.format=instruction", "--data.init_args.layout=pad", "--data.init_args.block_size=64",
+            "--data.init_args.val_fraction=0", f"--data.init_args.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert main(["prepare", *args]) == 0
+    out = capsys.readouterr().out
+    assert "rows without a target token dropped: 2" in out and "train: 6 rows" in out, out

@@ -19,6 +19,7 @@ def format_stats(stats: dict, cache_hit: bool | None, seconds: float) -> str:
         f"samples: {stats.get('samples', 0):,}",
         f"tokens: {stats.get('tokens', 0):,}",
         f"truncated samples: {stats.get('truncated', 0):,}",
+        f"rows without a target token dropped: {stats.get('untrainable_rows_dropped', 0):,}",
     ]
     if stats.get("bad_rows_skipped"):
         examples = "; ".join(stats.get("bad_row_examples", []))

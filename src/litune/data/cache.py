@@ -19,7 +19,7 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bumped whenever the on-disk layout or the processing changes meaning, to invalidate old caches."""
 
 

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from litune.data import formats, packing, sources
 from litune.data.stdlib import STDLIB_SOURCE, stdlib_python_files
 from litune.errors import ConfigError
+from litune.models.output import IGNORE_INDEX
 
 
 @dataclass
@@ -274,6 +275,28 @@ def lay_out(ds: datasets.Dataset, spec: DataSpec) -> tuple[datasets.Dataset, int
     return ds.map(fn, batched=True, batch_size=10_000, remove_columns=spec.token_columns(), **kwargs), n
 
 
+def _trainable(batch: dict[str, list]) -> list[bool]:
+    """Whether each row has at least one next-token target: a label other than -100 after its first position (the
+    first token of a row has no context in the row to be predicted from). Rows without ``labels`` train on
+    ``input_ids``, so they need two tokens."""
+    if "labels" in batch:
+        return [any(t != IGNORE_INDEX for t in row[1:]) for row in batch["labels"]]
+    return [len(row) > 1 for row in batch["input_ids"]]
+
+
+def drop_untrainable(rows: datasets.Dataset, streaming: bool = False) -> tuple[datasets.Dataset, int]:
+    """Drop laid-out rows that have no target token (e.g. an instruction whose prompt fills ``block_size``).
+
+    Such a row trains nothing and, alone in a micro-batch, used to make the mean loss 0/0 = NaN. The objective
+    handles empty micro-batches anyway (zero loss, zero gradient); dropping the rows saves their compute.
+
+    Returns:
+        The remaining rows and how many were dropped (0 for a stream, whose length is unknown).
+    """
+    kept = rows.filter(_trainable, batched=True)
+    return kept, 0 if streaming else len(rows) - len(kept)
+
+
 def _lengths(batch: dict[str, list]) -> dict[str, list]:
     return {"length": [len(x) for x in batch["input_ids"]]}
 
@@ -313,7 +336,7 @@ def build(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.
         else:
             split_rows_later = True
     parts = {"train": train_raw} if val_raw is None else {"train": train_raw, "validation": val_raw}
-    samples, tokens, truncated, out = 0, 0, 0, {}
+    samples, tokens, truncated, untrainable, out = 0, 0, 0, 0, {}
     for name, raw in parts.items():
         tok = tokenize(raw, spec, tokenizer)
         if name == "train" and len(tok) == 0:
@@ -321,7 +344,15 @@ def build(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.
         samples += len(tok)
         tokens += pc.sum(pc.list_value_length(tok.data.column("input_ids"))).as_py() or 0  # in Arrow: no Python pass
         rows, n = lay_out(tok, spec)
+        rows, dropped = drop_untrainable(rows)
+        if name == "train" and len(rows) == 0:
+            raise ConfigError(
+                "data",
+                f"no training row has a token to learn: all {dropped} rows are prompt only (labels all -100)",
+                "check the response/assistant columns, or raise block_size so responses are not cut off",
+            )
         truncated += n
+        untrainable += dropped
         out[name] = rows
     if split_rows_later:
         out["train"], out["validation"] = _split_rows(out["train"], spec)
@@ -330,6 +361,7 @@ def build(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.
         "samples": samples,
         "tokens": tokens,
         "truncated": truncated,
+        "untrainable_rows_dropped": untrainable,
         "bad_rows_skipped": report.bad_rows,
         "bad_row_examples": report.bad_row_examples[:5],
     }

@@ -15,7 +15,7 @@ import datasets
 from datasets.distributed import split_dataset_by_node
 from transformers import PreTrainedTokenizerBase
 
-from litune.data.pipeline import DataSpec, lay_out, load_raw, tokenize
+from litune.data.pipeline import DataSpec, drop_untrainable, lay_out, load_raw, tokenize
 
 
 def _held_out(index: int, seed: int, fraction: float) -> bool:
@@ -47,7 +47,7 @@ def streaming_splits(
             continue
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
         rows, _ = lay_out(tokenize(ds, spec, tokenizer), spec)
-        out.append(rows)
+        out.append(drop_untrainable(rows, streaming=True)[0])
     out[0] = out[0].shuffle(seed=spec.seed, buffer_size=shuffle_buffer)
     return out[0], out[1]
 
