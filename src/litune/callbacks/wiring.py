@@ -26,6 +26,11 @@ _TRACKING_CALLBACKS: list[tuple[str, dict[str, Any]]] = [
     ("litune.callbacks.EnvironmentLogger", {}),
     ("lightning.pytorch.callbacks.LearningRateMonitor", {"logging_interval": "step"}),
 ]
+_RESILIENCE_CALLBACKS: list[tuple[str, dict[str, Any]]] = [
+    ("litune.callbacks.ExactResume", {}),  # random-number states per rank, metrics.csv without a killed attempt's tail
+    ("litune.callbacks.Preemption", {}),  # SIGTERM/SIGUSR1: save at the next step boundary, exit 75, SLURM requeue
+]
+_ATOMIC_IO = "litune.strategies.atomic.AtomicCheckpointIO"
 _PROGRESS_BAR = "litune.callbacks.LituneProgressBar"
 _WANDB_RUN_ID = "litune.loggers.WandbRunId"
 
@@ -62,7 +67,11 @@ def add_tracking(cfg: Namespace) -> None:
     * ``--loggers`` names become logger entries (an unknown name raises a ConfigError listing the valid ones);
     * a wandb logger resuming from ``ckpt_path`` gets the wandb run id stored in that checkpoint;
     * the tracking callbacks (throughput/MFU, memory, gradient norm, environment, learning rate, the wandb id keeper)
-      and the progress bar are appended to ``trainer.callbacks`` unless already listed there.
+      and the progress bar are appended to ``trainer.callbacks`` unless already listed there, and so are the
+      callbacks that make runs survive kills (:class:`~litune.callbacks.ExactResume`,
+      :class:`~litune.callbacks.Preemption`);
+    * checkpoint files are written atomically (:class:`~litune.strategies.atomic.AtomicCheckpointIO` in
+      ``trainer.plugins``) unless a ``CheckpointIO`` is configured there.
     """
     trainer = cfg.trainer
     if cfg.get("loggers") is not None:
@@ -82,7 +91,7 @@ def add_tracking(cfg: Namespace) -> None:
 
     callbacks = _as_list(trainer.get("callbacks"))
     present = {_class_name(c) for c in callbacks}
-    wanted = list(_TRACKING_CALLBACKS)
+    wanted = list(_TRACKING_CALLBACKS) + list(_RESILIENCE_CALLBACKS)
     if trainer.logger is False or trainer.logger == []:  # LearningRateMonitor refuses to run without a logger
         wanted = [w for w in wanted if not w[0].endswith("LearningRateMonitor")]
     # Always kept, even without wandb: a run resumed with a different set of loggers then finds the state it expects.
@@ -94,3 +103,6 @@ def add_tracking(cfg: Namespace) -> None:
         if class_path.rsplit(".", 1)[-1] not in present:
             callbacks.append(Namespace(class_path=class_path, init_args=Namespace(**init_args)))
     trainer.callbacks = callbacks
+    plugins = _as_list(trainer.get("plugins"))
+    if not any("CheckpointIO" in _class_name(p) for p in plugins):  # a user's own CheckpointIO (e.g. async) wins
+        trainer.plugins = [*plugins, Namespace(class_path=_ATOMIC_IO, init_args=Namespace())]

@@ -8,6 +8,7 @@ only when one of these subcommands runs, so ``litune --help`` and the light subc
 from __future__ import annotations
 
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -20,12 +21,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from torchmetrics import Metric
 
+from litune.callbacks.preemption import Preempted
 from litune.callbacks.run_info import log_once
 from litune.callbacks.wiring import add_tracking, add_tracking_arguments
 from litune.cli import RUN_DIR_ENV
 from litune.errors import ConfigError
 from litune.module import LitLM
 from litune.strategies import apply_global_batch_size, check_trainer_config
+from litune.strategies.atomic import recover
 
 
 def _rank_env_run_id() -> str | None:
@@ -40,12 +43,28 @@ def _rank_env_run_id() -> str | None:
     return None
 
 
+def _is_run_of(folder: str, experiment: str) -> bool:
+    """Whether a run folder's name says it is a run of exactly ``experiment`` (not of one ending with its name)."""
+    name = re.escape(experiment)
+    return re.fullmatch(rf"\d{{8}}-\d{{6}}(\.\d+)?-{name}|{name}-job[^/]+", folder) is not None
+
+
+def _last_checkpoint(run_dir: Path) -> Path:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    recover(last)  # a save killed between its two renames leaves the previous checkpoint under a hidden name
+    return last
+
+
 def resolve_run_dir(runs_dir: str, experiment: str, ckpt_path: str | None) -> tuple[Path, str | None]:
     """Pick the run folder and resolve ``ckpt_path="last"``.
 
-    A new run gets ``runs_dir/<YYYYmmdd-HHMMSS>-<experiment>`` (sorts by time, says what it is). A resumed run
-    (``ckpt_path`` given) continues in the folder its checkpoint lives in; ``ckpt_path="last"`` means the newest run of
-    this experiment that has a ``checkpoints/last.ckpt``.
+    A new run gets ``runs_dir/<YYYYmmdd-HHMMSS>-<experiment>`` (sorts by time, says what it is), or
+    ``runs_dir/<experiment>-job<id>`` when a launcher gives the job an id (SLURM, torchrun, launch/deepspeed.sh). A
+    resumed run (``ckpt_path`` given) continues in the folder its checkpoint lives in.
+
+    ``ckpt_path="last"``: in a job with an id, that job's own folder's ``checkpoints/last.ckpt``, and a fresh start
+    when it has none yet, so one batch script serves the first start and every requeue; otherwise the run of exactly
+    this experiment whose ``last.ckpt`` was written most recently.
 
     Returns:
         The run folder and the checkpoint path to resume from (``None`` for a new run).
@@ -53,25 +72,32 @@ def resolve_run_dir(runs_dir: str, experiment: str, ckpt_path: str | None) -> tu
     if os.environ.get(RUN_DIR_ENV):
         run_dir = Path(os.environ[RUN_DIR_ENV])
         if ckpt_path == "last":
-            ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
+            last = run_dir / "checkpoints" / "last.ckpt"
+            ckpt_path = str(last) if last.exists() or _rank_env_run_id() is None else None
         return run_dir, ckpt_path
+    run_id = _rank_env_run_id()
+    if ckpt_path == "last" and run_id is not None:
+        run_dir = Path(runs_dir) / f"{experiment}-job{run_id}"
+        last = _last_checkpoint(run_dir)
+        return run_dir, str(last) if last.exists() else None
     if ckpt_path == "last":
-        candidates = sorted(Path(runs_dir).glob(f"*-{experiment}"))
-        candidates = [c for c in candidates if (c / "checkpoints" / "last.ckpt").exists()]
-        if not candidates:
+        runs = [c for c in Path(runs_dir).glob("*") if _is_run_of(c.name, experiment)]
+        lasts = [last for c in runs if (last := _last_checkpoint(c)).exists()]
+        if not lasts:
             raise ConfigError(
                 "ckpt_path",
                 f"no run of experiment '{experiment}' under {runs_dir}/ has checkpoints/last.ckpt",
                 "give the checkpoint's path instead of 'last', or check --experiment and --runs_dir",
             )
-        return candidates[-1], str(candidates[-1] / "checkpoints" / "last.ckpt")
+        newest = max(lasts, key=lambda p: p.stat().st_mtime)
+        return newest.parent.parent, str(newest)
     if ckpt_path:
         path = Path(ckpt_path)
+        recover(path)
         if not path.exists():
             raise ConfigError("ckpt_path", f"{ckpt_path} does not exist", "give an existing checkpoint, or 'last'")
         if path.parent.name == "checkpoints":
             return path.parent.parent, ckpt_path
-    run_id = _rank_env_run_id()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if run_id is not None:
         return Path(runs_dir) / f"{experiment}-job{run_id}", ckpt_path
@@ -189,6 +215,8 @@ class LituneCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        if any(getattr(cb, "preempted", False) for cb in trainer.callbacks):
+            raise Preempted()  # exit 75 on every rank; checkpoints/last.ckpt holds the step it stopped at
         if self.start_metrics and getattr(self.model, "_last_val_step", None) != trainer.global_step:
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         end_metrics = _scalars(trainer.callback_metrics)

@@ -31,6 +31,7 @@ from lightning.pytorch.strategies.ddp import DDPStrategy as _LightningDDPStrateg
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 
 from litune.errors import ConfigError
+from litune.strategies.atomic import atomic_directory
 from litune.strategies.checkpoint import check_resume_world_size
 from litune.strategies.checks import (
     DS_ACCELERATOR_ENV,
@@ -122,6 +123,14 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
             if scheduler_config is not None:
                 scheduler_config.scheduler.optimizer = optimizer
         return optimizer, scheduler_config
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """DeepSpeed rewrites a checkpoint folder in place, shard by shard: a kill mid-save would leave a folder mixing
+        two steps that still looks loadable. Each rank writes into a staging folder instead, which replaces the old
+        checkpoint only once every rank is done (:func:`litune.strategies.atomic.atomic_directory`)."""
+        filepath = self.broadcast(filepath)
+        with atomic_directory(filepath, self.is_global_zero, self.barrier) as staged:
+            super().save_checkpoint(checkpoint, staged, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         if not (self.load_full_weights and self.zero_stage_3):

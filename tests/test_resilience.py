@@ -1,0 +1,166 @@
+"""Runs that survive: real ``litune fit`` processes killed with real signals, resumed with ``--ckpt_path last``, and
+compared micro-batch by micro-batch with an uninterrupted run (CPU, fp32, dropout on)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from litune.callbacks.preemption import EXIT_PREEMPTED
+from litune_testing import LITUNE, REPO, TINY, litune_env
+from resume_testing import read_losses
+
+STEPS = 8  # optimizer steps of every run here
+EVERY = 2  # checkpoint cadence (optimizer steps)
+TOL = 1e-6
+
+
+def fit_cmd(root: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str, callbacks: list | None = None) -> list[str]:
+    """``litune fit`` on the tiny GPT-2 (dropout 0.1 on), accumulation 2, checkpoints every ``EVERY`` steps, a
+    validation every 3 steps, losses recorded per micro-batch into ``root/losses``."""
+    cbs = [{"class_path": "resume_testing.StepLosses", "init_args": {"directory": str(root / "losses")}}]
+    cbs += callbacks or []
+    return [
+        LITUNE, "fit", "--config", str(TINY),
+        f"--model.tokenizer={tokenizer_dir}",
+        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}",
+        "--data.init_args.batch_size=4", "--global_batch_size=8",
+        f"--runs_dir={root / 'runs'}", "--experiment=surv",
+        f"--trainer.max_steps={STEPS}", "--trainer.precision=32-true",
+        "--trainer.val_check_interval=6", "--trainer.limit_val_batches=2",
+        f"--checkpoint.every_n_train_steps={EVERY}",
+        f"--trainer.callbacks={json.dumps(cbs)}",
+        *extra,
+    ]  # fmt: skip
+
+
+def run(cmd: list[str], expect: int | None = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+    # Own session: a SIGKILL sent to the process group takes every rank, and never this test process.
+    proc = subprocess.run(
+        cmd, env=litune_env(), capture_output=True, text=True, timeout=timeout, start_new_session=True
+    )
+    if expect is not None:
+        assert proc.returncode == expect, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def assert_same_losses(got_dir: Path, want_dir: Path, ranks: int = 1) -> float:
+    """Every micro-batch of every rank has the uninterrupted run's loss; returns the largest difference."""
+    worst = 0.0
+    for rank in range(ranks):
+        got, want = read_losses(got_dir, rank), read_losses(want_dir, rank)
+        assert sorted(got) == sorted(want), f"rank {rank}: different micro-batches {sorted(set(got) ^ set(want))}"
+        worst = max(worst, *(abs(got[k] - want[k]) for k in want))
+    assert worst < TOL, f"max |dloss| = {worst}"
+    return worst
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [int(r["step"]) for r in rows if r.get("train/loss")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, tokenizer_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run(fit_cmd(root, corpus_dir, tokenizer_dir))
+    return root
+
+
+def the_run(root: Path) -> Path:
+    (run_dir,) = (root / "runs").iterdir()
+    return run_dir
+
+
+def test_sigkill_then_resume_last_continues_exactly(uninterrupted, tmp_path, corpus_dir, tokenizer_dir) -> None:
+    kill_step = random.Random().randint(EVERY + 1, STEPS - 1)  # after a checkpoint, before the end
+    killer = {"class_path": "resume_testing.SignalAt", "init_args": {"step": kill_step, "signum": "SIGKILL"}}
+    killed = run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, callbacks=[killer]), expect=None)
+    assert killed.returncode == -9, f"not killed at step {kill_step}: {killed.returncode}"
+    run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, "--ckpt_path=last"))
+    worst = assert_same_losses(tmp_path / "losses", uninterrupted / "losses")
+    print(f"1 process, SIGKILL at step {kill_step}: max |dloss| = {worst:.3g}")
+    steps = metrics_steps(the_run(tmp_path))
+    assert steps == list(range(STEPS)), steps  # one row per step, no stale tail
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"])
+def test_preemption_saves_at_the_next_step_and_resumes_exactly(
+    signum, uninterrupted, tmp_path, corpus_dir, tokenizer_dir
+) -> None:
+    # Sent after the first micro-batch of step 5 (inside the accumulation window): the save waits for step 5's end.
+    sender = {"class_path": "resume_testing.SignalAt", "init_args": {"step": 5, "signum": signum, "micro": 0}}
+    stopped = run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, callbacks=[sender]), expect=EXIT_PREEMPTED)
+    assert "preempted" in stopped.stderr + stopped.stdout
+    ckpt = torch.load(the_run(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 5
+    run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, "--ckpt_path=last"))
+    worst = assert_same_losses(tmp_path / "losses", uninterrupted / "losses")
+    print(f"1 process, {signum} mid-step 5: max |dloss| = {worst:.3g}")
+    steps = metrics_steps(the_run(tmp_path))
+    assert steps == list(range(STEPS)), steps
+
+
+STRATEGY_ARGS = {
+    "ddp": ("--trainer.devices=2", "--trainer.strategy=ddp"),
+    "zero2": ("--trainer.devices=2", "--config", str(REPO / "configs" / "strategy" / "deepspeed_zero2.yaml")),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_2p(tmp_path_factory, corpus_dir, tokenizer_dir):
+    """``uninterrupted_2p(strategy)``: the uninterrupted 2-process run with that strategy, run once per module."""
+    done: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in done:
+            root = tmp_path_factory.mktemp(f"uninterrupted-{strategy}")
+            run(fit_cmd(root, corpus_dir, tokenizer_dir, *STRATEGY_ARGS[strategy]))
+            done[strategy] = root
+        return done[strategy]
+
+    return get
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_two_processes_sigkill_then_resume_continue_exactly(
+    strategy, uninterrupted_2p, tmp_path, corpus_dir, tokenizer_dir
+) -> None:
+    kill_step = random.Random().randint(EVERY + 1, STEPS - 1)
+    # Every rank at once (the process group), as when a node dies.
+    killer = {
+        "class_path": "resume_testing.SignalAt",
+        "init_args": {"step": kill_step, "signum": "SIGKILL", "group": True},
+    }
+    args = STRATEGY_ARGS[strategy]
+    killed = run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, *args, callbacks=[killer]), expect=None)
+    assert killed.returncode == -9, f"not killed at step {kill_step}: {killed.returncode}\n{killed.stderr[-3000:]}"
+    run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, *args, "--ckpt_path=last"))
+    worst = assert_same_losses(tmp_path / "losses", uninterrupted_2p(strategy) / "losses", ranks=2)
+    print(f"2 processes {strategy}, SIGKILL at step {kill_step}: max |dloss| = {worst:.3g}")
+    assert metrics_steps(the_run(tmp_path)) == list(range(STEPS))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_two_processes_sigterm_to_rank0_saves_on_every_rank_and_resumes(
+    strategy, uninterrupted_2p, tmp_path, corpus_dir, tokenizer_dir
+) -> None:
+    # Only rank 0 (the process a user or scheduler signals) gets it; the other rank learns at the next step boundary.
+    sender = {"class_path": "resume_testing.SignalAt", "init_args": {"step": 5, "signum": "SIGTERM", "rank": 0}}
+    args = STRATEGY_ARGS[strategy]
+    run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, *args, callbacks=[sender]), expect=EXIT_PREEMPTED)
+    run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, *args, "--ckpt_path=last"))
+    worst = assert_same_losses(tmp_path / "losses", uninterrupted_2p(strategy) / "losses", ranks=2)
+    print(f"2 processes {strategy}, SIGTERM to rank 0 at step 5: max |dloss| = {worst:.3g}")
+    assert metrics_steps(the_run(tmp_path)) == list(range(STEPS))

@@ -1,0 +1,92 @@
+"""Finding runs and checkpoints: ``--ckpt_path last`` (exact experiment names, job-named folders, first start of a
+job) and the atomic-commit helpers that guarantee ``last`` only ever names a complete checkpoint."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from litune.commands.fit import resolve_run_dir
+from litune.errors import ConfigError
+from litune.strategies.atomic import COMMIT_MARKER, AtomicCheckpointIO, atomic_directory, recover, staging_path
+
+
+def make_run(runs: Path, name: str, age_s: float = 0.0) -> Path:
+    last = runs / name / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_text(name)
+    stamp = time.time() - age_s
+    os.utime(last, (stamp, stamp))
+    return last
+
+
+@pytest.fixture
+def no_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("LITUNE_RUN_DIR", "LITUNE_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_last_matches_the_experiment_name_exactly_and_finds_job_folders(tmp_path: Path, no_job) -> None:
+    runs = tmp_path / "runs"
+    make_run(runs, "20260101-000000-start", age_s=300)
+    make_run(runs, "20260101-000100-quickstart", age_s=10)  # newer, but another experiment ending in "start"
+    make_run(runs, "quickstart-job77", age_s=0)
+    run_dir, ckpt = resolve_run_dir(str(runs), "start", "last")
+    assert run_dir.name == "20260101-000000-start" and ckpt == str(run_dir / "checkpoints" / "last.ckpt")
+    run_dir, _ = resolve_run_dir(str(runs), "quickstart", "last")
+    assert run_dir.name == "quickstart-job77", "the most recently saved run of the experiment, job-named or not"
+    with pytest.raises(ConfigError, match="no run of experiment 'art'"):
+        resolve_run_dir(str(runs), "art", "last")
+
+
+def test_in_a_job_last_is_that_jobs_checkpoint_or_a_fresh_start(tmp_path: Path, no_job, monkeypatch) -> None:
+    runs = tmp_path / "runs"
+    make_run(runs, "20260101-000000-exp")  # an older run of the experiment is not what a new job continues
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    run_dir, ckpt = resolve_run_dir(str(runs), "exp", "last")
+    assert run_dir == runs / "exp-job4242" and ckpt is None, "first start of the job: a new run"
+    last = make_run(runs, "exp-job4242")  # ... preempted after saving, requeued with the same job id
+    assert resolve_run_dir(str(runs), "exp", "last") == (runs / "exp-job4242", str(last))
+
+
+def test_atomic_directory_keeps_the_previous_checkpoint_until_the_new_one_is_complete(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+
+    def save(step: int, fail: bool = False) -> None:
+        with atomic_directory(target, is_writer=True, barrier=lambda: None) as staged:
+            (staged / "model.pt").write_text(f"model {step}")
+            if fail:
+                raise KeyboardInterrupt  # stands for a kill: nothing after this line runs
+            (staged / "optim.pt").write_text(f"optim {step}")
+
+    save(1)
+    assert (target / "optim.pt").read_text() == "optim 1" and (target / COMMIT_MARKER).is_file()
+    with pytest.raises(KeyboardInterrupt):
+        save(2, fail=True)
+    recover(target)
+    assert (target / "model.pt").read_text() == "model 1", "the half-written step 2 never became visible"
+    save(3)
+    assert (target / "model.pt").read_text() == "model 3" and not staging_path(target).exists()
+
+    # A kill between the two renames of the swap: the old folder is aside, the new one committed but not renamed.
+    os.rename(target, target.with_name(".last.ckpt.old"))
+    recover(target)
+    assert (target / "model.pt").read_text() == "model 3"
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise KeyboardInterrupt  # a kill in the middle of writing the file
+
+
+def test_atomic_checkpoint_io_never_leaves_a_partial_file(tmp_path: Path) -> None:
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3), "x": _Unpicklable()}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary file left behind"
