@@ -91,7 +91,7 @@ def test_sigkill_then_resume_last_continues_exactly(uninterrupted, tmp_path, cor
     assert steps == list(range(STEPS)), steps  # one row per step, no stale tail
 
 
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("signum", ["SIGTERM", pytest.param("SIGUSR1", marks=pytest.mark.slow)])
 def test_preemption_saves_at_the_next_step_and_resumes_exactly(
     signum, uninterrupted, tmp_path, corpus_dir, tokenizer_dir
 ) -> None:
