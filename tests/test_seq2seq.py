@@ -85,14 +85,11 @@ def test_checkpointing_gives_the_same_gradients(norm_first: bool) -> None:
         torch.testing.assert_close(grad, plain[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_save_and_load_round_trip_and_strict_keys(tmp_path) -> None:
-    net = tiny().eval()
-    net.save(tmp_path / "s2s")
-    again = Seq2SeqLM.load(tmp_path / "s2s").eval()
-    src, tgt = ids(2, 7), ids(2, 5)
-    torch.testing.assert_close(again(src, labels=tgt).logits, net(src, labels=tgt).logits, rtol=0, atol=0)
+def test_strict_loading_names_missing_and_unexpected_keys() -> None:
     from litune.models.state_dict import load_strict
 
+    net = tiny()
+    load_strict(tiny(seed=1), net.state_dict(), source="test")  # the same architecture loads
     state = net.state_dict()
     state["decoder.h.7.ln_1.weight"] = state.pop("decoder.h.1.ln_1.weight")
     with pytest.raises(ConfigError, match=r"missing keys \['decoder.h.1.ln_1.weight'\].*unexpected keys"):

@@ -14,29 +14,33 @@ from typing import Any
 
 from litune.errors import ConfigError
 
-COMMANDS: dict[str, str] = {
-    "generate": "litune.commands.generate",
-    "prepare": "litune.commands.prepare",
-    "export": "litune.commands.export",
-    "estimate": "litune.commands.estimate",
-    "report": "litune.commands.report",
+SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
+    "fit": (None, "train from --config files (LightningCLI; `litune fit --help` lists every field)"),
+    "validate": (None, "evaluate on the validation set from --config files (LightningCLI)"),
+    "test": (None, "evaluate on the test set from --config files (LightningCLI)"),
+    "generate": ("litune.commands.generate", "sample text from a checkpoint, run folder or Hugging Face model"),
+    "prepare": ("litune.commands.prepare", "tokenize a config's data once into the cache and print statistics"),
+    "export": ("litune.commands.export", "write a checkpoint of any strategy as a Hugging Face model folder"),
+    "estimate": ("litune.commands.estimate", "per-device memory of a config under each strategy, before launching"),
+    "report": ("litune.commands.report", "plots and a summary table of one or several run folders"),
 }
-"""Subcommands outside LightningCLI: name -> module with ``main(argv: list[str]) -> int``."""
+"""Every subcommand, once: name -> (module with ``main(argv: list[str]) -> int``, or None for LightningCLI's; help)."""
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test")
+COMMANDS: dict[str, str] = {name: module for name, (module, _) in SUBCOMMANDS.items() if module is not None}
+"""The subcommands outside LightningCLI: name -> module."""
+
+LIGHTNING_COMMANDS = tuple(name for name, (module, _) in SUBCOMMANDS.items() if module is None)
 """Subcommands that LightningCLI runs (:mod:`litune.commands.fit`)."""
 
-USAGE = """usage: litune {fit,validate,test,generate,prepare,export,estimate,report} ...
 
-  fit | validate | test   train or evaluate from --config files (LightningCLI; `litune fit --help` lists every field)
-  generate                sample text from a checkpoint, run folder or Hugging Face model
-  prepare                 tokenize a config's data once into the cache and print statistics
-  export                  write a checkpoint of any strategy as a Hugging Face model folder
-  estimate                per-device memory of a config under each strategy, before launching
-  report                  plots and a summary table of one or several run folders
+def _usage() -> str:
+    """The top-level help, listing every subcommand of :data:`SUBCOMMANDS`."""
+    lines = [f"usage: litune {{{','.join(SUBCOMMANDS)}}} ...", ""]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    return "\n".join([*lines, "", "`litune COMMAND --help` describes one command.", ""])
 
-`litune COMMAND --help` describes one command.
-"""
+
+USAGE = _usage()
 
 RUN_DIR_ENV = "LITUNE_RUN_DIR"
 """Set by the first process (or a launch script) so that every rank of a run writes into the same run folder."""

@@ -55,8 +55,23 @@ class _AppendingCSVWriter(ExperimentWriter):
                 self.metrics_keys = next(csv.reader(f), [])
 
 
-class CSVLogger(pl_loggers.CSVLogger):
-    """Lightning's ``CSVLogger`` (``metrics.csv``, ``hparams.yaml``) with secrets removed from hyperparameters.
+class _RunFolderLogger:
+    """What litune's CSV and TensorBoard loggers add to Lightning's, written once: ``save_dir`` defaults to the run
+    folder (the CLI fills it in; the current folder outside the CLI) with no ``name``/``version`` sub-folders, and
+    secrets are removed from hyperparameters. Mixed in before the Lightning class."""
+
+    def __init__(
+        self, save_dir: str | None = None, name: str | None = "", version: int | str | None = "", **kwargs: Any
+    ) -> None:
+        super().__init__(save_dir if save_dir is not None else ".", name=name, version=version, **kwargs)
+
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        super().log_hyperparams(_scrubbed(params), *args, **kwargs)  # type: ignore[misc]
+
+
+class CSVLogger(_RunFolderLogger, pl_loggers.CSVLogger):
+    """Lightning's ``CSVLogger`` (``metrics.csv``, ``hparams.yaml``) with secrets removed from hyperparameters, and
+    appending to ``metrics.csv`` when a run resumes.
 
     Args:
         save_dir: ``None``: the run folder (the CLI fills it in; the current folder outside the CLI).
@@ -64,11 +79,6 @@ class CSVLogger(pl_loggers.CSVLogger):
         version: sub-folder under ``name``; ``""`` writes straight into it.
         **kwargs: Lightning's ``CSVLogger`` arguments (``prefix``, ``flush_logs_every_n_steps``).
     """
-
-    def __init__(
-        self, save_dir: str | None = None, name: str | None = "", version: int | str | None = "", **kwargs: Any
-    ) -> None:
-        super().__init__(save_dir if save_dir is not None else ".", name=name, version=version, **kwargs)
 
     @property
     @rank_zero_experiment
@@ -78,11 +88,8 @@ class CSVLogger(pl_loggers.CSVLogger):
             self._experiment = _AppendingCSVWriter(log_dir=self.log_dir)
         return self._experiment
 
-    def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:  # type: ignore[override]
-        super().log_hyperparams(_scrubbed(params))
 
-
-class TensorBoardLogger(pl_loggers.TensorBoardLogger):
+class TensorBoardLogger(_RunFolderLogger, pl_loggers.TensorBoardLogger):
     """Lightning's ``TensorBoardLogger`` with secrets removed from hyperparameters.
 
     View a run with ``tensorboard --logdir runs/<run folder>`` (or ``--logdir runs`` to compare all runs).
@@ -93,14 +100,6 @@ class TensorBoardLogger(pl_loggers.TensorBoardLogger):
         version: sub-folder under ``name``; ``""`` writes straight into it.
         **kwargs: Lightning's ``TensorBoardLogger`` arguments (``log_graph``, ``default_hp_metric``, ...).
     """
-
-    def __init__(
-        self, save_dir: str | None = None, name: str | None = "", version: int | str | None = "", **kwargs: Any
-    ) -> None:
-        super().__init__(save_dir if save_dir is not None else ".", name=name, version=version, **kwargs)
-
-    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        super().log_hyperparams(_scrubbed(params), *args, **kwargs)
 
 
 def _has_wandb_key(api_key: str | None) -> bool:

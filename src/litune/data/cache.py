@@ -70,7 +70,8 @@ def save(folder: Path, data: datasets.DatasetDict, key: dict, stats: dict) -> No
     a concurrent reader never sees half a cache.
 
     When several writers race (one per node on a shared file system, with ``prepare_data_per_node``), the first
-    complete folder wins and the others discard theirs: a folder that readers may already use is never replaced.
+    complete folder wins and the others discard theirs: a complete folder built for the same key is never replaced.
+    A folder under this name built for another key (stale, or hand-copied) is deleted and replaced.
     """
     tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -23,10 +23,12 @@ def stdlib_python_files(max_bytes: int | None = None) -> list[Path]:
     """List the standard library's ``.py`` files in a fixed order (sorted by relative path).
 
     Args:
-        max_bytes: stop adding files once their total size would pass this many bytes (``None``: all files).
+        max_bytes: skip every file that would take the total size past this many bytes, and keep going in order
+            (a later, smaller file may still fit); ``None``: all files.
 
     Returns:
-        Paths of readable UTF-8 source files, sorted so that every machine with the same Python gets the same list.
+        Paths of ``.py`` files, sorted by relative path so that every machine with the same Python gets the same list.
+        Their encoding is not checked here.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     candidates: list[tuple[str, Path]] = []

@@ -12,10 +12,9 @@ inside (``decoder_start_token_id`` first), and the loss covers target tokens onl
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +27,28 @@ from litune.models.output import IGNORE_INDEX, LMOutput, lm_output
 from litune.models.transformer import (
     FIELD,
     MLP,
-    Activation,
     Block,
     SelfAttention,
     TransformerConfig,
+    TransformerLM,
     attention_mask,
     check_length,
     init_gpt2_,
     residual,
 )
+
+
+@dataclass
+class Seq2SeqConfig(TransformerConfig):
+    """:class:`TransformerConfig` with the encoder-decoder's defaults (3 encoder + 3 decoder layers, 512 positions).
+
+    Only the defaults differ; the fields, their types and their validation are :class:`TransformerConfig`'s.
+    """
+
+    num_encoder_layers: int = 3
+    num_decoder_layers: int = 3
+    max_seq_len: int = 512
+
 
 DecoderCache = list[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
 """Per decoder layer: ``((self_key, self_value), (cross_key, cross_value))``, each ``[B, nhead, len, head_dim]``."""
@@ -118,15 +130,16 @@ def _run(block: nn.Module, use_checkpoint: bool, *args: object):
     return checkpoint(block, *args, use_reentrant=False) if use_checkpoint else block(*args)
 
 
-class Seq2SeqLM(nn.Module):
+class Seq2SeqLM(TransformerLM):
     """Encoder-decoder Transformer trained with teacher forcing; the arguments are :class:`TransformerConfig`'s plus
     the special token ids.
 
     Args:
         pad_token_id: id of padding in ``input_ids`` and in the shifted decoder input.
         decoder_start_token_id: first decoder input token (BOS), before the first target token.
-        (the others: see :class:`~litune.models.transformer.TransformerConfig`; here post-norm ``norm_first=False`` is
-        the original Transformer, pre-norm the default because it trains more stably.)
+        **config: the fields of :class:`Seq2SeqConfig` (:class:`~litune.models.transformer.TransformerConfig`'s, flat
+            as in YAML ``init_args``); post-norm ``norm_first=False`` is the original Transformer, pre-norm the
+            default because it trains more stably.
     """
 
     @staticmethod
@@ -134,31 +147,13 @@ class Seq2SeqLM(nn.Module):
         """The targets aligned with the logits: the labels themselves (the decoder input is shifted, not they)."""
         return labels
 
-    def __init__(
-        self,
-        d_model: int = 256,
-        nhead: int = 4,
-        num_encoder_layers: int = 3,
-        num_decoder_layers: int = 3,
-        dim_feedforward: int | None = None,
-        dropout: float = 0.0,
-        activation: Activation = "gelu_tanh",
-        vocab_size: int = 50257,
-        max_seq_len: int = 512,
-        norm_first: bool = True,
-        bias: bool = True,
-        tie_embeddings: bool = True,
-        layer_norm_eps: float = 1e-5,
-        init_std: float = 0.02,
-        gradient_checkpointing: bool = False,
-        pad_token_id: int = 0,
-        decoder_start_token_id: int = 1,
-    ) -> None:
+    def __init__(self, pad_token_id: int = 0, decoder_start_token_id: int = 1, **config: Any) -> None:
         super().__init__()
-        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.pad_token_id = args.pop("pad_token_id")
-        self.decoder_start_token_id = args.pop("decoder_start_token_id")
-        cfg = TransformerConfig(**args)
+        self.pad_token_id = pad_token_id
+        self.decoder_start_token_id = decoder_start_token_id
+        # The arguments are declared once, by Seq2SeqConfig (TransformerConfig with this network's defaults):
+        # LightningCLI reads them through this **config, and constructing it validates them.
+        cfg = Seq2SeqConfig(**config)
         if cfg.num_encoder_layers < 1:
             raise ConfigError(
                 f"{FIELD}.num_encoder_layers",
@@ -190,14 +185,6 @@ class Seq2SeqLM(nn.Module):
             f"Seq2SeqLM: n_params={self.num_parameters():,} "
             f"(without embeddings: {self.num_parameters(exclude_embeddings=True):,})"
         )
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of parameters (tied weights counted once), optionally without token/position embeddings."""
-        params = {id(p): p for p in self.parameters()}
-        if exclude_embeddings:
-            for p in (self.wte.weight, self.wpe.weight, self.lm_head.weight):
-                params.pop(id(p), None)
-        return sum(p.numel() for p in params.values())
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per target token, approximating source length = target length = ``seq_len``.
@@ -314,7 +301,10 @@ class Seq2SeqLM(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Generate targets for a (right- or left-padded) source batch.
+        """Generate targets for a right-padded source batch.
+
+        Source positions are numbered from the first column, padding included (as in training, whose collator pads on
+        the right): a left-padded source would be encoded at shifted positions and decode differently.
 
         The source is encoded once; each step runs the decoder on the new token only (self-attention keys/values
         cached, cross-attention keys/values computed once).
@@ -352,50 +342,3 @@ class Seq2SeqLM(nn.Module):
                 generator=generator,
             )
         return out[:, 1:]
-
-    def save(self, directory: str | Path) -> None:
-        """Write ``config.json`` (the constructor arguments) and ``model.safetensors``, which :meth:`load` reads.
-
-        Deliberately not ``save_pretrained``: Hugging Face has no architecture equal to this one, and ``litune export``
-        promises a folder that ``AutoModel`` loads; it says so for this network instead of writing a foreign folder.
-        """
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"class_path": f"{type(self).__module__}.{type(self).__name__}", "init_args": self.init_args()}
-        (directory / "config.json").write_text(json.dumps(config, indent=2))
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if self.config.tie_embeddings:
-            state.pop("lm_head.weight")  # safetensors refuses shared tensors; re-tied on load
-        save_file(state, str(directory / "model.safetensors"))
-
-    @classmethod
-    def load(cls, directory: str | Path) -> Seq2SeqLM:
-        """Load a folder written by :meth:`save` (strict: missing/unexpected keys are an error)."""
-        from safetensors.torch import load_file
-
-        from litune.models.state_dict import load_strict
-
-        directory = Path(directory)
-        network = cls(**json.loads((directory / "config.json").read_text())["init_args"])
-        state = load_file(str(directory / "model.safetensors"))
-        if network.config.tie_embeddings and "wte.weight" in state:
-            state["lm_head.weight"] = state["wte.weight"]
-        load_strict(network, state, source=str(directory))
-        return network
-
-    @classmethod
-    def from_config(
-        cls, config: TransformerConfig, pad_token_id: int = 0, decoder_start_token_id: int = 1
-    ) -> Seq2SeqLM:
-        """Build from a :class:`TransformerConfig` and the special token ids."""
-        return cls(**asdict(config), pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id)
-
-    def init_args(self) -> dict[str, object]:
-        """The constructor arguments that rebuild this network."""
-        return {
-            **asdict(self.config),
-            "pad_token_id": self.pad_token_id,
-            "decoder_start_token_id": self.decoder_start_token_id,
-        }

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -286,35 +286,50 @@ def check_length(total: int, max_seq_len: int, what: str = "sequence") -> None:
         )
 
 
-class DecoderLM(nn.Module):
+class TransformerLM(nn.Module):
+    """What litune's two Transformers share beyond their blocks: ``wte``, ``wpe`` and ``lm_head``, and counting."""
+
+    wte: nn.Embedding
+    wpe: nn.Embedding
+    lm_head: nn.Linear
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (tied weights counted once).
+
+        Args:
+            exclude_embeddings: leave out the token and position embeddings (and an untied output head).
+        """
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            for p in (self.wte.weight, self.wpe.weight, self.lm_head.weight):
+                params.pop(id(p), None)
+        return sum(p.numel() for p in params.values())
+
+
+class DecoderLM(TransformerLM):
     """A GPT-2-style decoder-only causal language model.
 
     Pre-norm blocks (configurable), learned positions, tied embeddings, GPT-2 initialisation, causal attention through
     SDPA, per-block gradient checkpointing, a key/value cache for generation. The arguments are those of
-    :class:`TransformerConfig` (without encoder layers), so LightningCLI configures it from YAML.
+    :class:`TransformerConfig` (without encoder layers), given flat, so LightningCLI configures it from YAML.
     """
 
-    def __init__(
-        self,
-        d_model: int = 256,
-        nhead: int = 4,
-        num_decoder_layers: int = 4,
-        dim_feedforward: int | None = None,
-        dropout: float = 0.0,
-        activation: Activation = "gelu_tanh",
-        vocab_size: int = 50257,
-        max_seq_len: int = 1024,
-        norm_first: bool = True,
-        bias: bool = True,
-        tie_embeddings: bool = True,
-        layer_norm_eps: float = 1e-5,
-        init_std: float = 0.02,
-        gradient_checkpointing: bool = False,
-    ) -> None:
+    def __init__(self, **config: Any) -> None:
+        """
+        Args:
+            **config: the fields of :class:`TransformerConfig` (``d_model``, ``nhead``, ``num_decoder_layers``, ...),
+                flat, as in YAML ``init_args``; ``num_encoder_layers`` must stay 0.
+        """
         super().__init__()
-        # The typed arguments above exist for LightningCLI/jsonargparse (they become `init_args` in YAML); the
-        # dataclass validates them and is what the rest of the code reads.
-        cfg = TransformerConfig(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        # The only declaration of the arguments is TransformerConfig: jsonargparse/LightningCLI reads its fields (types,
+        # defaults, docs) through this **config, and constructing it validates them once.
+        cfg = TransformerConfig(**config)
+        if cfg.num_encoder_layers:
+            raise ConfigError(
+                f"{FIELD}.num_encoder_layers",
+                f"a decoder-only network has no encoder, got num_encoder_layers={cfg.num_encoder_layers}",
+                "set it to 0 or use litune.models.seq2seq.Seq2SeqLM",
+            )
         self.config = cfg
         self.vocab_size, self.max_seq_len = cfg.vocab_size, cfg.max_seq_len
         self.gradient_checkpointing = cfg.gradient_checkpointing
@@ -332,31 +347,6 @@ class DecoderLM(nn.Module):
             f"DecoderLM: n_params={self.num_parameters():,} "
             f"(without embeddings: {self.num_parameters(exclude_embeddings=True):,})"
         )
-
-    @classmethod
-    def from_config(cls, config: TransformerConfig) -> DecoderLM:
-        """Build from a :class:`TransformerConfig` (its ``num_encoder_layers`` must be 0)."""
-        if config.num_encoder_layers:
-            raise ConfigError(
-                f"{FIELD}.num_encoder_layers",
-                f"a decoder-only network has no encoder, got num_encoder_layers={config.num_encoder_layers}",
-                "set it to 0 or use litune.models.seq2seq.Seq2SeqLM",
-            )
-        kwargs = asdict(config)
-        kwargs.pop("num_encoder_layers")
-        return cls(**kwargs)
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of parameters (tied weights counted once).
-
-        Args:
-            exclude_embeddings: leave out the token and position embeddings (and an untied output head).
-        """
-        params = {id(p): p for p in self.parameters()}
-        if exclude_embeddings:
-            for p in (self.wte.weight, self.wpe.weight, self.lm_head.weight):
-                params.pop(id(p), None)
-        return sum(p.numel() for p in params.values())
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) at context ``seq_len``: ``6 N + 12 L d T`` (PaLM appendix B).
