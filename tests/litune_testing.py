@@ -21,6 +21,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from litune.models import DeferredHFCausalLM
+from litune.models.hf import HFCausalLM
+from litune.models.output import LMOutput, causal_lm_output
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -199,12 +201,15 @@ class StepRecorder(Callback):
             tests would catch.
     """
 
-    KEYS = ("train/loss", "train/grad_norm", "train/tokens_seen")
+    KEYS = ("train/loss", "train/grad_norm", "train/tokens_seen", "train/skipped_steps")
 
-    def __init__(self, directory: str, mean_of_means: bool = False) -> None:
+    def __init__(self, directory: str, mean_of_means: bool = False, snapshots: bool = False) -> None:
         self.directory = Path(directory)
         self.mean_of_means = mean_of_means
+        self.snapshots = snapshots
         self.steps: dict[int, dict[str, float]] = {}
+        self.params_at: dict[int, dict[str, torch.Tensor]] = {}
+        self.optimizer_at: dict[int, list[torch.Tensor]] = {}
         self._last = 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -223,14 +228,49 @@ class StepRecorder(Callback):
             self._last = trainer.global_step
             metrics = trainer.callback_metrics
             self.steps[trainer.global_step] = {k: float(metrics[k]) for k in self.KEYS if k in metrics}
+            if self.snapshots:  # weights and optimizer state (e.g. momentum) as they are after this step
+                network = trainer.lightning_module.network
+                self.params_at[trainer.global_step] = {k: v.detach().clone() for k, v in network.state_dict().items()}
+                state = trainer.optimizers[0].state_dict()["state"]
+                self.optimizer_at[trainer.global_step] = [
+                    v.detach().clone() for s in state.values() for v in s.values() if isinstance(v, torch.Tensor)
+                ]
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
         self._flush(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flush(trainer)
-        if trainer.is_global_zero:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            params = {k: v.detach().cpu().clone() for k, v in pl_module.network.state_dict().items()}
-            record = {"steps": self.steps, "params": params, "world_size": trainer.world_size}
-            torch.save(record, self.directory / "record.pt")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        params = {k: v.detach().cpu().clone() for k, v in pl_module.network.state_dict().items()}
+        record = {"steps": self.steps, "params": params, "world_size": trainer.world_size}
+        record.update(params_at=self.params_at, optimizer_at=self.optimizer_at)
+        name = "record.pt" if trainer.is_global_zero else f"record-rank{trainer.global_rank}.pt"
+        torch.save(record, self.directory / name)
+
+
+class NaNAtStep(HFCausalLM):
+    """``HFCausalLM`` whose ``nan_at``-th training forward (1-based; the optimizer step without accumulation) gives
+    NaN logits, on rank ``nan_rank`` only (all ranks when ``None``): a loss that blows up at a chosen step.
+
+    Args:
+        nan_at: the training forward that returns NaN.
+        nan_rank: the global rank that produces it.
+        **kwargs: ``HFCausalLM``'s.
+    """
+
+    def __init__(self, nan_at: int = 2, nan_rank: int | None = None, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.nan_at = nan_at
+        self.nan_rank = nan_rank
+        self._forwards = 0
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: object) -> LMOutput:
+        out = super().forward(input_ids, labels=labels, **kwargs)
+        if not self.training:
+            return out
+        self._forwards += 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if self._forwards == self.nan_at and self.nan_rank in (None, rank):
+            return causal_lm_output(out.logits * float("nan"), labels)
+        return out

@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Any
 
-from litune.errors import ConfigError
+from litune.errors import ConfigError, TrainingStopped
 
 SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "fit": (None, "train from --config files (LightningCLI; `litune fit --help` lists every field)"),
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         argv: arguments after ``litune``; ``None`` reads ``sys.argv`` (LightningCLI then parses it itself).
 
     Returns:
-        The exit status: 0, or 2 for a bare ``litune`` and for a configuration error (printed as one paragraph).
+        The exit status: 0, 2 for a bare ``litune`` and for a configuration error (printed as one paragraph), 1 when
+        training stopped on purpose (:class:`~litune.errors.TrainingStopped`, printed as one paragraph).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             return int(importlib.import_module(COMMANDS[args[0]]).main(args[1:]) or 0)
         # fit/validate/test, and anything else (LightningCLI names the valid subcommands in its own error).
         return importlib.import_module("litune.commands.fit").main(argv)
+    except TrainingStopped as err:
+        print(f"litune: training stopped: {err}", file=sys.stderr)
+        return 1
     except Exception as err:
         config_error = find_config_error(err)
         if config_error is None:

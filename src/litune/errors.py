@@ -20,3 +20,11 @@ class ConfigError(ValueError):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{field}: {problem}. Fix: {fix}")
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended on purpose, e.g. on a non-finite loss with ``model.nonfinite=stop``.
+
+    The message is one paragraph for the user (what happened, at which step, how to continue); the CLI prints it
+    without a traceback and exits with status 1.
+    """

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -19,12 +20,13 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from litune.callbacks.throughput import log_exact
-from litune.errors import ConfigError
+from litune.errors import ConfigError, TrainingStopped
 from litune.models.output import IGNORE_INDEX, LMOutput
 from litune.objective import (
     BATCH_TAG,
     gradient_divisor,
     install_look_ahead,
+    is_deepspeed,
     step_objective,
     steps_left_in_window,
     targets_counter,
@@ -50,6 +52,11 @@ class LitLM(L.LightningModule):
         optimizer: a callable that builds the optimizer from parameter groups, e.g. ``torch.optim.AdamW`` with its
             ``init_args`` (``lr``, ``weight_decay``, ``betas``) in the config.
         lr_schedule: warmup and decay, stepped per optimizer step.
+        nonfinite: what an optimizer step whose loss or gradient norm is NaN/Inf on any rank does (all ranks
+            agree): ``skip`` leaves weights and optimizer state untouched for that step, counts it in
+            ``train/skipped_steps`` and warns; ``stop`` ends training with a message naming the step and the last
+            good checkpoint (``litune fit`` exits with status 1). Under DeepSpeed the engine's own overflow check
+            decides (gradients; in bf16 only with its ``check_grad_overflow``).
     """
 
     def __init__(
@@ -58,8 +65,14 @@ class LitLM(L.LightningModule):
         tokenizer: TokenizerSource | None = None,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_schedule: LRSchedule | None = None,
+        nonfinite: Literal["skip", "stop"] = "skip",
     ) -> None:
         super().__init__()
+        if nonfinite not in ("skip", "stop"):
+            raise ConfigError("model.nonfinite", f"{nonfinite!r} is not one of skip, stop", "use skip or stop")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient; kept in checkpoints
+        self._loss_finite = True
         with warnings.catch_warnings():
             # Outside the CLI (load_from_checkpoint, Python use) the network arrives built; it is dropped just below.
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
@@ -167,15 +180,85 @@ class LitLM(L.LightningModule):
             )
         self.tokens_seen += int(targets)
         loss = loss_sum / max(targets, 1)
+        self._loss_finite = math.isfinite(loss)  # the same on every rank: the sum was all-reduced
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/ppl", math.exp(min(loss, 80.0)), on_step=True, on_epoch=False)
         log_exact(self, {"train/tokens_seen": float(self.tokens_seen)})
 
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Step the optimizer unless the step's loss or gradient norm is not finite on some rank (``nonfinite``).
+
+        The closure (the step's last forward and backward) runs first, here, so the gradients can be checked before
+        ``optimizer.step``; the precision plugin then calls ``on_before_optimizer_step`` and clips as usual.
+        """
+        assert optimizer_closure is not None
+        trainer = self.trainer
+        if is_deepspeed(trainer):
+            # The engine checks the gradients at its accumulation boundary (all ranks agree) and skips the step.
+            engine = trainer.model
+            skipped = engine.skipped_steps
+            optimizer.step(closure=optimizer_closure)
+            if engine.skipped_steps != skipped and not engine.fp16_enabled():  # fp16 loss scaling skips on purpose
+                self._nonfinite_step()
+        else:
+            loss = optimizer_closure()
+            if self._step_is_finite():
+                optimizer.step(closure=lambda: loss)
+            else:
+                self._nonfinite_step()
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+
+    def _step_is_finite(self) -> bool:
+        """Whether the step's loss and gradient norm are finite on every rank (one scalar all-reduce)."""
+        bad = torch.zeros((), device=self.device)
+        if not self._loss_finite:
+            bad += 1
+        # Under fp16 AMP, inf gradients are the GradScaler's business (it skips those steps and lowers the scale).
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and str(self.trainer.precision) not in ("16-mixed", "16"):
+            norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+            if hasattr(norm, "full_tensor"):  # FSDP2: sharded gradients give a DTensor norm
+                norm = norm.full_tensor()
+            bad += (~torch.isfinite(norm)).to(bad.dtype)
+        return float(self.trainer.strategy.reduce(bad, reduce_op="sum")) == 0
+
+    def _nonfinite_step(self) -> None:
+        step = self.trainer.global_step + 1  # the optimizer step being taken (checkpoints count finished steps)
+        problem = f"optimizer step {step}: the loss or the gradient norm is NaN or Inf on at least one rank"
+        if self.nonfinite == "stop":
+            raise TrainingStopped(
+                f"{problem}, and model.nonfinite=stop. The weights were not updated by this step. Last good "
+                f"checkpoint: {self._last_checkpoint()}. Lower the learning rate or check the data near this step, "
+                "then resume with --ckpt_path; or set model.nonfinite=skip to skip such steps."
+            )
+        self.skipped_steps += 1
+        if self.trainer.is_global_zero:
+            warnings.warn(
+                f"{problem}: step skipped, weights and optimizer state unchanged "
+                f"({self.skipped_steps} skipped so far, see train/skipped_steps)",
+                stacklevel=2,
+            )
+
+    def _last_checkpoint(self) -> str:
+        callback = self.trainer.checkpoint_callback
+        for path in (getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")):
+            if path:
+                return str(path)
+        return "none saved yet (the run starts over)"
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["litune_objective"] = {"tokens_seen": self.tokens_seen}
+        checkpoint["litune_objective"] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokens_seen = int(checkpoint.get("litune_objective", {}).get("tokens_seen", 0))
+        state = checkpoint.get("litune_objective", {})
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput:
         return self._eval_step(batch, "val", self.val_ppl)
