@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "export": ("litune.commands.export", "write a checkpoint of any strategy as a Hugging Face model folder"),
     "estimate": ("litune.commands.estimate", "per-device memory of a config under each strategy, before launching"),
     "report": ("litune.commands.report", "plots and a summary table of one or several run folders"),
+    "tune": ("litune.commands.tune", "`tune lr`: learning-rate range test; `tune batch-size`: largest micro batch"),
+    "sweep": ("litune.commands.sweep", "grid/random/Bayesian search over config fields, with pruning, resumable"),
 }
 """Every subcommand, once: name -> (module with ``main(argv: list[str]) -> int``, or None for LightningCLI's; help)."""
 

@@ -1,0 +1,209 @@
+"""``litune tune lr``, ``litune tune batch-size`` and ``litune sweep``, run as a user would on a tiny config."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from matplotlib.image import imread
+
+from litune.cli import main as litune_main
+from litune.tuning.batch_size import Probe, find_largest, run_probe, split_global_batch
+from litune_testing import LITUNE, TINY, litune_env, run_litune
+
+
+def tiny_args(corpus_dir: Path, tokenizer_dir: Path, runs: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(TINY),
+        f"--model.tokenizer={tokenizer_dir}",
+        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}",
+        f"--runs_dir={runs}",
+        *extra,
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- learning-rate finder
+
+
+def test_lr_finder_suggests_a_finite_rate_writes_a_plot_and_a_fragment_that_composes(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
+    runs = tmp_path / "runs"
+    proc = run_litune("tune", "lr", *tiny_args(corpus_dir, tokenizer_dir, runs), "--num-training=30", "--apply")
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("suggested learning rate:"))
+    suggestion = float(line.split(":")[1])
+    assert math.isfinite(suggestion) and 1e-7 < suggestion < 1.0
+    (run_dir,) = runs.glob("*-tiny-lr-find")
+    image = imread(run_dir / "lr_find.png")  # [H, W, RGBA] in [0, 1]
+    assert image[..., :3].std() > 0.02, "lr_find.png is blank"
+    fragment = run_dir / "lr.yaml"
+    assert yaml.safe_load(fragment.read_text())["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(
+        suggestion, rel=1e-2
+    )
+    # The fragment merges over the experiment: the rate changes, the optimizer class and its other arguments stay.
+    printed = run_litune(
+        "fit", *tiny_args(corpus_dir, tokenizer_dir, runs), "--config", str(fragment), "--print_config"
+    )
+    optimizer = yaml.safe_load(printed.stdout)["model"]["optimizer"]
+    assert optimizer["class_path"] == "torch.optim.AdamW"
+    assert optimizer["init_args"]["lr"] == pytest.approx(suggestion, rel=1e-2)
+    assert not list(run_dir.glob(".lr_find_*.ckpt")), "the finder's temporary checkpoint was left behind"
+
+
+# -------------------------------------------------------------------------------------------------- batch-size finder
+
+
+def test_search_doubles_then_bisects_to_the_largest_size_that_fits() -> None:
+    tried: list[int] = []
+
+    def fits_up_to(limit: int):
+        def probe(size: int) -> Probe:
+            tried.append(size)
+            return Probe(size, None, size <= limit)
+
+        return probe
+
+    assert find_largest(fits_up_to(37), start=1, precision=0)[0] == 37
+    assert tried[:7] == [1, 2, 4, 8, 16, 32, 64]  # doubling until 64 misses, then bisecting 32..64
+    tried.clear()
+    assert find_largest(fits_up_to(37), start=1, precision=1)[0] == 32  # powers of two only
+    assert tried == [1, 2, 4, 8, 16, 32, 64]
+    assert find_largest(fits_up_to(0), start=4)[0] == 0
+    assert find_largest(fits_up_to(10_000), start=1, max_batch_size=16)[0] == 16
+
+
+def test_global_batch_splits_into_the_largest_micro_batch_that_divides_it() -> None:
+    assert split_global_batch(64, largest_micro=24, world_size=2) == (16, 2)
+    assert split_global_batch(48, largest_micro=100, world_size=1) == (48, 1)
+    assert split_global_batch(30, largest_micro=4, world_size=1) == (3, 10)
+
+
+@pytest.mark.slow
+def test_batch_size_finder_respects_a_cpu_budget_between_two_sizes(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
+    args = tiny_args(corpus_dir, tokenizer_dir, tmp_path / "runs", "--data.init_args.block_size=64")
+    small, large = run_probe(args, 128, None, on_gpu=False), run_probe(args, 256, None, on_gpu=False)
+    assert small.fits and large.fits and large.peak_gib > small.peak_gib + 0.05, (small, large)
+    budget = (small.peak_gib + large.peak_gib) / 2
+    proc = run_litune(
+        "tune", "batch-size", *args, "--start=128", "--max-batch-size=256", "--precision=1",
+        f"--max-memory-gib={budget:.3f}", "--global-batch-size=512",
+    )  # fmt: skip
+    assert "largest micro batch that fits: 128" in proc.stdout, proc.stdout
+    assert "micro batch 128 x accumulation 4" in proc.stdout, proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------- sweeps
+
+SWEEP = {
+    "method": "grid",
+    "metric": "val/loss",
+    "pruner": "median",
+    "startup_trials": 1,
+    # lr 1e-6 learns nothing in 4 steps: worse than the first trial at step 2, so the median pruner stops it there.
+    "parameters": {"model.optimizer.init_args.lr": {"values": [3.0e-3, 1.0e-6, 1.0e-2]}},
+}
+
+
+def sweep_command(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path) -> list[str]:
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(SWEEP))
+    return [
+        LITUNE, "sweep", "--sweep", str(sweep_file), "--sweep-dir", str(tmp_path / "sweep"),
+        *tiny_args(corpus_dir, tokenizer_dir, tmp_path / "unused"),
+        "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+    ]  # fmt: skip
+
+
+def read_results(folder: Path) -> list[dict[str, str]]:
+    with (folder / "results.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_sweep_runs_every_trial_prunes_a_bad_one_sorts_the_table_and_restarts_to_nothing(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
+    command = sweep_command(tmp_path, corpus_dir, tokenizer_dir)
+    first = subprocess.run(command, env=litune_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    folder = tmp_path / "sweep"
+    run_dirs = sorted((folder / "trials").iterdir())
+    assert [d.name[-9:] for d in run_dirs] == ["trial-000", "trial-001", "trial-002"]
+    assert all((d / "config.yaml").exists() and (d / "metrics.csv").exists() for d in run_dirs)  # ordinary runs
+    rows = read_results(folder)
+    assert len(rows) == 3
+    by_lr = {float(r["model.optimizer.init_args.lr"]): r for r in rows}
+    assert by_lr[1e-6]["state"] == "pruned"
+    complete = [float(r["val/loss"]) for r in rows if r["state"] == "complete"]
+    assert len(complete) == 2 and complete == sorted(complete)
+    assert rows[-1]["state"] == "pruned"  # pruned trials rank after every complete one
+    assert "| rank | trial | state | val/loss |" in (folder / "results.md").read_text()
+    assert (folder / "report" / "summary.md").exists()
+
+    again = subprocess.run(command, env=litune_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to run" in again.stdout
+    assert sorted((folder / "trials").iterdir()) == run_dirs  # no trial ran again
+    assert read_results(folder) == rows
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_reruns_only_the_unfinished_trial(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
+    command = sweep_command(tmp_path, corpus_dir, tokenizer_dir)
+    trials = tmp_path / "sweep" / "trials"
+    sweep = subprocess.Popen(
+        command, env=litune_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(trials.glob("*-trial-001")) and time.monotonic() < deadline:
+            assert sweep.poll() is None, "the sweep ended before the test could interrupt it"
+            time.sleep(0.2)
+    finally:
+        os.killpg(sweep.pid, signal.SIGKILL)  # the sweep and the trial it is running, as a lost terminal would
+        sweep.wait()
+    resumed = subprocess.run(command, env=litune_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "rerunning interrupted trial(s) [1]" in resumed.stdout
+    assert len(list(trials.glob("*-trial-000"))) == 1, "a finished trial ran again"
+    rows = read_results(tmp_path / "sweep")
+    assert sorted(float(r["model.optimizer.init_args.lr"]) for r in rows) == [1e-6, 3e-3, 1e-2]  # each point once
+
+
+@pytest.mark.parametrize(
+    ("sweep", "field"),
+    [
+        ({"method": "annealing", "parameters": {"a.b": [1, 2]}}, "method"),
+        ({"method": "grid", "parameters": {"a.b": {"low": 1, "high": 2}}}, "parameters.a.b"),
+        ({"method": "random", "parameters": {"a.b": {"low": 2, "high": 1}}, "trials": 3}, "parameters.a.b"),
+        ({"method": "random", "parameters": {"a.b": {"low": 0, "high": 1, "log": True}}, "trials": 3}, "a.b.low"),
+        ({"method": "random", "parameters": {"a.b": [1]}}, "trials"),
+        ({"method": "grid", "parameters": {}}, "parameters"),
+        ({"method": "grid", "direction": "up", "parameters": {"a.b": [1]}}, "direction"),
+        ({"method": "grid", "trails": 3, "parameters": {"a.b": [1]}}, "trails"),
+    ],
+)
+def test_bad_sweep_files_are_refused_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sweep: dict, field: str
+) -> None:
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(sweep))
+    assert litune_main(["sweep", "--sweep", str(sweep_file), "--config", str(TINY)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("litune: configuration error:") and field in err and "Fix:" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tune_rejects_an_unknown_tuner(capsys: pytest.CaptureFixture[str]) -> None:
+    assert litune_main(["tune", "momentum", "--config", str(TINY)]) == 2
+    assert "unknown tuner 'momentum'" in capsys.readouterr().err
