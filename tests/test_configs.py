@@ -18,7 +18,8 @@ from litune.cli import LituneCLI
 from litune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
+SWEEPS = sorted((REPO / "configs" / "sweep").glob("*.yaml"))  # `litune sweep` files, not `litune fit` configs
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p not in SWEEPS)
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
@@ -74,3 +75,14 @@ def test_config_instantiates(config: Path, tiny_gpt2_dir, corpus_dir) -> None:
         raise
     assert isinstance(cli.model.network, torch.nn.Module)
     assert cli.datamodule is not None and cli.trainer is not None
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.name)
+def test_sweep_file_loads_and_names_real_config_fields(sweep: Path, tiny_gpt2_dir, corpus_dir) -> None:
+    from litune.tuning.sweep import load_spec, override
+
+    spec = load_spec(sweep)
+    quickstart = ["--config", str(REPO / "configs" / "quickstart.yaml"), f"--model.tokenizer={tiny_gpt2_dir}"]
+    values = [override(p.name, p.values[0] if p.values else p.low) for p in spec.parameters]
+    cli = LituneCLI(args=[*quickstart, *values, "--data.init_args.path=" + str(corpus_dir / "docs.jsonl")], run=False)
+    assert cli.model is not None

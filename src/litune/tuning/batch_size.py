@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ def probe_args(argv: list[str], batch_size: int, steps: int, runs_dir: Path) -> 
         f"--trainer.max_steps={steps}",
         "--trainer.accumulate_grad_batches=1",  # memory does not depend on it; a global batch need not divide
         "--global_batch_size=null",
+        "--model.lr_schedule.warmup_steps=0",  # the schedule does not change memory; a long warmup would not fit
         "--trainer.limit_val_batches=0",
         "--trainer.log_every_n_steps=1",
         "--validate_before_fit=false",
@@ -83,10 +85,11 @@ def run_probe(argv: list[str], batch_size: int, budget_gib: float | None, on_gpu
     if child.returncode != 0:
         if child.out_of_memory:
             return Probe(batch_size, None, False, "out of memory")
+        print(child.tail(), file=sys.stderr)
         raise ConfigError(
             "--config",
-            f"a probe run at micro batch {batch_size} failed (exit {child.returncode}):\n{child.tail()}",
-            "make `litune fit` run with this config first",
+            f"a probe run at micro batch {batch_size} failed (exit {child.returncode}; its last lines are above)",
+            "make `litune fit` run with the same arguments first",
         )
     if budget_gib is not None and peak is not None and peak > budget_gib:
         return Probe(batch_size, peak, False, f"{peak:.2f} GiB > budget {budget_gib:.2f} GiB")
