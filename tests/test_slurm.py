@@ -54,10 +54,24 @@ def slurm() -> LocalSlurm:
 
 
 def submit(
-    slurm: LocalSlurm, root: Path, corpus_dir: Path, tokenizer_dir: Path, *, nodes: int = 1, hold: bool = False
+    slurm: LocalSlurm,
+    root: Path,
+    corpus_dir: Path,
+    tokenizer_dir: Path,
+    *,
+    nodes: int = 1,
+    hold: bool = False,
+    until_signal: bool = False,
+    sbatch_args: tuple[str, ...] = (),
 ) -> str:
-    """``sbatch launch/slurm.sbatch <tiny config>`` with ``nodes`` nodes and 2 tasks in all; returns the job id."""
-    attempts = {"directory": str(root), "hold_at_step": HOLD_AT if hold else None}
+    """``sbatch launch/slurm.sbatch <tiny config>`` with ``nodes`` nodes and 2 tasks in all; returns the job id.
+
+    Args:
+        hold: hold the first attempt at step ``HOLD_AT`` until the test creates ``root/release`` ...
+        until_signal: ... or until the tasks received SIGUSR1.
+        sbatch_args: more sbatch options (they override the ones before them).
+    """
+    attempts = {"directory": str(root), "hold_at_step": HOLD_AT if hold else None, "until_signal": until_signal}
     callbacks = [
         {"class_path": "slurm_testing.Attempts", "init_args": attempts},
         {"class_path": "litune_testing.FinalLogits", "init_args": {"directory": str(root / "probe"), "steps": PROBED}},
@@ -77,7 +91,7 @@ def submit(
     root.mkdir(parents=True, exist_ok=True)
     sbatch = [
         "sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={2 // nodes}", "--cpus-per-task=1",
-        "--gpus-per-node=0", "--time=20", f"--output={root}/slurm-%j.out", f"--chdir={REPO}",
+        "--gpus-per-node=0", "--time=20", f"--output={root}/slurm-%j.out", f"--chdir={REPO}", *sbatch_args,
     ]  # fmt: skip
     proc = subprocess.run(
         [*sbatch, str(SBATCH), *fit], env=dict(litune_env(), **slurm.env_overrides), capture_output=True, text=True
@@ -188,6 +202,27 @@ def test_preempted_job_saves_requeues_and_resumes_exactly(slurm, uninterrupted, 
     assert {a["start_step"] for a in first} == {0}
     (resumed_at,) = {a["start_step"] for a in second}  # both ranks resumed from one checkpoint
     assert HOLD_AT <= resumed_at < STEPS  # saved when signalled, not at a periodic checkpoint (4) or from scratch
+    assert_same_losses(step_losses(the_run(tmp_path, job)), step_losses(the_run(*uninterrupted)))
+
+
+@pytest.mark.slow
+def test_time_limit_signal_preempts_requeues_and_resumes(slurm, uninterrupted, tmp_path, corpus_dir, tokenizer_dir):
+    """A real time limit: with `--time=3 --signal=SIGUSR1@100` slurmctld itself signals the tasks ~100 s before it.
+
+    SLURM checks time limits only every ~30 s, so the signal comes 50-80 s after the start: the first attempt is held
+    at step 6 until its tasks received it (it must not arrive during start-up, before the handler is installed).
+    """
+    sbatch_args = ("--time=3", "--signal=SIGUSR1@100")
+    job = submit(slurm, tmp_path, corpus_dir, tokenizer_dir, hold=True, until_signal=True, sbatch_args=sbatch_args)
+    state = wait_for(
+        slurm, tmp_path, job, lambda s: int(s["Restarts"]) > 0 or s["JobState"] in FINAL, "the requeue", timeout=400
+    )  # fmt: skip
+    assert int(state["Restarts"]) == 1, f"{state}\n{job_output(slurm, tmp_path, job)}"
+    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=20")  # the second attempt is not signalled again
+    finished(slurm, tmp_path, job, restarts=1)
+    first, second = split_attempts(tmp_path)
+    (resumed_at,) = {a["start_step"] for a in second}
+    assert 0 < resumed_at < STEPS
     assert_same_losses(step_losses(the_run(tmp_path, job)), step_losses(the_run(*uninterrupted)))
 
 
