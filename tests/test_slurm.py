@@ -206,6 +206,24 @@ def test_preempted_job_saves_requeues_and_resumes_exactly(slurm, uninterrupted, 
 
 
 @pytest.mark.slow
+def test_job_whose_step_is_killed_resumes_from_its_last_checkpoint(
+    slurm, uninterrupted, tmp_path, corpus_dir, tokenizer_dir
+):
+    """A node lost: the job step is killed outright (no signal handler runs, nothing saved), then requeued."""
+    job = submit(slurm, tmp_path, corpus_dir, tokenizer_dir, hold=True)
+    wait_held(slurm, tmp_path, job)
+    slurm.run("scancel", "--signal=KILL", f"{job}.0")  # step 0: the `srun` of launch/slurm.sbatch
+    state = wait_for(slurm, tmp_path, job, lambda s: s["JobState"] in FINAL, "the end of the killed attempt")
+    assert state["JobState"] == "FAILED", job_output(slurm, tmp_path, job)
+    slurm.run("scontrol", "requeue", job)  # what SLURM does itself for a job on a failed node (--requeue)
+    finished(slurm, tmp_path, job, restarts=1)
+    first, second = split_attempts(tmp_path)
+    assert {a["start_step"] for a in first} == {0}
+    assert {a["start_step"] for a in second} == {CKPT_EVERY}  # the last periodic checkpoint before step HOLD_AT
+    assert_same_losses(step_losses(the_run(tmp_path, job)), step_losses(the_run(*uninterrupted)))
+
+
+@pytest.mark.slow
 def test_time_limit_signal_preempts_requeues_and_resumes(slurm, uninterrupted, tmp_path, corpus_dir, tokenizer_dir):
     """A real time limit: with `--time=3 --signal=SIGUSR1@100` slurmctld itself signals the tasks ~100 s before it.
 
