@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
@@ -36,6 +37,10 @@ FIRST, SECOND = 3, 5  # optimizer steps of a first leg and of the leg resumed fr
 PROBED = [1, FIRST, SECOND]
 PROBE_SHAPE = (2, 16)
 PROBE_SEED = 1234
+PEAK_FLOPS = 1.0e12
+# NETWORK's training FLOPs per token at its 32-token rows: 6 * matmul weights (output layer 512*32 + 2 blocks of
+# 32*96 + 32*32 + 32*128 + 128*32) + 12 * layers * width * 32 = 6 * 40,960 + 24,576.
+FLOPS_PER_TOKEN = 270_336
 
 
 def probe_input_ids(vocab_size: int) -> torch.Tensor:
@@ -141,6 +146,8 @@ def fit_args(root: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str, ste
             "init_args": {"directory": str(root / "probe"), "steps": PROBED},
         },
         {"class_path": "litune.callbacks.model_state.ModelStateReport"},
+        # A made-up peak (the CPU has none), so that MFU is logged and can be checked under every strategy.
+        {"class_path": "litune.callbacks.ThroughputMonitor", "init_args": {"peak_flops": PEAK_FLOPS}},
     ]
     return [
         "--config", str(TINY),
@@ -177,6 +184,18 @@ def reference_run(base: Path, corpus_dir: Path, tokenizer_dir: Path, resumed: bo
         extra = ("--trainer.devices=1", "--ckpt_path=last")
         run_litune("fit", *fit_args(root, corpus_dir, tokenizer_dir, *extra, steps=SECOND))
     return root
+
+
+def assert_mfu(root: Path, world_size: int = 2) -> None:
+    """The run's logged ``perf/mfu`` is the model's full FLOPs per token x tokens/s / (peak x devices)."""
+    import csv
+
+    with (the_run(root) / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("perf/mfu")]
+    assert rows
+    for row in rows:
+        want = FLOPS_PER_TOKEN * float(row["perf/tokens_per_sec"]) / (PEAK_FLOPS * world_size)
+        assert float(row["perf/mfu"]) == pytest.approx(want, rel=1e-9)
 
 
 def assert_matches(root: Path, reference: Path, step: int, world_size: int = 2) -> None:

@@ -11,6 +11,7 @@ clipping sees. The mean of means (each micro-batch's own mean) moves the same we
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from functools import partial
@@ -199,3 +200,38 @@ def test_prepare_drops_and_reports_rows_without_a_target(tmp_path, tokenizer_dir
     assert main(["prepare", *args]) == 0
     out = capsys.readouterr().out
     assert "rows without a target token dropped: 2" in out and "train: 6 rows" in out, out
+
+
+def validate_args(root: Path, data: Path, held_out: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(TINY), f"--model.tokenizer={tokenizer_dir}",
+        f"--model.network.init_args.config={json.dumps(NETWORK)}",
+        f"--data.init_args.path={data}", f"--data.init_args.validation_split={held_out}",
+        "--data.init_args.format=instruction", "--data.init_args.layout=pad", "--data.init_args.block_size=64",
+        "--data.init_args.batch_size=2", "--trainer.limit_val_batches=1.0", "--loggers=[csv]",
+        f"--runs_dir={root / 'runs'}", *extra,
+    ]  # fmt: skip
+
+
+def val_metrics(root: Path) -> dict[str, float]:
+    (run,) = sorted((root / "runs").iterdir())
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return {k: float(v) for row in rows for k, v in row.items() if k.startswith("val/") and v}
+
+
+@pytest.mark.distributed
+def test_validation_on_two_processes_equals_one_process(tmp_path, instructions, tokenizer_dir) -> None:
+    """7 held-out rows of uneven target counts on 2 ranks: 4 rows each, the 8th a copy that must weigh nothing."""
+    held_out = write_instructions(tmp_path / "held-out.jsonl", rows=7)
+    one, two = tmp_path / "one", tmp_path / "two"
+    try:
+        assert main(["validate", *validate_args(one, instructions, held_out, tokenizer_dir)]) == 0
+    finally:
+        os.environ.pop("LITUNE_RUN_DIR", None)
+    ddp = ("--config", str(REPO / "configs" / "strategy" / "ddp.yaml"), "--trainer.devices=2")
+    run_litune("validate", *validate_args(two, instructions, held_out, tokenizer_dir, *ddp))
+    want, got = val_metrics(one), val_metrics(two)
+    assert set(want) == set(got) == {"val/loss", "val/ppl"}
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key

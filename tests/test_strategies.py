@@ -29,6 +29,7 @@ from litune_testing import (
     SECOND,
     TINY,
     assert_matches,
+    assert_mfu,
     fit_args,
     litune_env,
     probe,
@@ -106,6 +107,8 @@ def test_two_processes_match_one_process_and_the_memory_accounting(strategy, fir
     assert_matches(root, reference, FIRST)
     assert probe(root, FIRST)["gradient_checkpointing"] and not probe(reference, FIRST)["gradient_checkpointing"]
     check_model_state(root, strategy)
+    # MFU counts the whole model on every strategy (ZeRO-3's partitioned parameters report numel() == 0).
+    assert_mfu(root)
     # The comparison has teeth: two optimizer steps move the logits far beyond its tolerance.
     assert (probe(reference, FIRST)["logits"] - probe(reference, 1)["logits"]).abs().max() > 1e-2
 

@@ -168,12 +168,11 @@ def test_csv_tensorboard_and_wandb_combine_read_back_and_keep_secrets_out(
 
 def test_mfu_through_the_cli_matches_the_palm_formula_computed_by_hand(tmp_path, corpus_dir, tokenizer_dir) -> None:
     # tiny.yaml's GPT-2: vocab V=512, positions P=64, d=32, L=2 layers, sequences of T=32 tokens.
-    # Parameters per block: 2 layer norms 2*(2*32) + c_attn 32*96+96 + attn c_proj 32*32+32 + c_fc 32*128+128
-    #   + mlp c_proj 128*32+32 = 128 + 3168 + 1056 + 4224 + 4128 = 12,704.
-    # N = token embedding (tied output layer) 512*32 + 2 blocks + final norm 64 = 16,384 + 25,408 + 64 = 41,856
-    #   (the position table is a lookup, not a matmul: left out).
-    # flops/token = 6N + 12*L*d*T = 251,136 + 24,576 = 275,712.
-    flops_per_token, peak = 275_712, 1.0e12  # a made-up peak: the CPU has none
+    # Matmul weights per block: c_attn 32*96 + attn c_proj 32*32 + c_fc 32*128 + mlp c_proj 128*32 = 12,288.
+    # N = output layer (tied to the token table) 512*32 + 2 blocks = 16,384 + 24,576 = 40,960
+    #   (lookups, layer norms and biases are no matmul: left out).
+    # flops/token = 6N + 12*L*d*T = 245,760 + 24,576 = 270,336.
+    flops_per_token, peak = 270_336, 1.0e12  # a made-up peak: the CPU has none
     runs_dir = tmp_path / "runs"
     monitor = ["--trainer.callbacks+=litune.callbacks.ThroughputMonitor", f"--trainer.callbacks.peak_flops={peak}"]
     args = fit_args(runs_dir, corpus_dir, tokenizer_dir, "--loggers=[csv]", "--trainer.max_steps=3", *monitor)

@@ -186,7 +186,8 @@ def test_parameter_counts_with_and_without_embeddings_are_logged(caplog) -> None
     assert net.num_parameters() == body + VOCAB * d + 16 * d  # the tied head is counted once
     assert f"n_params={net.num_parameters():,}" in caplog.text
     assert f"without embeddings: {body:,}" in caplog.text
-    assert net.flops_per_token(16) == 6 * (body + VOCAB * d) + 12 * L * d * 16
+    matmuls = L * (3 * d * d + d * d + d * f + f * d) + VOCAB * d  # the tied head yes; norms, biases, lookups no
+    assert net.flops_per_token(16) == 6 * matmuls + 12 * L * d * 16
 
 
 # --- end to end through the CLI -----------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from litune.callbacks.throughput import log_exact
 from litune.errors import ConfigError, TrainingStopped
 from litune.models.output import IGNORE_INDEX, LMOutput
 from litune.objective import (
@@ -183,7 +182,9 @@ class LitLM(L.LightningModule):
         self._loss_finite = math.isfinite(loss)  # the same on every rank: the sum was all-reduced
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/ppl", math.exp(min(loss, 80.0)), on_step=True, on_epoch=False)
-        log_exact(self, {"train/tokens_seen": float(self.tokens_seen)})
+        # float64: self.log would make a Python float float32, which cannot count tokens exactly past 2**24.
+        tokens_seen = torch.tensor(float(self.tokens_seen), dtype=torch.float64, device=self.device)
+        self.log("train/tokens_seen", tokens_seen, on_step=True, on_epoch=False)
 
     def optimizer_step(
         self,

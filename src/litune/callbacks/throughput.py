@@ -5,7 +5,7 @@ MFU follows PaLM (Chowdhery et al. 2022, appendix B)::
     MFU = flops_per_token(T) * tokens_per_sec / (peak_flops_per_device * n_devices)
 
 where ``flops_per_token(T)`` is the network's training cost per token at sequence length ``T`` (forward + backward,
-``6N + 12*L*d*T`` for a decoder with ``N`` parameters, ``L`` layers, width ``d``), asked from
+``6N + 12*L*d*T`` for a decoder with ``N`` matmul weights, ``L`` layers, width ``d``), asked from
 ``network.flops_per_token(T)``; a network without that method falls back to ``6N``.
 
 Why not Lightning's ``ThroughputMonitor``: it needs a ``flops_per_batch`` attribute on the module, counts samples on
@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from litune.errors import ConfigError
+from litune.models.flops import matmul_weights
 from litune.tracking.peaks import device_peak_flops
 
 
@@ -35,13 +36,12 @@ def model_flops_per_token(network: torch.nn.Module, seq_len: int) -> float:
         seq_len: tokens per sequence ``T``.
 
     Returns:
-        ``network.flops_per_token(seq_len)``, or ``6 * N`` with ``N`` the parameter count (the attention term
+        ``network.flops_per_token(seq_len)``, or ``6 * N`` with ``N`` the weights of its matmuls (the attention term
         ``12*L*d*T`` needs the architecture, which only the network knows).
     """
     if hasattr(network, "flops_per_token"):
         return float(network.flops_per_token(seq_len))
-    # DeepSpeed ZeRO-3 leaves empty placeholders in `p`; `ds_numel` keeps the full size.
-    return 6.0 * sum(getattr(p, "ds_numel", p.numel()) for p in network.parameters())
+    return 6.0 * matmul_weights(network)
 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, peak_flops: float, devices: int) -> float:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from litune.models.output import IGNORE_INDEX
+
 
 class ResumableSampler(DistributedSampler):
     """Distributed, shuffling, length-grouping sampler with a mid-epoch resume point.
@@ -111,3 +113,47 @@ def _pad(order: list[int], size: int) -> list[int]:
     if padding <= 0:
         return order[:size]
     return order + (order * (padding // max(len(order), 1) + 1))[:padding]
+
+
+class MaskedPadding(Dataset):
+    """An evaluation set padded to ``size`` rows with copies of its first rows whose labels are all ``-100``.
+
+    With several ranks every rank must run the same number of evaluation batches (ZeRO-3 gathers parameters
+    collectively in every forward); ``DistributedSampler`` evens them out by *repeating* rows, which then count twice
+    in ``val/loss``. The copies here have no target token, so they weigh nothing in the token-weighted loss and
+    perplexity, which are then the same on any number of ranks.
+
+    Args:
+        dataset: rows with ``input_ids`` and optionally ``labels`` (lists of ids).
+        size: the padded length (at least ``len(dataset)``).
+    """
+
+    def __init__(self, dataset: Dataset, size: int) -> None:
+        self.dataset = dataset
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if index < n:
+            return self.dataset[index]
+        row = dict(self.dataset[index % n])
+        targets = row.get("labels") if row.get("labels") is not None else row["input_ids"]
+        row["labels"] = [IGNORE_INDEX] * len(targets)
+        return row
+
+
+def even_eval_shards(dataset: Dataset, rank: int, world_size: int) -> tuple[Dataset, DistributedSampler | None]:
+    """The evaluation set and sampler for this rank: disjoint shards of equal length, padding rows weighing nothing.
+
+    Returns:
+        ``(dataset, None)`` on one process; otherwise the :class:`MaskedPadding` set and a non-shuffling
+        ``DistributedSampler`` over it (Lightning keeps a distributed sampler as it is).
+    """
+    if world_size <= 1:
+        return dataset, None
+    n = len(dataset)  # type: ignore[arg-type]
+    padded = MaskedPadding(dataset, -(-n // world_size) * world_size)
+    return padded, DistributedSampler(padded, num_replicas=world_size, rank=rank, shuffle=False)

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from litune.data.collate import Seq2SeqCollator
 from litune.data.formats import tokenize_pairs
+from litune.data.sampler import even_eval_shards
 from litune.data.sources import load_local, resolve_local_files
 
 # Configs written before the split name these classes here; each is defined once, in its own module.
@@ -130,7 +131,12 @@ class Seq2SeqDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        dataset, sampler = even_eval_shards(self.val_set, rank, world)  # padding rows weigh nothing
+        return DataLoader(
+            dataset, self.batch_size, sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers
+        )
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from litune.data.collate import Seq2SeqCollator
+from litune.data.sampler import even_eval_shards
 from litune.errors import ConfigError
 from litune.tokenizer import SymbolTokenizer, TokenizerSource
 
@@ -128,7 +129,10 @@ class SyntheticSeq2SeqDataModule(L.LightningDataModule):
         return DataLoader(self.train_set, self.batch_size, shuffle=True, collate_fn=self.collate, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.batch_size, collate_fn=self.collate)
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        dataset, sampler = even_eval_shards(self.val_set, rank, world)  # padding rows weigh nothing
+        return DataLoader(dataset, self.batch_size, sampler=sampler, collate_fn=self.collate)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from litune.data import cache
 from litune.data.collate import PadCollator
 from litune.data.pipeline import DataSpec, Source, build, count_stats
-from litune.data.sampler import ResumableSampler
+from litune.data.sampler import ResumableSampler, even_eval_shards
 from litune.data.stream import SkipBatches, streaming_splits
 from litune.errors import ConfigError
 from litune.tokenizer import DEFAULT_CACHE, TokenizerSource, load_tokenizer
@@ -269,10 +269,14 @@ class TextDataModule(L.LightningDataModule):
             self.setup("validate")
         if self.val_set is None:
             return []
+        dataset, sampler = self.val_set, None
+        if not self.spec.streaming:  # a stream is split per rank by datasets itself
+            dataset, sampler = even_eval_shards(self.val_set, *self._rank_world())
         return DataLoader(
-            self.val_set,
+            dataset,
             batch_size=self.batch_size,
             shuffle=False,
+            sampler=sampler,
             collate_fn=self.collator(),
             num_workers=self.num_workers,
         )

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from litune.errors import ConfigError
+from litune.models.flops import matmul_weights
 from litune.models.output import LMOutput, causal_lm_output
 
 
@@ -133,19 +134,14 @@ class HFCausalLM(nn.Module):
         return self.model.num_parameters(exclude_embeddings=exclude_embeddings)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM, appendix B).
-
-        ``N`` counts the token embedding too, since tied models use it as the output layer (a matmul); learned
-        position tables are a lookup and are left out (as in ``DecoderLM.flops_per_token``).
+        """Training FLOPs per token: ``6 N`` for the ``N`` matmul weights plus ``12 L d T`` for attention (PaLM,
+        appendix B). ``N`` (:func:`~litune.models.flops.matmul_weights`) counts the output layer (tied to the token
+        table or not) but no lookup table, norm or bias, at full size under ZeRO-3.
         """
         cfg = self.model.config
         n_layer = getattr(cfg, "num_hidden_layers", 0)
         d_model = getattr(cfg, "hidden_size", 0)
-        n = self.num_parameters()
-        positions = getattr(getattr(self.model, "transformer", None), "wpe", None)
-        if isinstance(positions, nn.Embedding):
-            n -= positions.weight.numel()
-        return 6 * n + 12 * n_layer * d_model * seq_len
+        return 6.0 * matmul_weights(self.model) + 12.0 * n_layer * d_model * seq_len
 
     def forward(
         self,

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from litune.errors import ConfigError
+from litune.models.flops import matmul_weights
 from litune.models.output import IGNORE_INDEX, LMOutput, lm_output
 from litune.models.transformer import (
     FIELD,
@@ -192,7 +193,7 @@ class Seq2SeqLM(TransformerLM):
         ``6 N`` for the matmul weights (encoder and decoder each see about one token per target token) plus the
         attention scores: ``12 d T`` per encoder layer, and per decoder layer for self- and cross-attention.
         """
-        n = self.num_parameters() - self.wpe.weight.numel()
+        n = matmul_weights(self)  # the tied output head yes; lookups, norms, biases no; full size under ZeRO-3
         attn_layers = self.config.num_encoder_layers + 2 * self.config.num_decoder_layers
         return 6.0 * n + 12.0 * attn_layers * self.config.d_model * seq_len
 

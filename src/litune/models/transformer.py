@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from litune.errors import ConfigError
 from litune.models.convert import decoder_kwargs_from_gpt2_config, gpt2_to_litune, to_hf_gpt2
+from litune.models.flops import matmul_weights
 from litune.models.output import LMOutput, causal_lm_output
 from litune.models.state_dict import load_strict
 
@@ -351,10 +352,10 @@ class DecoderLM(TransformerLM):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) at context ``seq_len``: ``6 N + 12 L d T`` (PaLM appendix B).
 
-        ``N`` counts every weight used in a matmul (position embeddings are a lookup, so they are left out).
+        ``N`` counts every weight used in a matmul (:func:`~litune.models.flops.matmul_weights`: the tied output
+        head yes; position and token lookups, norms and biases no), at full size under ZeRO-3.
         """
-        n = self.num_parameters() - self.wpe.weight.numel()
-        return 6.0 * n + 12.0 * len(self.h) * self.config.d_model * seq_len
+        return 6.0 * matmul_weights(self) + 12.0 * len(self.h) * self.config.d_model * seq_len
 
     def forward(
         self,
