@@ -118,6 +118,9 @@ class LocalSlurm:
         Raises:
             ClusterUnavailable: a daemon exited or the nodes did not become idle (its log tail is in the message).
         """
+        if os.geteuid() != 0:
+            uid = os.geteuid()
+            raise ClusterUnavailable(f"slurmd starts jobs as their users, so it must run as root (this is uid {uid})")
         install_packages()
         self.root.chmod(0o755)  # munged wants its socket's folder searchable by everyone
         try:

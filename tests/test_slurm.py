@@ -47,6 +47,8 @@ def slurm() -> LocalSlurm:
         cluster = LocalSlurm(nodes=2)
         cluster.start()
     except ClusterUnavailable as err:
+        if cluster is not None:
+            shutil.rmtree(cluster.root, ignore_errors=True)
         pytest.skip(f"SLURM daemons cannot run here: {err}")
     yield cluster
     cluster.stop()
