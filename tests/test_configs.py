@@ -38,7 +38,8 @@ def cli_args(config: Path, tiny_gpt2_dir: Path, corpus_dir: Path) -> list[str]:
     args += ["--config", str(config)]
     if isinstance(_get(tree, "model.tokenizer"), str):
         args.append(f"--model.tokenizer={tiny_gpt2_dir}")
-    if _get(tree, "model.network.init_args.pretrained"):
+    # A 4-bit (QLoRA) fragment quantizes pretrained weights: compose it onto the tiny pretrained GPT-2.
+    if _get(tree, "model.network.init_args.pretrained") or _get(tree, "model.network.init_args.quantize"):
         args.append(f"--model.network.init_args.pretrained={tiny_gpt2_dir}")
         if not whole:  # the base's from-scratch `config` would otherwise merge in beside `pretrained`
             args.append("--model.network.init_args.config=null")

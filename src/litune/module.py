@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -20,6 +21,15 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from litune.errors import ConfigError, TrainingStopped
+from litune.models.adapters import (
+    Adapters,
+    add_adapters,
+    base_is_reloadable,
+    count_parameters,
+    is_quantized,
+    peft_model_of,
+    save_adapters,
+)
 from litune.models.output import IGNORE_INDEX, LMOutput
 from litune.objective import (
     BATCH_TAG,
@@ -56,6 +66,9 @@ class LitLM(L.LightningModule):
             ``train/skipped_steps`` and warns; ``stop`` ends training with a message naming the step and the last
             good checkpoint (``litune fit`` exits with status 1). Under DeepSpeed the engine's own overflow check
             decides (gradients; in bf16 only with its ``check_grad_overflow``).
+        adapters: train LoRA/DoRA adapters instead of the whole network (``configs/peft/``): the base is frozen and,
+            when it is loaded from ``pretrained`` weights, checkpoints hold only the adapters (and optimizer state);
+            every checkpoint also writes the run's adapter folder ``<run>/adapter``. See :mod:`litune.models.adapters`.
     """
 
     def __init__(
@@ -65,6 +78,7 @@ class LitLM(L.LightningModule):
         optimizer: OptimizerCallable = _default_optimizer,
         lr_schedule: LRSchedule | None = None,
         nonfinite: Literal["skip", "stop"] = "skip",
+        adapters: Adapters | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in ("skip", "stop"):
@@ -82,6 +96,18 @@ class LitLM(L.LightningModule):
             self._hparams.pop("network")
             self._hparams_initial.pop("network", None)
         self.network = network
+        self.adapters = adapters
+        if is_quantized(network) and adapters is None:
+            raise ConfigError(
+                "model.adapters",
+                "the network's weights are quantized (4-bit) and cannot be trained directly",
+                "add adapters, e.g. --config configs/peft/qlora.yaml (or set model.adapters)",
+            )
+        if adapters is not None:
+            if not callable(getattr(network, "configure_model", None)):  # deferred networks: in configure_model
+                add_adapters(network, adapters)
+            # Checkpoints without the frozen base do not hold every key; on_load_checkpoint checks the ones they must.
+            self.strict_loading = False
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule or LRSchedule()
         self._check_optimizer()
@@ -286,6 +312,62 @@ class LitLM(L.LightningModule):
         build = getattr(self.network, "configure_model", None)
         if callable(build):
             build()
+            if self.adapters is not None and peft_model_of(self.network) is None:
+                add_adapters(self.network, self.adapters)
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if self._adapters_only() and hasattr(strategy, "exclude_frozen_parameters"):
+            strategy.exclude_frozen_parameters = True  # DeepSpeed writes its own module states: leave the base out
+
+    def on_fit_start(self) -> None:
+        if self.adapters is not None:
+            trainable, total = count_parameters(self.network)
+            for logger in self.loggers:
+                logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=self.global_step)
+
+    def _adapters_only(self) -> bool:
+        """Whether checkpoints hold only the adapters: the frozen base can be reloaded from its pretrained source."""
+        return self.adapters is not None and base_is_reloadable(self.network)
+
+    def _frozen_keys(self) -> set[str]:
+        # remove_duplicate=False: a tied weight (GPT-2's lm_head = wte) is frozen under both of its names.
+        named = self.network.named_parameters(remove_duplicate=False)
+        return {f"network.{name}" for name, p in named if not p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.adapters is None:
+            return
+        if self._adapters_only() and "state_dict" in checkpoint:
+            frozen = self._frozen_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["adapters_only"] = self._adapters_only()
+        if self.trainer.is_global_zero:
+            # The run's adapter folder, refreshed at every checkpoint: what `peft.PeftModel.from_pretrained` loads.
+            save_adapters(self.network, Path(self.trainer.default_root_dir) / "adapter")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if self.adapters is None or state is None:
+            return
+        trainable = {f"network.{n}" for n, p in self.network.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(state))
+        if missing:
+            raise ConfigError(
+                "model.adapters",
+                f"the checkpoint lacks {len(missing)} adapter weights of this config, e.g. {missing[0]}",
+                "load it with the adapters settings it was trained with (its run folder's config.yaml)",
+            )
+        if not checkpoint.get("adapters_only", False):
+            return
+        expected = set(self.state_dict()) - self._frozen_keys()
+        unexpected = sorted(set(state) - expected)
+        if unexpected:
+            raise ConfigError(
+                "model.adapters",
+                f"the checkpoint has {len(unexpected)} weights this config does not train, e.g. {unexpected[0]}",
+                "load it with the adapters settings it was trained with (its run folder's config.yaml)",
+            )
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(param_groups(self.network))

@@ -32,9 +32,13 @@ def load_for_generation(checkpoint: str) -> tuple[torch.nn.Module, object]:
     """Load a network and its tokenizer from a litune checkpoint or a Hugging Face model folder/hub id.
 
     A litune checkpoint is a ``.ckpt`` file, a DeepSpeed checkpoint directory (shards are consolidated) or a run
-    folder (its ``checkpoints/last.ckpt``); a folder with a ``config.json`` or anything else is a Hugging Face model.
+    folder (its ``checkpoints/last.ckpt``); a folder with ``adapter_config.json`` is a peft adapter folder (its base
+    model is loaded from ``base_model_name_or_path`` and the adapters put on it); a folder with a ``config.json`` or
+    anything else is a Hugging Face model.
     """
     path = Path(checkpoint)
+    if (path / "adapter_config.json").is_file():
+        return _load_adapter_folder(path)
     looks_like_hub_id = not path.exists() and path.suffix != ".ckpt" and checkpoint.count("/") <= 1
     if (path / "config.json").is_file() or looks_like_hub_id:
         from litune.models.hf import HFCausalLM
@@ -46,6 +50,25 @@ def load_for_generation(checkpoint: str) -> tuple[torch.nn.Module, object]:
     if system.tokenizer is None:
         raise ConfigError("--checkpoint", "this checkpoint has no tokenizer", "train with model.tokenizer set")
     return system.network, system.tokenizer
+
+
+def _load_adapter_folder(path: Path) -> tuple[torch.nn.Module, object]:
+    import json
+
+    from litune.models.adapters import load_adapters
+    from litune.models.hf import HFCausalLM
+
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(
+            "--checkpoint",
+            f"the adapter folder {path} names no Hugging Face base model (adapters of a litune network)",
+            "generate from the run folder or checkpoint instead, or export it with --merge-adapters",
+        )
+    network = HFCausalLM(pretrained=base)
+    load_adapters(network, path)
+    has_tokenizer = (path / "tokenizer_config.json").is_file()
+    return network, load_tokenizer(str(path) if has_tokenizer else base)
 
 
 def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.Namespace) -> list[str]:

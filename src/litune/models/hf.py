@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -45,6 +46,17 @@ def build_hf_config(
     return AutoConfig.for_model(model_type, **kwargs)
 
 
+def _quantization_kwargs(quantize: str | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the weights quantized (4-bit NF4) onto this process's device."""
+    if quantize is None:
+        return {}
+    from litune.models.adapters import nf4_config
+
+    # bitsandbytes quantizes while loading onto the target device; each DDP rank loads onto its own GPU.
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": nf4_config(), "device_map": {"": device}}
+
+
 def context_length(hf_config: PretrainedConfig) -> int:
     """The longest sequence a Hugging Face model's position table allows (no limit for rotary/relative positions)."""
     for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
@@ -68,6 +80,8 @@ class HFCausalLM(nn.Module):
         trust_remote_code: run model code from the hub; off unless the config says so.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash_attention_2"``.
+        quantize: ``"nf4"`` loads the pretrained weights in 4-bit NF4 (bitsandbytes, double quantization, bf16
+            compute) for QLoRA: the base is frozen, so ``model.adapters`` must be set (``configs/peft/qlora.yaml``).
     """
 
     deferred: ClassVar[bool] = False
@@ -81,9 +95,17 @@ class HFCausalLM(nn.Module):
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
+        quantize: Literal["nf4"] | None = None,
     ) -> None:
         super().__init__()
+        if quantize is not None and pretrained is None:
+            raise ConfigError(
+                "model.network.init_args.quantize",
+                "4-bit quantization needs pretrained weights to quantize, but the network is built from `config`",
+                "set `pretrained` (a hub id or local folder), or drop quantize",
+            )
         self.pretrained = pretrained
+        self.quantize = quantize
         self.revision = revision
         self.trust_remote_code = trust_remote_code
         self.gradient_checkpointing = gradient_checkpointing
@@ -102,7 +124,11 @@ class HFCausalLM(nn.Module):
                 trust_remote_code=self.trust_remote_code,
                 attn_implementation=self.attn_implementation,
                 dtype=torch.float32,  # master weights in fp32; Lightning's precision plugin casts for compute
+                **_quantization_kwargs(self.quantize),
             )
+            # from_pretrained returns the model in eval mode; training must see the model's own dropout (as a model
+            # built from a config does, and as transformers' Trainer does by calling train()).
+            self.model.train()
         else:
             self.model = AutoModelForCausalLM.from_config(
                 self.hf_config, trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation

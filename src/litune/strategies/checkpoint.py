@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,8 +102,12 @@ def load_system(path: str | Path) -> LitLM:
     from litune.module import LitLM
 
     path = resolve_checkpoint(path)
-    if not is_deepspeed_checkpoint(path):
-        return LitLM.load_from_checkpoint(path, map_location="cpu", weights_only=False)
-    with tempfile.TemporaryDirectory(prefix="litune-consolidate-") as tmp:
-        single = consolidate(path, Path(tmp) / "consolidated.ckpt")
-        return LitLM.load_from_checkpoint(single, map_location="cpu", weights_only=False)
+    with warnings.catch_warnings():
+        # An adapter checkpoint leaves out the frozen base (rebuilt from its pretrained source); LitLM checks that the
+        # adapter weights are all there (on_load_checkpoint), and other checkpoints load strictly.
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
+        if not is_deepspeed_checkpoint(path):
+            return LitLM.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        with tempfile.TemporaryDirectory(prefix="litune-consolidate-") as tmp:
+            single = consolidate(path, Path(tmp) / "consolidated.ckpt")
+            return LitLM.load_from_checkpoint(single, map_location="cpu", weights_only=False)
