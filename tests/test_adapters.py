@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from litune.cli import main
 from litune.commands.export import export
@@ -196,6 +196,18 @@ def lora_args(tiny_gpt2_dir: Path, *extra: str) -> tuple[str, ...]:
         "--model.optimizer.init_args.lr=0.03",
         *extra,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tiny_gpt2_dir, tmp_path_factory) -> Path:
+    """The tiny pretrained GPT-2 without dropout: runs on 1 and 2 processes and a resumed run can then agree exactly
+    (Lightning does not checkpoint the dropout RNG)."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2-no-dropout")
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    model.config.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
