@@ -293,7 +293,8 @@ def test_resume_is_exact(lora_run, tmp_path, corpus_dir, tokenizer_dir, tiny_gpt
 def two_process_run(root: Path, strategy: str, corpus_dir, tokenizer_dir, tiny_gpt2_dir, *extra: str) -> None:
     fragment = str(REPO / "configs" / "strategy" / f"{strategy}.yaml")
     args = ("--config", fragment, "--trainer.devices=2", "--model.network.init_args.gradient_checkpointing=true")
-    run_litune("fit", *fit_args(root, corpus_dir, tokenizer_dir, *lora_args(tiny_gpt2_dir), *args, *extra))
+    # 2 processes on a loaded 2-core machine: allow more than the default 300 s.
+    run_litune("fit", *fit_args(root, corpus_dir, tokenizer_dir, *lora_args(tiny_gpt2_dir), *args, *extra), timeout=900)
 
 
 @pytest.mark.distributed

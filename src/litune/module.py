@@ -8,6 +8,7 @@ has no ``if model_type == ...`` branches: every network has the same interface.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -44,6 +45,22 @@ from litune.objective import (
 )
 from litune.optim import LRSchedule, param_groups
 from litune.tokenizer import TokenizerSource, load_tokenizer
+
+
+def _drop_frozen_base(module: LitLM, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict hook: remove the frozen base weights when checkpoints hold only the adapters."""
+    if module._adapters_only():
+        for key in module._frozen_keys():
+            state_dict.pop(prefix + key, None)
+
+
+def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Full ZeRO-3-partitioned parameters for the duration of the context (a no-op for parameters not partitioned)."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -104,10 +121,14 @@ class LitLM(L.LightningModule):
                 "add adapters, e.g. --config configs/peft/qlora.yaml (or set model.adapters)",
             )
         if adapters is not None:
-            if not callable(getattr(network, "configure_model", None)):  # deferred networks: in configure_model
+            if not getattr(network, "deferred", False):  # a DeferredHFCausalLM gets them in configure_model
                 add_adapters(network, adapters)
             # Checkpoints without the frozen base do not hold every key; on_load_checkpoint checks the ones they must.
             self.strict_loading = False
+            # Leave the frozen base out of this module's state dict, for every writer: Lightning's checkpoint and
+            # DeepSpeed's own module states alike (DeepSpeed's exclude_frozen_parameters misses the second name of a
+            # tied weight, e.g. GPT-2's lm_head). The private hook API exists in every torch release litune supports.
+            self._register_state_dict_hook(_drop_frozen_base)
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule or LRSchedule()
         self._check_optimizer()
@@ -148,6 +169,9 @@ class LitLM(L.LightningModule):
         if stage == "fit":
             # Count each step's target tokens ahead of its first backward (see litune.objective).
             install_look_ahead(self.trainer, targets_counter(self.network))
+        strategy = self.trainer.strategy
+        if self._adapters_only() and hasattr(strategy, "exclude_frozen_parameters"):
+            strategy.exclude_frozen_parameters = True  # DeepSpeed writes its own module states: leave the base out
 
     def teardown(self, stage: str) -> None:
         if stage == "fit":
@@ -281,11 +305,15 @@ class LitLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["litune_objective"] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+        if self.adapters is not None:
+            self._save_adapters(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("litune_objective", {})
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self.adapters is not None and checkpoint.get("state_dict") is not None:
+            self._check_adapter_checkpoint(checkpoint)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput:
         return self._eval_step(batch, "val", self.val_ppl)
@@ -315,11 +343,6 @@ class LitLM(L.LightningModule):
             if self.adapters is not None and peft_model_of(self.network) is None:
                 add_adapters(self.network, self.adapters)
 
-    def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy
-        if self._adapters_only() and hasattr(strategy, "exclude_frozen_parameters"):
-            strategy.exclude_frozen_parameters = True  # DeepSpeed writes its own module states: leave the base out
-
     def on_fit_start(self) -> None:
         if self.adapters is not None:
             trainable, total = count_parameters(self.network)
@@ -335,21 +358,17 @@ class LitLM(L.LightningModule):
         named = self.network.named_parameters(remove_duplicate=False)
         return {f"network.{name}" for name, p in named if not p.requires_grad}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.adapters is None:
-            return
-        if self._adapters_only() and "state_dict" in checkpoint:
-            frozen = self._frozen_keys()
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+    def _save_adapters(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["adapters_only"] = self._adapters_only()
-        if self.trainer.is_global_zero:
-            # The run's adapter folder, refreshed at every checkpoint: what `peft.PeftModel.from_pretrained` loads.
-            save_adapters(self.network, Path(self.trainer.default_root_dir) / "adapter")
+        # The run's adapter folder, refreshed at every checkpoint: what `peft.PeftModel.from_pretrained` loads. Under
+        # ZeRO-3 every rank holds a shard of each adapter weight: all ranks gather them, rank 0 writes.
+        with _gathered([p for p in self.network.parameters() if p.requires_grad]):
+            if self.trainer.is_global_zero:
+                save_adapters(self.network, Path(self.trainer.default_root_dir) / "adapter")
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict")
-        if self.adapters is None or state is None:
-            return
+    def _check_adapter_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The adapter weights of this config are all in the checkpoint, and (adapters-only) nothing else is."""
+        state = checkpoint["state_dict"]
         trainable = {f"network.{n}" for n, p in self.network.named_parameters() if p.requires_grad}
         missing = sorted(trainable - set(state))
         if missing:

@@ -84,7 +84,7 @@ class Adapters:
 
 def adapter_base(network: nn.Module) -> nn.Module:
     """The module adapters attach to: a wrapped Hugging Face model (``HFCausalLM.model``) or the network itself."""
-    inner = getattr(network, "model", None)
+    inner = network._modules.get("model")  # not getattr: a DeferredHFCausalLM raises before it is built
     return inner if isinstance(inner, PreTrainedModel) else network
 
 
