@@ -62,6 +62,16 @@ step overhead "$PYTHON" "$HERE/bench_overhead.py" --sizes "$SIZE" --device "$DEV
 step checkpointing "$PYTHON" "$HERE/bench_checkpointing.py" --device "$DEVICE" "${QUICK[@]}" \
   --json "$OUT/checkpointing.json"
 
+# 4. (issue 13, adapters) Full fine-tuning vs LoRA vs DoRA vs QLoRA (4-bit NF4 base) on GPT-2-small's shape, bf16-mixed:
+#    peak memory, trainable parameters, checkpoint size, tokens/s and validation perplexity after the same steps.
+if (( DRY_RUN )); then
+  step peft "$PYTHON" "$HERE/bench_peft.py" --quick --methods full,lora,dora,qlora --json "$OUT/peft.json"
+else
+  step peft "$PYTHON" "$HERE/bench_peft.py" --device cuda --precision bf16-mixed --methods full,lora,dora,qlora \
+    --n-layer 12 --n-embd 768 --n-head 12 --vocab 8192 --seq 512 --batch 8 --r 16 --pretrain-steps 300 \
+    --n1 20 --n2 120 --rounds 1 --workdir "$OUT/peft-work" --json "$OUT/peft.json"
+fi
+
 echo "results in $OUT"
 if (( ${#FAILED[@]} )); then
   echo "failed steps: ${FAILED[*]}"

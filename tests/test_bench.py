@@ -36,3 +36,6 @@ def test_gpu_script_dry_run_runs_every_benchmark_quick_mode(tmp_path: Path) -> N
     assert max(diffs) < 1e-4, diffs
     assert "| tiny | litune |" in (out / "overhead.txt").read_text()
     assert json.loads((out / "checkpointing.json").read_text())["results"]["decoder"]["on"]["saved"] > 0
+    peft = {row["method"]: row for row in json.loads((out / "peft.json").read_text())["rows"]}
+    assert set(peft) == {"full", "lora", "dora", "qlora"}
+    assert peft["lora"]["trainable"] < peft["full"]["trainable"] and peft["lora"]["ckpt"] < peft["full"]["ckpt"]
