@@ -40,10 +40,17 @@ def test_concat_positions_restart_at_documents_and_rows() -> None:
 def test_collator_pads_to_multiple_of_8_capped_at_block_size() -> None:
     c = PadCollator(pad_token_id=0, pad_to_multiple_of=8, max_length=20)
     assert c.padded_length(9) == 16 and c.padded_length(17) == 20 and c.padded_length(20) == 20
-    batch = c([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 0]}, {"input_ids": [1]}][:1])
-    assert batch["input_ids"].shape == (1, 8)
-    assert batch["labels"].tolist()[0] == [-100, 6, 7] + [-100] * 5
-    assert batch["position_ids"].tolist()[0][:3] == [0, 1, 0]
+    rows = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 0]},
+        {"input_ids": [4], "position_ids": [0]},  # no labels: every real token is a target
+    ]
+    batch = c(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7] + [0] * 5, [4] + [0] * 7]  # longest row 3 -> 8
+    assert batch["attention_mask"].tolist() == [[1, 1, 1] + [0] * 5, [1] + [0] * 7]
+    assert batch["labels"].tolist() == [[-100, 6, 7] + [-100] * 5, [4] + [-100] * 7]
+    assert batch["position_ids"].tolist() == [[0, 1, 0] + [0] * 5, [0] * 8]
+    long = c([{"input_ids": list(range(1, 18)), "position_ids": list(range(17))}])
+    assert long["input_ids"].shape == (1, 20)  # 17 would round up to 24: capped at max_length
 
 
 def _docs_file(tmp_path: Path) -> Path:
