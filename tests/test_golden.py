@@ -11,7 +11,10 @@ why in the commit.
 
 from __future__ import annotations
 
+import csv
+import platform
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -25,6 +28,7 @@ from litune.models.transformer import DecoderLM
 from litune.module import LitLM
 from litune.optim import LRSchedule
 
+REPO = Path(__file__).resolve().parents[1]
 VOCAB = 97
 STEPS = 6
 RTOL = 2e-4
@@ -157,3 +161,26 @@ def test_the_golden_trajectory_catches_a_mean_of_means_objective(monkeypatch) ->
     losses = trajectory("decoder")
     assert losses[:2] == pytest.approx(GOLDEN["decoder"][:2], rel=RTOL)  # before any update: same
     assert losses[2:] != pytest.approx(GOLDEN["decoder"][2:], rel=RTOL)
+
+
+QUICKSTART_PYTHON = "3.11.7"  # the corpus is this Python's own standard library: another version has other files
+QUICKSTART_PPL = {0: 4153.985, 29: 457.137}  # validation perplexity at step 0 and after the last of 30 steps
+
+
+@pytest.mark.skipif(
+    platform.python_version() != QUICKSTART_PYTHON,
+    reason=f"the quickstart's corpus is the standard library of Python {QUICKSTART_PYTHON}, not of this Python",
+)
+def test_quickstart_shortened_run_gives_the_recorded_perplexities(tmp_path, monkeypatch) -> None:
+    """``configs/quickstart.yaml`` as a user runs it (tokenizer trained on the stdlib, validation before training),
+    shortened to 30 steps with 4 validation batches: the same perplexities as recorded."""
+    from litune.cli import main
+
+    monkeypatch.delenv("LITUNE_RUN_DIR", raising=False)
+    args = ["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), f"--runs_dir={tmp_path / 'runs'}",
+            "--trainer.max_steps=30", "--model.lr_schedule.warmup_steps=10", "--trainer.val_check_interval=30",
+            "--trainer.limit_val_batches=4", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    assert main(args) == 0
+    (metrics,) = (tmp_path / "runs").glob("*-quickstart/metrics.csv")
+    ppl = {int(r["step"]): float(r["val/ppl"]) for r in csv.DictReader(metrics.open()) if r.get("val/ppl")}
+    assert ppl == pytest.approx(QUICKSTART_PPL, rel=1e-3)
