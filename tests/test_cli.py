@@ -58,6 +58,25 @@ def test_two_runs_in_one_process_get_their_own_folders(tmp_path, corpus_dir, tok
     assert "LITUNE_RUN_DIR" not in os.environ
 
 
+def test_trainer_default_root_dir_is_where_run_folders_go(
+    tmp_path, corpus_dir, tokenizer_dir, capsys, monkeypatch
+) -> None:
+    """Lightning's ``--trainer.default_root_dir`` is honoured as the runs folder (it used to be silently replaced)."""
+    monkeypatch.chdir(tmp_path)  # so that the default ./runs would show up in tmp_path
+    args = [a for a in tiny_args(tmp_path, corpus_dir, tokenizer_dir, "--trainer.max_steps=1") if "--runs_dir" not in a]
+    assert main(["fit", *args, f"--trainer.default_root_dir={tmp_path / 'mine'}"]) == 0
+    (run,) = (tmp_path / "mine").glob("*-tiny")
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "metrics.csv").is_file()
+    assert not (tmp_path / "runs").exists()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["runs_dir"] == str(tmp_path / "mine") and saved["trainer"]["default_root_dir"] is None
+    capsys.readouterr()
+    # Both, naming different places: refused before training, with the fix.
+    both = tiny_args(tmp_path, corpus_dir, tokenizer_dir, f"--trainer.default_root_dir={tmp_path / 'other'}")
+    assert main(["fit", *both]) == 2
+    assert "trainer.default_root_dir" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
 def test_resume_from_last_continues_the_same_run(tmp_path, corpus_dir, tokenizer_dir) -> None:
     assert main(["fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir)]) == 0
     (run,) = run_dirs(tmp_path)

@@ -109,6 +109,27 @@ def resolve_run_dir(runs_dir: str, experiment: str, ckpt_path: str | None) -> tu
     return run_dir, ckpt_path
 
 
+DEFAULT_RUNS_DIR = "runs"
+
+
+def runs_root(runs_dir: str, default_root_dir: str | None) -> str:
+    """Where run folders are created: ``--runs_dir``, or ``--trainer.default_root_dir`` (Lightning's name for where
+    outputs go), which litune honours as the same thing: the run folder ``<time>-<experiment>/`` is made inside it.
+
+    Raises:
+        ConfigError: when both are given and differ (which one would hold the run was a guess).
+    """
+    if default_root_dir is None:
+        return runs_dir
+    if runs_dir != DEFAULT_RUNS_DIR and Path(runs_dir).resolve() != Path(default_root_dir).resolve():
+        raise ConfigError(
+            "trainer.default_root_dir",
+            f"{default_root_dir} and --runs_dir={runs_dir} name two places for the run folders",
+            "give only --runs_dir (each run's folder is created inside it; trainer.default_root_dir means the same)",
+        )
+    return default_root_dir
+
+
 class RunConfigSaver(SaveConfigCallback):
     """Saves the resolved config as ``config.yaml`` in the run folder (not in a logger's sub-folder)."""
 
@@ -119,8 +140,13 @@ class RunConfigSaver(SaveConfigCallback):
         if trainer.is_global_zero:
             run_dir = Path(trainer.default_root_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
+            # The run folder is not saved as trainer.default_root_dir: to a run started from this config that would
+            # mean "the runs folder" (runs_root), and its folder would be nested inside this one.
+            config = self.config.clone()
+            if "default_root_dir" in config.get("trainer", {}):
+                config.trainer.default_root_dir = None
             # Secrets removed, and the config logged to every logger too (litune.callbacks.run_info).
-            log_once(trainer, self.config_filename, yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
+            log_once(trainer, self.config_filename, yaml.safe_load(self.parser.dump(config, skip_none=False)))
 
 
 class LituneCLI(LightningCLI):
@@ -140,7 +166,12 @@ class LituneCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment", type=str, default="litune", help="Experiment name, part of the run folder.")
-        parser.add_argument("--runs_dir", type=str, default="runs", help="Where run folders are created.")
+        parser.add_argument(
+            "--runs_dir",
+            type=str,
+            default=DEFAULT_RUNS_DIR,
+            help="Where run folders are created (trainer.default_root_dir, if given, means the same).",
+        )
         parser.add_argument(
             "--validate_before_fit", type=bool, default=False, help="Run validation at step 0 before training."
         )
@@ -171,6 +202,7 @@ class LituneCLI(LightningCLI):
         check_trainer_config(cfg.trainer)  # fp16 on CPU, devices > cores, ...: fail before any process is spawned
         if self.subcommand is None:
             return
+        cfg.runs_dir = runs_root(cfg.runs_dir, cfg.trainer.get("default_root_dir"))
         run_dir, ckpt_path = resolve_run_dir(cfg.runs_dir, cfg.experiment, cfg.get("ckpt_path"))
         if "ckpt_path" in cfg:
             cfg.ckpt_path = ckpt_path
