@@ -8,6 +8,8 @@ N data-parallel processes
 * ZeRO-1:         2Ψ + 2Ψ + 12Ψ/N = 4Ψ + 12Ψ/N
 * ZeRO-2:         2Ψ + (2 + 12)Ψ/N = 2Ψ + 14Ψ/N
 * ZeRO-3:         (2 + 2 + 12)Ψ/N = 16Ψ/N
+* FSDP2:          (4 + 4 + 8)Ψ/N = 16Ψ/N    (fp32 sharded masters and gradients, bf16 only in the gathered copies);
+                  hybrid sharding divides by the shard group (a node's processes) instead of N
 
 Under ``32-true`` DeepSpeed stores 4-byte weights and gradients but still keeps a separate fp32 master partition
 (K = 12), which the per-rank measurements in the tests confirm. Offload moves the optimizer partition (with its
@@ -78,15 +80,33 @@ class StrategyShape:
         stage: ZeRO stage, 0 for DDP / a single device.
         deepspeed: whether DeepSpeed runs the optimizer (fp32 master copy, 16-bit weights under mixed precision).
         offload_optimizer: optimizer state (and its gradient partition) in host memory.
-        offload_params: parameter partition in host memory (ZeRO-3 only).
+        offload_params: parameter partition in host memory (ZeRO-3 and FSDP2 only).
+        fsdp: FSDP2 (``litune.strategies.FSDP2Strategy``): parameters, gradients and optimizer state sharded.
+        hybrid: FSDP2 hybrid sharding: shard within a node (or ``shard_size`` processes), replicate across nodes.
+        shard_size: processes per shard group under ``hybrid`` (default: the processes of one node).
     """
 
     stage: int = 0
     deepspeed: bool = False
     offload_optimizer: bool = False
     offload_params: bool = False
+    fsdp: bool = False
+    hybrid: bool = False
+    shard_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.fsdp and (self.deepspeed or self.stage):
+            raise ConfigError("trainer.strategy", "FSDP2 and DeepSpeed ZeRO exclude each other", "pick one strategy")
+        if (self.hybrid or self.shard_size) and not self.fsdp:
+            raise ConfigError("trainer.strategy.init_args.sharding", "hybrid sharding needs FSDP2", "use fsdp2_hybrid")
+        if self.fsdp:
+            if self.offload_optimizer != self.offload_params:
+                raise ConfigError(
+                    "trainer.strategy.init_args.cpu_offload",
+                    "FSDP2 offloads parameters, gradients and optimizer state together",
+                    "set cpu_offload: true (configs/strategy/fsdp2_offload.yaml)",
+                )
+            return
         if self.stage not in (0, 1, 2, 3):
             raise ConfigError("trainer.strategy.init_args.stage", f"stage={self.stage} is not a ZeRO stage", "use 1-3")
         if self.stage and not self.deepspeed:
@@ -100,6 +120,8 @@ class StrategyShape:
 
     @property
     def name(self) -> str:
+        if self.fsdp:
+            return "fsdp2" + ("_hybrid" if self.hybrid else "") + ("_offload" if self.offload_params else "")
         if not self.deepspeed:
             return "ddp"
         suffix = "_offload" if self.offload_optimizer or self.offload_params else ""
@@ -113,8 +135,13 @@ STRATEGIES_BY_COST: tuple[StrategyShape, ...] = (
     StrategyShape(stage=3, deepspeed=True),
     StrategyShape(stage=2, deepspeed=True, offload_optimizer=True),
     StrategyShape(stage=3, deepspeed=True, offload_optimizer=True, offload_params=True),
+    StrategyShape(fsdp=True, hybrid=True),
+    StrategyShape(fsdp=True),
+    StrategyShape(fsdp=True, offload_optimizer=True, offload_params=True),
 )
-"""litune's strategy fragments from cheapest to dearest in communication and host traffic."""
+"""litune's strategy fragments from cheapest to dearest in communication and host traffic (DeepSpeed's first, so
+that the cheapest fitting choice stays DeepSpeed's where both shard the same; FSDP2's per-device state equals ZeRO-3's
+under full sharding)."""
 
 
 @dataclass(frozen=True)
@@ -226,7 +253,15 @@ def estimate(model: ModelShape, run: RunShape, strategy: StrategyShape) -> Memor
     optimizer = k * psi / (n if strategy.stage >= 1 else 1)
     host = 0.0
     result_notes: list[str] = []
-    if strategy.offload_optimizer:
+    if strategy.fsdp:
+        shards = (strategy.shard_size or run.devices) if strategy.hybrid else n
+        params, grads, optimizer = p * psi / shards, g * psi / shards, k * psi / shards
+        result_notes.append("plus one gathered block's parameters and gradients while it computes (not counted)")
+        if strategy.offload_params:
+            # CPUOffloadPolicy: sharded parameters, gradients and optimizer state all live in host memory.
+            host, params, grads, optimizer = params + grads + optimizer, 0.0, 0.0, 0.0
+            result_notes.append("optimizer step on the CPU over the offloaded shards")
+    elif strategy.offload_optimizer:
         # ZeRO-Offload: the optimizer partition and its (fp32) gradient partition move to host memory.
         host += optimizer + 4 * psi / n
         optimizer, grads = 0.0, 0.0

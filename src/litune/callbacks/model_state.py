@@ -17,8 +17,14 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # An FSDP2 parameter (and its Adam moments) is a DTensor whose numel() is the whole tensor's: count the local shard.
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def _bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return sum(_local(t).numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -31,8 +37,8 @@ def model_state_bytes(trainer: Trainer) -> dict[str, Any]:
 
     Returns:
         ``{"rank", "world_size", "strategy", "stage", "num_params", "params", "master", "optimizer"}``: ``params`` are
-        the training-precision parameters this rank stores (its shard under ZeRO-3), ``master`` the fp32 master copy
-        (DeepSpeed only), ``optimizer`` the optimizer's per-parameter states (Adam's two moments).
+        the training-precision parameters this rank stores (its shard under ZeRO-3 and FSDP2), ``master`` the fp32
+        master copy (DeepSpeed only), ``optimizer`` the optimizer's per-parameter states (Adam's two moments).
     """
     strategy = trainer.strategy
     module = trainer.lightning_module
@@ -46,7 +52,7 @@ def model_state_bytes(trainer: Trainer) -> dict[str, Any]:
     if engine is None:
         params = list(module.parameters())
         report.update(
-            num_params=sum(p.numel() for p in params),
+            num_params=sum(p.numel() for p in params),  # a DTensor's numel() is the unsharded count
             params=_bytes(params),
             master=0,
             optimizer=sum(_bytes(_state_tensors(opt)) for opt in trainer.optimizers),

@@ -107,9 +107,19 @@ def strategy_shape(strategy: Any) -> StrategyShape:
     if isinstance(strategy, Namespace):
         strategy = strategy.as_dict()
     name = strategy_name(strategy)
+    args = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
+    if "fsdp2" in name:
+        offload = bool(args.get("cpu_offload", False))
+        shard_size = args.get("shard_size")
+        return StrategyShape(
+            fsdp=True,
+            hybrid=args.get("sharding", "full") == "hybrid",
+            shard_size=int(shard_size) if shard_size else None,
+            offload_optimizer=offload,
+            offload_params=offload,
+        )
     if "deepspeed" not in name:
         return StrategyShape()
-    args = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
     if isinstance(strategy, str):  # Lightning's registry names: deepspeed_stage_2_offload, ...
         stage = next((int(c) for c in name if c.isdigit()), 2)
         offload = "offload" in name

@@ -159,6 +159,15 @@ class HFCausalLM(nn.Module):
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         return self.model.num_parameters(exclude_embeddings=exclude_embeddings)
 
+    def sharding_units(self) -> list[nn.Module]:
+        """The transformer blocks, sharded one by one under FSDP2 (the classes transformers lists as not splittable).
+
+        Every transformers architecture names its block class in ``_no_split_modules`` (``GPT2Block``,
+        ``LlamaDecoderLayer``, ...), so this works for any ``AutoModelForCausalLM`` without a table of names.
+        """
+        names = set(getattr(self.model, "_no_split_modules", None) or ())
+        return [module for module in self.model.modules() if type(module).__name__ in names]
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: ``6 N`` for the ``N`` matmul weights plus ``12 L d T`` for attention (PaLM,
         appendix B). ``N`` (:func:`~litune.models.flops.matmul_weights`) counts the output layer (tied to the token

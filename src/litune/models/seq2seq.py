@@ -187,6 +187,10 @@ class Seq2SeqLM(TransformerLM):
             f"(without embeddings: {self.num_parameters(exclude_embeddings=True):,})"
         )
 
+    def sharding_units(self) -> list[nn.Module]:
+        """Encoder then decoder blocks, sharded one by one under FSDP2 (embeddings and norms stay with the root)."""
+        return [*self.encoder.h, *self.decoder.h]
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per target token, approximating source length = target length = ``seq_len``.
 

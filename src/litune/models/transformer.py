@@ -349,6 +349,10 @@ class DecoderLM(TransformerLM):
             f"(without embeddings: {self.num_parameters(exclude_embeddings=True):,})"
         )
 
+    def sharding_units(self) -> list[nn.Module]:
+        """The blocks, sharded one by one under FSDP2 (embeddings, final norm and the tied head stay with the root)."""
+        return list(self.h)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) at context ``seq_len``: ``6 N + 12 L d T`` (PaLM appendix B).
 

@@ -2,7 +2,9 @@
 
 A DDP (or single-device) checkpoint is one ``.ckpt`` file with the full ``state_dict``. A DeepSpeed checkpoint is a
 *directory* named ``*.ckpt`` holding, under its tag folder, one model-state file and one optimizer-state file per rank
-(the fp32 master weights are only in the optimizer shards). Consolidation uses DeepSpeed's ``zero_to_fp32`` through
+(the fp32 master weights are only in the optimizer shards). An FSDP2 checkpoint is a DCP (torch.distributed.checkpoint)
+directory named ``*.ckpt`` with one shard file per rank, DCP's ``.metadata`` and Lightning's ``meta.pt`` (loop state,
+hyperparameters); DCP reshards it onto any world size. Consolidation uses DeepSpeed's ``zero_to_fp32`` through
 Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``, which keeps Lightning's own entries (hyperparameters, loop
 state), so the result loads with ``LitLM.load_from_checkpoint`` like any DDP checkpoint.
 """
@@ -15,7 +17,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from litune.errors import ConfigError
+from litune.strategies.fsdp2 import is_fsdp2_checkpoint
 
 if TYPE_CHECKING:
     from litune.module import LitLM
@@ -30,10 +35,11 @@ def resolve_checkpoint(path: str | Path, field: str = "--checkpoint") -> Path:
         path = path / "checkpoints" / "last.ckpt"
     if not path.exists():
         raise ConfigError(field, f"{path} does not exist", "give a .ckpt file or directory, or a run folder")
-    if path.is_dir() and not is_deepspeed_checkpoint(path):
+    if path.is_dir() and not is_deepspeed_checkpoint(path) and not is_fsdp2_checkpoint(path):
         raise ConfigError(
             field,
-            f"{path} is a directory but neither a run folder nor a DeepSpeed checkpoint (no 'latest' file)",
+            f"{path} is a directory but neither a run folder nor a DeepSpeed checkpoint (no 'latest' file) nor a "
+            "complete FSDP2 checkpoint (no '.metadata' and 'meta.pt')",
             "give runs/<run>, runs/<run>/checkpoints/last.ckpt or a step*.ckpt inside it",
         )
     return path
@@ -97,8 +103,37 @@ def consolidate(path: str | Path, output_file: str | Path) -> Path:
     return Path(output_file)
 
 
+def consolidate_fsdp2(path: str | Path, output_file: str | Path) -> Path:
+    """Write a single-file Lightning checkpoint with the full ``state_dict`` of an FSDP2 (DCP) checkpoint.
+
+    Runs in one process without a process group: DCP reads every rank's shards of the model's tensors (and only
+    those: the optimizer state, twice the model's size under Adam, is skipped) and joins them into whole tensors.
+    ``_EmptyStateDictLoadPlanner`` is the planner DCP's own ``dcp_to_torch_save`` uses; its ``keys`` argument is
+    what lets it skip the optimizer.
+    """
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = Path(path)
+    state: dict = {}
+    # The public `dcp.load` fills a copy of an empty dict; the private loader (as in Lightning's own consolidation and
+    # DCP's `dcp_to_torch_save`) fills the dict it is given.
+    _load_state_dict(
+        state,
+        storage_reader=FileSystemReader(path),
+        planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
+        no_dist=True,
+    )
+    checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = state["state_dict"]
+    torch.save(checkpoint, output_file)
+    return Path(output_file)
+
+
 def load_system(path: str | Path) -> LitLM:
-    """Load a :class:`~litune.module.LitLM` on CPU from any strategy's checkpoint (DeepSpeed shards consolidated)."""
+    """Load a :class:`~litune.module.LitLM` on CPU from any strategy's checkpoint (DeepSpeed/FSDP2 shards joined)."""
     from litune.module import LitLM
 
     path = resolve_checkpoint(path)
@@ -106,8 +141,9 @@ def load_system(path: str | Path) -> LitLM:
         # An adapter checkpoint leaves out the frozen base (rebuilt from its pretrained source); LitLM checks that the
         # adapter weights are all there (on_load_checkpoint), and other checkpoints load strictly.
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
-        if not is_deepspeed_checkpoint(path):
+        if not path.is_dir():
             return LitLM.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        join = consolidate_fsdp2 if is_fsdp2_checkpoint(path) else consolidate
         with tempfile.TemporaryDirectory(prefix="litune-consolidate-") as tmp:
-            single = consolidate(path, Path(tmp) / "consolidated.ckpt")
+            single = join(path, Path(tmp) / "consolidated.ckpt")
             return LitLM.load_from_checkpoint(single, map_location="cpu", weights_only=False)

@@ -1,0 +1,245 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): PyTorch's native sharding, through Lightning's ModelParallelStrategy.
+
+Every rank keeps ``1/N`` of each parameter, its gradient and its optimizer state (as ZeRO-3 does) as a ``DTensor``
+sharded on dim 0; a transformer block's parameters are all-gathered just before the block runs and freed after it.
+Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` provides the process group, the launcher and
+DCP (``torch.distributed.checkpoint``) checkpoints, but expects the user's ``configure_model`` to apply the sharding
+and builds a data-parallel x tensor-parallel mesh. :class:`FSDP2Strategy` adds what a litune run needs:
+
+* the sharding itself: each network names its transformer blocks through ``sharding_units()`` (one hook that every
+  network family implements), the strategy shards each block and then the network (the root, which keeps the
+  embeddings, final norm and output head);
+* a data-parallel mesh: full sharding over all ranks (1-D), or hybrid sharding (HSDP, 2-D: shard within a group of
+  ``shard_size`` ranks, by default a node, and replicate across groups);
+* mixed precision from the trainer's precision flag: ``bf16-mixed`` computes with bf16 copies of the gathered
+  parameters and reduces gradients in fp32 (``MixedPrecisionPolicy``); the sharded master parameters stay fp32;
+* CPU offload of the sharded parameters, gradients and optimizer state (``CPUOffloadPolicy``; the step runs on CPU);
+* the machine checks of :mod:`litune.strategies.checks` before any process is spawned;
+* atomic checkpoints: the DCP folder is written under a temporary name and renamed once every rank has finished, so
+  a kill during a save never leaves a half-written folder behind ``last.ckpt``; DCP's ``.metadata`` file, written
+  last by the coordinator, marks a complete save;
+* resuming on a different world size: DCP reshards the parameters and the optimizer state on load.
+
+Gradient clipping by norm works as in DDP: ``clip_grad_norm_`` over DTensor gradients all-reduces the shards' norms,
+so the clipped gradient is the one a single process would clip (tested against a 1-process run).
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from litune.errors import ConfigError
+from litune.strategies.checks import check_run, resolve_accelerator
+
+DCP_METADATA = ".metadata"
+"""The file ``torch.distributed.checkpoint`` writes last, once every rank's shard is on disk: a save's commit mark."""
+
+Sharding = Literal["full", "hybrid"]
+
+
+def is_fsdp2_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a complete FSDP2 (DCP) checkpoint folder: DCP's ``.metadata`` and Lightning's ``meta.pt``."""
+    path = Path(path)
+    return path.is_dir() and (path / DCP_METADATA).is_file() and (path / _METADATA_FILENAME).is_file()
+
+
+def sharding_units(network: nn.Module) -> list[nn.Module]:
+    """The sub-modules a network wants sharded one by one (its transformer blocks), in forward order.
+
+    Raises:
+        ConfigError: when the network does not implement the ``sharding_units()`` hook.
+    """
+    hook = getattr(network, "sharding_units", None)
+    if not callable(hook):
+        raise ConfigError(
+            "model.network",
+            f"{type(network).__name__} does not say how FSDP2 should shard it (no `sharding_units()` method)",
+            "implement `sharding_units()` returning the network's transformer blocks, or use a DDP/DeepSpeed config",
+        )
+    return list(hook())
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` was already applied to ``module`` (it becomes an ``FSDPModule``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallel (FSDP2) for every litune network, on GPUs (NCCL) and on CPU (gloo).
+
+    Args:
+        sharding: ``"full"`` shards over all ranks; ``"hybrid"`` shards within groups of ``shard_size`` ranks and
+            replicates across groups (HSDP: gradients are reduce-scattered in a group and all-reduced across groups,
+            so the slow inter-node links carry only ``1/shard_size`` of the gradient).
+        shard_size: ranks per shard group for ``"hybrid"``; default: the processes of one node.
+        cpu_offload: keep the sharded parameters, gradients and optimizer state in host memory and step the
+            optimizer there (``CPUOffloadPolicy``); the device holds only the blocks being computed.
+        reshard_after_forward: free each block's gathered parameters after its forward (re-gathered for backward).
+            False keeps them until the backward (ZeRO-2-like memory, less communication).
+        process_group_backend: ``"nccl"``/``"gloo"``; default: NCCL on CUDA, gloo on CPU.
+        timeout: collective timeout.
+    """
+
+    strategy_name = "litune_fsdp2"
+
+    def __init__(
+        self,
+        sharding: Sharding = "full",
+        shard_size: int | None = None,
+        cpu_offload: bool = False,
+        reshard_after_forward: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        if sharding not in ("full", "hybrid"):
+            raise ConfigError(
+                "trainer.strategy.init_args.sharding", f"sharding={sharding!r} is not known", "use 'full' or 'hybrid'"
+            )
+        if shard_size is not None and (sharding != "hybrid" or shard_size < 1):
+            raise ConfigError(
+                "trainer.strategy.init_args.shard_size",
+                f"shard_size={shard_size} needs sharding='hybrid' and a positive size",
+                "remove shard_size, or set sharding: hybrid and a shard_size that divides the world size",
+            )
+        super().__init__(save_distributed_checkpoint=True, process_group_backend=process_group_backend, timeout=timeout)
+        self.sharding = sharding
+        self.shard_size = shard_size
+        self.cpu_offload = cpu_offload
+        self.reshard_after_forward = reshard_after_forward
+
+    # ---- set-up -------------------------------------------------------------------------------------------------
+
+    def _configure_launcher(self) -> None:
+        # Runs inside Trainer construction, before any process is spawned: the last moment to fail cheaply.
+        processes = len(self.parallel_devices or []) or None
+        check_run(resolve_accelerator(self.accelerator), processes, getattr(self.precision_plugin, "precision", None))
+        super()._configure_launcher()
+
+    def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """The device mesh: ``((N,), ("data_parallel",))`` or ``((replicas, shard), ("replicate", "shard"))``."""
+        world = self.world_size
+        if self.sharding == "full":
+            return (world,), ("data_parallel",)
+        shard = self.shard_size or self.num_processes
+        if world % shard:
+            raise ConfigError(
+                "trainer.strategy.init_args.shard_size",
+                f"hybrid sharding in groups of {shard} ranks does not divide the world size {world}",
+                f"set shard_size to a divisor of {world}",
+            )
+        return (world // shard, shard), ("replicate", "shard")
+
+    def setup_environment(self) -> None:
+        # Lightning's version builds a data-parallel x tensor-parallel mesh; FSDP2 alone needs the mesh above.
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self._setup_distributed()
+        shape, names = self.mesh_shape()
+        self._device_mesh = init_device_mesh(self.root_device.type, shape, mesh_dim_names=names)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Every rank is a data-parallel rank (replicas and shards alike each take their own rows).
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    def fully_shard_kwargs(self) -> dict[str, Any]:
+        """``fully_shard`` arguments: mesh, mixed-precision and offload policies from this run's settings."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+        kwargs: dict[str, Any] = {"mesh": self.device_mesh, "reshard_after_forward": self.reshard_after_forward}
+        if getattr(self.precision_plugin, "precision", None) == "bf16-mixed":
+            # bf16 copies of the gathered parameters for compute; fp32 gradient reduction and fp32 sharded masters.
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.cpu_offload:
+            # Pinned host memory only helps (and only exists) with CUDA copies.
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        return kwargs
+
+    def shard_network(self, network: nn.Module) -> nn.Module:
+        """Apply ``fully_shard`` to each of the network's ``sharding_units()``, then to the network itself.
+
+        Idempotent (Lightning may call ``configure_model`` again). Parameters still on the meta device stay there
+        (their owner materializes them after sharding, see ``DeferredHFCausalLM``); real ones are split at once, so
+        each rank frees the other ranks' rows.
+        """
+        from torch.distributed.fsdp import fully_shard
+
+        if is_sharded(network):
+            return network
+        kwargs = self.fully_shard_kwargs()
+        for unit in sharding_units(network):
+            fully_shard(unit, **kwargs)
+        fully_shard(network, **kwargs)
+        return network
+
+    def setup(self, trainer: Trainer) -> None:
+        module = self.lightning_module
+        assert module is not None
+        network = getattr(module, "network", None)
+        if network is None:
+            raise ConfigError("model", f"{type(module).__name__} has no `network` to shard", "use litune.module.LitLM")
+        # LitLM.configure_model has built any deferred network (sharding it itself when it loads weights shard by
+        # shard); the rest are sharded here, before Lightning materializes, converts and moves the module.
+        self.shard_network(network)
+        super().setup(trainer)
+
+    def model_to_device(self) -> None:
+        if not self.cpu_offload:
+            super().model_to_device()
+            return
+        # Offloaded shards stay in host memory (FSDP2 copies them to the device block by block); buffers (position
+        # ids, masks) are not sharded and must sit on the device.
+        assert self.model is not None
+        for module in self.model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(self.root_device)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write the DCP folder under a temporary name, then rename it into place once every rank is done.
+
+        The folder appears complete or not at all; an older checkpoint of the same name is replaced only after the
+        new one is whole (a kill between the two renames leaves the old one under ``<name>.old-*``).
+        """
+        final = Path(self.broadcast(str(filepath)))
+        staging = final.with_name(f".{final.name}.tmp-{self.broadcast(uuid.uuid4().hex[:8])}")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("fsdp2_checkpoint_written")
+        if self.global_rank == 0:
+            if not is_fsdp2_checkpoint(staging):
+                raise RuntimeError(f"FSDP2 checkpoint {staging} is incomplete after saving (no {DCP_METADATA})")
+            old = None
+            if final.exists() or final.is_symlink():
+                old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+                final.rename(old)
+            staging.rename(final)
+            if old is not None:
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        self.barrier("fsdp2_checkpoint_renamed")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(checkpoint_path)
+        if path.is_dir() and not is_fsdp2_checkpoint(path):
+            raise ConfigError(
+                "ckpt_path",
+                f"{path} is a folder but not a complete FSDP2 checkpoint (no {DCP_METADATA} and {_METADATA_FILENAME})",
+                "resume from another checkpoint of the run (e.g. a step*.ckpt beside it)",
+            )
+        # DCP loads the shards onto whatever mesh this run has: a different world size reshards.
+        return super().load_checkpoint(checkpoint_path, weights_only=False if weights_only is None else weights_only)
