@@ -87,7 +87,10 @@ class FinalLogits(Callback):
                 "logits": out.logits.float().cpu(),
                 "loss": float(out.loss),
                 "world_size": trainer.world_size,
-                "gradient_checkpointing": bool(getattr(network.model, "is_gradient_checkpointing", False)),
+                "gradient_checkpointing": bool(
+                    getattr(getattr(network, "model", None), "is_gradient_checkpointing", None)
+                    or getattr(network, "gradient_checkpointing", False)  # litune's own networks
+                ),
                 "built_partitioned": getattr(network, "built_partitioned", None),  # see ProbedDeferredHFCausalLM
             }
             torch.save(record, self.directory / f"step{step}.pt")

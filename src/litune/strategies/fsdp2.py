@@ -37,6 +37,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from litune.errors import ConfigError
@@ -44,6 +45,9 @@ from litune.strategies.checks import check_run, resolve_accelerator
 
 DCP_METADATA = ".metadata"
 """The file ``torch.distributed.checkpoint`` writes last, once every rank's shard is on disk: a save's commit mark."""
+
+CHECKPOINT_KEY = "fsdp2"
+"""Entry of ``meta.pt`` that records the world size a checkpoint was saved with."""
 
 Sharding = Literal["full", "hybrid"]
 
@@ -217,6 +221,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         The folder appears complete or not at all; an older checkpoint of the same name is replaced only after the
         new one is whole (a kill between the two renames leaves the old one under ``<name>.old-*``).
         """
+        checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size}
         final = Path(self.broadcast(str(filepath)))
         staging = final.with_name(f".{final.name}.tmp-{self.broadcast(uuid.uuid4().hex[:8])}")
         super().save_checkpoint(checkpoint, staging, storage_options)
@@ -242,4 +247,39 @@ class FSDP2Strategy(ModelParallelStrategy):
                 "resume from another checkpoint of the run (e.g. a step*.ckpt beside it)",
             )
         # DCP loads the shards onto whatever mesh this run has: a different world size reshards.
-        return super().load_checkpoint(checkpoint_path, weights_only=False if weights_only is None else weights_only)
+        checkpoint = super().load_checkpoint(
+            checkpoint_path, weights_only=False if weights_only is None else weights_only
+        )
+        saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("world_size", self.world_size)
+        if saved != self.world_size:
+            rank_zero_info(f"FSDP2: resharding a checkpoint of {saved} processes onto {self.world_size}")
+            rescale_batch_progress(checkpoint, saved, self.world_size)
+        return checkpoint
+
+
+def rescale_batch_progress(checkpoint: dict[str, Any], saved_world_size: int, world_size: int) -> None:
+    """Restate the epoch loop's micro-batch counters of a checkpoint for a run with another number of processes.
+
+    Lightning counts micro-batches per process and decides where an accumulation window ends from that count, so
+    after ``S`` optimizer steps a run of 2 processes (accumulation 1) has counted ``S`` batches and one of 1 process
+    (accumulation 2) ``2S``. Carried over unchanged, the count would end the first resumed window after one
+    micro-batch. The same rows have been consumed either way (the data module saves rows over all ranks), so the
+    counters are scaled by ``saved_world_size / world_size``.
+
+    Raises:
+        ConfigError: when the saved count does not convert to whole micro-batches of the new world size.
+    """
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    if not progress:
+        return
+    for scope in ("total", "current"):
+        for name, count in progress[scope].items():
+            rows = count * saved_world_size
+            if rows % world_size:
+                raise ConfigError(
+                    "trainer.devices",
+                    f"the checkpoint was saved by {saved_world_size} processes after {count} micro-batches each, "
+                    f"which is not a whole number of micro-batches for {world_size} processes",
+                    f"resume with {saved_world_size} processes, or from a checkpoint at another step",
+                )
+            progress[scope][name] = rows // world_size
