@@ -136,3 +136,65 @@ def test_fsdp2_checkpoint_of_one_process_resumes_exactly_on_two(
     assert_matches(tmp_path, reference, FIRST, world_size=1)
     resume(tmp_path, corpus_dir, tokenizer_dir, *fsdp2_args(devices=2))
     assert_matches(tmp_path, resumed_reference, SECOND, world_size=2)
+
+
+DECODER = {"d_model": 32, "nhead": 2, "num_decoder_layers": 2, "vocab_size": 512, "max_seq_len": 64, "dropout": 0.0}
+
+
+def decoder_args(root: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
+    """``fit_args`` with litune's own decoder in place of the Hugging Face GPT-2."""
+    network = {"class_path": "litune.models.transformer.DecoderLM", "init_args": DECODER}
+    hf_network = "--model.network.init_args.config"
+    args = [a for a in fit_args(root, corpus_dir, tokenizer_dir) if not a.startswith(hf_network)]
+    return [*args, f"--model.network={json.dumps(network)}", *extra]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_trains_litune_decoder_like_one_process(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    """The other network family: DecoderLM's blocks (its ``sharding_units()``) sharded, tied head in the root."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_litune("fit", *decoder_args(one, corpus_dir, tokenizer_dir, "--trainer.devices=1"))
+    run_litune("fit", *decoder_args(two, corpus_dir, tokenizer_dir, *fsdp2_args()))
+    assert_matches(two, one, FIRST)
+    assert probe(two, FIRST)["gradient_checkpointing"]
+    assert (probe(one, FIRST)["logits"] - probe(one, 1)["logits"]).abs().max() > 1e-2
+    assert_export_matches(two, FIRST)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("fragment", ["fsdp2_hybrid", "fsdp2_offload"])
+def test_fsdp2_hybrid_and_offload_match_one_process(fragment, tmp_path, reference, corpus_dir, tokenizer_dir) -> None:
+    """Hybrid sharding on a (2 replicas x 1 shard) mesh holds whole parameters on each rank; offload the same shards
+    as full sharding (on CPU the "host" is where they already were, so this checks the policy's plumbing and math)."""
+    hybrid = fragment == "fsdp2_hybrid"
+    extra = ("--trainer.strategy.init_args.shard_size=1",) if hybrid else ()
+    run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, *fsdp2_args(fragment, 2, *extra)))
+    assert_matches(tmp_path, reference, FIRST)
+
+    reports = model_state(tmp_path)
+    psi = reports[0]["num_params"]
+    model = ModelShape(num_params=psi, n_layer=2, hidden=32, n_head=2, vocab_size=512)
+    run = RunShape(32, 4, "32-true", devices=2)
+    if hybrid:  # shard groups of 1: every rank holds whole fp32 parameters and Adam moments, as predicted
+        want = estimate(model, run, StrategyShape(fsdp=True, hybrid=True, shard_size=1))
+        assert [r["params"] for r in reports] == [want.params] * 2 == [4 * psi] * 2
+        assert [r["optimizer"] for r in reports] == [want.optimizer] * 2
+    else:  # the device holds nothing; the host holds the half-size shards (gradients are not measured: 4 bytes)
+        want = estimate(model, run, StrategyShape(fsdp=True, offload_optimizer=True, offload_params=True))
+        assert want.params == want.grads == want.optimizer == 0
+        for r in reports:
+            assert r["params"] + r["optimizer"] == pytest.approx(want.host - 4 * psi / 2, rel=0.01)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_bf16_mixed_computes_in_bf16_with_fp32_masters(tmp_path, reference, corpus_dir, tokenizer_dir) -> None:
+    """bf16-mixed: bf16 compute (the logits move off the fp32 reference by bf16 round-off), fp32 sharded masters."""
+    run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, *fsdp2_args(), "--trainer.precision=bf16-mixed"))
+    got, want = probe(tmp_path, FIRST), probe(reference, FIRST)
+    gap = (got["logits"] - want["logits"]).abs().max()
+    assert 1e-4 < gap < 0.1, gap
+    reports = model_state(tmp_path)
+    assert sum(r["params"] for r in reports) == 4 * reports[0]["num_params"]  # fp32 masters, sharded
