@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from litune.memory_model import ModelShape, RunShape, StrategyShape, estimate
 from litune.strategies.fsdp2 import DCP_METADATA, is_fsdp2_checkpoint
-from litune.strategies.memory_model import ModelShape, RunShape, StrategyShape, estimate
 from litune_testing import (
     FIRST,
     REPO,
