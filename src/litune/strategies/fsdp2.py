@@ -15,9 +15,9 @@ and builds a data-parallel x tensor-parallel mesh. :class:`FSDP2Strategy` adds w
   parameters and reduces gradients in fp32 (``MixedPrecisionPolicy``); the sharded master parameters stay fp32;
 * CPU offload of the sharded parameters, gradients and optimizer state (``CPUOffloadPolicy``; the step runs on CPU);
 * the machine checks of :mod:`litune.strategies.checks` before any process is spawned;
-* atomic checkpoints: the DCP folder is written under a temporary name and renamed once every rank has finished, so
-  a kill during a save never leaves a half-written folder behind ``last.ckpt``; DCP's ``.metadata`` file, written
-  last by the coordinator, marks a complete save;
+* atomic checkpoints: the DCP folder is written under a staging name and renamed once every rank has finished
+  (:mod:`litune.strategies.atomic`), so a kill during a save never leaves a half-written folder behind ``last.ckpt``;
+  DCP's ``.metadata`` file, written by the coordinator once every shard is on disk, is required to load one;
 * resuming on a different world size: DCP reshards the parameters and the optimizer state on load.
 
 Gradient clipping by norm works as in DDP: ``clip_grad_norm_`` over DTensor gradients all-reduces the shards' norms,
@@ -26,8 +26,6 @@ so the clipped gradient is the one a single process would clip (tested against a
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from litune.errors import ConfigError
+from litune.strategies.atomic import atomic_directory
 from litune.strategies.checks import check_run, resolve_accelerator
 
 DCP_METADATA = ".metadata"
@@ -216,27 +215,17 @@ class FSDP2Strategy(ModelParallelStrategy):
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Write the DCP folder under a temporary name, then rename it into place once every rank is done.
+        """Write the DCP folder so that it appears under its name only once every rank has written its shard.
 
-        The folder appears complete or not at all; an older checkpoint of the same name is replaced only after the
-        new one is whole (a kill between the two renames leaves the old one under ``<name>.old-*``).
+        Lightning's version writes straight into the target; here every rank writes into a staging folder that
+        replaces the old checkpoint after a barrier (:func:`litune.strategies.atomic.atomic_directory`, shared with
+        the DeepSpeed strategy). DCP's ``.metadata`` (written by the coordinator after all shards) and Lightning's
+        ``meta.pt`` are both required by the loader.
         """
         checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size}
-        final = Path(self.broadcast(str(filepath)))
-        staging = final.with_name(f".{final.name}.tmp-{self.broadcast(uuid.uuid4().hex[:8])}")
-        super().save_checkpoint(checkpoint, staging, storage_options)
-        self.barrier("fsdp2_checkpoint_written")
-        if self.global_rank == 0:
-            if not is_fsdp2_checkpoint(staging):
-                raise RuntimeError(f"FSDP2 checkpoint {staging} is incomplete after saving (no {DCP_METADATA})")
-            old = None
-            if final.exists() or final.is_symlink():
-                old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-                final.rename(old)
-            staging.rename(final)
-            if old is not None:
-                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-        self.barrier("fsdp2_checkpoint_renamed")
+        filepath = self.broadcast(str(filepath))
+        with atomic_directory(filepath, self.is_global_zero, self.barrier) as staged:
+            super().save_checkpoint(checkpoint, staged, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(checkpoint_path)
