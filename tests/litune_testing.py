@@ -253,7 +253,7 @@ class StepRecorder(Callback):
             if self.snapshots:  # weights and optimizer state (e.g. momentum) as they are after this step
                 network = trainer.lightning_module.network
                 self.params_at[trainer.global_step] = {k: v.detach().clone() for k, v in network.state_dict().items()}
-                state = trainer.optimizers[0].state_dict()["state"]
+                state = trainer.optimizers[0].state_dict().get("state", {})  # {} for DeepSpeed's ZeRO optimizer
                 self.optimizer_at[trainer.global_step] = [
                     v.detach().clone() for s in state.values() for v in s.values() if isinstance(v, torch.Tensor)
                 ]

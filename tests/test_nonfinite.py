@@ -95,3 +95,18 @@ def test_ranks_agree_to_stop_on_a_step_that_is_nan_on_one_rank(tmp_path, corpus_
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "optimizer step 3: the loss or the gradient norm is NaN or Inf" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_deepspeed_skips_a_step_that_is_nan_on_one_rank(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    """Under ZeRO-2 the engine finds the non-finite gradient norm itself (all ranks agree); litune counts the skip."""
+    zero2 = ("--config", str(REPO / "configs" / "strategy" / "deepspeed_zero2.yaml"), "--trainer.devices=2")
+    args = guard_args(tmp_path, corpus_dir, tokenizer_dir, 2, *zero2, nan_rank=1)
+    proc = subprocess.run([LITUNE, "fit", *args], env=litune_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / "record" / name) for name in ("record.pt", "record-rank1.pt"))
+    assert rank0["steps"][1]["train/skipped_steps"] == 0 and rank0["steps"][4]["train/skipped_steps"] == 1
+    assert same(rank0["params_at"][2], rank0["params_at"][1]) and not same(rank0["params_at"][3], rank0["params_at"][2])
+    assert same(rank0["params"], rank1["params"])
+    assert all(torch.isfinite(t).all() for t in rank0["params"].values())
