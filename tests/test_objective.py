@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from litune.cli import main
+from litune.data.sampler import even_eval_shards
+from litune.errors import ConfigError
 from litune.models.hf import HFCausalLM
 from litune.models.output import IGNORE_INDEX
 from litune.module import LitLM
@@ -235,3 +237,20 @@ def test_validation_on_two_processes_equals_one_process(tmp_path, instructions, 
     assert set(want) == set(got) == {"val/loss", "val/ppl"}
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-6), key
+
+
+def test_eval_shards_are_equal_and_their_padding_weighs_nothing() -> None:
+    rows = [{"input_ids": [i, i + 1, i + 2], "labels": [IGNORE_INDEX, i + 1, i + 2]} for i in range(5)]
+    shards = []
+    for rank in range(4):
+        dataset, sampler = even_eval_shards(rows, rank, 4)
+        shards.append([dataset[i] for i in sampler])
+    assert [len(s) for s in shards] == [2, 2, 2, 2]  # every rank runs the same number of batches
+    trained = [r for s in shards for r in s if any(t != IGNORE_INDEX for t in r["labels"])]
+    assert sorted(r["input_ids"][0] for r in trained) == [0, 1, 2, 3, 4]  # each real row once, no duplicate
+    assert even_eval_shards(rows, 0, 1) == (rows, None)
+
+
+def test_nonfinite_must_be_skip_or_stop() -> None:
+    with pytest.raises(ConfigError, match="model.nonfinite"):
+        LitLM(tiny_system().network, nonfinite="ignore")
