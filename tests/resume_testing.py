@@ -46,10 +46,14 @@ class SignalAt(Callback):
         rank: the global rank that sends (to itself).
         micro: which micro-batch of the step (``-1``: the last, i.e. after the optimizer step).
         group: send to the whole process group (every rank of a run started in its own session).
+        stamp: a file to write the sending time (``time.time()``) into, first.
     """
 
-    def __init__(self, step: int, signum: str, rank: int = 0, micro: int = -1, group: bool = False) -> None:
+    def __init__(
+        self, step: int, signum: str, rank: int = 0, micro: int = -1, group: bool = False, stamp: str | None = None
+    ) -> None:
         self.step, self.signum, self.rank, self.micro, self.group = step, getattr(signal, signum), rank, micro, group
+        self.stamp = stamp
         self._micro = 0
         self._last_step = -1
 
@@ -64,6 +68,8 @@ class SignalAt(Callback):
             due = trainer.global_step == self.step - 1 and self._micro == self.micro
         self._micro = 0 if stepped else self._micro + 1
         if due:
+            if self.stamp:
+                Path(self.stamp).write_text(repr(time.time()))
             _send(self.signum, self.group)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -90,22 +96,35 @@ class _SlowPickle:
 
 
 class SlowSave(Callback):
-    """Kill the whole run (SIGKILL to the process group) in the middle of the checkpoint saved at ``step``.
+    """Kill the whole run (SIGKILL to the process group) in the middle of the ``nth`` checkpoint saved at ``step``.
 
-    The callback's state is pickled into the checkpoint (rank 0's file; DeepSpeed's model-state file): at ``step`` it
-    is an object whose pickling sleeps ``seconds`` and then kills, while the file (or folder) is being written.
+    The callback's state is pickled into the checkpoint (rank 0's file; DeepSpeed's model-state file): then it is an
+    object whose pickling sleeps ``seconds`` and kills, while the file (or folder) is being written. ModelCheckpoint
+    saves ``step<N>.ckpt`` first and ``last.ckpt`` second: ``nth=2`` kills while ``last`` is being rewritten.
+
+    Args:
+        stock_deepspeed_save: use Lightning's own DeepSpeed save (in place, not atomic), to show what the test catches.
     """
 
-    def __init__(self, step: int, seconds: float = 1.0) -> None:
-        self.step, self.seconds = step, seconds
+    def __init__(self, step: int, nth: int = 2, seconds: float = 1.0, stock_deepspeed_save: bool = False) -> None:
+        self.step, self.nth, self.seconds, self.stock = step, nth, seconds, stock_deepspeed_save
         self._trainer: Trainer | None = None
+        self._count = 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
+        if self.stock:
+            from lightning.pytorch.strategies import DeepSpeedStrategy
+
+            strategy = trainer.strategy
+            strategy.save_checkpoint = DeepSpeedStrategy.save_checkpoint.__get__(strategy)  # type: ignore[method-assign]
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
-        if trainer is not None and trainer.global_step == self.step and trainer.is_global_zero:
+        if trainer is None or trainer.global_step != self.step:
+            return {}
+        self._count += 1
+        if self._count == self.nth and trainer.is_global_zero:
             return {"slow": _SlowPickle(self.seconds)}
         return {}
 

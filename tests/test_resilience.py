@@ -3,10 +3,14 @@ compared micro-batch by micro-batch with an uninterrupted run (CPU, fp32, dropou
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import random
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +168,71 @@ def test_two_processes_sigterm_to_rank0_saves_on_every_rank_and_resumes(
     worst = assert_same_losses(tmp_path / "losses", uninterrupted_2p(strategy) / "losses", ranks=2)
     print(f"2 processes {strategy}, SIGTERM to rank 0 at step 5: max |dloss| = {worst:.3g}")
     assert metrics_steps(the_run(tmp_path)) == list(range(STEPS))
+
+
+def kill_during_save_then_resume(root: Path, corpus_dir: Path, tokenizer_dir: Path, *args: str, stock: bool = False):
+    """Kill every rank while step 4's ``last.ckpt`` is being written; then ``--ckpt_path last``."""
+    slow = {"class_path": "resume_testing.SlowSave", "init_args": {"step": 4, "stock_deepspeed_save": stock}}
+    killed = run(fit_cmd(root, corpus_dir, tokenizer_dir, *args, callbacks=[slow]), expect=None)
+    assert killed.returncode == -9, f"not killed during the save: {killed.returncode}\n{killed.stderr[-3000:]}"
+    return run(fit_cmd(root, corpus_dir, tokenizer_dir, *args, "--ckpt_path=last"), expect=None)
+
+
+def test_kill_during_a_save_leaves_the_previous_checkpoint_to_resume_from(
+    uninterrupted, tmp_path, corpus_dir, tokenizer_dir
+) -> None:
+    resumed = kill_during_save_then_resume(tmp_path, corpus_dir, tokenizer_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first_resumed = [json.loads(line)["step"] for line in (tmp_path / "losses" / "losses-rank0.jsonl").open()]
+    assert first_resumed.count(3) == 4, "steps 3-4 trained twice: the resume started from step 2's checkpoint"
+    worst = assert_same_losses(tmp_path / "losses", uninterrupted / "losses")
+    print(f"1 process, SIGKILL while saving step 4: resumed from step 2, max |dloss| = {worst:.3g}")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("stock", [False, True], ids=["atomic", "stock-lightning-save-fails"])
+def test_zero2_kill_during_a_save(stock, uninterrupted_2p, tmp_path, corpus_dir, tokenizer_dir) -> None:
+    resumed = kill_during_save_then_resume(tmp_path, corpus_dir, tokenizer_dir, *STRATEGY_ARGS["zero2"], stock=stock)
+    if stock:  # DeepSpeed rewrote last.ckpt in place: what is left there is half of step 4
+        assert resumed.returncode != 0, "the in-place save should have left an unloadable checkpoint"
+        return
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    worst = assert_same_losses(tmp_path / "losses", uninterrupted_2p("zero2") / "losses", ranks=2)
+    print(f"2 processes zero2, SIGKILL while saving step 4: max |dloss| = {worst:.3g}")
+
+
+DEAD_RANK_TIMEOUT = 5.0  # --dist_timeout of the dead-rank tests, seconds
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("how", ["SIGKILL", pytest.param("SIGSTOP", marks=pytest.mark.slow)])
+def test_a_dead_rank_ends_the_run_with_an_error_then_it_resumes(how, tmp_path, corpus_dir, tokenizer_dir) -> None:
+    """Rank 1 dies (SIGKILL: its sockets close) or hangs like a vanished node (SIGSTOP: they stay open) at step 5:
+    rank 0 must exit with an error instead of waiting forever, within ``--dist_timeout``, and the run resumes."""
+    stamp = tmp_path / "signalled"
+    dead = {
+        "class_path": "resume_testing.SignalAt",
+        "init_args": {"step": 5, "signum": how, "rank": 1, "stamp": str(stamp)},
+    }
+    args = (*STRATEGY_ARGS["ddp"], f"--dist_timeout={DEAD_RANK_TIMEOUT}")
+    log = (tmp_path / "out.log").open("w")
+    proc = subprocess.Popen(
+        fit_cmd(tmp_path, corpus_dir, tokenizer_dir, *args, callbacks=[dead]),
+        env=litune_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        code = proc.wait(timeout=600)  # rank 0 is the process we started; rank 1 is its child
+        exited = time.time()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the stopped rank, if any
+    output = (tmp_path / "out.log").read_text()
+    assert stamp.exists(), f"rank 1 never reached step 5:\n{output[-3000:]}"
+    took = exited - float(stamp.read_text())
+    print(f"rank 1 {how} at step 5: rank 0 exited with {code} after {took:.1f} s (--dist_timeout={DEAD_RANK_TIMEOUT})")
+    assert code != 0, output[-3000:]
+    assert took < DEAD_RANK_TIMEOUT + 60, "rank 0 waited far beyond the timeout"
+    run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, *args, "--ckpt_path=last"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "losses" / "losses-rank0.jsonl").open()]
+    assert steps[-1] == STEPS and steps.count(5) == 2, "resumed from step 4's checkpoint and finished"

@@ -3,6 +3,7 @@ job) and the atomic-commit helpers that guarantee ``last`` only ever names a com
 
 from __future__ import annotations
 
+import csv
 import os
 import time
 from pathlib import Path
@@ -90,3 +91,74 @@ def test_atomic_checkpoint_io_never_leaves_a_partial_file(tmp_path: Path) -> Non
         io.save_checkpoint({"step": 2, "w": torch.zeros(3), "x": _Unpicklable()}, path)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary file left behind"
+
+
+TINY = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+
+
+def fit_tiny(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str) -> Path:
+    from litune.cli import main
+
+    args = [
+        "fit", "--config", TINY, f"--model.tokenizer={tokenizer_dir}",
+        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}", f"--runs_dir={tmp_path / 'runs'}",
+        "--trainer.max_steps=7", *extra,
+    ]  # fmt: skip
+    assert main(args) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return run_dir / "checkpoints"
+
+
+def test_cadence_every_n_steps_keeps_the_last_n_the_best_and_the_final_step(
+    tmp_path, corpus_dir, tokenizer_dir, no_job
+) -> None:
+    ckpts = fit_tiny(
+        tmp_path, corpus_dir, tokenizer_dir,
+        "--checkpoint.every_n_train_steps=3", "--checkpoint.every_n_minutes=null", "--checkpoint.keep_last=2",
+        "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
+    )  # fmt: skip
+    names = sorted(p.name for p in ckpts.iterdir() if not p.name.startswith("best"))
+    assert names == ["last.ckpt", "step000006.ckpt", "step000007.ckpt"], "saved at 3, 6 and the end; 2 kept"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 7
+    (best,) = ckpts.glob("best-step*.ckpt")  # save_top_k=1 of the validations after steps 2, 4 and 6
+    with open(ckpts.parent / "metrics.csv", newline="") as f:
+        val_losses = [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
+    assert len(val_losses) == 3
+    best_ckpt = torch.load(best, weights_only=True)
+    (state,) = [v for k, v in best_ckpt["callbacks"].items() if k.startswith("BestCheckpoints")]
+    assert float(state["best_model_score"]) == pytest.approx(min(val_losses), rel=1e-6)
+    assert best.name == f"best-step{best_ckpt['global_step']:06d}.ckpt"
+
+
+def test_cadence_every_m_minutes(tmp_path, corpus_dir, tokenizer_dir, no_job) -> None:
+    # 60 microseconds: shorter than any optimizer step, so the time trigger alone saves each of the 7 steps.
+    ckpts = fit_tiny(
+        tmp_path, corpus_dir, tokenizer_dir,
+        "--checkpoint.every_n_train_steps=null", "--checkpoint.every_n_minutes=0.000001", "--checkpoint.keep_last=-1",
+    )  # fmt: skip
+    steps = sorted(int(p.name[4:10]) for p in ckpts.glob("step*.ckpt"))
+    assert steps == list(range(1, 8)), steps
+
+
+def test_multinode_launcher_names_each_job_uniquely(tmp_path: Path) -> None:
+    """launch/torchrun_multinode.sh takes the scheduler's job id as run id, and refuses to guess one for several nodes.
+
+    A stand-in ``torchrun`` on PATH prints what it is given (the real 2-node launch is tests/test_launch.py's)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "torchrun_multinode.sh"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text('#!/bin/sh\necho "$@"\n')
+    (bin_dir / "torchrun").chmod(0o755)
+    base = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "MASTER_ADDR": "n0", "NPROC_PER_NODE": "1"}
+
+    def launch(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script), "--x=1"], env={**base, **env}, capture_output=True, text=True)
+
+    assert "--rdzv_id=977" in launch(NNODES="2", SLURM_JOB_ID="977").stdout
+    assert "--rdzv_id=12.pbs" in launch(NNODES="2", PBS_JOBID="12.pbs").stdout
+    refused = launch(NNODES="2")
+    assert refused.returncode == 2 and "set RUN_ID" in refused.stderr
+    first, second = launch(NNODES="1").stdout, launch(NNODES="1").stdout
+    assert "--rdzv_id=" in first and first != second, "a single node gets an id of its own per launch"

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import threading
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -120,7 +121,8 @@ class Preemption(Callback):
         return flag
 
     def _save(self, trainer: pl.Trainer) -> Path:
-        ckpt = trainer.checkpoint_callback
+        # The callback that keeps `last.ckpt` (litune's Checkpointing), where `--ckpt_path last` looks.
+        ckpt = next((c for c in trainer.checkpoint_callbacks if getattr(c, "save_last", False)), None)
         if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath is not None:
             path = Path(ckpt.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
         else:
@@ -152,3 +154,26 @@ def _requeue() -> None:
         rank_zero_warn(f"`scontrol requeue {job}` failed ({result.returncode}): {result.stderr.strip()}")
     else:
         rank_zero_info(f"requeued SLURM job {job}")
+
+
+class CollectiveTimeout(Callback):
+    """Fail a collective (all-reduce, barrier, checkpoint gather) that waits more than ``seconds`` for the other ranks.
+
+    A rank that crashes closes its connections and the others fail at once; one that hangs, or whose node vanished
+    without closing them, would keep the others waiting for torch's default (30 min with gloo, 10 with NCCL). The
+    timeout is set once the process group exists (``setup``), not given to Lightning's ``init_process_group``, where
+    it would also bound the start-up rendezvous, during which ranks legitimately start seconds apart.
+
+    Args:
+        seconds: the timeout (``litune fit --dist_timeout``).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        from torch.distributed.distributed_c10d import _set_pg_timeout  # no public API sets it after creation
+
+        _set_pg_timeout(timedelta(seconds=self.seconds))

@@ -17,11 +17,11 @@ from typing import Any
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from torchmetrics import Metric
 
-from litune.callbacks.preemption import Preempted
+from litune.callbacks.checkpointing import BestCheckpoints, Checkpointing
+from litune.callbacks.preemption import CollectiveTimeout, Preempted
 from litune.callbacks.run_info import log_once
 from litune.callbacks.wiring import add_tracking, add_tracking_arguments
 from litune.cli import RUN_DIR_ENV
@@ -176,6 +176,15 @@ class LituneCLI(LightningCLI):
             "--validate_before_fit", type=bool, default=False, help="Run validation at step 0 before training."
         )
         parser.add_argument(
+            "--dist_timeout",
+            type=float | None,
+            default=None,
+            help="Seconds a process waits in a collective (all-reduce, barrier, checkpoint gather) for the other "
+            "processes before it fails: a rank that hung or whose node vanished ends the run with an error after this "
+            "long instead of hanging it (a rank that crashes is noticed at once). Default: torch's (30 min with gloo, "
+            "10 min with NCCL). Set it above the slowest save or evaluation.",
+        )
+        parser.add_argument(
             "--global_batch_size",
             type=int | None,
             default=None,
@@ -185,12 +194,19 @@ class LituneCLI(LightningCLI):
         # The tokenizer is configured once, on the model (a checkpoint must know how to decode); the data gets a copy.
         parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="parse")
         add_tracking_arguments(parser)  # --loggers=[csv,tensorboard,wandb]
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Cadence and retention (litune.callbacks.checkpointing): defaults for a long cluster run.
+        parser.add_lightning_class_args(Checkpointing, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoints, "best_checkpoint")
         parser.set_defaults(
             {
+                "checkpoint.every_n_train_steps": 1000,
+                "checkpoint.every_n_minutes": 30.0,
+                "checkpoint.keep_last": 3,
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "step{step:06d}",
                 "checkpoint.auto_insert_metric_name": False,
+                "best_checkpoint.filename": "best-step{step:06d}",
+                "best_checkpoint.auto_insert_metric_name": False,
             }
         )
 
@@ -209,12 +225,14 @@ class LituneCLI(LightningCLI):
         os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the ranks that Lightning's launcher starts
         self.run_dir = run_dir
         cfg.trainer.default_root_dir = str(run_dir)
-        if cfg.checkpoint.dirpath is None:
-            cfg.checkpoint.dirpath = str(run_dir / "checkpoints")
+        for section in (cfg.checkpoint, cfg.best_checkpoint):
+            if section.dirpath is None:
+                section.dirpath = str(run_dir / "checkpoints")
         add_tracking(cfg)  # loggers by name, wandb id of the resumed run, throughput/MFU/memory/... callbacks
         cfg.trainer.logger = _loggers_in(run_dir, cfg.trainer.logger)
 
     def after_instantiate_classes(self) -> None:
+        _set_dist_timeout(self.trainer, self._section().get("dist_timeout"))
         global_batch_size = self._section().get("global_batch_size")
         if global_batch_size is not None and self.trainer is not None:
             micro_batch_size = getattr(self.datamodule, "batch_size", None)
@@ -264,6 +282,15 @@ class LituneCLI(LightningCLI):
             if key in end_metrics:
                 lines.append(f"{key} at step {trainer.global_step}: {end_metrics[key]:.3f}")
         print("\n".join(["", "litune fit finished", *lines]), flush=True)
+
+
+def _set_dist_timeout(trainer: Trainer | None, seconds: float | None) -> None:
+    """Add the callback that bounds how long a collective waits for a dead or hung rank (``--dist_timeout``)."""
+    if seconds is None or trainer is None:
+        return
+    if not seconds > 0:
+        raise ConfigError("dist_timeout", f"{seconds} is not a positive number of seconds", "use e.g. 600, or null")
+    trainer.callbacks.append(CollectiveTimeout(seconds))
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:

@@ -1,0 +1,105 @@
+"""Checkpoint cadence for long runs: every N optimizer steps *and* every M minutes, keep the last K, and the best by
+a metric.
+
+Lightning's ``ModelCheckpoint`` has each piece but lets a callback use only one trigger (``every_n_train_steps`` *or*
+``train_time_interval``); its saving logic already handles both at once (it saves when either is due, and rank 0
+decides the time trigger for every rank), so :class:`Checkpointing` only lifts that check. Keeping the last ``K`` is
+``ModelCheckpoint``'s top-k on the ``step``; the best by a metric is a second ``ModelCheckpoint``
+(:class:`BestCheckpoints`), because one callback has one top-k policy.
+
+``litune fit`` configures both as ``--checkpoint.*`` and ``--best_checkpoint.*``, with defaults for a long cluster
+run: every 1000 steps and every 30 minutes (a kill loses at most 30 minutes of work; a preemption signal loses
+nothing, see :mod:`litune.callbacks.preemption`), the last 3 kept plus ``last.ckpt``, and the best 1 by ``val/loss``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from litune.errors import ConfigError
+
+
+class Checkpointing(ModelCheckpoint):
+    """``ModelCheckpoint`` that saves every ``every_n_train_steps`` steps and every ``every_n_minutes`` minutes, keeps
+    the ``keep_last`` most recent ones, writes ``last.ckpt`` each time, and saves the final step when training ends.
+
+    Args:
+        every_n_train_steps: save every this many optimizer steps (``None``: no step trigger).
+        every_n_minutes: save when this many minutes of training have passed since the last save (``None``: no
+            time trigger). Checked after each optimizer step.
+        keep_last: how many step checkpoints to keep (``-1``: all). Ignored when ``monitor`` is given: then
+            ``save_top_k`` and ``mode`` rank checkpoints by that metric, as in ``ModelCheckpoint``.
+        **kwargs: the other ``ModelCheckpoint`` arguments (``dirpath``, ``filename``, ``save_last``, ``monitor``, ...).
+    """
+
+    def __init__(
+        self,
+        every_n_train_steps: int | None = None,
+        every_n_minutes: float | None = None,
+        keep_last: int = 3,
+        **kwargs: Any,
+    ) -> None:
+        if every_n_minutes is not None and not every_n_minutes > 0:
+            raise ConfigError(
+                "checkpoint.every_n_minutes", f"{every_n_minutes} is not positive", "use e.g. 30, or null"
+            )
+        if keep_last == 0 or keep_last < -1:
+            raise ConfigError("checkpoint.keep_last", f"{keep_last} checkpoints", "keep at least 1, or -1 for all")
+        interval = kwargs.pop("train_time_interval", None)  # every_n_minutes says the same and combines with steps
+        if interval is not None and every_n_minutes is None:
+            every_n_minutes = interval.total_seconds() / 60
+        if kwargs.get("monitor") is None:
+            kwargs.update(monitor="step", mode="max", save_top_k=keep_last)
+        super().__init__(every_n_train_steps=every_n_train_steps, **kwargs)
+        self.every_n_minutes = every_n_minutes
+        if every_n_minutes is not None:
+            self._train_time_interval = timedelta(minutes=every_n_minutes)
+            if every_n_train_steps is None:
+                self._every_n_epochs = 0  # as ModelCheckpoint does for a time trigger alone
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save the final step unless it was just saved: a run's end never depends on the cadence dividing it."""
+        super().on_train_end(trainer, pl_module)
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is not None and self.monitor not in candidates:
+            return
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+
+class BestCheckpoints(ModelCheckpoint):
+    """Keep the ``save_top_k`` best checkpoints by ``monitor``, saved when validation ends (``best-step*.ckpt``).
+
+    Does nothing while the metric is not logged (no validation configured): it never fails a run for it.
+
+    Args:
+        monitor: the metric (default ``val/loss``); ``None`` turns these checkpoints off.
+        mode: ``min`` or ``max``.
+        save_top_k: how many to keep.
+        **kwargs: the other ``ModelCheckpoint`` arguments.
+    """
+
+    def __init__(self, monitor: str | None = "val/loss", mode: str = "min", save_top_k: int = 1, **kwargs: Any) -> None:
+        kwargs.setdefault("filename", "best-step{step:06d}")
+        kwargs.update(save_last=False, every_n_train_steps=None, train_time_interval=None)
+        kwargs.setdefault("auto_insert_metric_name", False)
+        super().__init__(monitor=monitor, mode=mode, save_top_k=save_top_k, **kwargs)
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        return  # only after validation, when the metric is fresh
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        return
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is None or self.monitor not in trainer.callback_metrics or trainer.sanity_checking:
+            return
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
