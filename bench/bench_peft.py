@@ -13,8 +13,9 @@ loading and the final checkpoint cancel out); the median over rounds is reported
 - ``trainable``/``total``: parameter counts (4-bit weights at their real count).
 - ``state MiB``: model-state bytes counted from the tensors: parameters + gradients of trainable parameters + AdamW
   moments (the part adapters shrink; activations are the same for every method).
-- ``peak RSS growth``: the process's peak RSS during training minus its RSS just before (CPU; includes activations,
-  gradients, optimizer state and the allocator) or ``torch.cuda.max_memory_allocated`` (GPU).
+- ``peak MiB``: on CPU the whole process's peak RSS (Python, torch and Lightning are the same for every method, so
+  the difference to ``full`` is what the method saves: weights, gradients, optimizer state, activations); on GPU
+  ``torch.cuda.max_memory_allocated`` during training.
 - ``ckpt MiB``: size of the ``last.ckpt`` the Trainer wrote.
 - ``val ppl``: perplexity on held-out blocks of the fine-tuning half after N2 steps (``exp`` of the mean token loss).
 
@@ -123,12 +124,11 @@ def train(args: argparse.Namespace, method: str, steps: int) -> dict[str, float]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         mem_before = torch.cuda.memory_allocated()
-    rss_before = _rss()
     trainer.fit(system, DataLoader(rows, batch_size=args.batch, shuffle=False))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - mem_before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    else:  # the whole process: Python, torch, Lightning are common to all methods, so differences are meaningful
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     trainable, total = count_parameters(network)
     trainable_params = [p for p in network.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in network.parameters()}.values())
@@ -147,11 +147,6 @@ def train(args: argparse.Namespace, method: str, steps: int) -> dict[str, float]
         "ckpt": ckpt.stat().st_size if ckpt.is_file() else float("nan"),
         "val_ppl": math.exp(sum(losses) / sum(counts)),
     }  # fmt: skip
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def run_child(args: argparse.Namespace, method: str, steps: int) -> tuple[float, dict[str, float]]:
@@ -208,7 +203,7 @@ def main() -> None:
     times: dict[str, dict[int, list[float]]] = {m: {args.n1: [], args.n2: []} for m in methods}
     last: dict[str, dict[str, float]] = {}
     for _ in range(args.rounds):
-        for steps in (args.n1, args.n2):
+        for steps in (args.n1, args.n2) if not args.quick else (args.n2,):  # --quick: checks, no timing
             for method in methods:
                 elapsed, result = run_child(args, method, steps)
                 times[method][steps].append(elapsed)
@@ -216,16 +211,21 @@ def main() -> None:
                     last[method] = result
     mib = 2**20
     rows = []
-    print("| method | trainable | total | state MiB | peak RSS growth MiB | ckpt MiB | tokens/s | step s | val ppl |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| method | trainable | total | state MiB | peak MiB | vs full | ckpt MiB | tokens/s | step s | val ppl |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for method in methods:
-        t1, t2 = statistics.median(times[method][args.n1]), statistics.median(times[method][args.n2])
-        per_step = (t2 - t1) / (args.n2 - args.n1)
+        if args.quick:
+            t1, t2, per_step = float("nan"), statistics.median(times[method][args.n2]), float("nan")
+        else:
+            t1, t2 = statistics.median(times[method][args.n1]), statistics.median(times[method][args.n2])
+            per_step = (t2 - t1) / (args.n2 - args.n1)
         r = last[method]
         row = {"method": method, **r, "step_s": per_step, "tokens_per_s": args.batch * args.seq / per_step,
                "startup_s": t1 - args.n1 * per_step}  # fmt: skip
         rows.append(row)
+        base_peak = last.get("full", r)["peak"]
         print(f"| {method} | {r['trainable']:,} | {r['total']:,} | {r['state'] / mib:.1f} | {r['peak'] / mib:.0f} | "
+              f"{(r['peak'] - base_peak) / mib:+.0f} | "
               f"{r['ckpt'] / mib:.2f} | {row['tokens_per_s']:.0f} | {per_step:.3f} | {r['val_ppl']:.2f} |")  # fmt: skip
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

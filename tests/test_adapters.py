@@ -298,21 +298,31 @@ def two_process_run(root: Path, strategy: str, corpus_dir, tokenizer_dir, tiny_g
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["deepspeed_zero2", pytest.param("ddp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "deepspeed_zero2",
+        pytest.param("ddp", marks=pytest.mark.slow),
+        pytest.param("deepspeed_zero3", marks=pytest.mark.slow),
+    ],
+)
 def test_two_process_adapters_match_one_process(
     strategy, lora_run, tmp_path, corpus_dir, tokenizer_dir, tiny_gpt2_dir
 ) -> None:
     """2 processes x micro-batch 4 with gradient checkpointing = 1 process x 4 x 2 accumulation, with adapters; the
-    checkpoint (a DeepSpeed directory under ZeRO-2) holds no frozen weight and exports merged to the trained logits."""
+    checkpoint (a DeepSpeed directory under ZeRO-2/3) holds no frozen weight and exports merged to the trained logits.
+    Under ZeRO-3 the adapter weights are partitioned too: the ranks gather them to write the adapter folder."""
     two_process_run(tmp_path, strategy, corpus_dir, tokenizer_dir, tiny_gpt2_dir)
     assert_matches(tmp_path, lora_run, FIRST)
     run = the_run(tmp_path)
     torch.testing.assert_close(peft_logits(tiny_gpt2_dir, run / "adapter"), probe(tmp_path, FIRST)["logits"])
     last = run / "checkpoints" / "last.ckpt"
     if last.is_dir():  # DeepSpeed: the module states it wrote itself leave the frozen base out
-        (states,) = last.rglob("*model_states.pt")
-        module = torch.load(states, weights_only=False)["module"]
-        assert module and all("lora_" in k for k in module)
+        states = sorted(last.rglob("*model_states.pt"))  # one per rank under ZeRO-3
+        assert states
+        for path in states:
+            module = torch.load(path, weights_only=False)["module"]
+            assert module and all("lora_" in k for k in module)
     merged = export(run, tmp_path / "merged", merge_adapters=True)
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(merged)(probe_input_ids(VOCAB)).logits
