@@ -97,7 +97,7 @@ class FinalLogits(Callback):
 
 
 class ProbedDeferredHFCausalLM(DeferredHFCausalLM):
-    """:class:`litune.models.DeferredHFCausalLM` that records whether its weights were born as ZeRO-3 shards.
+    """:class:`litune.models.DeferredHFCausalLM` that records whether its weights were born as shards (ZeRO-3, FSDP2).
 
     Checked right after ``configure_model`` builds them, before the DeepSpeed engine exists (the engine would partition
     a whole model too, so checking later could not tell the two apart). DeepSpeed marks shards with ``ds_id``.
@@ -105,11 +105,12 @@ class ProbedDeferredHFCausalLM(DeferredHFCausalLM):
 
     built_partitioned: bool | None = None
 
-    def configure_model(self) -> None:
+    def configure_model(self, shard=None) -> None:
         if self.is_built:
             return
-        super().configure_model()
-        self.built_partitioned = all(hasattr(p, "ds_id") for p in self.model.parameters())
+        super().configure_model() if shard is None else super().configure_model(shard=shard)
+        # ZeRO-3 marks shards with `ds_id`; FSDP2's are DTensors (they have a device mesh).
+        self.built_partitioned = all(hasattr(p, "ds_id") or hasattr(p, "device_mesh") for p in self.model.parameters())
 
 
 def probe(root: Path, step: int) -> dict:

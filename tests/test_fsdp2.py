@@ -198,3 +198,28 @@ def test_fsdp2_bf16_mixed_computes_in_bf16_with_fp32_masters(tmp_path, reference
     assert 1e-4 < gap < 0.1, gap
     reports = model_state(tmp_path)
     assert sum(r["params"] for r in reports) == 4 * reports[0]["num_params"]  # fp32 masters, sharded
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_loads_a_pretrained_model_shard_by_shard(tmp_path, corpus_dir, tiny_gpt2_dir) -> None:
+    """DeferredHFCausalLM under FSDP2 on 2 ranks: parameters born on meta, sharded, then filled from the safetensors
+    file one tensor at a time; before any step the model computes the pretrained model's logits, and it exports."""
+    from transformers import AutoModelForCausalLM
+
+    args = fit_args(tmp_path, corpus_dir, tiny_gpt2_dir, *fsdp2_args(), steps=1)
+    args += [
+        "--model.network.class_path=litune_testing.ProbedDeferredHFCausalLM",
+        f"--model.network.init_args.pretrained={tiny_gpt2_dir}",
+        "--model.network.init_args.config=null",
+    ]
+    callbacks = [{"class_path": "litune_testing.FinalLogits", "init_args": {"directory": str(tmp_path / "probe"),
+                                                                            "steps": [0, 1]}}]  # fmt: skip
+    run_litune("fit", *args, f"--trainer.callbacks={json.dumps(callbacks)}")
+    at_start = probe(tmp_path, 0)
+    assert at_start["built_partitioned"] is True  # DTensor shards straight out of configure_model
+    pretrained = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    with torch.no_grad():
+        logits = pretrained(probe_input_ids(pretrained.config.vocab_size)).logits
+    torch.testing.assert_close(at_start["logits"], logits, atol=1e-5, rtol=1e-5)
+    assert_export_matches(tmp_path, 1)

@@ -339,7 +339,9 @@ class LitLM(L.LightningModule):
         # Lightning runs this inside the strategy's sharded context (deepspeed.zero.Init under ZeRO-3).
         build = getattr(self.network, "configure_model", None)
         if callable(build):
-            build()
+            # A sharding strategy (FSDP2) lends its sharding so that a pretrained model is loaded into shards.
+            shard = getattr(self._trainer.strategy, "shard_network", None) if self._trainer is not None else None
+            build(shard=shard) if shard is not None else build()
             if self.adapters is not None and peft_model_of(self.network) is None:
                 add_adapters(self.network, self.adapters)
 

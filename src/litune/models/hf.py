@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -133,6 +134,9 @@ class HFCausalLM(nn.Module):
             self.model = AutoModelForCausalLM.from_config(
                 self.hf_config, trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation
             )
+        self._enable_gradient_checkpointing()
+
+    def _enable_gradient_checkpointing(self) -> None:
         if self.gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -258,10 +262,30 @@ class DeferredHFCausalLM(HFCausalLM):
 
     deferred = True
 
-    def configure_model(self) -> None:
-        """Build the Hugging Face model (once; Lightning may call this again, e.g. when loading a checkpoint)."""
-        if not self.is_built:
+    def configure_model(self, shard: Callable[[nn.Module], object] | None = None) -> None:
+        """Build the Hugging Face model (once; Lightning may call this again, e.g. when loading a checkpoint).
+
+        Args:
+            shard: given by a sharding strategy (FSDP2's ``shard_network``): shards a network built with parameters on
+                the ``meta`` device and gives this rank's shards storage. The pretrained weights are then read into
+                the shards one tensor at a time (:mod:`litune.models.sharded_load`), never whole on any rank.
+        """
+        if self.is_built:
+            return
+        if shard is None or self.pretrained is None or self.quantize is not None:
             self._build()
+            return
+        from litune.models.sharded_load import load_safetensors_into, parameters_on_meta, safetensors_files
+
+        files = safetensors_files(self.pretrained, self.revision)
+        with parameters_on_meta():
+            self.model = AutoModelForCausalLM.from_config(
+                self.hf_config, trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation
+            )
+        self._enable_gradient_checkpointing()
+        shard(self)
+        load_safetensors_into(self.model, files, prefix=self.model.base_model_prefix)
+        self.model.train()
 
     def __getattr__(self, name: str) -> Any:
         if name == "model" and "model" not in self._modules:

@@ -188,7 +188,22 @@ class FSDP2Strategy(ModelParallelStrategy):
         for unit in sharding_units(network):
             fully_shard(unit, **kwargs)
         fully_shard(network, **kwargs)
+        if any(p.device.type == "meta" for p in network.parameters()):
+            self._materialize_shards(network)
         return network
+
+    def _materialize_shards(self, network: nn.Module) -> None:
+        """Give the shards of parameters created on ``meta`` storage (uninitialized: the owner fills them).
+
+        ``to_empty`` also re-allocates buffers, which were created real (see ``parameters_on_meta``): their values are
+        put back.
+        """
+        buffers = {name: b.detach().clone() for name, b in network.named_buffers()}
+        # Offloaded shards live in host memory; FSDP2 copies them to the device block by block.
+        network.to_empty(device=torch.device("cpu") if self.cpu_offload else self.root_device)
+        with torch.no_grad():
+            for name, buffer in network.named_buffers():
+                buffer.copy_(buffers[name])
 
     def setup(self, trainer: Trainer) -> None:
         module = self.lightning_module
@@ -196,6 +211,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         network = getattr(module, "network", None)
         if network is None:
             raise ConfigError("model", f"{type(module).__name__} has no `network` to shard", "use litune.module.LitLM")
+        if getattr(module, "adapters", None) is not None:
+            raise ConfigError(
+                "model.adapters",
+                "adapters (LoRA/DoRA/QLoRA) are not wired into litune's FSDP2 strategy (adapter-only checkpoints and "
+                "the frozen base's state-dict filtering are tested with DDP and DeepSpeed only)",
+                "use configs/strategy/ddp.yaml or a deepspeed_zero*.yaml fragment with adapters",
+            )
         # LitLM.configure_model has built any deferred network (sharding it itself when it loads weights shard by
         # shard); the rest are sharded here, before Lightning materializes, converts and moves the module.
         self.shard_network(network)
