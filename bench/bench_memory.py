@@ -20,9 +20,10 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
-from litune.memory_model import PRECISION_BYTES, ModelShape, RunShape, StrategyShape, estimate
+from litune.memory_model import ModelShape, RunShape, StrategyShape, estimate
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -32,7 +33,12 @@ SHAPES = {
     "deepspeed_zero2_offload": StrategyShape(stage=2, deepspeed=True, offload_optimizer=True),
     "deepspeed_zero3": StrategyShape(stage=3, deepspeed=True),
     "deepspeed_zero3_offload": StrategyShape(stage=3, deepspeed=True, offload_optimizer=True, offload_params=True),
+    "fsdp2": StrategyShape(fsdp=True),
+    # One node here: hybrid sharding in groups of 1 process (2 replicas x 1 shard) shows it apart from full sharding.
+    "fsdp2_hybrid": StrategyShape(fsdp=True, hybrid=True, shard_size=1),
+    "fsdp2_offload": StrategyShape(fsdp=True, offload_optimizer=True, offload_params=True),
 }
+EXTRA_ARGS = {"fsdp2_hybrid": ["--trainer.strategy.init_args.shard_size=1"]}
 
 
 def prepare(work: Path) -> tuple[Path, Path]:
@@ -61,7 +67,7 @@ def run_strategy(strategy: str, work: Path, corpus: Path, tokenizer: Path, args:
         f"--data.init_args.path={corpus}", f"--runs_dir={runs}",
         f"--trainer.devices={args.devices}", f"--trainer.precision={args.precision}",
         "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--checkpoint.save_last=false",
-        "--checkpoint.save_top_k=0", f"--trainer.callbacks={json.dumps(callbacks)}",
+        "--checkpoint.save_top_k=0", f"--trainer.callbacks={json.dumps(callbacks)}", *EXTRA_ARGS.get(strategy, []),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("LITUNE_RUN_DIR", None)
@@ -96,10 +102,10 @@ def main() -> None:
     for strategy, reports in results.items():
         shape = SHAPES[strategy]
         predicted = estimate(model, run, shape)
-        # Offloaded state is the same tensors, in host memory: compare the measurement with device + host.
-        width = PRECISION_BYTES[args.precision]
-        want_params = predicted.params + (psi * width / args.devices if shape.offload_params else 0)
-        want_optimizer = predicted.optimizer + (12 * psi / args.devices if shape.offload_optimizer else 0)
+        # Offloaded state is the same tensors, in host memory: compare the measurement with what the same strategy
+        # holds without offload (device + host).
+        held = estimate(model, run, replace(shape, offload_optimizer=False, offload_params=False))
+        want_params, want_optimizer = held.params, held.optimizer
         state = [r["params"] + r["master"] + r["optimizer"] for r in reports]
         baseline = baseline or state[0]
         params = " / ".join(str(r["params"]) for r in reports)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,13 @@ from litune.memory_model import ModelShape, RunShape, StrategyShape, estimate
 from litune.strategies.fsdp2 import DCP_METADATA, is_fsdp2_checkpoint
 from litune_testing import (
     FIRST,
+    LITUNE,
     REPO,
     SECOND,
+    TINY,
     assert_matches,
     fit_args,
+    litune_env,
     probe,
     probe_input_ids,
     reference_run,
@@ -223,3 +227,33 @@ def test_fsdp2_loads_a_pretrained_model_shard_by_shard(tmp_path, corpus_dir, tin
         logits = pretrained(probe_input_ids(pretrained.config.vocab_size)).logits
     torch.testing.assert_close(at_start["logits"], logits, atol=1e-5, rtol=1e-5)
     assert_export_matches(tmp_path, 1)
+
+
+def test_fp16_with_fsdp2_fails_before_spawning(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    """16-mixed under FSDP2: one paragraph naming bf16-mixed, exit 2, no process started."""
+    args = fit_args(tmp_path, corpus_dir, tokenizer_dir, *fsdp2_args(), "--trainer.precision=16-mixed")
+    proc = subprocess.run([LITUNE, "fit", *args], env=litune_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "FSDP2" in proc.stderr and "bf16-mixed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("fragment", "shards", "offloaded"), [("fsdp2", 8, False), ("fsdp2_hybrid", 4, False), ("fsdp2_offload", 8, True)]
+)
+def test_estimate_reads_the_fsdp2_fragments(fragment, shards, offloaded, capsys) -> None:
+    """`litune estimate` on 2 nodes x 4 devices: full sharding over 8, hybrid over a node's 4, offload to the host."""
+    from litune.commands import estimate as command
+
+    config = ["--config", str(TINY), "--config", str(FRAGMENTS / f"{fragment}.yaml")]
+    assert command.main([*config, "--devices", "4", "--nodes", "2", "--json"]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(out[out.index("{") :])
+    psi = data["model"]["num_params"]
+    assert data["strategy"] == fragment
+    device = data["per_device_bytes"]
+    if offloaded:  # shards, gradients and Adam state all in host memory
+        assert device["params"] == device["grads"] == device["optimizer"] == 0
+        assert data["host_bytes_per_process"] == pytest.approx(16 * psi / shards)
+    else:  # fp32 shards of weights and gradients, Adam's two fp32 moments (32-true)
+        assert device["params"] + device["grads"] + device["optimizer"] == pytest.approx(16 * psi / shards)
+    assert {"fsdp2", "fsdp2_hybrid", "fsdp2_offload"} <= set(data["total_by_strategy"])

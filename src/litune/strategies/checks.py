@@ -153,6 +153,14 @@ def check_trainer_config(trainer: Mapping[str, Any]) -> None:
     strategy = get("strategy", "auto")
     if hasattr(strategy, "as_dict"):  # a jsonargparse Namespace holding class_path/init_args
         strategy = strategy.as_dict()
+    if "fsdp2" in strategy_name(strategy) and str(get("precision", None)) in ("16-mixed", "16"):
+        # Lightning's ModelParallelStrategy refuses it too, but only once the Trainer is built, with a ValueError.
+        raise ConfigError(
+            "trainer.precision",
+            "precision='16-mixed' is not supported with FSDP2 (no gradient scaler for sharded gradients in Lightning's "
+            "ModelParallelStrategy)",
+            "use `--config configs/precision/bf16-mixed.yaml` (bf16 compute, fp32 gradient reduction), or 32-true",
+        )
     check_run(accelerator, processes, get("precision", None), deepspeed="deepspeed" in strategy_name(strategy))
 
 
