@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Any
 
-from litune.errors import ConfigError, TrainingStopped
+from litune.errors import ConfigError, TrainingStopped, translate
 
 SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "fit": (None, "train from --config files (LightningCLI; `litune fit --help` lists every field)"),
@@ -80,11 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"litune: training stopped: {err}", file=sys.stderr)
         return 1
     except Exception as err:
-        config_error = find_config_error(err)
+        # litune's one boundary: its own ConfigError anywhere in the chain, or a family of library errors that always
+        # means bad input or environment (errors.translate); anything else is a bug and keeps its traceback.
+        config_error = find_config_error(err) or next(filter(None, map(translate, _chain(err))), None)
         if config_error is None:
             raise
-        print(f"litune: configuration error: {config_error}", file=sys.stderr)
+        print(f"litune: configuration error: {' '.join(str(config_error).split())}", file=sys.stderr)
         return 2
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or during (jsonargparse wraps what a class's __init__ raised)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
 
 
 def find_config_error(err: BaseException) -> ConfigError | None:

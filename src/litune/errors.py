@@ -5,6 +5,13 @@ names the field and the fix. The CLI prints that message as one paragraph (no tr
 before any process is spawned or any file is written.
 """
 
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+from typing import NoReturn
+
 
 class ConfigError(ValueError):
     """A user-facing configuration or input error.
@@ -19,7 +26,7 @@ class ConfigError(ValueError):
         self.field = field
         self.problem = problem
         self.fix = fix
-        super().__init__(f"{field}: {problem}. Fix: {fix}")
+        super().__init__(f"{field}: {problem.rstrip('.')}. Fix: {fix}")
 
 
 class TrainingStopped(RuntimeError):
@@ -28,3 +35,93 @@ class TrainingStopped(RuntimeError):
     The message is one paragraph for the user (what happened, at which step, how to continue); the CLI prints it
     without a traceback and exits with status 1.
     """
+
+
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: (.+)")
+_NOT_ACCEPTED = re.compile(r"does not accept option '([\w.]+)'")
+_NOISE = (
+    "Does not validate against any", "Subtypes:", "Errors:", "Given value type:", "Given value:",
+    "Expected a <class 'NoneType'>",
+)  # fmt: skip
+
+
+def from_parse_error(message: str, known_keys: list[str]) -> ConfigError:
+    """A :class:`ConfigError` from a jsonargparse parse error: the innermost field, what was expected, a fix.
+
+    Args:
+        message: the ``ArgumentError`` text (nested lines for union and class-path errors).
+        known_keys: every dotted key the parser accepts, to suggest the closest one for a misspelt key.
+    """
+    if match := _UNRECOGNIZED.search(message) or _NOT_ACCEPTED.search(message):
+        given = match.group(1).split()[0]
+        key = given.lstrip("-").split("=", 1)[0]
+        close = difflib.get_close_matches(key, known_keys, n=1, cutoff=0.6)
+        hint = f"did you mean --{close[0]}? " if close else ""
+        return ConfigError(key, f"{given} is not a litune setting", f"{hint}`litune fit --help` lists every field")
+    keys = _PARSER_KEY.findall(message)
+    # Nested keys are relative to their parent ("model.lr_schedule" then "name"): join them into one dotted path.
+    field = ".".join(dict.fromkeys(keys)) if keys else "config"
+    if option := re.search(r"Option '([\w.]+)' is not accepted|Key \"([\w.]+)\" is not expected", message):
+        name = option.group(1) or option.group(2)
+        init_args = ".init_args" if "class_path" in message or field.endswith(("network", "data", "optimizer")) else ""
+        return ConfigError(
+            f"{field}{init_args}.{name}",
+            f"'{name}' is not an argument of {field}",
+            f"remove or correct it; `litune fit --help` lists every field ({field}.help CLASS lists a class's)",
+        )
+    lines = [line.strip(" -") for line in message.splitlines()]
+    details = [
+        line
+        for line in lines
+        if line and not line.startswith(_NOISE) and not _PARSER_KEY.match(line) and not line.endswith(":")
+    ]
+    problem = "; ".join(details[:3]) or message.strip().splitlines()[0]
+    if choices := re.findall(r"Literal\[(.+?)\]", problem):
+        fix = f"use one of {', '.join(choices)}"
+    elif any(s in problem for s in ("class_path", "Import path", "does not exist", "not accessible")):
+        fix = "give an importable class path (e.g. torch.optim.AdamW) or a file that exists"
+    elif "Key" in problem and "not expected" in problem or "Unexpected" in problem:
+        fix = "remove or correct the key; `litune fit --help` lists every field"
+    else:
+        fix = "give a value of the expected type; `litune fit --help` lists every field and its type"
+    return ConfigError(field, problem[:600], fix)
+
+
+def translate(err: BaseException) -> ConfigError | None:
+    """Families of library errors that always mean bad input or environment, as a :class:`ConfigError`; else None.
+
+    This is litune's outer boundary (the CLI calls it for anything that escaped the specific checks): a missing
+    optional package, a path the OS refuses, a setting Lightning rejects. Everything else is a bug and keeps its
+    traceback.
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if isinstance(err, ImportError) and err.name and not err.name.startswith("litune"):
+        package = err.name.split(".")[0]
+        return ConfigError(
+            "environment",
+            f"the package '{package}' is needed by this configuration but is not installed ({err})",
+            f"`pip install {package}`, or remove the setting that needs it (e.g. a logger or strategy)",
+        )
+    if isinstance(err, OSError) and err.filename is not None:
+        return ConfigError(
+            str(err.filename),
+            f"{err.strerror or type(err).__name__} ({type(err).__name__})",
+            "check that the path exists and that you may read (or write) it; runs go under --runs_dir",
+        )
+    if isinstance(err, MisconfigurationException):
+        return ConfigError("trainer", " ".join(str(err).split()), "fix the setting it names (`litune fit --help`)")
+    return None
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse`` for litune's own subcommands: a bad option is a :class:`ConfigError` (one paragraph, exit 2), not
+    argparse's usage dump."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        match = re.match(r"argument ([^:]+): (.*)", message)
+        field, problem = (match.group(1).split("/")[-1], match.group(2)) if match else (self.prog, message)
+        if required := re.match(r"the following arguments are required: (.*)", message):
+            field = required.group(1)
+        raise ConfigError(field, problem, f"`{self.prog} --help` lists the options and their types")

@@ -2,8 +2,10 @@
 
 DDP checkpoints load directly; DeepSpeed ZeRO-1/2/3 checkpoints (directories of per-rank shards) are first consolidated
 from the fp32 master weights. The network writes itself with its own ``save_pretrained`` (``config.json``,
-``model.safetensors``) and the tokenizer the run trained with is saved beside it, so
-``AutoModelForCausalLM.from_pretrained(DIR)`` and ``AutoTokenizer.from_pretrained(DIR)`` load the result.
+``model.safetensors``) and the tokenizer the run trained with (the run folder's saved files) is saved beside it, with
+its bos/eos/pad ids written into ``config.json`` and ``generation_config.json``, so
+``AutoModelForCausalLM.from_pretrained(DIR)``, ``AutoTokenizer.from_pretrained(DIR)`` and ``model.generate`` work on
+the result as they are.
 
 A run trained with adapters (``model.adapters``) exports its adapter folder (``adapter_model.safetensors`` +
 ``adapter_config.json``, for ``peft.PeftModel.from_pretrained`` on top of the base); with ``--merge-adapters`` the
@@ -13,11 +15,12 @@ adapters are folded into the base weights and the result is a plain Hugging Face
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
-from litune.errors import ConfigError
+from litune.errors import CommandParser, ConfigError
 from litune.models import adapters
 from litune.strategies.checkpoint import load_system
 
@@ -25,7 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="litune export", description=__doc__)
+    parser = CommandParser(prog="litune export", description=__doc__)
     parser.add_argument(
         "--checkpoint", required=True, help="A .ckpt file, a DeepSpeed .ckpt directory, or a run folder (last.ckpt)."
     )
@@ -75,7 +78,38 @@ def export(
     network.save_pretrained(output)
     if system.tokenizer is not None:
         system.tokenizer.save_pretrained(output)
+        write_special_token_ids(output, system.tokenizer)
     return output
+
+
+def write_special_token_ids(folder: Path, tokenizer: object) -> dict[str, int]:
+    """Put the tokenizer's bos/eos/pad ids into ``config.json`` and ``generation_config.json``.
+
+    ``model.generate`` and pipelines read them from there (not from the tokenizer): without them a model trained with
+    its own BPE would stop on GPT-2's eos id 50256, which is not even in its vocabulary.
+
+    Returns:
+        The ids written (``bos_token_id``, ``eos_token_id``, ``pad_token_id``; a missing token is left out).
+    """
+    from transformers import GenerationConfig
+
+    ids = {
+        f"{name}_token_id": int(value)
+        for name in ("bos", "eos", "pad")
+        if (value := getattr(tokenizer, f"{name}_token_id", None)) is not None
+    }
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(ids)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = (
+        GenerationConfig.from_pretrained(folder)
+        if (folder / "generation_config.json").is_file()
+        else GenerationConfig()
+    )
+    generation.update(**ids)
+    generation.save_pretrained(folder)
+    return ids
 
 
 def main(argv: list[str]) -> int:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchmetrics import Metric
 
 from litune.callbacks.checkpointing import BestCheckpoints, Checkpointing
@@ -25,10 +27,21 @@ from litune.callbacks.preemption import CollectiveTimeout, Preempted
 from litune.callbacks.run_info import log_once
 from litune.callbacks.wiring import add_tracking, add_tracking_arguments
 from litune.cli import RUN_DIR_ENV
-from litune.errors import ConfigError
+from litune.errors import ConfigError, from_parse_error
 from litune.module import LitLM
+from litune.resume import (
+    check_network_matches,
+    check_strategy_matches,
+    check_tokenizer_matches,
+    save_run_tokenizer,
+    use_run_tokenizer,
+)
+from litune.run_guard import RunLock, check_port_free, check_writable, is_launched_rank
 from litune.strategies import apply_global_batch_size, check_trainer_config
 from litune.strategies.atomic import recover
+from litune.strategies.checkpoint import run_dir_of
+from litune.strategies.checks import processes_per_node, resolve_accelerator, strategy_name
+from litune.strategies.safe_load import allow_litune_classes, checkpoint_hparams
 
 
 def _rank_env_run_id() -> str | None:
@@ -131,7 +144,10 @@ def runs_root(runs_dir: str, default_root_dir: str | None) -> str:
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Saves the resolved config as ``config.yaml`` in the run folder (not in a logger's sub-folder)."""
+    """Saves the resolved config as ``config.yaml`` in the run folder (not in a logger's sub-folder), and the
+    tokenizer's files as ``tokenizer/`` (its files, not its recipe: generate/export/resume on another machine load
+    exactly these). Lightning calls it at setup, after ``prepare_data``: a run that fails on its data writes neither.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, save_to_log_dir=False, **kwargs)
@@ -147,6 +163,8 @@ class RunConfigSaver(SaveConfigCallback):
                 config.trainer.default_root_dir = None
             # Secrets removed, and the config logged to every logger too (litune.callbacks.run_info).
             log_once(trainer, self.config_filename, yaml.safe_load(self.parser.dump(config, skip_none=False)))
+            if getattr(pl_module, "tokenizer", None) is not None:
+                save_run_tokenizer(pl_module.tokenizer, run_dir, self.config.model.get("tokenizer"))
 
 
 class LituneCLI(LightningCLI):
@@ -156,13 +174,51 @@ class LituneCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         inherited_run_dir = os.environ.get(RUN_DIR_ENV)
+        self.lock: RunLock | None = None
         try:
             super().__init__(LitLM, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
         finally:
+            if self.lock is not None:
+                self.lock.release()
             # The run folder is shared with this run's ranks only: a next run in the same Python process (a
             # notebook, a test) must get a folder of its own.
             if inherited_run_dir is None:
                 os.environ.pop(RUN_DIR_ENV, None)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does, but report a bad key or value as one :class:`ConfigError` paragraph.
+
+        jsonargparse would print the whole usage (hundreds of lines) and a nested error tree; the field and the
+        closest valid key are what a user needs.
+        """
+        parsers = [parser, *getattr(getattr(parser, "_subcommands_action", None), "_name_parser_map", {}).values()]
+        for each in parsers:
+            each.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            subcommand = next((a for a in (args or sys.argv[1:]) if a in ("fit", "validate", "test")), None)
+            known = _option_names(parser._subcommands_action._name_parser_map.get(subcommand, parser))
+            raise from_parse_error(str(err), known) from None
+
+    def _parse_ckpt_path(self) -> None:
+        """Deliberately not LightningCLI's: it replaces the configured model by the checkpoint's hyperparameters,
+        which silently drops a user's override. litune compares them instead (:meth:`_check_resume`) and refuses a
+        change of architecture or tokenizer."""
+
+    def _check_resume(self, cfg: Namespace, ckpt_path: str, run_dir: Path) -> None:
+        """Fail before anything is built or written when the config's network or tokenizer is not the checkpoint's;
+        then point the tokenizer at the run folder's saved files."""
+        accelerator = resolve_accelerator(cfg.trainer.get("accelerator", "auto"))
+        processes = processes_per_node(cfg.trainer.get("devices", "auto"), accelerator)
+        world_size = processes * (cfg.trainer.get("num_nodes") or 1) if processes is not None else None
+        deepspeed = "deepspeed" in strategy_name(_as_dict(cfg.trainer.get("strategy", "auto")))
+        check_strategy_matches(ckpt_path, deepspeed, world_size)
+        hparams = checkpoint_hparams(ckpt_path)
+        check_network_matches(hparams.get("network"), cfg.model.get("network"), ckpt_path)
+        ckpt_run = run_dir_of(ckpt_path) or run_dir
+        check_tokenizer_matches(hparams.get("tokenizer"), cfg.model.get("tokenizer"), ckpt_run, ckpt_path)
+        use_run_tokenizer(cfg, ckpt_run)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment", type=str, default="litune", help="Experiment name, part of the run folder.")
@@ -222,6 +278,16 @@ class LituneCLI(LightningCLI):
         run_dir, ckpt_path = resolve_run_dir(cfg.runs_dir, cfg.experiment, cfg.get("ckpt_path"))
         if "ckpt_path" in cfg:
             cfg.ckpt_path = ckpt_path
+        if ckpt_path:
+            self._check_resume(cfg, ckpt_path, run_dir)
+        if cfg.get("weights_only") is None:
+            cfg.weights_only = True  # Lightning's own torch.load of ckpt_path: tensors and allow-listed classes only
+        allow_litune_classes()
+        check_writable(run_dir.parent, "runs_dir")
+        accelerator = resolve_accelerator(cfg.trainer.get("accelerator", "auto"))
+        check_port_free(processes_per_node(cfg.trainer.get("devices", "auto"), accelerator), cfg.trainer.num_nodes or 1)
+        if not is_launched_rank():  # ranks of one run share the launching process's claim on the folder
+            self.lock = RunLock(run_dir).acquire()
         os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the ranks that Lightning's launcher starts
         self.run_dir = run_dir
         cfg.trainer.default_root_dir = str(run_dir)
@@ -250,6 +316,18 @@ class LituneCLI(LightningCLI):
                 f"block_size={block_size} is longer than the model's context of {max_len} tokens",
                 f"set data.init_args.block_size to at most {max_len}",
             )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Build the Trainer; its constructor's complaints (unknown strategy, accelerator, plugin...) become one
+        :class:`ConfigError` here, the boundary where every trainer setting is checked."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except ConfigError:
+            raise
+        except (MisconfigurationException, ValueError, TypeError, KeyError) as err:
+            raise ConfigError(
+                "trainer", _first_lines(err), "fix the trainer setting it names (`litune fit --help` lists them)"
+            ) from None
 
     def before_fit(self) -> None:
         self.start_metrics: dict[str, float] = {}
@@ -291,6 +369,22 @@ def _set_dist_timeout(trainer: Trainer | None, seconds: float | None) -> None:
     if not seconds > 0:
         raise ConfigError("dist_timeout", f"{seconds} is not a positive number of seconds", "use e.g. 600, or null")
     trainer.callbacks.append(CollectiveTimeout(seconds))
+
+
+def _as_dict(value: Any) -> Any:
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
+def _first_lines(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _option_names(parser: Any) -> list[str]:
+    """Every dotted key a parser accepts (``trainer.max_steps``, ...), for "did you mean" suggestions."""
+    names = []
+    for action in getattr(parser, "_actions", []):
+        names += [o.lstrip("-") for o in action.option_strings if o.startswith("--")]
+    return names
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
-from litune.errors import ConfigError
+from litune.errors import CommandParser, ConfigError
 from litune.tokenizer import load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="litune generate", description=__doc__)
+    parser = CommandParser(prog="litune generate", description=__doc__)
     parser.add_argument(
         "--checkpoint", required=True, help="A litune .ckpt file or run folder, or a HF model folder or hub id."
     )
@@ -71,12 +72,54 @@ def _load_adapter_folder(path: Path) -> tuple[torch.nn.Module, object]:
     return network, load_tokenizer(str(path) if has_tokenizer else base)
 
 
-def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.Namespace) -> list[str]:
-    """Encode the prompt, decode ``num_return_sequences`` continuations, return texts without special tokens."""
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """Reject lengths and sampling settings that cannot work, before any model is loaded."""
     if args.max_length < 1:
         raise ConfigError("--max-length", f"{args.max_length} is not positive", "use a positive length")
     if args.num_return_sequences < 1:
         raise ConfigError("--num-return-sequences", f"{args.num_return_sequences} is not positive", "use 1 or more")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ConfigError(
+            "--temperature",
+            f"temperature={args.temperature} must be a positive finite number (logits are divided by it)",
+            "use e.g. 0.7 (sharper) to 1.0 (the model's distribution); for the single most likely text, drop "
+            "--do-sample instead of lowering the temperature to 0",
+        )
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError("--top-p", f"top_p={args.top_p} is outside (0, 1]", "use e.g. 0.9, or leave it out")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError("--top-k", f"top_k={args.top_k} keeps no token", "use a positive number such as 50")
+
+
+def check_lengths(network: torch.nn.Module, prompt_tokens: int, max_length: int) -> None:
+    """The prompt must fit the model's context and leave room for ``max_length`` (decoder-only: prompt included)."""
+    context = getattr(network, "max_seq_len", None)
+    if context is not None and prompt_tokens > context:
+        raise ConfigError(
+            "--prompt",
+            f"the prompt is {prompt_tokens} tokens but the model's context is {context} tokens",
+            f"shorten the prompt to under {context} tokens",
+        )
+    if getattr(network, "is_encoder_decoder", False) or type(network).__name__ == "Seq2SeqLM":
+        return  # max_length counts target tokens only; the source is the prompt
+    if context is not None and max_length > context:
+        raise ConfigError(
+            "--max-length",
+            f"max_length={max_length} (prompt included) is longer than the model's context of {context} tokens",
+            f"use --max-length {context} or less",
+        )
+    if max_length <= prompt_tokens:
+        raise ConfigError(
+            "--max-length",
+            f"max_length={max_length} counts the prompt too, and the prompt already has {prompt_tokens} tokens, so "
+            "nothing would be generated",
+            f"use --max-length greater than {prompt_tokens}" + (f" (and at most {context})" if context else ""),
+        )
+
+
+def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.Namespace) -> list[str]:
+    """Encode the prompt, decode ``num_return_sequences`` continuations, return texts without special tokens."""
+    check_sampling_args(args)
     if args.num_return_sequences > 1 and not args.do_sample:
         raise ConfigError(
             "--num-return-sequences",
@@ -87,6 +130,7 @@ def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.N
     if ids.shape[1] == 0:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = torch.tensor([[start]])
+    check_lengths(network, ids.shape[1], args.max_length)
     torch.manual_seed(args.seed)
     network.eval().to(args.device)
     tokens = network.generate(
@@ -105,6 +149,7 @@ def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.N
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    check_sampling_args(args)  # before the (slow) model load
     network, tokenizer = load_for_generation(args.checkpoint)
     for i, text in enumerate(generate_texts(network, tokenizer, args)):
         print(f"--- sequence {i} ---\n{text}")

@@ -195,7 +195,26 @@ def select_raw_columns(
                 f"set data.{fix_field} to one of {columns}",
             )
     ds = ds.select_columns(list(needed.values()))
+    check_text_columns(ds, spec, src)
     return ds
+
+
+def check_text_columns(ds: datasets.Dataset | datasets.IterableDataset, spec: DataSpec, src: Source) -> None:
+    """Text and prompt/response columns must hold strings: numbers, lists or only nulls would otherwise fail deep
+    inside the tokenizer. The Arrow schema says so for the whole column without reading a row."""
+    features = ds.features
+    if spec.format == "chat" or features is None:
+        return
+    for fix_field, col in spec.raw_columns().items():
+        feature = features.get(col)
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+            continue
+        kind = "only nulls" if isinstance(feature, datasets.Value) and feature.dtype == "null" else f"{feature}"
+        raise ConfigError(
+            f"data.{fix_field}",
+            f"column {col!r} of {src.path} holds {kind}, not text",
+            f"point data.{fix_field} at a column of strings, or convert the values to strings in the file",
+        )
 
 
 def load_raw(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -39,12 +41,37 @@ def build_hf_config(
             raise ConfigError(
                 "model.network.init_args.pretrained", f"folder {pretrained} does not exist", "fix the path"
             )
-        return AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+        with transformers_errors("model.network.init_args.pretrained"):
+            return AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
     kwargs = dict(config)
     model_type = kwargs.pop("model_type", None)
     if model_type is None:
         raise ConfigError("model.network.init_args.config", "`model_type` is missing", "add model_type: gpt2")
-    return AutoConfig.for_model(model_type, **kwargs)
+    with transformers_errors("model.network.init_args.config"):
+        return AutoConfig.for_model(model_type, **kwargs)
+
+
+@contextmanager
+def transformers_errors(field: str) -> Iterator[None]:
+    """Turn what transformers raises for a bad config or model folder into a :class:`ConfigError` for ``field``.
+
+    transformers checks its configs where it builds them (an unknown ``model_type``, heads that do not divide the
+    width, a folder without ``config.json``) and raises ``ValueError``/``KeyError``/``OSError``/``TypeError``: one
+    boundary here covers every model family instead of litune repeating each family's rules.
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, OSError, TypeError, AttributeError, StrictDataclassError) as err:
+        # huggingface_hub's strict-dataclass validation (transformers 5 configs) chains the ValueError as its cause.
+        message = " ".join(str(err.__cause__ or err).split()) or type(err).__name__
+        raise ConfigError(
+            field,
+            f"transformers cannot build this model: {message}",
+            "fix the value it names (e.g. n_head/num_attention_heads must divide n_embd/hidden_size); the model "
+            "family's Hugging Face config documents every key",
+        ) from None
 
 
 def _quantization_kwargs(quantize: str | None) -> dict[str, Any]:
@@ -114,26 +141,35 @@ class HFCausalLM(nn.Module):
         self.hf_config = build_hf_config(pretrained, config, revision, trust_remote_code)
         if not self.deferred:
             self._build()
+        else:
+            # Built once on the meta device (no memory, no weights) so that a config transformers rejects (heads that
+            # do not divide the width, ...) fails now, before processes spawn, not in configure_model on every rank.
+            with transformers_errors("model.network.init_args.config"), torch.device("meta"):
+                AutoModelForCausalLM.from_config(self.hf_config, trust_remote_code=trust_remote_code)
 
     def _build(self) -> None:
         """Create ``self.model``: load the pretrained weights or initialise a fresh model from the config."""
-        if self.pretrained is not None:
-            self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-                self.pretrained,
-                config=self.hf_config,
-                revision=self.revision,
-                trust_remote_code=self.trust_remote_code,
-                attn_implementation=self.attn_implementation,
-                dtype=torch.float32,  # master weights in fp32; Lightning's precision plugin casts for compute
-                **_quantization_kwargs(self.quantize),
-            )
-            # from_pretrained returns the model in eval mode; training must see the model's own dropout (as a model
-            # built from a config does, and as transformers' Trainer does by calling train()).
-            self.model.train()
-        else:
-            self.model = AutoModelForCausalLM.from_config(
-                self.hf_config, trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation
-            )
+        field = "model.network.init_args.pretrained" if self.pretrained else "model.network.init_args"
+        with transformers_errors(field):
+            if self.pretrained is not None:
+                self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+                    self.pretrained,
+                    config=self.hf_config,
+                    revision=self.revision,
+                    trust_remote_code=self.trust_remote_code,
+                    attn_implementation=self.attn_implementation,
+                    dtype=torch.float32,  # master weights in fp32; Lightning's precision plugin casts for compute
+                    **_quantization_kwargs(self.quantize),
+                )
+                # from_pretrained returns the model in eval mode; training must see the model's own dropout (as a model
+                # built from a config does, and as transformers' Trainer does by calling train()).
+                self.model.train()
+            else:
+                self.model = AutoModelForCausalLM.from_config(
+                    self.hf_config,
+                    trust_remote_code=self.trust_remote_code,
+                    attn_implementation=self.attn_implementation,
+                )
         self._enable_gradient_checkpointing()
 
     def _enable_gradient_checkpointing(self) -> None:

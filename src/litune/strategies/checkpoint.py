@@ -45,6 +45,12 @@ def resolve_checkpoint(path: str | Path, field: str = "--checkpoint") -> Path:
     return path
 
 
+def run_dir_of(checkpoint: str | Path) -> Path | None:
+    """The run folder a checkpoint lives in (``<run>/checkpoints/<name>.ckpt``), or None for a checkpoint elsewhere."""
+    path = Path(checkpoint)
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a DeepSpeed checkpoint directory (DeepSpeed writes a ``latest`` file naming the tag)."""
     path = Path(path)
@@ -126,7 +132,13 @@ def consolidate_fsdp2(path: str | Path, output_file: str | Path) -> Path:
         planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
         no_dist=True,
     )
-    checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    from litune.strategies.safe_load import CORRUPT, allow_litune_classes, not_a_checkpoint
+
+    allow_litune_classes()
+    try:  # Lightning's loop state and hyperparameters: tensors, containers and litune's allow-listed classes only
+        checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+    except CORRUPT as err:
+        raise not_a_checkpoint(path / _METADATA_FILENAME, "--checkpoint", err) from None
     checkpoint["state_dict"] = state["state_dict"]
     torch.save(checkpoint, output_file)
     return Path(output_file)
@@ -135,15 +147,24 @@ def consolidate_fsdp2(path: str | Path, output_file: str | Path) -> Path:
 def load_system(path: str | Path) -> LitLM:
     """Load a :class:`~litune.module.LitLM` on CPU from any strategy's checkpoint (DeepSpeed/FSDP2 shards joined)."""
     from litune.module import LitLM
+    from litune.strategies.safe_load import allow_litune_classes, load_checkpoint_file, verify_deepspeed_checkpoint
+    from litune.tokenizer import run_tokenizer
 
     path = resolve_checkpoint(path)
-    with warnings.catch_warnings():
+    # The run folder's saved tokenizer files, not the recipe in the hyperparameters (no retraining on a new machine).
+    run_dir = run_dir_of(path)
+    saved_tokenizer = run_tokenizer(run_dir) if run_dir is not None else None
+    overrides = {"tokenizer": str(saved_tokenizer)} if saved_tokenizer is not None else {}
+    allow_litune_classes()  # weights_only=True below: litune's hparam classes, nothing else, may be unpickled
+    if is_deepspeed_checkpoint(path):
+        verify_deepspeed_checkpoint(path)  # DeepSpeed's consolidation unpickles its shards with weights_only=False
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="litune-consolidate-") as tmp:
         # An adapter checkpoint leaves out the frozen base (rebuilt from its pretrained source); LitLM checks that the
         # adapter weights are all there (on_load_checkpoint), and other checkpoints load strictly.
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
-        if not path.is_dir():
-            return LitLM.load_from_checkpoint(path, map_location="cpu", weights_only=False)
-        join = consolidate_fsdp2 if is_fsdp2_checkpoint(path) else consolidate
-        with tempfile.TemporaryDirectory(prefix="litune-consolidate-") as tmp:
+        single = path
+        if path.is_dir():
+            join = consolidate_fsdp2 if is_fsdp2_checkpoint(path) else consolidate
             single = join(path, Path(tmp) / "consolidated.ckpt")
-            return LitLM.load_from_checkpoint(single, map_location="cpu", weights_only=False)
+        load_checkpoint_file(single, mmap=True)  # a truncated, foreign or code-carrying file fails here, clearly
+        return LitLM.load_from_checkpoint(single, map_location="cpu", weights_only=True, **overrides)
