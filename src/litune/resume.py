@@ -170,24 +170,42 @@ def use_run_tokenizer(cfg: Any, run_dir: Path | None) -> None:
         data_args.tokenizer = str(folder)
 
 
-def check_strategy_matches(checkpoint: str | Path, deepspeed_strategy: bool, world_size: int | None) -> None:
-    """A DeepSpeed checkpoint (a folder of per-rank shards) resumes only under DeepSpeed on as many processes, and a
-    single-file checkpoint only under a non-DeepSpeed strategy; otherwise the strategy fails deep inside its loader.
+def checkpoint_kind(checkpoint: str | Path) -> str:
+    """``"deepspeed"`` (a folder of ZeRO shards), ``"fsdp2"`` (a DCP folder) or ``"file"`` (one ``.ckpt`` file)."""
+    from litune.strategies.fsdp2 import is_fsdp2_checkpoint
+
+    if is_deepspeed_checkpoint(checkpoint):
+        return "deepspeed"
+    return "fsdp2" if is_fsdp2_checkpoint(checkpoint) else "file"
+
+
+KIND_NAMES = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2 (DCP)", "file": "single-file (DDP / one device)"}
+
+
+def check_strategy_matches(checkpoint: str | Path, strategy: str, world_size: int | None) -> None:
+    """A sharded checkpoint resumes only under the strategy that wrote it (DeepSpeed: also on as many processes), and
+    a single-file checkpoint not under DeepSpeed; otherwise the strategy fails deep inside its loader.
 
     Args:
         checkpoint: the checkpoint to resume from.
-        deepspeed_strategy: whether this run's ``trainer.strategy`` is DeepSpeed.
+        strategy: this run's ``trainer.strategy`` as a lower-case name (``strategies.checks.strategy_name``).
         world_size: this run's processes (devices x nodes), or None when not known before launch.
     """
-    sharded = is_deepspeed_checkpoint(checkpoint)
-    if sharded == deepspeed_strategy:
-        if sharded and world_size is not None:
+    kind = checkpoint_kind(checkpoint)
+    run = "deepspeed" if "deepspeed" in strategy else ""
+    if "fsdp" in strategy or "modelparallel" in strategy:
+        run = "fsdp2"
+    if kind == "deepspeed" and run == "deepspeed":
+        if world_size is not None:
             check_resume_world_size(checkpoint, world_size)
         return
-    saved, here = ("DeepSpeed", "another strategy") if sharded else ("DDP/single-device", "DeepSpeed")
+    # Lightning's FSDP2 strategy also loads a full single-file checkpoint; every other mismatch cannot load.
+    if kind == run or (kind == "file" and run in ("", "fsdp2")):
+        return
+    here = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2"}.get(run, f"the {strategy!r} strategy")
     raise ConfigError(
         "trainer.strategy",
-        f"{checkpoint} is a {saved} checkpoint but this run uses {here}; the optimizer state of one strategy "
-        "cannot be loaded by the other",
+        f"{checkpoint} is a {KIND_NAMES[kind]} checkpoint but this run uses {here}; one strategy's checkpoint (its "
+        "sharded optimizer state) cannot be loaded by another",
         "resume with the strategy the checkpoint was written with, or " + _new_run_fix(checkpoint),
     )

@@ -212,8 +212,7 @@ class LituneCLI(LightningCLI):
         accelerator = resolve_accelerator(cfg.trainer.get("accelerator", "auto"))
         processes = processes_per_node(cfg.trainer.get("devices", "auto"), accelerator)
         world_size = processes * (cfg.trainer.get("num_nodes") or 1) if processes is not None else None
-        deepspeed = "deepspeed" in strategy_name(_as_dict(cfg.trainer.get("strategy", "auto")))
-        check_strategy_matches(ckpt_path, deepspeed, world_size)
+        check_strategy_matches(ckpt_path, strategy_name(_as_dict(cfg.trainer.get("strategy", "auto"))), world_size)
         hparams = checkpoint_hparams(ckpt_path)
         check_network_matches(hparams.get("network"), cfg.model.get("network"), ckpt_path)
         ckpt_run = run_dir_of(ckpt_path) or run_dir
