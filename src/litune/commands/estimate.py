@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from jsonargparse import Namespace
 
 from litune.errors import ConfigError
@@ -30,7 +29,12 @@ from litune.memory_model import (
     cheapest_fitting,
     estimate,
 )
-from litune.strategies.checks import processes_per_node, resolve_accelerator, strategy_name
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, Lightning (via litune.strategies) and transformers are imported where the numbers are computed, not here:
+# `litune estimate --help` then answers at once.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +69,7 @@ def load_config(configs: list[str], overrides: list[str]) -> Namespace:
 
 def _network_on_meta(network: Namespace) -> torch.nn.Module:
     """Build the configured network with no storage (``meta`` device), reading only a pretrained model's config."""
+    import torch
     from jsonargparse import ArgumentParser
 
     init_args = network.get("init_args") or Namespace()
@@ -104,6 +109,8 @@ def model_shape(network: torch.nn.Module) -> ModelShape:
 
 def strategy_shape(strategy: Any) -> StrategyShape:
     """The :class:`StrategyShape` of a ``trainer.strategy`` setting (string or ``class_path``/``init_args``)."""
+    from litune.strategies.checks import strategy_name
+
     if isinstance(strategy, Namespace):
         strategy = strategy.as_dict()
     name = strategy_name(strategy)
@@ -134,6 +141,8 @@ def strategy_shape(strategy: Any) -> StrategyShape:
 
 def run_shape(cfg: Namespace, network: torch.nn.Module, devices: int | None, nodes: int | None) -> RunShape:
     """Sequence length, micro-batch, precision, checkpointing and topology from the config and the command line."""
+    from litune.strategies.checks import processes_per_node, resolve_accelerator
+
     data = cfg.data.get("init_args") or Namespace()
     seq_len = data.get("block_size") or getattr(network, "max_seq_len", None)
     micro_batch = data.get("batch_size")
