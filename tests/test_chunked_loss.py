@@ -95,3 +95,63 @@ def test_bad_chunk_size_is_a_config_error() -> None:
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ConfigError, match="loss_chunk_size"):
             check_chunk_size(bad, "model.network.init_args.loss_chunk_size")
+
+
+def _decoder(chunk: int | None):
+    from litune.models.transformer import DecoderLM
+
+    torch.manual_seed(0)
+    return DecoderLM(d_model=32, nhead=2, num_decoder_layers=2, vocab_size=97, max_seq_len=16, loss_chunk_size=chunk)
+
+
+def _seq2seq(chunk: int | None):
+    from litune.models.seq2seq import Seq2SeqLM
+
+    torch.manual_seed(0)
+    return Seq2SeqLM(
+        d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=2, vocab_size=97, max_seq_len=16,
+        loss_chunk_size=chunk,
+    )  # fmt: skip
+
+
+def _hf(chunk: int | None):
+    from litune.models.hf import HFCausalLM
+
+    torch.manual_seed(0)
+    config = {"model_type": "gpt2", "vocab_size": 97, "n_positions": 16, "n_embd": 32, "n_layer": 2, "n_head": 2}
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return HFCausalLM(config=config, loss_chunk_size=chunk)
+
+
+@pytest.mark.parametrize("build", [_decoder, _seq2seq, _hf], ids=["decoder", "seq2seq", "hf"])
+def test_every_network_family_gives_the_same_objective_terms_and_gradients(build) -> None:
+    plain, chunked = build(None), build(5)
+    chunked.load_state_dict(plain.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 97, (3, 12), generator=gen)
+    labels = input_ids.clone()
+    labels[0, :5] = IGNORE_INDEX  # a prompt
+    labels[2, 9:] = IGNORE_INDEX  # padding
+    outs = []
+    for net in (plain, chunked):
+        net.train()
+        out = net(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
+        out.loss_sum.backward()
+        outs.append(out)
+    assert outs[0].logits is not None and outs[1].logits is None  # the chunked path never built [B, T, V]
+    assert int(outs[1].num_targets) == int(outs[0].num_targets)
+    torch.testing.assert_close(outs[1].loss_sum, outs[0].loss_sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)
+    with torch.no_grad():  # evaluation keeps the logits that perplexity and accuracy need
+        assert chunked.eval()(input_ids=input_ids, labels=labels).logits.shape == (3, 12, 97)
+
+
+def test_hf_models_that_rescale_logits_after_the_head_are_refused() -> None:
+    from litune.models.hf import HFCausalLM
+
+    config = {"model_type": "gemma2", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}  # fmt: skip
+    with pytest.raises(ConfigError, match="final_logit_softcapping"):
+        HFCausalLM(config=config, loss_chunk_size=8)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from litune.errors import ConfigError
-from litune.models.output import IGNORE_INDEX
+from litune.models.output import IGNORE_INDEX, LMOutput, count_targets
 
 DEFAULT_CHUNK_SIZE = 1024
 """Rows per chunk: at vocab 50,257 one chunk's float32 logits take ~0.2 GB."""
@@ -64,7 +64,8 @@ def chunked_cross_entropy(
             in the backward pass).
         targets: ``[batch, seq]`` (or ``[rows]``) target ids, ``IGNORE_INDEX`` where no loss is taken.
         chunk_size: rows of logits computed at once.
-        reduction: ``mean`` over non-ignored targets (NaN when there are none, as ``F.cross_entropy``) or ``sum``.
+        reduction: ``sum``, or ``mean`` over non-ignored targets (0, not NaN, when there are none, as
+            :func:`litune.models.output.token_cross_entropy`).
 
     Returns:
         Scalar float32 loss.
@@ -81,4 +82,33 @@ def chunked_cross_entropy(
             total = total + _chunk_loss_sum(head, h, t)
     if reduction == "sum":
         return total
-    return total / (flat_targets != IGNORE_INDEX).sum()
+    return total / (flat_targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def use_chunked_loss(chunk_size: int | None, labels: torch.Tensor | None) -> bool:
+    """Whether a network's forward takes the chunked path: a chunk size is set, labels are given and gradients are
+    wanted. Evaluation (no gradient) keeps the full logits, which perplexity and accuracy metrics need."""
+    return chunk_size is not None and labels is not None and torch.is_grad_enabled()
+
+
+def chunked_lm_output(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    targets: torch.Tensor,
+    chunk_size: int,
+    **extra: object,
+) -> LMOutput:
+    """The :class:`LMOutput` of the chunked loss: ``loss_sum`` and ``num_targets`` as the training objective wants them
+    (see :mod:`litune.objective`), the mean ``loss``, and no logits (``logits=None``: they never existed at once).
+
+    Args:
+        hidden: ``[batch, seq, d_model]`` final hidden states (after the last norm).
+        head: the output layer.
+        targets: ``[batch, seq]`` aligned with ``hidden`` (already shifted for a causal LM).
+        chunk_size: rows of logits computed at once.
+        **extra: further fields of :class:`LMOutput`.
+    """
+    loss_sum = chunked_cross_entropy(hidden, head, targets, chunk_size=chunk_size, reduction="sum")
+    num_targets = count_targets(targets)
+    loss = loss_sum / num_targets.clamp(min=1)
+    return LMOutput(logits=None, loss=loss, targets=targets, loss_sum=loss_sum, num_targets=num_targets, **extra)

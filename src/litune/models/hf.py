@@ -14,8 +14,25 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from litune.errors import ConfigError
+from litune.models.chunked_loss import check_chunk_size, chunked_lm_output, use_chunked_loss
 from litune.models.flops import matmul_weights
-from litune.models.output import LMOutput, causal_lm_output
+from litune.models.output import LMOutput, causal_lm_output, causal_targets
+
+_HEAD_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+"""Hugging Face config fields that transform the logits after ``lm_head`` (Gemma 2, Cohere, Granite, ...)."""
+
+
+def _check_plain_head(hf_config: PretrainedConfig) -> None:
+    """The chunked loss calls ``lm_head`` itself: refuse models whose forward changes the logits after it."""
+    for name in _HEAD_POSTPROCESSING:
+        value = getattr(hf_config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ConfigError(
+                "model.network.init_args.loss_chunk_size",
+                f"{hf_config.model_type} applies {name}={value} to its logits after the output layer, which the "
+                "chunked loss (it calls the output layer itself) would skip",
+                "remove loss_chunk_size for this model",
+            )
 
 
 def build_hf_config(
@@ -110,6 +127,10 @@ class HFCausalLM(nn.Module):
         attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash_attention_2"``.
         quantize: ``"nf4"`` loads the pretrained weights in 4-bit NF4 (bitsandbytes, double quantization, bf16
             compute) for QLoRA: the base is frozen, so ``model.adapters`` must be set (``configs/peft/qlora.yaml``).
+        loss_chunk_size: take the training loss this many token rows at a time through the output layer, so the
+            ``[batch, seq, vocab]`` logits never exist at once (:mod:`litune.models.chunked_loss`); ``None``: the
+            plain loss. Needs a model whose logits are exactly ``lm_head(base_model(...))`` (no logit soft-capping or
+            scaling after the head).
     """
 
     deferred: ClassVar[bool] = False
@@ -124,6 +145,7 @@ class HFCausalLM(nn.Module):
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
         quantize: Literal["nf4"] | None = None,
+        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if quantize is not None and pretrained is None:
@@ -132,6 +154,8 @@ class HFCausalLM(nn.Module):
                 "4-bit quantization needs pretrained weights to quantize, but the network is built from `config`",
                 "set `pretrained` (a hub id or local folder), or drop quantize",
             )
+        check_chunk_size(loss_chunk_size, "model.network.init_args.loss_chunk_size")
+        self.loss_chunk_size = loss_chunk_size
         self.pretrained = pretrained
         self.quantize = quantize
         self.revision = revision
@@ -139,6 +163,8 @@ class HFCausalLM(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self.attn_implementation = attn_implementation
         self.hf_config = build_hf_config(pretrained, config, revision, trust_remote_code)
+        if loss_chunk_size is not None:
+            _check_plain_head(self.hf_config)
         if not self.deferred:
             self._build()
         else:
@@ -237,7 +263,13 @@ class HFCausalLM(nn.Module):
         """
         if position_ids is not None:
             attention_mask = None
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if use_chunked_loss(self.loss_chunk_size, labels):
+            # The body alone (its last hidden state is after the final norm); the head runs chunk by chunk.
+            hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
+            head = self.model.get_output_embeddings()
+            return chunked_lm_output(hidden, head, causal_targets(labels), self.loss_chunk_size)
+        out = self.model(**inputs, use_cache=False)
         return causal_lm_output(out.logits, labels)
 
     @torch.no_grad()

@@ -28,7 +28,8 @@ class LMOutput:
     """A network's output.
 
     Attributes:
-        logits: ``[batch, seq, vocab]`` next-token scores.
+        logits: ``[batch, seq, vocab]`` next-token scores; ``None`` when a network took its training loss chunk by
+            chunk (``loss_chunk_size``, :mod:`litune.models.chunked_loss`) and never held all logits at once.
         loss: scalar float32 mean cross-entropy over the non-ignored targets (``loss_sum / max(num_targets, 1)``, so
             0, never NaN, when there is no target), or ``None`` when no labels were given.
         targets: ``[batch, seq]`` labels aligned with ``logits`` (``IGNORE_INDEX`` where no loss is taken), or ``None``.
@@ -37,7 +38,7 @@ class LMOutput:
         num_targets: scalar int64 count of target tokens (positions whose target is not ``IGNORE_INDEX``), or ``None``.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     targets: torch.Tensor | None = None
     past_key_values: object | None = None

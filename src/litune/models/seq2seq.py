@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from litune.errors import ConfigError
+from litune.models.chunked_loss import chunked_lm_output, use_chunked_loss
 from litune.models.flops import matmul_weights
 from litune.models.output import IGNORE_INDEX, LMOutput, lm_output
 from litune.models.transformer import (
@@ -240,6 +241,21 @@ class Seq2SeqLM(TransformerLM):
             logits ``[B, T, vocab_size]`` and the updated cache (empty unless ``use_cache``: holding every layer's
             keys/values during training would undo gradient checkpointing's saving).
         """
+        hidden, cache = self.decoder_states(
+            decoder_input_ids, memory, memory_mask, decoder_padding_mask, past, use_cache
+        )
+        return self.lm_head(hidden), cache
+
+    def decoder_states(
+        self,
+        decoder_input_ids: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        decoder_padding_mask: torch.Tensor | None = None,
+        past: DecoderCache | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, DecoderCache]:
+        """:meth:`decode` without the output layer: the final hidden states ``[B, T, d_model]`` and the cache."""
         past_len = past[0][0][0].size(2) if past else 0
         x = self._embed(decoder_input_ids, offset=past_len)
         self_mask = attention_mask(x.size(1), past_len, decoder_padding_mask, None, causal=True)
@@ -249,7 +265,7 @@ class Seq2SeqLM(TransformerLM):
             x, layer_cache = _run(block, use_ckpt, x, self_mask, memory, memory_mask, past[i] if past else None)
             if use_cache:
                 cache.append(layer_cache)
-        return self.lm_head(self.decoder.ln_f(x)), cache
+        return self.decoder.ln_f(x), cache
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forcing decoder input: ``[start, y_0, ..., y_{T-2}]`` with ``-100`` replaced by padding."""
@@ -286,6 +302,9 @@ class Seq2SeqLM(TransformerLM):
             # this also masks padding inside a row).
             decoder_padding = F.pad(labels[:, :-1] != IGNORE_INDEX, (1, 0), value=True)
         memory, memory_mask = self.encode(input_ids, attention_mask)
+        if use_chunked_loss(self.config.loss_chunk_size, labels):
+            hidden, _ = self.decoder_states(decoder_input_ids, memory, memory_mask, decoder_padding)
+            return chunked_lm_output(hidden, self.lm_head, labels, self.config.loss_chunk_size)
         logits, _ = self.decode(decoder_input_ids, memory, memory_mask, decoder_padding)
         return lm_output(logits, labels)
 

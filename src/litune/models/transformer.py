@@ -23,9 +23,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from litune.errors import ConfigError
+from litune.models.chunked_loss import check_chunk_size, chunked_lm_output, use_chunked_loss
 from litune.models.convert import decoder_kwargs_from_gpt2_config, gpt2_to_litune, to_hf_gpt2
 from litune.models.flops import matmul_weights
-from litune.models.output import LMOutput, causal_lm_output
+from litune.models.output import LMOutput, causal_lm_output, causal_targets
 from litune.models.state_dict import load_strict
 
 FIELD = "model.network.init_args"
@@ -68,6 +69,10 @@ class TransformerConfig:
         layer_norm_eps: epsilon of every LayerNorm.
         init_std: standard deviation of the normal initialisation (GPT-2: 0.02).
         gradient_checkpointing: recompute each block's activations in the backward pass instead of storing them.
+        loss_chunk_size: take the training loss this many token rows at a time through the output layer, so the
+            ``[batch, seq, vocab]`` logits (and their float32 copy) never exist at once
+            (:mod:`litune.models.chunked_loss`); ``None``: the plain loss. Same value and gradients; costs one more
+            output-layer forward.
     """
 
     d_model: int = 256
@@ -85,8 +90,10 @@ class TransformerConfig:
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     gradient_checkpointing: bool = False
+    loss_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
+        check_chunk_size(self.loss_chunk_size, f"{FIELD}.loss_chunk_size")
         for name in ("d_model", "nhead", "num_decoder_layers", "vocab_size", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -404,8 +411,14 @@ class DecoderLM(TransformerLM):
                 x, kv = block(x, mask, True, past)
             if use_cache:  # only then: holding every layer's keys/values would undo checkpointing's saving
                 cache.append(kv)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
-        return causal_lm_output(logits, labels, past_key_values=cache if use_cache else None)
+        x = self.ln_f(x)
+        past = cache if use_cache else None
+        if use_chunked_loss(self.config.loss_chunk_size, labels):
+            return chunked_lm_output(
+                x, self.lm_head, causal_targets(labels), self.config.loss_chunk_size, past_key_values=past
+            )
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        return causal_lm_output(logits, labels, past_key_values=past)
 
     @torch.no_grad()
     def generate(
