@@ -86,6 +86,10 @@ class LitLM(L.LightningModule):
         adapters: train LoRA/DoRA adapters instead of the whole network (``configs/peft/``): the base is frozen and,
             when it is loaded from ``pretrained`` weights, checkpoints hold only the adapters (and optimizer state);
             every checkpoint also writes the run's adapter folder ``<run>/adapter``. See :mod:`litune.models.adapters`.
+        compile: compile the network with ``torch.compile`` (in place, :meth:`torch.nn.Module.compile`, so parameter
+            names and checkpoints are unchanged) once the strategy has placed it. Works for every network family, with
+            gradient checkpointing, DDP and DeepSpeed ZeRO-1/2; ZeRO-3 (parameters gathered by hooks at each call) is
+            refused at start-up. The first steps are slower while the graphs compile.
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class LitLM(L.LightningModule):
         lr_schedule: LRSchedule | None = None,
         nonfinite: Literal["skip", "stop"] = "skip",
         adapters: Adapters | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if nonfinite not in ("skip", "stop"):
@@ -131,6 +136,7 @@ class LitLM(L.LightningModule):
             self._register_state_dict_hook(_drop_frozen_base)
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule or LRSchedule()
+        self.compile_network = compile
         self._check_optimizer()
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
         if self.tokenizer is not None and hasattr(network, "vocab_size") and len(self.tokenizer) > network.vocab_size:
@@ -230,6 +236,11 @@ class LitLM(L.LightningModule):
         self.tokens_seen += int(targets)
         loss = loss_sum / max(targets, 1)
         self._loss_finite = math.isfinite(loss)  # the same on every rank: the sum was all-reduced
+        if not self.trainer._logger_connector.should_update_logs:
+            # Each self.log costs about a millisecond of Lightning bookkeeping (a tiny model's step is ~10 ms) and
+            # loggers and the progress bar only read the values every log_every_n_steps: log on those steps only, as
+            # Lightning's own LearningRateMonitor does. tokens_seen above stays exact on every step.
+            return
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/ppl", math.exp(min(loss, 80.0)), on_step=True, on_epoch=False)
         # float64: self.log would make a Python float float32, which cannot count tokens exactly past 2**24.
@@ -263,7 +274,8 @@ class LitLM(L.LightningModule):
                 optimizer.step(closure=lambda: loss)
             else:
                 self._nonfinite_step()
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        if trainer._logger_connector.should_update_logs:  # as train/loss: only when loggers read it (a ms each)
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def _step_is_finite(self) -> bool:
         """Whether the step's loss and gradient norm are finite on every rank (one scalar all-reduce)."""
@@ -344,6 +356,9 @@ class LitLM(L.LightningModule):
             build(shard=shard) if shard is not None else build()
             if self.adapters is not None and peft_model_of(self.network) is None:
                 add_adapters(self.network, self.adapters)
+        if self.compile_network and getattr(self.network, "_compiled_call_impl", None) is None:
+            # In place: the module (and its state_dict keys) stays the same object; only its __call__ is compiled.
+            self.network.compile()
 
     def on_fit_start(self) -> None:
         if self.adapters is not None:

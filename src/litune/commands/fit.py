@@ -271,6 +271,7 @@ class LituneCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._section()
         check_trainer_config(cfg.trainer)  # fp16 on CPU, devices > cores, ...: fail before any process is spawned
+        check_compile(cfg)
         if self.subcommand is None:
             return
         cfg.runs_dir = runs_root(cfg.runs_dir, cfg.trainer.get("default_root_dir"))
@@ -384,6 +385,22 @@ def _option_names(parser: Any) -> list[str]:
     for action in getattr(parser, "_actions", []):
         names += [o.lstrip("-") for o in action.option_strings if o.startswith("--")]
     return names
+
+
+def check_compile(cfg: Namespace) -> None:
+    """Refuse ``model.compile`` where ``torch.compile`` cannot work, before any process is spawned."""
+    if not cfg.get("model") or not cfg.model.get("compile"):
+        return
+    from litune.commands.estimate import strategy_shape
+
+    if strategy_shape(cfg.trainer.get("strategy")).stage == 3:
+        # ZeRO-3 gathers each parameter in hooks around every module call and frees it after: compiled graphs would
+        # capture the empty shards. DeepSpeed's own engine.compile() is not reachable through Lightning's strategy.
+        raise ConfigError(
+            "model.compile",
+            "torch.compile cannot trace a network whose parameters DeepSpeed ZeRO-3 partitions and gathers per call",
+            "use DDP or ZeRO-1/2 with model.compile, or set model.compile: false for ZeRO-3",
+        )
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
