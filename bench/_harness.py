@@ -124,6 +124,7 @@ def litune_config(setup: Setup, size: Size, model: Path, steps: int, extra: dict
         "experiment": "bench",
         "seed_everything": setup.seed,
         "model": {
+            **((extra or {}).get("model") or {}),
             "tokenizer": str(setup.tokenizer),
             "network": {"class_path": "litune.models.HFCausalLM", "init_args": network},
             "optimizer": {

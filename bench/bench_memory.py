@@ -66,6 +66,7 @@ def run_strategy(strategy: str, work: Path, corpus: Path, tokenizer: Path, args:
         f"--model.tokenizer={tokenizer}", f"--model.network.init_args.config={json.dumps(network)}",
         f"--data.init_args.path={corpus}", f"--runs_dir={runs}",
         f"--trainer.devices={args.devices}", f"--trainer.precision={args.precision}",
+        f"--trainer.accelerator={args.accelerator}", "--loggers=[csv]",
         "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--checkpoint.save_last=false",
         "--checkpoint.save_top_k=0", f"--trainer.callbacks={json.dumps(callbacks)}", *EXTRA_ARGS.get(strategy, []),
     ]  # fmt: skip
@@ -75,7 +76,20 @@ def run_strategy(strategy: str, work: Path, corpus: Path, tokenizer: Path, args:
     if proc.returncode:
         raise SystemExit(f"{strategy} failed:\n{proc.stderr[-4000:]}")
     (run,) = runs.iterdir()
-    return [json.loads(p.read_text()) for p in sorted((run / "model_state").glob("rank*.json"))]
+    reports = [json.loads(p.read_text()) for p in sorted((run / "model_state").glob("rank*.json"))]
+    peak = _peak_gib(run / "metrics.csv")
+    return [{**r, "peak_gib": peak} for r in reports]
+
+
+def _peak_gib(metrics: Path) -> float | None:
+    """Rank 0's ``memory/peak_gib`` (MemoryMonitor: CUDA max allocated, or process RSS on CPU) from the run's CSV."""
+    import csv
+
+    if not metrics.exists():
+        return None
+    with metrics.open() as f:
+        values = [float(r["memory/peak_gib"]) for r in csv.DictReader(f) if r.get("memory/peak_gib")]
+    return max(values) if values else None
 
 
 def main() -> None:
@@ -86,7 +100,12 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--strategies", nargs="*", default=list(SHAPES))
+    parser.add_argument("--accelerator", default="cpu", help="cpu (gloo ranks) or gpu (one GPU per rank).")
+    parser.add_argument("--quick", action="store_true", help="DDP and ZeRO-2 only: checks the script.")
+    parser.add_argument("--json", type=Path, default=None, help="Also write the results to this JSON file.")
     args = parser.parse_args()
+    if args.quick:
+        args.strategies = ["ddp", "deepspeed_zero2"]
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         work = Path(tmp)
         corpus, tokenizer = prepare(work)
@@ -96,8 +115,8 @@ def main() -> None:
     run = RunShape(seq_len=32, micro_batch=4, precision=args.precision, devices=args.devices)
     print(f"Ψ = {psi} parameters, {args.devices} CPU processes, {args.precision}; bytes per rank (rank 0 | rank 1 ...)")
     header = "| strategy | params measured | params predicted | master+optimizer measured | predicted (device+host) |"
-    print(header + " grads predicted | measured model state vs DDP |")
-    print("|---" * 7 + "|")
+    print(header + " grads predicted | measured model state vs DDP | peak GiB (rank 0) |")
+    print("|---" * 8 + "|")
     baseline = None
     for strategy, reports in results.items():
         shape = SHAPES[strategy]
@@ -112,8 +131,12 @@ def main() -> None:
         optim = " / ".join(str(r["master"] + r["optimizer"]) for r in reports)
         print(
             f"| {strategy} | {params} | {want_params:.0f} | {optim} | {want_optimizer:.0f} | {predicted.grads:.0f} "
-            f"| {state[0] / baseline:.3f} |"
+            f"| {state[0] / baseline:.3f} | {reports[0]['peak_gib'] or float('nan'):.3f} |"
         )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"benchmark": "memory", "command": " ".join(sys.argv), "args": vars(args), "results": results}
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
 
 
 if __name__ == "__main__":

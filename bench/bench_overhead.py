@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", nargs=2, type=int, default=[10, 40], metavar=("N1", "N2"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="Also time every side with torch.compile.")
+    parser.add_argument("--compile-sides", nargs="+", default=None, help="Sides timed with --compile (default: all).")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default=None, help="Default: 32-true on CPU, bf16-mixed on CUDA.")
     parser.add_argument("--threads", default="1", help="OMP_NUM_THREADS of every side (the same for all).")
@@ -52,10 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sides_for(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     sides: dict[str, tuple[str, dict]] = {s: (s, {}) for s in args.sides}
     if args.compile:
-        for s in args.sides:
+        for s in args.compile_sides or args.sides:
             options = {"compile": True}
             if s == "litune":
-                options["litune"] = {"network": {"compile": True}}
+                options["litune"] = {"model": {"compile": True}}  # LitLM's one switch: model.compile
             sides[f"{s}+compile"] = (s, options)
     return sides
 

@@ -55,10 +55,26 @@ fi
 # 2. GPT-2 124M, bf16-mixed, flash SDPA: litune vs the hand-written loop vs transformers.Trainer, with and without
 #    torch.compile; tokens/s and MFU. One round (GPU steps are steady; compile time is start-up, excluded).
 step overhead "$PYTHON" "$HERE/bench_overhead.py" --sizes "$SIZE" --device "$DEVICE" --precision "$PRECISION" \
-  --rounds 1 --steps 20 120 --threads "$OMP_NUM_THREADS" "${PEAK[@]}" "${QUICK[@]}" \
+  --compile --compile-sides litune loop --rounds 1 --steps 20 120 --threads "$OMP_NUM_THREADS" "${PEAK[@]}" "${QUICK[@]}" \
   --json "$OUT/overhead.json"
 
-# 3. Activation memory with and without gradient checkpointing.
+# 3. The chunked loss's memory saving at vocab 50,257 (GPT-2's), for every network family: 8 x 1024 tokens in bf16.
+if (( DRY_RUN )); then
+  step fused-loss "$PYTHON" "$HERE/bench_fused_loss.py" --device cpu --quick --json "$OUT/fused_loss.json"
+else
+  step fused-loss "$PYTHON" "$HERE/bench_fused_loss.py" --device cuda --batch 8 --seq 1024 --d-model 768 --nhead 12 \
+    --json "$OUT/fused_loss.json"
+fi
+
+# 4. Model-state bytes and peak memory per strategy (one device; DDP, ZeRO-2, ZeRO-3), beside litune estimate.
+if (( DRY_RUN )); then
+  step memory "$PYTHON" "$HERE/bench_memory.py" --quick --devices 1 --precision 32-true --json "$OUT/memory.json"
+else
+  step memory "$PYTHON" "$HERE/bench_memory.py" --accelerator gpu --devices 1 --n-embd 768 --n-layer 12 --n-head 12 \
+    --strategies ddp deepspeed_zero2 deepspeed_zero3 --json "$OUT/memory.json"
+fi
+
+# 5. Activation memory with and without gradient checkpointing.
 step checkpointing "$PYTHON" "$HERE/bench_checkpointing.py" --device "$DEVICE" "${QUICK[@]}" \
   --json "$OUT/checkpointing.json"
 
