@@ -22,19 +22,31 @@ def test_gpu_script_dry_run_runs_every_benchmark_quick_mode(tmp_path: Path) -> N
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, OMP_NUM_THREADS="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     proc = subprocess.run(
-        ["bash", str(REPO / "bench" / "gpu.sh"), "--dry-run"], env=env, capture_output=True, text=True, timeout=1500
+        ["bash", str(REPO / "bench" / "gpu.sh"), "--dry-run"], env=env, capture_output=True, text=True, timeout=3000
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    out = tmp_path / "out"
+    check_outputs(tmp_path / "out")
+
+
+def check_outputs(out: Path) -> None:
+    """What every step of the dry run must have written (separate so it can be run on a kept output folder)."""
     overhead = json.loads((out / "overhead.json").read_text())
     tiny = overhead["results"]["tiny"]
-    assert set(tiny) >= {"litune", "loop", "trainer"}
+    assert set(tiny) >= {"litune", "loop", "trainer", "litune+compile", "loop+compile"}
     steps = overhead["args"]["steps"][1]
     assert len(tiny["litune"]["losses"]) == len(tiny["loop"]["losses"]) == steps
-    # Same weights, same batches, same optimizer, fp32: the per-step losses agree to float noise.
-    diffs = [abs(a - b) for a, b in zip(tiny["litune"]["losses"], tiny["loop"]["losses"], strict=True)]
-    assert max(diffs) < 1e-4, diffs
+    # Same weights, same batches, same optimizer, fp32: the per-step losses agree to float noise (compiled too).
+    for side in ("litune", "litune+compile", "loop+compile"):
+        diffs = [abs(a - b) for a, b in zip(tiny[side]["losses"], tiny["loop"]["losses"], strict=True)]
+        assert max(diffs) < 1e-4, (side, diffs)
     assert "| tiny | litune |" in (out / "overhead.txt").read_text()
+    fused = json.loads((out / "fused_loss.json").read_text())["results"]
+    assert set(fused) == {"decoder", "seq2seq", "hf"}
+    for family, r in fused.items():
+        assert r["chunked"]["peak"] < r["plain"]["peak"], family  # exact tensor bytes: the logits are gone
+        assert abs(r["chunked"]["loss"] - r["plain"]["loss"]) < 1e-4, family
+    memory = json.loads((out / "memory.json").read_text())["results"]
+    assert set(memory) == {"ddp", "deepspeed_zero2"}
     assert json.loads((out / "checkpointing.json").read_text())["results"]["decoder"]["on"]["saved"] > 0
     peft = {row["method"]: row for row in json.loads((out / "peft.json").read_text())["rows"]}
     assert set(peft) == {"full", "lora", "dora", "qlora"}
