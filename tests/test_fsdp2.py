@@ -257,3 +257,24 @@ def test_estimate_reads_the_fsdp2_fragments(fragment, shards, offloaded, capsys)
     else:  # fp32 shards of weights and gradients, Adam's two fp32 moments (32-true)
         assert device["params"] + device["grads"] + device["optimizer"] == pytest.approx(16 * psi / shards)
     assert {"fsdp2", "fsdp2_hybrid", "fsdp2_offload"} <= set(data["total_by_strategy"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fragment", ["fsdp2", "fsdp2_offload"])
+def test_fsdp2_bf16_mixed_on_a_gpu(fragment, tmp_path, corpus_dir, tokenizer_dir, reference) -> None:
+    """GPU only (skipped without CUDA, never faked): bf16 compute with fp32 reduction on one GPU (a 1-rank mesh), and
+    with the shards and optimizer state offloaded to pinned host memory; resumes from its DCP checkpoint."""
+    extra = (*fsdp2_args(fragment, 1), "--trainer.accelerator=gpu", "--trainer.precision=bf16-mixed")
+    run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, *extra))
+    gap = (probe(tmp_path, FIRST)["logits"] - probe(reference, FIRST)["logits"]).abs().max()
+    assert gap < 0.1, gap  # bf16 round-off against the fp32 CPU run, not a different optimization
+    resume(tmp_path, corpus_dir, tokenizer_dir, *extra)
+    assert torch.isfinite(torch.tensor(probe(tmp_path, SECOND)["loss"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL")
+def test_fsdp2_over_nccl_matches_one_process(tmp_path, corpus_dir, tokenizer_dir, reference) -> None:
+    run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, *fsdp2_args(), "--trainer.accelerator=gpu"))
+    assert_matches(tmp_path, reference, FIRST)
