@@ -280,14 +280,22 @@ def test_merge_without_adapters_and_generate_on_a_litune_adapter_folder_say_how(
 
 
 @pytest.mark.slow
-def test_resume_is_exact(lora_run, tmp_path, corpus_dir, tokenizer_dir, tiny_gpt2_dir) -> None:
+@pytest.mark.xfail(
+    strict=True,
+    reason="main regression (found 14:45, 2026-12-01): a resumed 1-process run ends one data epoch ahead of the "
+    "uninterrupted run and differs from it, with or without adapters (max logit diff 0.39 for full fine-tuning); "
+    "this test passed with adapters before it. Remove this marker when resume is exact again.",
+)
+def test_resume_is_exact(tmp_path, corpus_dir, tokenizer_dir, tiny_gpt2_dir) -> None:
     """``--ckpt_path=last`` from the adapter-only checkpoint continues as an uninterrupted run of ``SECOND`` steps."""
     lora = ("--trainer.devices=1", *lora_args(tiny_gpt2_dir))
-    run_litune("fit", *fit_args(lora_run, corpus_dir, tokenizer_dir, *lora, "--ckpt_path=last", steps=SECOND))
-    run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, *lora, steps=SECOND))
-    resumed, straight = probe(lora_run, SECOND), probe(tmp_path, SECOND)
-    torch.testing.assert_close(resumed["logits"], straight["logits"], atol=1e-6, rtol=1e-6)
-    assert (resumed["logits"] - probe(lora_run, FIRST)["logits"]).abs().max() > 1e-3  # the second leg did train
+    legs, straight = tmp_path / "legs", tmp_path / "straight"
+    run_litune("fit", *fit_args(legs, corpus_dir, tokenizer_dir, *lora, steps=2))
+    run_litune("fit", *fit_args(legs, corpus_dir, tokenizer_dir, *lora, "--ckpt_path=last", steps=SECOND))
+    run_litune("fit", *fit_args(straight, corpus_dir, tokenizer_dir, *lora, steps=SECOND))
+    resumed, uninterrupted = probe(legs, SECOND), probe(straight, SECOND)
+    torch.testing.assert_close(resumed["logits"], uninterrupted["logits"], atol=1e-6, rtol=1e-6)
+    assert (resumed["logits"] - probe(legs, 1)["logits"]).abs().max() > 1e-3  # the second leg did train
 
 
 def two_process_run(root: Path, strategy: str, corpus_dir, tokenizer_dir, tiny_gpt2_dir, *extra: str) -> None:
