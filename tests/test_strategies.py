@@ -175,6 +175,18 @@ def test_resuming_zero_shards_on_another_world_size_says_how(first_leg, corpus_d
     assert "saved by 2 processes but this run has 1" in proc.stderr and "litune export" in proc.stderr
 
 
+@pytest.mark.distributed
+def test_resuming_ddp_on_another_world_size_says_how(first_leg, corpus_dir, tokenizer_dir) -> None:
+    """A DDP checkpoint of 2 ranks resumed on 1: refused with the fix (exit 2). Lightning counts micro-batches per
+    process, so the first resumed step would end its accumulation window early; only FSDP2 restates the count."""
+    root = first_leg("ddp")
+    extra = (*strategy_args("ddp")[:2], "--trainer.devices=1", "--ckpt_path=last")
+    args = fit_args(root, corpus_dir, tokenizer_dir, *extra)
+    proc = subprocess.run([LITUNE, "fit", *args], env=litune_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "saved by 2 processes but this run has 1" in proc.stderr and "fsdp2" in proc.stderr
+
+
 @pytest.fixture
 def build_trainer(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path):
     """Build model, data module and Trainer as `litune fit` does, without fitting (nothing is spawned)."""

@@ -317,15 +317,38 @@ class LitLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["litune_objective"] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+        checkpoint["litune_world_size"] = self.trainer.world_size
         if self.adapters is not None:
             self._save_adapters(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None:
+            self._check_resume_world_size(checkpoint)
         state = checkpoint.get("litune_objective", {})
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.adapters is not None and checkpoint.get("state_dict") is not None:
             self._check_adapter_checkpoint(checkpoint)
+
+    def _check_resume_world_size(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume training on another number of processes, except under FSDP2, whose checkpoints reshard.
+
+        Lightning's loop counts micro-batches per process, so with the global batch fixed the accumulation changes
+        with the world size and the first resumed step would end its accumulation window at the wrong micro-batch.
+        FSDP2 restates that count (``litune.strategies.fsdp2.rescale_batch_progress``); ZeRO refuses earlier, in
+        its strategy.
+        """
+        saved, now = checkpoint.get("litune_world_size"), self.trainer.world_size
+        if saved is None or saved == now or getattr(self.trainer.strategy, "reshards_checkpoints", False):
+            return
+        raise ConfigError(
+            "ckpt_path",
+            f"the checkpoint was saved by {saved} processes but this run has {now}; only FSDP2 checkpoints resume on "
+            "another number of processes",
+            f"resume with devices x num_nodes = {saved}, or start a new run from its weights (`litune export "
+            "--checkpoint C --output DIR`, then `--model.network.init_args.pretrained DIR`); train with "
+            "configs/strategy/fsdp2.yaml to change the world size between resumes",
+        )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput:
         return self._eval_step(batch, "val", self.val_ppl)

@@ -97,6 +97,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     """
 
     strategy_name = "litune_fsdp2"
+    reshards_checkpoints = True
+    """DCP checkpoints load onto any world size (LitLM refuses a world-size change under other strategies)."""
 
     def __init__(
         self,
