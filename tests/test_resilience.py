@@ -27,7 +27,7 @@ TOL = 1e-6
 
 def fit_cmd(root: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str, callbacks: list | None = None) -> list[str]:
     """``litune fit`` on the tiny GPT-2 (dropout 0.1 on), accumulation 2, checkpoints every ``EVERY`` steps, a
-    validation every 3 steps, losses recorded per micro-batch into ``root/losses``."""
+    validation at step 0 and every 3 steps, losses recorded per micro-batch into ``root/losses``."""
     cbs = [{"class_path": "resume_testing.StepLosses", "init_args": {"directory": str(root / "losses")}}]
     cbs += callbacks or []
     return [
@@ -37,7 +37,7 @@ def fit_cmd(root: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str, call
         "--data.init_args.batch_size=4", "--global_batch_size=8",
         f"--runs_dir={root / 'runs'}", "--experiment=surv",
         f"--trainer.max_steps={STEPS}", "--trainer.precision=32-true",
-        "--trainer.val_check_interval=6", "--trainer.limit_val_batches=2",
+        "--trainer.val_check_interval=6", "--trainer.limit_val_batches=2", "--validate_before_fit=true",
         f"--checkpoint.every_n_train_steps={EVERY}",
         f"--trainer.callbacks={json.dumps(cbs)}",
         *extra,
@@ -65,10 +65,11 @@ def assert_same_losses(got_dir: Path, want_dir: Path, ranks: int = 1) -> float:
     return worst
 
 
-def metrics_steps(run_dir: Path) -> list[int]:
+def metrics_steps(run_dir: Path, key: str = "train/loss") -> list[int]:
+    """The logged steps of the rows of ``metrics.csv`` that have ``key``."""
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return [int(r["step"]) for r in rows if r.get("train/loss")]
+    return [int(r["step"]) for r in rows if r.get(key)]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,9 @@ def test_sigkill_then_resume_last_continues_exactly(uninterrupted, tmp_path, cor
     print(f"1 process, SIGKILL at step {kill_step}: max |dloss| = {worst:.3g}")
     steps = metrics_steps(the_run(tmp_path))
     assert steps == list(range(STEPS)), steps  # one row per step, no stale tail
+    # The step-0 validation is not repeated by the resumed run, and no validation row is doubled.
+    assert len(metrics_steps(the_run(uninterrupted), "val/loss")) == 4  # at step 0, after steps 3 and 6, at the end
+    assert metrics_steps(the_run(tmp_path), "val/loss") == metrics_steps(the_run(uninterrupted), "val/loss")
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", pytest.param("SIGUSR1", marks=pytest.mark.slow)])
@@ -236,3 +240,20 @@ def test_a_dead_rank_ends_the_run_with_an_error_then_it_resumes(how, tmp_path, c
     run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, *args, "--ckpt_path=last"))
     steps = [json.loads(line)["step"] for line in (tmp_path / "losses" / "losses-rank0.jsonl").open()]
     assert steps[-1] == STEPS and steps.count(5) == 2, "resumed from step 4's checkpoint and finished"
+
+
+@pytest.mark.slow
+def test_without_the_saved_random_states_the_resume_drifts(uninterrupted, tmp_path, corpus_dir, tokenizer_dir) -> None:
+    """The exact-resume test's teeth: the same kill and resume, with the RNG states taken out of the checkpoint."""
+    killer = {"class_path": "resume_testing.SignalAt", "init_args": {"step": 5, "signum": "SIGKILL"}}
+    run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, callbacks=[killer]), expect=None)
+    last = the_run(tmp_path) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert len(ckpt["callbacks"]["ExactResume"]["rng_states"]) == 1
+    ckpt["callbacks"]["ExactResume"]["rng_states"] = []
+    torch.save(ckpt, last)
+    run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, "--ckpt_path=last"))
+    got, want = read_losses(tmp_path / "losses"), read_losses(uninterrupted / "losses")
+    worst = max(abs(got[k] - want[k]) for k in want)
+    print(f"1 process, resumed without RNG states: max |dloss| = {worst:.3g}")
+    assert worst > 100 * TOL, "dropout draws other masks: the losses after the resume differ"

@@ -345,7 +345,10 @@ class LituneCLI(LightningCLI):
         trainer = self.trainer
         if any(getattr(cb, "preempted", False) for cb in trainer.callbacks):
             raise Preempted()  # exit 75 on every rank; checkpoints/last.ckpt holds the step it stopped at
-        if self.start_metrics and getattr(self.model, "_last_val_step", None) != trainer.global_step:
+        # validate_before_fit also asks for a validation at the end; a resumed run (no step-0 validation) does it too,
+        # so an interrupted run logs the same validations as an uninterrupted one.
+        wants_end_validation = self.start_metrics or self._section().validate_before_fit
+        if wants_end_validation and getattr(self.model, "_last_val_step", None) != trainer.global_step:
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         end_metrics = _scalars(trainer.callback_metrics)
         if not trainer.is_global_zero:
