@@ -280,12 +280,6 @@ def test_merge_without_adapters_and_generate_on_a_litune_adapter_folder_say_how(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="main regression (found 14:45, 2026-12-01): a resumed 1-process run ends one data epoch ahead of the "
-    "uninterrupted run and differs from it, with or without adapters (max logit diff 0.39 for full fine-tuning); "
-    "this test passed with adapters before it. Remove this marker when resume is exact again.",
-)
 def test_resume_is_exact(tmp_path, corpus_dir, tokenizer_dir, tiny_gpt2_dir) -> None:
     """``--ckpt_path=last`` from the adapter-only checkpoint continues as an uninterrupted run of ``SECOND`` steps."""
     lora = ("--trainer.devices=1", *lora_args(tiny_gpt2_dir))

@@ -25,7 +25,7 @@ from litune.errors import ConfigError
 
 class Checkpointing(ModelCheckpoint):
     """``ModelCheckpoint`` that saves every ``every_n_train_steps`` steps and every ``every_n_minutes`` minutes, keeps
-    the ``keep_last`` most recent ones, writes ``last.ckpt`` each time, and saves the final step when training ends.
+    the ``keep_last`` most recent ones, writes ``last.ckpt`` each time, and saves the last step (max_steps) or epoch.
 
     Args:
         every_n_train_steps: save every this many optimizer steps (``None``: no step trigger).
@@ -61,9 +61,19 @@ class Checkpointing(ModelCheckpoint):
             if every_n_train_steps is None:
                 self._every_n_epochs = 0  # as ModelCheckpoint does for a time trigger alone
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Save the final step unless it was just saved: a run's end never depends on the cadence dividing it."""
-        super().on_train_end(trainer, pl_module)
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if 0 <= trainer.max_steps <= trainer.global_step:  # the last step: a run's end never depends on the cadence
+            self._save_final(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs >= 0:
+            self._save_final(trainer)
+
+    def _save_final(self, trainer: pl.Trainer) -> None:
+        # Saved where a cadence save would be (not in on_train_end, where Lightning's loop already counts the epoch as
+        # finished: a run resumed from there to a larger max_steps would start the next epoch).
         if self._should_skip_saving_checkpoint(trainer):
             return
         candidates = self._monitor_candidates(trainer)
