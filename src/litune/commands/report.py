@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
 from litune.errors import ConfigError
 
 Series = list[tuple[int, float]]
@@ -174,6 +172,8 @@ def summary_table(runs: list[Run]) -> str:
 def plot(runs: list[Run], keys: list[str], ylabel: str, path: Path) -> bool:
     """Plot ``keys`` of every run against the logged step into ``path``; ``False`` (nothing written) if no run has
     any of them."""
+    from matplotlib.figure import Figure  # here, not at the top: `litune report --help` needs no matplotlib (~1 s)
+
     fig = Figure(figsize=(7, 4.2), dpi=100)  # a Figure with the Agg canvas: no pyplot global state, no display
     ax = fig.add_subplot()
     drew = False
