@@ -119,6 +119,7 @@ def test_preemption_saves_at_the_next_step_and_resumes_exactly(
 STRATEGY_ARGS = {
     "ddp": ("--trainer.devices=2", "--trainer.strategy=ddp"),
     "zero2": ("--trainer.devices=2", "--config", str(REPO / "configs" / "strategy" / "deepspeed_zero2.yaml")),
+    "zero3": ("--trainer.devices=2", "--config", str(REPO / "configs" / "strategy" / "deepspeed_zero3.yaml")),
 }
 
 
@@ -139,7 +140,7 @@ def uninterrupted_2p(tmp_path_factory, corpus_dir, tokenizer_dir):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
 def test_two_processes_sigkill_then_resume_continue_exactly(
     strategy, uninterrupted_2p, tmp_path, corpus_dir, tokenizer_dir
 ) -> None:
