@@ -91,10 +91,13 @@ def test_validate_and_test_evaluate_a_checkpoint_into_its_run_folder(tmp_path, c
     assert main(["fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir)]) == 0
     (run,) = run_dirs(tmp_path)
     ckpt = str(run / "checkpoints" / "last.ckpt")
+    training_config = (run / "config.yaml").read_bytes()
     for subcommand, metric in (("validate", "val/ppl"), ("test", "test/ppl")):
         assert main([subcommand, *tiny_args(tmp_path, corpus_dir, tokenizer_dir), f"--ckpt_path={ckpt}"]) == 0
         header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
         assert metric in header, f"{subcommand} logged {metric} into the run's metrics"
+        assert (run / f"config-{subcommand}.yaml").exists(), f"{subcommand} saved its own config beside the run's"
+    assert (run / "config.yaml").read_bytes() == training_config, "validate/test left the training config as it was"
     assert run_dirs(tmp_path) == [run]
     assert "train/loss" in header, "the training rows are kept"
 

@@ -161,8 +161,11 @@ class RunConfigSaver(SaveConfigCallback):
             config = self.config.clone()
             if "default_root_dir" in config.get("trainer", {}):
                 config.trainer.default_root_dir = None
+            # `validate`/`test` of a run's checkpoint keep the training config.yaml: theirs goes beside it.
+            stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum ("fit", "validate", "test")
+            filename = self.config_filename if stage == "fit" else f"config-{stage}.yaml"
             # Secrets removed, and the config logged to every logger too (litune.callbacks.run_info).
-            log_once(trainer, self.config_filename, yaml.safe_load(self.parser.dump(config, skip_none=False)))
+            log_once(trainer, filename, yaml.safe_load(self.parser.dump(config, skip_none=False)))
             if getattr(pl_module, "tokenizer", None) is not None:
                 save_run_tokenizer(pl_module.tokenizer, run_dir, self.config.model.get("tokenizer"))
 
