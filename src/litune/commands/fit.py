@@ -275,6 +275,7 @@ class LituneCLI(LightningCLI):
         cfg = self._section()
         check_trainer_config(cfg.trainer)  # fp16 on CPU, devices > cores, ...: fail before any process is spawned
         check_compile(cfg)
+        check_adapters_strategy(cfg)
         if self.subcommand is None:
             return
         cfg.runs_dir = runs_root(cfg.runs_dir, cfg.trainer.get("default_root_dir"))
@@ -391,6 +392,17 @@ def _option_names(parser: Any) -> list[str]:
     for action in getattr(parser, "_actions", []):
         names += [o.lstrip("-") for o in action.option_strings if o.startswith("--")]
     return names
+
+
+def check_adapters_strategy(cfg: Namespace) -> None:
+    """Refuse adapters under FSDP2 before any process is spawned (the strategy would refuse them only in setup)."""
+    if not cfg.get("model") or cfg.model.get("adapters") is None:
+        return
+    strategy = cfg.trainer.get("strategy")
+    if "fsdp2" in strategy_name(strategy.as_dict() if hasattr(strategy, "as_dict") else strategy):
+        from litune.strategies.fsdp2 import adapters_unsupported
+
+        raise adapters_unsupported()
 
 
 def check_compile(cfg: Namespace) -> None:

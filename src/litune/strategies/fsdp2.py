@@ -80,6 +80,16 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def adapters_unsupported() -> ConfigError:
+    """The error for adapters under FSDP2: the CLI raises it before spawning, :meth:`FSDP2Strategy.setup` as a guard."""
+    return ConfigError(
+        "model.adapters",
+        "adapters (LoRA/DoRA/QLoRA) are not wired into litune's FSDP2 strategy (adapter-only checkpoints and "
+        "the frozen base's state-dict filtering are tested with DDP and DeepSpeed only)",
+        "use configs/strategy/ddp.yaml or a deepspeed_zero*.yaml fragment with adapters",
+    )
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2) for every litune network, on GPUs (NCCL) and on CPU (gloo).
 
@@ -214,12 +224,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         if network is None:
             raise ConfigError("model", f"{type(module).__name__} has no `network` to shard", "use litune.module.LitLM")
         if getattr(module, "adapters", None) is not None:
-            raise ConfigError(
-                "model.adapters",
-                "adapters (LoRA/DoRA/QLoRA) are not wired into litune's FSDP2 strategy (adapter-only checkpoints and "
-                "the frozen base's state-dict filtering are tested with DDP and DeepSpeed only)",
-                "use configs/strategy/ddp.yaml or a deepspeed_zero*.yaml fragment with adapters",
-            )
+            raise adapters_unsupported()
         # LitLM.configure_model has built any deferred network (sharding it itself when it loads weights shard by
         # shard); the rest are sharded here, before Lightning materializes, converts and moves the module.
         self.shard_network(network)
