@@ -207,3 +207,22 @@ def test_bad_sweep_files_are_refused_naming_the_field(
 def test_tune_rejects_an_unknown_tuner(capsys: pytest.CaptureFixture[str]) -> None:
     assert litune_main(["tune", "momentum", "--config", str(TINY)]) == 2
     assert "unknown tuner 'momentum'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["tune", "lr"], "--config"),
+        (["tune", "lr", "--config", str(TINY), "--trainer.max_stepz=3"], "trainer.max_stepz"),
+        (["tune", "batch-size", "--config", str(TINY), "--trainer.max_stepz=3"], "trainer.max_stepz"),
+        # prepare and estimate parse through the same subcommand-less LightningCLI as the tuners
+        (["estimate", "--config", str(TINY), "--trainer.max_stepz=3"], "trainer.max_stepz"),
+        (["prepare", "--config", str(TINY), "--data.init_args.nope=1"], "data.init_args.nope"),
+    ],
+)
+def test_commands_without_subcommand_parsers_report_bad_keys_as_one_paragraph(
+    capsys: pytest.CaptureFixture[str], argv: list[str], field: str
+) -> None:
+    assert litune_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"litune: configuration error: {field}") and "Fix:" in err and "Traceback" not in err

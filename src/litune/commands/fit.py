@@ -194,14 +194,15 @@ class LituneCLI(LightningCLI):
         jsonargparse would print the whole usage (hundreds of lines) and a nested error tree; the field and the
         closest valid key are what a user needs.
         """
-        parsers = [parser, *getattr(getattr(parser, "_subcommands_action", None), "_name_parser_map", {}).values()]
-        for each in parsers:
+        # run=False (prepare, estimate, tune) builds a parser without subcommands: then it is the only parser.
+        subparsers = getattr(getattr(parser, "_subcommands_action", None), "_name_parser_map", {})
+        for each in [parser, *subparsers.values()]:
             each.exit_on_error = False
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             subcommand = next((a for a in (args or sys.argv[1:]) if a in ("fit", "validate", "test")), None)
-            known = _option_names(parser._subcommands_action._name_parser_map.get(subcommand, parser))
+            known = _option_names(subparsers.get(subcommand, parser))
             raise from_parse_error(str(err), known) from None
 
     def _parse_ckpt_path(self) -> None:

@@ -69,6 +69,7 @@ def tune_lr(argv: list[str]) -> int:
     from litune.tuning.lr_finder import find_lr, write_lr_fragment
 
     args, fit_args = _lr_parser().parse_known_args(argv)
+    split_configs(fit_args)  # a missing --config is named as such, not as the fields it would have given
     result = find_lr(fit_args, min_lr=args.min_lr, max_lr=args.max_lr, num_training=args.num_training)
     lines = [
         f"suggested learning rate: {result.suggestion:.3g}",
@@ -82,11 +83,12 @@ def tune_lr(argv: list[str]) -> int:
     return 0
 
 
-def _run_shape(fit_args: list[str]) -> tuple[bool, int, int | None]:
-    """(on GPU, processes per run, global batch the config asks for) from the parsed config."""
-    from litune.commands.estimate import load_config
-    from litune.strategies.checks import processes_per_node, resolve_accelerator
+def split_configs(fit_args: list[str]) -> tuple[list[str], list[str]]:
+    """``--config`` files and the other ``litune fit`` arguments.
 
+    Raises:
+        ConfigError: no ``--config`` was given.
+    """
     configs = [fit_args[i + 1] for i, a in enumerate(fit_args[:-1]) if a == "--config"]
     configs += [a.split("=", 1)[1] for a in fit_args if a.startswith("--config=")]
     overrides = [
@@ -96,6 +98,15 @@ def _run_shape(fit_args: list[str]) -> tuple[bool, int, int | None]:
     ]
     if not configs:
         raise ConfigError("--config", "no config given", "pass --config X.yaml as for `litune fit`")
+    return configs, overrides
+
+
+def _run_shape(fit_args: list[str]) -> tuple[bool, int, int | None]:
+    """(on GPU, processes per run, global batch the config asks for) from the parsed config."""
+    from litune.commands.estimate import load_config
+    from litune.strategies.checks import processes_per_node, resolve_accelerator
+
+    configs, overrides = split_configs(fit_args)
     cfg = load_config(configs, overrides)
     accelerator = resolve_accelerator(cfg.trainer.accelerator)
     processes = (processes_per_node(cfg.trainer.devices, accelerator) or 1) * int(cfg.trainer.num_nodes or 1)
