@@ -291,13 +291,18 @@ def rescale_batch_progress(checkpoint: dict[str, Any], saved_world_size: int, wo
     if not progress:
         return
     for scope in ("total", "current"):
-        for name, count in progress[scope].items():
-            rows = count * saved_world_size
-            if rows % world_size:
-                raise ConfigError(
-                    "trainer.devices",
-                    f"the checkpoint was saved by {saved_world_size} processes after {count} micro-batches each, "
-                    f"which is not a whole number of micro-batches for {world_size} processes",
-                    f"resume with {saved_world_size} processes, or from a checkpoint at another step",
-                )
-            progress[scope][name] = rows // world_size
+        counters = progress[scope]
+        processed = counters.get("processed", 0)
+        rows = processed * saved_world_size
+        if rows % world_size:
+            raise ConfigError(
+                "trainer.devices",
+                f"the checkpoint was saved by {saved_world_size} processes after {processed} micro-batches each, "
+                f"which is not a whole number of micro-batches for {world_size} processes",
+                f"resume with {saved_world_size} processes, or from a checkpoint at another step",
+            )
+        for name, count in counters.items():
+            # A checkpoint saved at the end of a batch counts that batch as processed but not yet as completed
+            # (Lightning increments `completed` after the batch-end hooks, and its restart logic expects that lag):
+            # the lag is kept as it is, only the whole micro-batches are restated.
+            counters[name] = rows // world_size - (processed - count)
