@@ -149,8 +149,9 @@ class RunConfigSaver(SaveConfigCallback):
     exactly these). Lightning calls it at setup, after ``prepare_data``: a run that fails on its data writes neither.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, subcommand: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, save_to_log_dir=False, **kwargs)
+        self.subcommand = subcommand
 
     def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         if trainer.is_global_zero:
@@ -162,8 +163,9 @@ class RunConfigSaver(SaveConfigCallback):
             if "default_root_dir" in config.get("trainer", {}):
                 config.trainer.default_root_dir = None
             # `validate`/`test` of a run's checkpoint keep the training config.yaml: theirs goes beside it.
-            stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum ("fit", "validate", "test")
-            filename = self.config_filename if stage == "fit" else f"config-{stage}.yaml"
+            # By the CLI's subcommand, not the trainer's stage: `fit --validate_before_fit` validates first.
+            command = self.subcommand or "fit"
+            filename = self.config_filename if command == "fit" else f"config-{command}.yaml"
             # Secrets removed, and the config logged to every logger too (litune.callbacks.run_info).
             log_once(trainer, filename, yaml.safe_load(self.parser.dump(config, skip_none=False)))
             if getattr(pl_module, "tokenizer", None) is not None:
@@ -279,6 +281,7 @@ class LituneCLI(LightningCLI):
         check_adapters_strategy(cfg)
         if self.subcommand is None:
             return
+        self.save_config_kwargs = {**self.save_config_kwargs, "subcommand": self.subcommand}
         cfg.runs_dir = runs_root(cfg.runs_dir, cfg.trainer.get("default_root_dir"))
         run_dir, ckpt_path = resolve_run_dir(cfg.runs_dir, cfg.experiment, cfg.get("ckpt_path"))
         if "ckpt_path" in cfg:
