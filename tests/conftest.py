@@ -74,3 +74,19 @@ def tiny_gpt2_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     GPT2LMHeadModel(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, tokenizer_dir: Path) -> Path:
+    """The 1-process reference run that the strategy, export and FSDP2 tests compare against (run once)."""
+    from litune_testing import reference_run
+
+    return reference_run(tmp_path_factory.getbasetemp(), corpus_dir, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def resumed_reference(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, tokenizer_dir: Path) -> Path:
+    """The reference run resumed from its first leg (see :func:`litune_testing.reference_run`)."""
+    from litune_testing import reference_run
+
+    return reference_run(tmp_path_factory.getbasetemp(), corpus_dir, tokenizer_dir, resumed=True)

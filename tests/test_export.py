@@ -15,12 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from litune.cli import main
 from litune.commands.export import export
 from litune.errors import ConfigError
-from litune_testing import probe, probe_input_ids, reference_run, the_run
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
-    return reference_run(tmp_path_factory.getbasetemp(), corpus_dir, tokenizer_dir)
+from litune_testing import probe, probe_input_ids, the_run
 
 
 def probe_logits(folder: Path) -> torch.Tensor:

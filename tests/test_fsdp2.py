@@ -30,7 +30,6 @@ from litune_testing import (
     litune_env,
     probe,
     probe_input_ids,
-    reference_run,
     run_litune,
     the_run,
 )
@@ -43,16 +42,6 @@ def fsdp2_args(fragment: str = "fsdp2", devices: int = 2, *extra: str) -> tuple[
         "--config", str(FRAGMENTS / f"{fragment}.yaml"), f"--trainer.devices={devices}",
         "--model.network.init_args.gradient_checkpointing=true", *extra,
     )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
-    return reference_run(tmp_path_factory.getbasetemp(), corpus_dir, tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def resumed_reference(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
-    return reference_run(tmp_path_factory.getbasetemp(), corpus_dir, tokenizer_dir, resumed=True)
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,6 @@ from litune_testing import (
     litune_env,
     probe,
     probe_input_ids,
-    reference_run,
     run_litune,
     the_run,
 )
@@ -49,16 +48,6 @@ SHAPES = {
     "deepspeed_zero2_offload": StrategyShape(stage=2, deepspeed=True, offload_optimizer=True),
     "deepspeed_zero3_offload": StrategyShape(stage=3, deepspeed=True, offload_optimizer=True, offload_params=True),
 }
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
-    return reference_run(tmp_path_factory.getbasetemp(), corpus_dir, tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def resumed_reference(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
-    return reference_run(tmp_path_factory.getbasetemp(), corpus_dir, tokenizer_dir, resumed=True)
 
 
 def strategy_args(strategy: str) -> tuple[str, ...]:
