@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from litune.commands import report
-    from litune.commands.tune import _run_shape
+    from litune.commands.tune import launch_shape
     from litune.tuning.sweep import Sweep, load_spec
 
     if not argv or any(a in ("-h", "--help") for a in argv):
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--sweep", "no sweep file given", "add --sweep sweep.yaml")
     args, fit_args = build_parser().parse_known_args(argv)
     spec = load_spec(args.sweep)
-    on_gpu, _, _ = _run_shape(fit_args)  # also rejects a bad config before any trial starts
+    on_gpu, _, _ = launch_shape(fit_args)  # also rejects a bad config before any trial starts
     folder = args.sweep_dir or Path("runs") / f"sweep-{args.sweep.stem}"
     saved = folder / "sweep.yaml"
     if saved.exists() and saved.read_text() != args.sweep.read_text():

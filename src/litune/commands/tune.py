@@ -101,7 +101,7 @@ def split_configs(fit_args: list[str]) -> tuple[list[str], list[str]]:
     return configs, overrides
 
 
-def _run_shape(fit_args: list[str]) -> tuple[bool, int, int | None]:
+def launch_shape(fit_args: list[str]) -> tuple[bool, int, int | None]:
     """(on GPU, processes per run, global batch the config asks for) from the parsed config."""
     from litune.commands.estimate import load_config
     from litune.strategies.checks import processes_per_node, resolve_accelerator
@@ -122,7 +122,7 @@ def tune_batch_size(argv: list[str]) -> int:
     from litune.tuning.batch_size import find_largest, run_probe, split_global_batch
 
     args, fit_args = _batch_parser().parse_known_args(argv)
-    on_gpu, processes, config_global = _run_shape(fit_args)
+    on_gpu, processes, config_global = launch_shape(fit_args)
     budget = args.max_memory_gib
     if budget is None and not on_gpu:
         per_node = processes  # an upper bound: every process of the run may be on this node
