@@ -64,6 +64,7 @@ class Setup:
     weight_decay: float = 0.1
     seed: int = 0
     threads: str = "1"
+    log_every: int = 50  # Lightning's default log_every_n_steps; every side reads its loss on these steps only
     runs: list[dict] = field(default_factory=list)
 
 
@@ -149,7 +150,9 @@ def litune_config(setup: Setup, size: Size, model: Path, steps: int, extra: dict
             "precision": setup.precision,
             "max_steps": steps,
             "limit_val_batches": 0,
-            "log_every_n_steps": 1,  # every side records every step's loss (the loop calls loss.item() each step)
+            # Every side reads the loss on the same steps (the loop calls loss.item() there, as a hand-written loop
+            # that prints it does): no side pays a per-step logging cost the others skip.
+            "log_every_n_steps": setup.log_every,
             **((extra or {}).get("trainer") or {}),
         },
     }
@@ -159,7 +162,7 @@ def run_side(setup: Setup, side: str, size: Size, steps: int, options: dict | No
     """Run one whole process of ``side`` (``litune``, ``loop`` or ``trainer``) for ``steps`` steps.
 
     Returns:
-        ``{"side", "steps", "seconds" (wall time from outside), "losses" (per step)}``.
+        ``{"side", "steps", "seconds" (wall time from outside), "losses" ([step, loss] on the logged steps)}``.
     """
     options = options or {}
     tag = f"{side}-{size.name}-{steps}-{len(setup.runs)}"
@@ -178,7 +181,7 @@ def run_side(setup: Setup, side: str, size: Size, steps: int, options: dict | No
             "block_size": size.block, "batch_size": size.batch, "steps": steps, "lr": setup.lr,
             "weight_decay": setup.weight_decay, "seed": setup.seed, "precision": setup.precision,
             "device": setup.device, "compile": bool(options.get("compile")), "out_dir": str(out),
-            "losses": str(out / "losses.json"),
+            "losses": str(out / "losses.json"), "log_every": setup.log_every,
         }  # fmt: skip
         (out / "spec.json").write_text(json.dumps(spec))
         cmd = [sys.executable, str(WORKER), side, str(out / "spec.json")]
@@ -193,13 +196,14 @@ def run_side(setup: Setup, side: str, size: Size, steps: int, options: dict | No
     return record
 
 
-def _litune_losses(out: Path) -> list[float]:
+def _litune_losses(out: Path) -> list[list[float]]:
+    """``[step, loss]`` of every logged step (0-based optimizer step, as the baselines count)."""
     import csv
 
     (metrics,) = out.glob("*/metrics.csv")
     with metrics.open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
-    return [float(r["train/loss"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
+    return sorted([int(r["step"]), float(r["train/loss"])] for r in rows)
 
 
 @dataclass
@@ -211,7 +215,7 @@ class Timing:
     startup_s: float
     tokens_per_s: float
     per_step_rounds: list[float]
-    losses: list[float]
+    losses: list[list[float]]
 
 
 def interleaved(
@@ -250,10 +254,10 @@ def interleaved(
     }
 
 
-def max_loss_difference(a: list[float], b: list[float]) -> float:
-    """Largest per-step loss difference over the steps both runs logged."""
-    n = min(len(a), len(b))
-    return max((abs(x - y) for x, y in zip(a[:n], b[:n], strict=True)), default=float("nan"))
+def max_loss_difference(a: list[list[float]], b: list[list[float]]) -> float:
+    """Largest loss difference over the steps both runs logged (``[step, loss]`` lists)."""
+    other = {int(step): loss for step, loss in b}
+    return max((abs(loss - other[int(step)]) for step, loss in a if int(step) in other), default=float("nan"))
 
 
 def write_json(path: Path | None, payload: dict) -> None:

@@ -40,8 +40,13 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def run_loop(spec: dict) -> list[float]:
-    """The loop a user writes by hand: AdamW, autocast in bf16-mixed, ``loss.item()`` every step (to log it)."""
+def run_loop(spec: dict) -> list[list[float]]:
+    """The loop a careful user writes by hand: AdamW, autocast in bf16-mixed, ``set_epoch`` on the distributed sampler
+    at every epoch (as Lightning does), and ``loss.item()`` only on the logged steps (a host sync on a GPU).
+
+    Returns:
+        ``[step, loss]`` of every ``log_every``-th step (0-based step indices, as litune's logged ``step``).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -55,9 +60,11 @@ def run_loop(spec: dict) -> list[float]:
     bf16 = spec["precision"] == "bf16-mixed"
     dm = _datamodule(spec)
     loader = dm.train_dataloader()
-    losses: list[float] = []
-    step = 0
+    every = spec["log_every"]
+    losses: list[list[float]] = []
+    step, epoch = 0, 0
     while step < spec["steps"]:
+        loader.sampler.set_epoch(epoch)
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -65,14 +72,16 @@ def run_loop(spec: dict) -> list[float]:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            if (step + 1) % every == 0:
+                losses.append([step, loss.item()])
             step += 1
             if step == spec["steps"]:
                 break
+        epoch += 1
     return losses
 
 
-def run_trainer(spec: dict) -> list[float]:
+def run_trainer(spec: dict) -> list[list[float]]:
     """``transformers.Trainer`` with the same model, batches, optimizer settings and steps; its defaults otherwise."""
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
@@ -80,12 +89,12 @@ def run_trainer(spec: dict) -> list[float]:
     torch.manual_seed(spec["seed"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
     dm = _datamodule(spec)
-    losses: list[float] = []
+    losses: list[list[float]] = []
 
     class KeepLosses(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+            if logs and "loss" in logs:  # the mean loss since the last log, at 0-based step global_step - 1
+                losses.append([state.global_step - 1, float(logs["loss"])])
 
     args = TrainingArguments(
         output_dir=spec["out_dir"],
@@ -96,7 +105,7 @@ def run_trainer(spec: dict) -> list[float]:
         lr_scheduler_type="constant",
         warmup_steps=0,
         max_grad_norm=0.0,  # litune and the loop do not clip either
-        logging_steps=1,  # as the other two sides: the loss of every step
+        logging_steps=spec["log_every"],  # as the other two sides
         save_strategy="no",
         report_to=[],
         bf16=spec["precision"] == "bf16-mixed",

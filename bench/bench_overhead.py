@@ -2,13 +2,14 @@
 
 Every side trains the same saved GPT-2-architecture weights on the same batches (litune's ``TextDataModule``: same
 tokens, same collation), with the same AdamW settings, constant learning rate, precision, no dropout and no gradient
-clipping, and records the loss of every step (the loop calls ``loss.item()`` each step, litune logs with
-``log_every_n_steps=1``, the Trainer with ``logging_steps=1``). Each side is a whole process timed from outside, at
-``n1`` and ``n2`` steps, interleaved over rounds (see ``_harness.py``). The loop and litune see the same batches in the
-same order, so their per-step losses must agree to float noise; the Trainer shuffles with its own sampler, so only its
-final loss is comparable.
+clipping, and reads the loss on the same steps, every ``--log-every`` (Lightning's default 50: the loop calls
+``loss.item()`` there, litune logs with ``log_every_n_steps``, the Trainer with ``logging_steps``). Each side is a
+whole process timed from outside, at ``n1`` and ``n2`` steps, interleaved over rounds (see ``_harness.py``). The loop
+and litune see the same batches in the same order, so their logged losses must agree to float noise; the Trainer
+shuffles with its own sampler (and logs the mean since its last log), so only its final loss is comparable.
 
     python bench/bench_overhead.py                                  # tiny and small sizes, 3 rounds, CPU
+    python bench/bench_overhead.py --sizes tiny --steps 50 650 --rounds 5   # framework overhead, steady state
     python bench/bench_overhead.py --quick                          # < 1 minute: tiny size, 1 round, few steps
     python bench/bench_overhead.py --sizes gpt2 --device cuda --precision bf16-mixed --compile
     python bench/bench_overhead.py --json bench-results/overhead.json
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", nargs=2, type=int, default=[10, 40], metavar=("N1", "N2"))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--log-every", type=int, default=50, help="Every side reads its loss every this many steps.")
     parser.add_argument("--compile", action="store_true", help="Also time every side with torch.compile.")
     parser.add_argument("--compile-sides", nargs="+", default=None, help="Sides timed with --compile (default: all).")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -45,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="Tiny size, 1 round, 2 and 6 steps: checks the script.")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.rounds, args.steps = ["tiny"], 1, [2, 6]
+        args.sizes, args.rounds, args.steps, args.log_every = ["tiny"], 1, [2, 6], 1
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
     return args
 
@@ -65,7 +67,7 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
     """A Markdown table: one row per size and side, ratios against the plain loop measured in the same run."""
     lines = [
         f"{args.device}, {args.precision}, OMP_NUM_THREADS={args.threads}, steps {args.steps[0]} and "
-        f"{args.steps[1]}, {args.rounds} interleaved rounds, medians",
+        f"{args.steps[1]}, loss read every {args.log_every} steps, {args.rounds} interleaved rounds, medians",
         "",
         "| size | side | tokens/s | vs loop | vs Trainer | MFU | ms/step | start-up s | max loss diff vs loop "
         "| final loss |",
@@ -78,7 +80,7 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
             vs_trainer = f"{t.tokens_per_s / trainer.tokens_per_s:.3f}" if trainer else "-"
             same_batches = loop and not label.startswith("trainer")
             diff = f"{max_loss_difference(t.losses, loop.losses):.1e}" if same_batches else "-"
-            final = f"{t.losses[-1]:.4f}" if t.losses else "-"
+            final = f"{t.losses[-1][1]:.4f}" if t.losses else "-"
             flops = SIZES[size].flops_per_token() * t.tokens_per_s
             mfu = f"{flops / args.peak_flops:.1%}" if args.peak_flops else "-"
             lines.append(
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         corpus, tokenizer = prepare(work, max_bytes=300_000 if args.quick else 1_000_000)
         setup = Setup(work=work, corpus=corpus, tokenizer=tokenizer, precision=args.precision, device=args.device)
-        setup.threads = args.threads
+        setup.threads, setup.log_every = args.threads, args.log_every
         results = {}
         for name in args.sizes:
             results[name] = interleaved(setup, sides_for(args), SIZES[name], *args.steps, rounds=args.rounds)

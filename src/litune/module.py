@@ -63,6 +63,18 @@ def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def host_to_device(value: int, device: torch.device) -> torch.Tensor:
+    """A 0-d int64 tensor of a host count on ``device``, without making the host wait for the device's queue.
+
+    ``torch.tensor(value, device="cuda")`` copies from pageable memory and synchronizes the stream; a copy from pinned
+    memory with ``non_blocking=True`` is queued like any kernel.
+    """
+    tensor = torch.tensor(value, dtype=torch.long)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1)
 
@@ -107,7 +119,6 @@ class LitLM(L.LightningModule):
             raise ConfigError("model.nonfinite", f"{nonfinite!r} is not one of skip, stop", "use skip or stop")
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient; kept in checkpoints
-        self._loss_finite = True
         with warnings.catch_warnings():
             # Outside the CLI (load_from_checkpoint, Python use) the network arrives built; it is dropped just below.
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
@@ -152,7 +163,22 @@ class LitLM(L.LightningModule):
         self._step_targets = torch.zeros((), dtype=torch.long)
         self._window_loss: torch.Tensor | float = 0.0
         self._window_targets: torch.Tensor | int = 0
+        self._step_loss: torch.Tensor | float = 0.0  # this rank's summed loss of the last finished step
+        self._window_checked = False  # whether this fit's token count was checked against the network's
         self._estimated_warned = False
+
+    @property
+    def tokens_seen(self) -> int:
+        """Target tokens of all optimizer steps so far, over all ranks (reading it waits for the device)."""
+        if self._tokens_pending is not None:
+            # Step counts pile up on the device between reads: reading one every step would stall a GPU's queue.
+            self._tokens_seen += int(self._tokens_pending)
+            self._tokens_pending = None
+        return self._tokens_seen
+
+    @tokens_seen.setter
+    def tokens_seen(self, value: int) -> None:
+        self._tokens_seen, self._tokens_pending = int(value), None
 
     def _check_optimizer(self) -> None:
         """Build the optimizer once on a probe parameter, so a bad learning rate fails now, not after spawning."""
@@ -185,6 +211,7 @@ class LitLM(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._window = None
+        self._window_checked = False
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One micro-batch's share of the step objective ``sum of token losses / N`` (see :mod:`litune.objective`)."""
@@ -218,29 +245,36 @@ class LitLM(L.LightningModule):
                 warnings.warn(
                     "the step's target tokens are estimated: batches do not come from LitLM's look-ahead", stacklevel=2
                 )
-        count = torch.tensor(local, dtype=torch.long, device=self.device)
-        self._step_targets = trainer.strategy.reduce(count, reduce_op="sum")
+        self._step_targets = trainer.strategy.reduce(host_to_device(local, self.device), reduce_op="sum")
         self._window = (trainer.current_epoch, batch_idx, batch_idx + length)
         self._window_loss, self._window_targets = 0.0, 0
 
     def _end_window(self) -> None:
-        """Log the step's token-weighted loss over all micro-batches and ranks, and count its tokens."""
+        """Count the step's tokens; on logging steps, log its token-weighted loss over all micro-batches and ranks.
+
+        Nothing here waits for the device on other steps: the token count stays a device tensor until read, and the
+        loss is checked for NaN/Inf together with the gradients, in the one host sync of :meth:`_step_is_finite`.
+        """
+        pending = self._tokens_pending
+        self._tokens_pending = self._step_targets if pending is None else pending + self._step_targets
+        self._step_loss = self._window_loss
+        if self._window_checked and not self.trainer._logger_connector.should_update_logs:
+            # Each self.log costs about a millisecond of Lightning bookkeeping (a tiny model's step is ~10 ms) and
+            # loggers and the progress bar only read the values every log_every_n_steps: log on those steps only, as
+            # Lightning's own LearningRateMonitor does.
+            return
         local = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
                              for v in (self._window_loss, self._window_targets)])  # fmt: skip
         loss_sum, targets = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
-        if int(targets) != int(self._step_targets):
+        if int(targets) != int(self._step_targets):  # checked at the first step of a fit and at every logging step
             raise RuntimeError(
                 f"the network trained on {int(targets)} target tokens in this step but {int(self._step_targets)} were "
                 "counted ahead: its targets_from_labels does not match how its forward turns labels into targets"
             )
-        self.tokens_seen += int(targets)
-        loss = loss_sum / max(targets, 1)
-        self._loss_finite = math.isfinite(loss)  # the same on every rank: the sum was all-reduced
+        self._window_checked = True
         if not self.trainer._logger_connector.should_update_logs:
-            # Each self.log costs about a millisecond of Lightning bookkeeping (a tiny model's step is ~10 ms) and
-            # loggers and the progress bar only read the values every log_every_n_steps: log on those steps only, as
-            # Lightning's own LearningRateMonitor does. tokens_seen above stays exact on every step.
             return
+        loss = loss_sum / max(targets, 1)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/ppl", math.exp(min(loss, 80.0)), on_step=True, on_epoch=False)
         # float64: self.log would make a Python float float32, which cannot count tokens exactly past 2**24.
@@ -278,10 +312,11 @@ class LitLM(L.LightningModule):
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def _step_is_finite(self) -> bool:
-        """Whether the step's loss and gradient norm are finite on every rank (one scalar all-reduce)."""
-        bad = torch.zeros((), device=self.device)
-        if not self._loss_finite:
-            bad += 1
+        """Whether the step's loss and gradient norm are finite on every rank (one scalar all-reduce).
+
+        The one host sync of a training step: whether to call ``optimizer.step`` is decided on the host.
+        """
+        bad = (~torch.isfinite(torch.as_tensor(self._step_loss, device=self.device))).float()
         # Under fp16 AMP, inf gradients are the GradScaler's business (it skips those steps and lowers the scale).
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads and str(self.trainer.precision) not in ("16-mixed", "16"):
