@@ -146,9 +146,7 @@ def tune_batch_size(argv: list[str]) -> int:
         )
         return result
 
-    largest, _ = find_largest(
-        probe, start=args.start, max_batch_size=args.max_batch_size, precision=args.precision
-    )
+    largest, _ = find_largest(probe, start=args.start, max_batch_size=args.max_batch_size, precision=args.precision)
     if largest == 0:
         raise ConfigError(
             "--max-memory-gib",
