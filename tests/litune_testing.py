@@ -297,3 +297,66 @@ class NaNAtStep(HFCausalLM):
         if self._forwards == self.nan_at and self.nan_rank in (None, rank):
             return causal_lm_output(out.logits * float("nan"), labels)
         return out
+
+
+class HostReads(Callback):
+    """Count, per optimizer step, the tensor values the training step reads back to the host (``item``, ``tolist``,
+    ``int()``, ``float()``, ``bool()``...): on a GPU each one makes the host wait for the device's queue.
+
+    A ``TorchFunctionMode`` sees every such call from the first micro-batch's ``on_train_batch_start`` to the last
+    one's ``on_train_batch_end`` (put this callback last). Writes ``{global_step: [calls]}`` to
+    ``<directory>/reads.json`` on rank 0, each call as ``name package/file.py:function`` of the code that asked for it.
+    """
+
+    READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "__len__"}
+
+    def __init__(self, directory: str) -> None:
+        from torch.overrides import TorchFunctionMode
+
+        self.directory = Path(directory)
+        self.reads: dict[int, list[str]] = {}
+        callback = self
+
+        class Reads(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                name = getattr(func, "__name__", "")
+                if name in HostReads.READS and args and isinstance(args[0], torch.Tensor) and args[0].numel() == 1:
+                    callback.reads.setdefault(callback.step, []).append(f"{name} {_caller()}")
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Reads()
+        self.step = 0
+        self.active = False
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
+        if not self.active:
+            self.step, self.active = trainer.global_step, True
+            self.reads.setdefault(self.step, [])
+            self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
+        if self.active and trainer.global_step != self.step:  # the optimizer stepped: the step is over
+            self.mode.__exit__(None, None, None)
+            self.active = False
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.active:
+            self.mode.__exit__(None, None, None)
+            self.active = False
+        if trainer.is_global_zero:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / "reads.json").write_text(json.dumps(self.reads))
+
+
+def _caller() -> str:
+    """``package/path.py:function`` of the innermost frame outside torch (or in ``torch.optim``, whose optimizers
+    read their host-side step counters): who asked for a host read."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if "/torch/" not in frame.filename or "/torch/optim/" in frame.filename:
+            path = frame.filename
+            for root in ("site-packages/", "/src/", "/tests/"):
+                path = path.split(root)[-1]
+            return f"{path}:{frame.name}"
+    return "?"

@@ -275,7 +275,8 @@ class LitLM(L.LightningModule):
         if not self.trainer._logger_connector.should_update_logs:
             return
         loss = loss_sum / max(targets, 1)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        # Shown by litune's progress bar, which reads it once per log (Lightning's prog_bar=True reads every batch).
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
         self.log("train/ppl", math.exp(min(loss, 80.0)), on_step=True, on_epoch=False)
         # float64: self.log would make a Python float float32, which cannot count tokens exactly past 2**24.
         tokens_seen = torch.tensor(float(self.tokens_seen), dtype=torch.float64, device=self.device)

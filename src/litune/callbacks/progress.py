@@ -2,6 +2,10 @@
 
 A redrawn bar written to a file becomes thousands of carriage-return fragments; a job log wants one readable line
 every N steps with the step, the metrics shown in the bar (loss, tokens/s), elapsed time and ETA.
+
+The training loss and tokens/s are logged without Lightning's ``prog_bar=True``: Lightning turns every progress-bar
+metric into a Python number at the end of *every* batch (``.item()``, which waits for a GPU), although they change
+only on logging steps. The bar reads them here instead, once per new logged value.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class LituneProgressBar(TQDMProgressBar):
         # refresh_rate=0 disables the tqdm bars themselves; the lines below are printed instead.
         super().__init__(refresh_rate=0 if self.plain else refresh_rate)
         self._line_enabled = True
+        self._shown: dict[str, tuple[Any, float]] = {}  # key -> (logged tensor, its value), read once per log
 
     def disable(self) -> None:
         super().disable()
@@ -78,6 +83,19 @@ class LituneProgressBar(TQDMProgressBar):
         if self.plain and self._line_enabled and not trainer.sanity_checking and hasattr(self, "_t0"):
             self._line(trainer, pl_module, prefix="validation ")
 
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Lightning's progress-bar metrics, plus the step metrics of :func:`step_metrics_shown`."""
+        metrics = super().get_metrics(trainer, pl_module)
+        logged = trainer.callback_metrics
+        for key in step_metrics_shown(trainer):
+            value = logged.get(key)
+            if value is None:
+                continue
+            if key not in self._shown or self._shown[key][0] is not value:  # a new value was logged: read it once
+                self._shown[key] = (value, float(value))
+            metrics[key] = self._shown[key][1]
+        return metrics
+
     def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str = "") -> None:
         step, total = trainer.global_step, trainer.estimated_stepping_batches
         elapsed = time.perf_counter() - self._t0
@@ -90,3 +108,13 @@ class LituneProgressBar(TQDMProgressBar):
         if done > 0 and total != float("inf"):
             parts.append(f"eta {_clock(elapsed / done * (total - step))}")
         print(" | ".join(parts), flush=True)
+
+
+def step_metrics_shown(trainer: pl.Trainer) -> list[str]:
+    """The training metrics the bar shows: the loss, and tokens/s when a ``ThroughputMonitor(prog_bar=True)`` runs."""
+    from litune.callbacks.throughput import ThroughputMonitor
+
+    keys = ["train/loss"]
+    if any(isinstance(c, ThroughputMonitor) and c.prog_bar for c in trainer.callbacks):  # type: ignore[attr-defined]
+        keys.append("perf/tokens_per_sec")
+    return keys

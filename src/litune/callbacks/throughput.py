@@ -90,7 +90,7 @@ class ThroughputMonitor(Callback):
     Args:
         peak_flops: dense peak FLOP/s of one device, overriding the table in :mod:`litune.tracking.peaks`
             (for accelerators it does not list).
-        prog_bar: show tokens/s in the progress bar.
+        prog_bar: show tokens/s in litune's progress bar (:class:`~litune.callbacks.LituneProgressBar`).
     """
 
     def __init__(self, peak_flops: float | None = None, prog_bar: bool = True) -> None:
@@ -144,7 +144,7 @@ class ThroughputMonitor(Callback):
         self._window_steps += trainer.global_step - self._last_step
         self._last_step = trainer.global_step
         if trainer.global_step % trainer.log_every_n_steps == 0:
-            log_exact(pl_module, self._compute(trainer), prog_bar=("perf/tokens_per_sec",) if self.prog_bar else ())
+            log_exact(pl_module, self._compute(trainer))
 
     def _compute(self, trainer: pl.Trainer) -> dict[str, float]:
         if trainer.strategy.root_device.type == "cuda":
@@ -184,12 +184,12 @@ class ThroughputMonitor(Callback):
         self.elapsed_s = float(state_dict["elapsed_s"])
 
 
-def log_exact(pl_module: pl.LightningModule, metrics: dict[str, float], prog_bar: tuple[str, ...] = ()) -> None:
+def log_exact(pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
     """Log step metrics as float64: ``self.log`` would store Python floats as float32, which cannot count tokens
-    exactly past 2**24 (16.7M)."""
+    exactly past 2**24 (16.7M). Not in Lightning's progress bar (see :mod:`litune.callbacks.progress`)."""
     for key, value in metrics.items():
         tensor = torch.tensor(value, dtype=torch.float64, device=pl_module.device)
-        pl_module.log(key, tensor, prog_bar=key in prog_bar, on_step=True, on_epoch=False)
+        pl_module.log(key, tensor, on_step=True, on_epoch=False)
 
 
 def _network(pl_module: pl.LightningModule) -> torch.nn.Module:

@@ -1,0 +1,48 @@
+"""A training step reads one value back to the host: whether to step the optimizer (``model.nonfinite``).
+
+On a GPU every read (``.item()``, ``float(t)``, ``.tolist()``) makes the host wait until the device has run everything
+queued, so the next step's kernels cannot be queued behind the current ones. litune keeps the step's token count and
+loss on the device between logging steps and joins the loss's NaN check to the gradients' (one all-reduce, one read).
+Counted here on CPU with a ``TorchFunctionMode`` over whole optimizer steps of a real ``litune fit`` (accumulation 2,
+with litune's default callbacks); logging steps and the first step (which checks the network's target count once)
+read more, by design.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from litune.cli import main
+from litune_testing import fit_args
+
+STEPS, LOG_EVERY = 7, 3
+FRAMEWORK = ("litune/", "lightning/")  # where the reads counted come from
+HOST_BATCH_COUNT = "__int__ litune/objective.py:count"
+SKIP_DECISION = "__float__ litune/module.py:_step_is_finite"
+
+
+def test_steps_between_logging_steps_read_one_value_to_the_host(tmp_path: Path, corpus_dir, tokenizer_dir) -> None:
+    args = fit_args(tmp_path, corpus_dir, tokenizer_dir, steps=STEPS)
+    callbacks = json.loads(args[args.index(next(a for a in args if a.startswith("--trainer.callbacks=")))][20:])
+    callbacks.append({"class_path": "litune_testing.HostReads", "init_args": {"directory": str(tmp_path / "reads")}})
+    args = [a for a in args if not a.startswith("--trainer.callbacks=")]
+    args += [f"--trainer.callbacks={json.dumps(callbacks)}", f"--trainer.log_every_n_steps={LOG_EVERY}"]
+    try:
+        assert main(["fit", *args]) == 0
+    finally:
+        os.environ.pop("LITUNE_RUN_DIR", None)
+    reads = {int(step): calls for step, calls in json.loads((tmp_path / "reads" / "reads.json").read_text()).items()}
+    assert sorted(reads) == list(range(STEPS))
+    quiet = [step for step in range(1, STEPS) if (step + 1) % LOG_EVERY != 0]
+    assert quiet == [1, 3, 4, 6]
+    for step in quiet:
+        # Reads asked for by litune and Lightning (those inside transformers' model and torch.optim's step counters
+        # happen in a hand-written loop too; the test's own probe callback is not counted). The look-ahead counts the
+        # targets of host batches, before they move to the device. The one read of a device value: the skip decision.
+        ours = [call for call in reads[step] if call.split()[1].startswith(FRAMEWORK)]
+        assert [call for call in ours if call != HOST_BATCH_COUNT] == [SKIP_DECISION], (step, reads[step])
+    logging = [step for step in range(STEPS) if step not in quiet]
+    for step in logging:  # teeth: the counter sees the reads of the logging steps (loss, token count, metrics)
+        assert sum(call.split()[1].startswith("litune/module.py") for call in reads[step]) > 1, (step, reads[step])
