@@ -213,6 +213,17 @@ class LitLM(L.LightningModule):
         self._window = None
         self._window_checked = False
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Drop an all-ones ``attention_mask`` while the batch is still on the host, where reading it is free.
+
+        No padding means no mask for every network family; without one, attention takes SDPA's ``is_causal`` path with
+        no data-dependent check on the device (a host sync on a GPU, a graph break under torch.compile).
+        """
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        if isinstance(mask, torch.Tensor) and mask.device.type == "cpu" and bool(mask.all()):
+            batch = {key: value for key, value in batch.items() if key != "attention_mask"}
+        return batch
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One micro-batch's share of the step objective ``sum of token losses / N`` (see :mod:`litune.objective`)."""
         batch = dict(batch)

@@ -218,7 +218,8 @@ class Seq2SeqLM(TransformerLM):
             memory ``[B, S, d_model]`` and the key-padding mask for cross-attention (bool ``[B, 1, 1, S]`` or None).
         """
         memory_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        # Under torch.compile the mask is kept as given: reading the data would break the graph.
+        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
             memory_mask = attention_mask.bool()[:, None, None, :]
         x = self._embed(input_ids)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -258,7 +259,7 @@ class Seq2SeqLM(TransformerLM):
         """:meth:`decode` without the output layer: the final hidden states ``[B, T, d_model]`` and the cache."""
         past_len = past[0][0][0].size(2) if past else 0
         x = self._embed(decoder_input_ids, offset=past_len)
-        self_mask = attention_mask(x.size(1), past_len, decoder_padding_mask, None, causal=True)
+        self_mask = attention_mask(x.size(1), past_len, decoder_padding_mask, None, causal=True, device=x.device)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         cache: DecoderCache = []
         for i, block in enumerate(self.decoder.h):
@@ -297,7 +298,7 @@ class Seq2SeqLM(TransformerLM):
                 raise ConfigError("batch", "a seq2seq forward needs labels or decoder_input_ids", "add 'labels'")
             decoder_input_ids = self.shift_right(labels)
         decoder_padding = None
-        if labels is not None and bool((labels == IGNORE_INDEX).any()):
+        if labels is not None and (torch.compiler.is_compiling() or bool((labels == IGNORE_INDEX).any())):
             # Padding keys: the shifted position of every ignored label (causality already hides the trailing ones;
             # this also masks padding inside a row).
             decoder_padding = F.pad(labels[:, :-1] != IGNORE_INDEX, (1, 0), value=True)

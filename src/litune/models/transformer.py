@@ -133,6 +133,7 @@ def attention_mask(
     padding_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     causal: bool,
+    device: torch.device | None = None,
 ) -> torch.Tensor | None:
     """The boolean mask for :func:`F.scaled_dot_product_attention` (True: may attend), or None when none is needed.
 
@@ -143,15 +144,25 @@ def attention_mask(
         position_ids: ``[batch, q_len]``; where they restart at 0 a new document begins (packed batches) and no token
             attends across documents. Only used without a cache (documents span the whole sequence).
         causal: forbid attending to later positions.
+        device: where to build the mask when neither tensor is given.
 
     Returns:
         ``[batch or 1, 1, q_len, past_len + q_len]`` bool, or None when plain ``is_causal`` (or nothing) suffices.
     """
     k_len = past_len + q_len
-    packed = position_ids is not None and past_len == 0 and bool((position_ids[:, 1:] == 0).any())
+    # Whether documents restart inside a row is read from the data, except under torch.compile, where reading it would
+    # break the graph (and make the host wait for the device): there the document mask is built, right for any batch.
+    packed = (
+        position_ids is not None
+        and past_len == 0
+        and (torch.compiler.is_compiling() or bool((position_ids[:, 1:] == 0).any()))
+    )
     if padding_mask is None and not packed and (not causal or past_len == 0 or q_len == 1):
         return None  # SDPA's is_causal suffices (no cache), or one new query attends to the whole cache
-    device = padding_mask.device if padding_mask is not None else position_ids.device
+    if padding_mask is not None:
+        device = padding_mask.device
+    elif position_ids is not None:
+        device = position_ids.device
     mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
     if causal:
         q_pos = torch.arange(past_len, k_len, device=device)[:, None]
@@ -395,11 +406,12 @@ class DecoderLM(TransformerLM):
         _, T = input_ids.shape
         past_len = past_key_values[0][0].size(2) if past_key_values else 0
         check_length(past_len + T, self.max_seq_len)
+        # Only positions given with the batch can mark packed documents; generated ones are one document.
+        mask = attention_mask_for_batch(T, past_len, attention_mask, position_ids, input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device)[None, :]
-        elif int(position_ids.max()) >= self.max_seq_len:
+        elif not torch.compiler.is_compiling() and int(position_ids.max()) >= self.max_seq_len:
             check_length(int(position_ids.max()) + 1, self.max_seq_len, "position_ids")
-        mask = attention_mask_for_batch(T, past_len, attention_mask, position_ids)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, d_model)
         cache: KVCache = []
         for i, block in enumerate(self.h):
@@ -488,9 +500,17 @@ class DecoderLM(TransformerLM):
 
 
 def attention_mask_for_batch(
-    q_len: int, past_len: int, padding_mask: torch.Tensor | None, position_ids: torch.Tensor
+    q_len: int,
+    past_len: int,
+    padding_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    device: torch.device,
 ) -> torch.Tensor | None:
-    """Causal mask for a decoder call: drop an all-ones padding mask so SDPA can take its fast ``is_causal`` path."""
-    if padding_mask is not None and bool(padding_mask.all()):
+    """Causal mask for a decoder call: drop an all-ones padding mask so SDPA can take its fast ``is_causal`` path.
+
+    Under torch.compile the padding mask is kept as it is (reading it would break the graph); :class:`LitLM` drops
+    all-ones masks on the host before batches reach the device, so packed training still gets ``is_causal``.
+    """
+    if padding_mask is not None and not torch.compiler.is_compiling() and bool(padding_mask.all()):
         padding_mask = None
-    return attention_mask(q_len, past_len, padding_mask, position_ids, causal=True)
+    return attention_mask(q_len, past_len, padding_mask, position_ids, causal=True, device=device)
