@@ -181,6 +181,7 @@ def run_side(setup: Setup, side: str, size: Size, steps: int, options: dict | No
             "block_size": size.block, "batch_size": size.batch, "steps": steps, "lr": setup.lr,
             "weight_decay": setup.weight_decay, "seed": setup.seed, "precision": setup.precision,
             "device": setup.device, "compile": bool(options.get("compile")), "out_dir": str(out),
+            "host_allocator": bool(options.get("host_allocator")),
             "losses": str(out / "losses.json"), "log_every": setup.log_every,
         }  # fmt: skip
         (out / "spec.json").write_text(json.dumps(spec))

@@ -42,7 +42,8 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 
 def run_loop(spec: dict) -> list[list[float]]:
     """The loop a careful user writes by hand: AdamW, autocast in bf16-mixed, ``set_epoch`` on the distributed sampler
-    at every epoch (as Lightning does), and ``loss.item()`` only on the logged steps (a host sync on a GPU).
+    at every epoch (as Lightning does), and ``loss.item()`` only on the logged steps (a host sync on a GPU). With
+    ``host_allocator``, glibc's malloc gets the settings ``litune fit`` gives it (:mod:`litune.host_memory`).
 
     Returns:
         ``[step, loss]`` of every ``log_every``-th step (0-based step indices, as litune's logged ``step``).
@@ -50,6 +51,10 @@ def run_loop(spec: dict) -> list[list[float]]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    if spec.get("host_allocator"):  # the glibc malloc settings litune fit applies (litune.host_memory)
+        from litune.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
     torch.manual_seed(spec["seed"])
     device = torch.device(spec["device"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")

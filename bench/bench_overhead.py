@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sides_for(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     sides: dict[str, tuple[str, dict]] = {s: (s, {}) for s in args.sides}
+    if "loop" in args.sides and args.device == "cpu" and not args.quick:
+        # litune fit keeps freed host memory for the next step (litune.host_memory); the loop with the same malloc
+        # settings separates that from the framework's own overhead.
+        sides["loop+host_alloc"] = ("loop", {"host_allocator": True})
     if args.compile:
         for s in args.compile_sides or args.sides:
             options = {"compile": True}

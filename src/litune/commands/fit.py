@@ -28,6 +28,7 @@ from litune.callbacks.run_info import log_once
 from litune.callbacks.wiring import add_tracking, add_tracking_arguments
 from litune.cli import RUN_DIR_ENV
 from litune.errors import ConfigError, from_parse_error
+from litune.host_memory import keep_freed_host_memory
 from litune.module import LitLM
 from litune.resume import (
     check_network_matches,
@@ -476,5 +477,6 @@ class _DataOnlyCLI(LituneCLI):
 
 def main(argv: list[str] | None) -> int:
     """Run ``litune fit | validate | test``; ``argv=None`` lets LightningCLI read ``sys.argv`` itself."""
+    keep_freed_host_memory()  # before the first tensor: CPU steps reuse freed buffers instead of faulting in pages
     LituneCLI(args=argv)
     return 0

@@ -1,0 +1,47 @@
+"""Host (CPU) memory allocation of training processes: keep freed buffers for the next step.
+
+A training step allocates and frees the same large buffers every step (activations, logits, gradients). glibc's
+``malloc`` serves blocks above its mmap threshold (128 KiB, adjusted up to 32 MiB as blocks are freed) with fresh
+``mmap`` calls and gives the top of its heap back to the kernel once more than its trim threshold is free there, so a
+CPU training step keeps mapping new pages, which the kernel zero-fills on first touch. Measured on a 2-layer GPT-2
+(``docs/benchmarks.md``), ``litune fit`` spent about a quarter of each CPU step in those page faults.
+
+PyTorch's CPU performance guide answers this by preloading another allocator (jemalloc, tcmalloc); glibc's own
+``mallopt`` does the same in-process, with no extra package and before any tensor is allocated. The price: a training
+process keeps up to :data:`TRIM_THRESHOLD` bytes of freed memory mapped. ``LITUNE_HOST_ALLOCATOR=default`` leaves
+glibc as it is (as does another allocator, or any ``MALLOC_*`` variable the user set).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+MMAP_THRESHOLD = 256 * 2**20  # blocks below this come from the heap, where a freed block is reused next step
+TRIM_THRESHOLD = 2**30  # free bytes at the top of the heap before it is handed back to the kernel
+TOP_PAD = 64 * 2**20  # extra bytes the heap grows by, so a growing step does not fault page by page
+ENV = "LITUNE_HOST_ALLOCATOR"
+
+# glibc's mallopt parameter numbers (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_host_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process (Linux with glibc only).
+
+    Returns:
+        Whether the settings were applied: False elsewhere, with ``LITUNE_HOST_ALLOCATOR=default``, when the user
+        set ``MALLOC_*`` variables of their own, or when another allocator is preloaded.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get(ENV, "") == "default":
+        return False
+    if any(name.startswith("MALLOC_") for name in os.environ) or "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return False  # the user chose their own allocator settings
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries: nothing to tune this way
+        return False
+    settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD))
+    return all(mallopt(param, value) == 1 for param, value in settings)
