@@ -201,7 +201,10 @@ def _litune_losses(out: Path) -> list[list[float]]:
     """``[step, loss]`` of every logged step (0-based optimizer step, as the baselines count)."""
     import csv
 
-    (metrics,) = out.glob("*/metrics.csv")
+    found = list(out.glob("*/metrics.csv"))
+    if not found:  # a run shorter than the logging interval logs nothing
+        return []
+    (metrics,) = found
     with metrics.open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     return sorted([int(r["step"]), float(r["train/loss"])] for r in rows)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from litune.cli import main
 from litune.module import LitLM
+from litune_testing import FIRST, assert_matches, fit_args, run_litune
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,3 +95,18 @@ def test_every_family_compiles_to_one_graph_on_padded_and_packed_batches(family:
         explained = torch._dynamo.explain(network)(**batch)
         assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
         torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero1", "deepspeed_zero2"])
+def test_compiled_two_process_training_matches_the_eager_one_process_run(
+    strategy: str, tmp_path: Path, reference: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
+    """``model.compile`` under DDP and ZeRO-1/2 on 2 processes, with gradient checkpointing: the model after 3 steps
+    computes what the eager 1-process reference does (the probe runs the compiled network)."""
+    fragment = str(REPO / "configs" / "strategy" / f"{strategy}.yaml")
+    extra = ("--config", fragment, "--trainer.devices=2", "--model.compile=true",
+             "--model.network.init_args.gradient_checkpointing=true")  # fmt: skip
+    run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, *extra), timeout=900)
+    assert_matches(tmp_path, reference, FIRST)
