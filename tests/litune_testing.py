@@ -305,7 +305,8 @@ class HostReads(Callback):
 
     A ``TorchFunctionMode`` sees every such call from the first micro-batch's ``on_train_batch_start`` to the last
     one's ``on_train_batch_end`` (put this callback last). Writes ``{global_step: [calls]}`` to
-    ``<directory>/reads.json`` on rank 0, each call as ``name package/file.py:function`` of the code that asked for it.
+    ``<directory>/reads.json`` on rank 0, each call as ``name package/file.py:function device`` (the code that asked
+    for it, and the device of the tensor read).
     """
 
     READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "__len__"}
@@ -321,7 +322,8 @@ class HostReads(Callback):
             def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
                 name = getattr(func, "__name__", "")
                 if name in HostReads.READS and args and isinstance(args[0], torch.Tensor) and args[0].numel() == 1:
-                    callback.reads.setdefault(callback.step, []).append(f"{name} {_caller()}")
+                    where = args[0].device.type
+                    callback.reads.setdefault(callback.step, []).append(f"{name} {_caller()} {where}")
                 return func(*args, **(kwargs or {}))
 
         self.mode = Reads()

@@ -5,7 +5,8 @@ queued, so the next step's kernels cannot be queued behind the current ones. lit
 loss on the device between logging steps and joins the loss's NaN check to the gradients' (one all-reduce, one read).
 Counted here on CPU with a ``TorchFunctionMode`` over whole optimizer steps of a real ``litune fit`` (accumulation 2,
 with litune's default callbacks); logging steps and the first step (which checks the network's target count once)
-read more, by design.
+read more, by design. On a GPU (``gpu`` variant, run by ``bench/gpu.sh``) the same count is taken over CUDA tensors
+only, which separates host data from device values by construction.
 """
 
 from __future__ import annotations
@@ -14,18 +15,21 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from litune.cli import main
 from litune_testing import fit_args
 
 STEPS, LOG_EVERY = 7, 3
 FRAMEWORK = ("litune/", "lightning/")  # where the reads counted come from
-HOST_BATCH_COUNT = "__int__ litune/objective.py:count"
-HOST_BATCH_MASK = "__bool__ litune/module.py:on_before_batch_transfer"  # drops an all-ones mask before the transfer
+HOST_BATCH_COUNT = "__int__ litune/objective.py:count cpu"
+HOST_BATCH_MASK = "__bool__ litune/module.py:on_before_batch_transfer cpu"  # drops an all-ones mask before transfer
 SKIP_DECISION = "__float__ litune/module.py:_step_is_finite"
 
 
-def test_steps_between_logging_steps_read_one_value_to_the_host(tmp_path: Path, corpus_dir, tokenizer_dir) -> None:
-    args = fit_args(tmp_path, corpus_dir, tokenizer_dir, steps=STEPS)
+def host_reads(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str) -> dict[int, list[str]]:
+    """Train ``STEPS`` steps of the tiny run in this process; the host reads of each optimizer step."""
+    args = fit_args(tmp_path, corpus_dir, tokenizer_dir, *extra, steps=STEPS)
     callbacks = json.loads(args[args.index(next(a for a in args if a.startswith("--trainer.callbacks=")))][20:])
     callbacks.append({"class_path": "litune_testing.HostReads", "init_args": {"directory": str(tmp_path / "reads")}})
     args = [a for a in args if not a.startswith("--trainer.callbacks=")]
@@ -36,8 +40,19 @@ def test_steps_between_logging_steps_read_one_value_to_the_host(tmp_path: Path, 
         os.environ.pop("LITUNE_RUN_DIR", None)
     reads = {int(step): calls for step, calls in json.loads((tmp_path / "reads" / "reads.json").read_text()).items()}
     assert sorted(reads) == list(range(STEPS))
+    return reads
+
+
+def quiet_steps() -> list[int]:
+    """Steps that neither log nor are the first one."""
     quiet = [step for step in range(1, STEPS) if (step + 1) % LOG_EVERY != 0]
     assert quiet == [1, 3, 4, 6]
+    return quiet
+
+
+def test_steps_between_logging_steps_read_one_value_to_the_host(tmp_path: Path, corpus_dir, tokenizer_dir) -> None:
+    reads = host_reads(tmp_path, corpus_dir, tokenizer_dir)
+    quiet = quiet_steps()
     for step in quiet:
         # Reads asked for by litune and Lightning (those inside transformers' model and torch.optim's step counters
         # happen in a hand-written loop too; the test's own probe callback is not counted). The look-ahead counts the
@@ -45,7 +60,15 @@ def test_steps_between_logging_steps_read_one_value_to_the_host(tmp_path: Path, 
         # device value: the skip decision.
         ours = [call for call in reads[step] if call.split()[1].startswith(FRAMEWORK)]
         host_batch = (HOST_BATCH_COUNT, HOST_BATCH_MASK)
-        assert [call for call in ours if call not in host_batch] == [SKIP_DECISION], (step, reads[step])
+        assert [call for call in ours if call not in host_batch] == [f"{SKIP_DECISION} cpu"], (step, reads[step])
     logging = [step for step in range(STEPS) if step not in quiet]
     for step in logging:  # teeth: the counter sees the reads of the logging steps (loss, token count, metrics)
         assert sum(call.split()[1].startswith("litune/module.py") for call in reads[step]) > 1, (step, reads[step])
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_steps_between_logging_steps_read_one_device_value(tmp_path: Path, corpus_dir, tokenizer_dir) -> None:
+    reads = host_reads(tmp_path, corpus_dir, tokenizer_dir, "--trainer.accelerator=gpu", "--trainer.devices=1")
+    for step in quiet_steps():
+        ours = [call for call in reads[step] if call.split()[1].startswith(FRAMEWORK) and call.endswith(" cuda")]
+        assert ours == [f"{SKIP_DECISION} cuda"], (step, reads[step])
