@@ -92,6 +92,8 @@ class FinalLogits(Callback):
                     or getattr(network, "gradient_checkpointing", False)  # litune's own networks
                 ),
                 "built_partitioned": getattr(network, "built_partitioned", None),  # see ProbedDeferredHFCausalLM
+                # Under DDP/DeepSpeed pl_module.network is the module itself (the engine wraps the LightningModule).
+                "compiled": getattr(network, "_compiled_call_impl", None) is not None,
             }
             torch.save(record, self.directory / f"step{step}.pt")
 

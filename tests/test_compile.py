@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from litune.cli import main
 from litune.module import LitLM
-from litune_testing import FIRST, assert_matches, fit_args, run_litune
+from litune_testing import FIRST, assert_matches, fit_args, probe, run_litune
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,4 +109,6 @@ def test_compiled_two_process_training_matches_the_eager_one_process_run(
     extra = ("--config", fragment, "--trainer.devices=2", "--model.compile=true",
              "--model.network.init_args.gradient_checkpointing=true")  # fmt: skip
     run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, *extra), timeout=900)
+    assert probe(tmp_path, FIRST)["compiled"] and not probe(reference, FIRST)["compiled"]
+    assert probe(tmp_path, FIRST)["gradient_checkpointing"]
     assert_matches(tmp_path, reference, FIRST)
