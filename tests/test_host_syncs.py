@@ -15,9 +15,14 @@ import json
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from litune.cli import main
+from litune.models.transformer import DecoderLM
+from litune.module import LitLM
 from litune_testing import fit_args
 
 STEPS, LOG_EVERY = 7, 3
@@ -72,3 +77,36 @@ def test_on_a_gpu_steps_between_logging_steps_read_one_device_value(tmp_path: Pa
     for step in quiet_steps():
         ours = [call for call in reads[step] if call.split()[1].startswith(FRAMEWORK) and call.endswith(" cuda")]
         assert ours == [f"{SKIP_DECISION} cuda"], (step, reads[step])
+
+
+class MaskRecorder(DecoderLM):
+    """litune's decoder, recording whether each forward got an ``attention_mask``."""
+
+    def __init__(self, **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        self.got_mask: list[bool] = []
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):  # noqa: ANN001, ANN201
+        self.got_mask.append(attention_mask is not None)
+        return super().forward(input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def test_unpadded_batches_reach_the_network_without_a_mask_and_callbacks_still_see_it() -> None:
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    full = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
+    padded = [dict(row) for row in full]
+    padded[1]["attention_mask"] = torch.tensor([1] * 8 + [0] * 4)
+    seen: list[bool] = []
+
+    class SeesMask(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            seen.append("attention_mask" in batch)
+
+    network = MaskRecorder(d_model=16, nhead=2, num_decoder_layers=1, vocab_size=64, max_seq_len=16)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[SeesMask()],
+    )  # fmt: skip
+    trainer.fit(LitLM(network), DataLoader(full[:2] + padded[:2], batch_size=2))
+    assert seen == [True, True]  # the batch itself keeps its mask
+    assert network.got_mask == [False, True]  # no padding: no mask for the network; padding: the mask

@@ -165,6 +165,7 @@ class LitLM(L.LightningModule):
         self._window_targets: torch.Tensor | int = 0
         self._step_loss: torch.Tensor | float = 0.0  # this rank's summed loss of the last finished step
         self._window_checked = False  # whether this fit's token count was checked against the network's
+        self._unpadded_mask_shape: tuple[int, ...] | None = None  # see on_before_batch_transfer
         self._estimated_warned = False
 
     @property
@@ -214,14 +215,24 @@ class LitLM(L.LightningModule):
         self._window_checked = False
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Drop an all-ones ``attention_mask`` while the batch is still on the host, where reading it is free.
+        """Note whether the batch has padding while it is still on the host, where reading its mask is free.
 
-        No padding means no mask for every network family; without one, attention takes SDPA's ``is_causal`` path with
+        The batch is left as it is (callbacks may read its ``attention_mask``); the step that follows gives the network
+        no mask when there is no padding (:meth:`_network_inputs`), so attention takes SDPA's ``is_causal`` path with
         no data-dependent check on the device (a host sync on a GPU, a graph break under torch.compile).
         """
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        if isinstance(mask, torch.Tensor) and mask.device.type == "cpu" and bool(mask.all()):
-            batch = {key: value for key, value in batch.items() if key != "attention_mask"}
+        unpadded = isinstance(mask, torch.Tensor) and mask.device.type == "cpu" and bool(mask.all())
+        self._unpadded_mask_shape = tuple(mask.shape) if unpadded else None
+        return batch
+
+    def _network_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch for the network: without its ``attention_mask`` when the host found no padding in it (the note
+        of :meth:`on_before_batch_transfer`, used once, by the step that follows it)."""
+        shape, self._unpadded_mask_shape = self._unpadded_mask_shape, None
+        mask = batch.get("attention_mask")
+        if shape is not None and isinstance(mask, torch.Tensor) and tuple(mask.shape) == shape:
+            return {key: value for key, value in batch.items() if key != "attention_mask"}
         return batch
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -231,7 +242,7 @@ class LitLM(L.LightningModule):
         epoch = self.trainer.current_epoch
         if self._window is None or self._window[0] != epoch or not self._window[1] <= batch_idx < self._window[2]:
             self._start_window(batch, tag, batch_idx)
-        out = self.network(**batch)
+        out = self.network(**self._network_inputs(batch))
         if out.loss_sum is None or out.num_targets is None:
             raise ConfigError("data", "a training batch reached the network without 'labels'", "give batches labels")
         self._window_loss = self._window_loss + out.loss_sum.detach().double()
@@ -404,7 +415,7 @@ class LitLM(L.LightningModule):
         return self._eval_step(batch, "test", self.test_ppl)
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, ppl: Perplexity) -> LMOutput:
-        out = self.network(**batch)
+        out = self.network(**self._network_inputs(batch))
         n_tokens = (out.targets != IGNORE_INDEX).sum()
         # Token-weighted mean over the epoch, matching what perplexity aggregates.
         self.log(f"{stage}/loss", out.loss, batch_size=int(n_tokens), sync_dist=True)
