@@ -508,8 +508,8 @@ def attention_mask_for_batch(
 ) -> torch.Tensor | None:
     """Causal mask for a decoder call: drop an all-ones padding mask so SDPA can take its fast ``is_causal`` path.
 
-    Under torch.compile the padding mask is kept as it is (reading it would break the graph); :class:`LitLM` drops
-    all-ones masks on the host before batches reach the device, so packed training still gets ``is_causal``.
+    Under torch.compile the padding mask is kept as it is (reading it would break the graph); :class:`LitLM` looks
+    for padding on the host and passes no mask when there is none, so packed training still gets ``is_causal``.
     """
     if padding_mask is not None and not torch.compiler.is_compiling() and bool(padding_mask.all()):
         padding_mask = None
