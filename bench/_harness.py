@@ -237,7 +237,7 @@ def interleaved(
     startup: dict[str, list[float]] = {label: [] for label in sides}
     last: dict[str, list[float]] = {}
     for side, options in sides.values():
-        if is_compiled(options):
+        if options.get("compile"):  # every compiled side, litune's included (bench_overhead.sides_for)
             # Untimed: fills torch.compile's on-disk caches, so that the n1 and n2 runs of every round compile alike
             # (a cold first compile would be charged to the n1 run only and make the per-step time too small).
             run_side(setup, side, size, n1, options)
@@ -261,11 +261,6 @@ def interleaved(
         )
         for label in sides
     }
-
-
-def is_compiled(options: dict) -> bool:
-    """Whether a side's options turn torch.compile on (the baselines' ``compile``, or litune's ``model.compile``)."""
-    return bool(options.get("compile") or ((options.get("litune") or {}).get("model") or {}).get("compile"))
 
 
 def max_loss_difference(a: list[list[float]], b: list[list[float]]) -> float:

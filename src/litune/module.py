@@ -163,7 +163,6 @@ class LitLM(L.LightningModule):
         self._step_targets = torch.zeros((), dtype=torch.long)
         self._window_loss: torch.Tensor | float = 0.0
         self._window_targets: torch.Tensor | int = 0
-        self._step_loss: torch.Tensor | float = 0.0  # this rank's summed loss of the last finished step
         self._window_checked = False  # whether this fit's token count was checked against the network's
         self._unpadded_mask_shape: tuple[int, ...] | None = None  # see on_before_batch_transfer
         self._estimated_warned = False
@@ -279,7 +278,6 @@ class LitLM(L.LightningModule):
         """
         pending = self._tokens_pending
         self._tokens_pending = self._step_targets if pending is None else pending + self._step_targets
-        self._step_loss = self._window_loss
         if self._window_checked and not self.trainer._logger_connector.should_update_logs:
             # Each self.log costs about a millisecond of Lightning bookkeeping (a tiny model's step is ~10 ms) and
             # loggers and the progress bar only read the values every log_every_n_steps: log on those steps only, as
@@ -339,7 +337,8 @@ class LitLM(L.LightningModule):
 
         The one host sync of a training step: whether to call ``optimizer.step`` is decided on the host.
         """
-        bad = (~torch.isfinite(torch.as_tensor(self._step_loss, device=self.device))).float()
+        # The window's loss is the step's until the next step's first micro-batch starts a new window.
+        bad = (~torch.isfinite(torch.as_tensor(self._window_loss, device=self.device))).float()
         # Under fp16 AMP, inf gradients are the GradScaler's business (it skips those steps and lowers the scale).
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads and str(self.trainer.precision) not in ("16-mixed", "16"):

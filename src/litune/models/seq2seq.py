@@ -36,6 +36,7 @@ from litune.models.transformer import (
     attention_mask,
     check_length,
     init_gpt2_,
+    padding_or_none,
     residual,
 )
 
@@ -217,10 +218,8 @@ class Seq2SeqLM(TransformerLM):
         Returns:
             memory ``[B, S, d_model]`` and the key-padding mask for cross-attention (bool ``[B, 1, 1, S]`` or None).
         """
-        memory_mask = None
-        # Under torch.compile the mask is kept as given: reading the data would break the graph.
-        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
-            memory_mask = attention_mask.bool()[:, None, None, :]
+        padding = padding_or_none(attention_mask)
+        memory_mask = None if padding is None else padding.bool()[:, None, None, :]
         x = self._embed(input_ids)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.encoder.h:

@@ -511,6 +511,15 @@ def attention_mask_for_batch(
     Under torch.compile the padding mask is kept as it is (reading it would break the graph); :class:`LitLM` looks
     for padding on the host and passes no mask when there is none, so packed training still gets ``is_causal``.
     """
-    if padding_mask is not None and not torch.compiler.is_compiling() and bool(padding_mask.all()):
-        padding_mask = None
-    return attention_mask(q_len, past_len, padding_mask, position_ids, causal=True, device=device)
+    return attention_mask(q_len, past_len, padding_or_none(padding_mask), position_ids, causal=True, device=device)
+
+
+def padding_or_none(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` (``[batch, keys]``, 1 on real tokens), or None when it has no padding, so attention can skip it.
+
+    Reading the mask is data-dependent: under torch.compile it would break the graph, so there the mask is kept as it
+    is (right for any batch, just not SDPA's fastest path).
+    """
+    if mask is None or torch.compiler.is_compiling() or not bool(mask.all()):
+        return mask
+    return None
