@@ -35,10 +35,11 @@ SKIP_DECISION = "__float__ litune/module.py:_step_is_finite"
 def host_reads(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str) -> dict[int, list[str]]:
     """Train ``STEPS`` steps of the tiny run in this process; the host reads of each optimizer step."""
     args = fit_args(tmp_path, corpus_dir, tokenizer_dir, *extra, steps=STEPS)
-    callbacks = json.loads(args[args.index(next(a for a in args if a.startswith("--trainer.callbacks=")))][20:])
+    flag = "--trainer.callbacks="
+    callbacks = json.loads(next(a for a in args if a.startswith(flag)).removeprefix(flag))
     callbacks.append({"class_path": "litune_testing.HostReads", "init_args": {"directory": str(tmp_path / "reads")}})
-    args = [a for a in args if not a.startswith("--trainer.callbacks=")]
-    args += [f"--trainer.callbacks={json.dumps(callbacks)}", f"--trainer.log_every_n_steps={LOG_EVERY}"]
+    args = [a for a in args if not a.startswith(flag)]
+    args += [f"{flag}{json.dumps(callbacks)}", f"--trainer.log_every_n_steps={LOG_EVERY}"]
     try:
         assert main(["fit", *args]) == 0
     finally:
