@@ -49,7 +49,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 if (( DRY_RUN )); then
   step gpu-tests "$PYTHON" -m pytest "$REPO/tests" -m gpu -q --collect-only
 else
-  step gpu-tests "$PYTHON" -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider
+  # A GPU image may lack a package that only CPU-side test modules import (wandb, say): those modules' collection
+  # errors must not keep the GPU tests from running.
+  step gpu-tests "$PYTHON" -m pytest "$REPO/tests" -m gpu -q -rA -p no:cacheprovider --continue-on-collection-errors
 fi
 
 # 2. GPT-2 124M, bf16-mixed, flash SDPA: litune vs the hand-written loop vs transformers.Trainer, with and without
