@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "prepare": ("litune.commands.prepare", "tokenize a config's data once into the cache and print statistics"),
     "export": ("litune.commands.export", "write a checkpoint of any strategy as a Hugging Face model folder"),
     "estimate": ("litune.commands.estimate", "per-device memory of a config under each strategy, before launching"),
+    "serve": ("litune.commands.serve", "an OpenAI-compatible server and chat page for a checkpoint (LitServe)"),
+    "chat": ("litune.commands.chat", "talk to a checkpoint in the terminal, replies streamed"),
     "report": ("litune.commands.report", "plots and a summary table of one or several run folders"),
     "tune": ("litune.commands.tune", "`tune lr`: learning-rate range test; `tune batch-size`: largest micro batch"),
     "sweep": ("litune.commands.sweep", "grid/random/Bayesian search over config fields, with pruning, resumable"),
