@@ -37,6 +37,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from litune.errors import ConfigError
 from litune.models.output import causal_targets, count_targets
 
 BATCH_TAG = "_litune_position"
@@ -104,7 +105,17 @@ class LookAhead:
             batch = next(self._iterator)
         except StopIteration:
             return False
-        self._counts[self._pulled] = self.count(batch)
+        count = self.count(batch)
+        if count == 0 and isinstance(batch, dict) and batch.get("labels") is not None:
+            raise ConfigError(
+                "data",
+                f"training batch {self._pulled} of this pass has no trainable target token (every label is -100, "
+                "e.g. chat rows without an assistant turn, or responses cut off by block_size): training on it would "
+                "train on nothing while the loss looks normal",
+                "check that the chat data has assistant turns and its template renders them (see data.template), "
+                "and that data.block_size keeps the responses",
+            )
+        self._counts[self._pulled] = count
         self._ahead.append(batch)
         self._pulled += 1
         return True

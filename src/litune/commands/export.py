@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ def export(
         network.to(DTYPES[dtype])
         adapters.save_adapters(network, output)
         if system.tokenizer is not None:
-            system.tokenizer.save_pretrained(output)
+            save_tokenizer(system.tokenizer, output)
         return output
     if not hasattr(network, "save_pretrained"):
         raise ConfigError(
@@ -77,19 +78,29 @@ def export(
     output.mkdir(parents=True, exist_ok=True)
     network.save_pretrained(output)
     if system.tokenizer is not None:
-        system.tokenizer.save_pretrained(output)
+        save_tokenizer(system.tokenizer, output)
         write_special_token_ids(output, system.tokenizer)
     return output
 
 
-def write_special_token_ids(folder: Path, tokenizer: object) -> dict[str, int]:
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """Save the tokenizer with its chat template inside ``tokenizer_config.json`` (not only ``chat_template.jinja``),
+    where every reader of Hugging Face folders looks for it (older transformers, vLLM, llama.cpp's converter)."""
+    tokenizer.save_pretrained(folder, save_jinja_files=False)
+
+
+def write_special_token_ids(folder: Path, tokenizer: Any) -> dict[str, Any]:
     """Put the tokenizer's bos/eos/pad ids into ``config.json`` and ``generation_config.json``.
 
     ``model.generate`` and pipelines read them from there (not from the tokenizer): without them a model trained with
-    its own BPE would stop on GPT-2's eos id 50256, which is not even in its vocabulary.
+    its own BPE would stop on GPT-2's eos id 50256, which is not even in its vocabulary. A tokenizer with a chat
+    template also gets the stop tokens a chat fine-tune teaches (:func:`litune.data.formats.chat_stop_token_ids`: EOS
+    and the template's end-of-turn token) as ``generation_config.json``'s ``eos_token_id`` list, so that generation
+    stops at the end of the assistant's turn.
 
     Returns:
-        The ids written (``bos_token_id``, ``eos_token_id``, ``pad_token_id``; a missing token is left out).
+        The ids written to ``config.json`` (``bos_token_id``, ``eos_token_id``, ``pad_token_id``; a missing token is
+        left out).
     """
     from transformers import GenerationConfig
 
@@ -108,6 +119,12 @@ def write_special_token_ids(folder: Path, tokenizer: object) -> dict[str, int]:
         else GenerationConfig()
     )
     generation.update(**ids)
+    if getattr(tokenizer, "chat_template", None):
+        from litune.data.formats import chat_stop_token_ids
+
+        stops = chat_stop_token_ids(tokenizer)
+        if len(stops) > 1:
+            generation.update(eos_token_id=stops)
     generation.save_pretrained(folder)
     return ids
 

@@ -170,7 +170,19 @@ class RunConfigSaver(SaveConfigCallback):
             # Secrets removed, and the config logged to every logger too (litune.callbacks.run_info).
             log_once(trainer, filename, yaml.safe_load(self.parser.dump(config, skip_none=False)))
             if getattr(pl_module, "tokenizer", None) is not None:
+                carry_chat_template(pl_module.tokenizer, getattr(trainer, "datamodule", None))
                 save_run_tokenizer(pl_module.tokenizer, run_dir, self.config.model.get("tokenizer"))
+
+
+def carry_chat_template(tokenizer: Any, datamodule: Any) -> None:
+    """A chat run's tokenizer keeps the chat template its data was rendered with (a per-turn ``data.template`` or
+    litune's default one, as Jinja), so the run folder, ``litune generate --chat`` and the export all render prompts
+    as the fine-tune saw them."""
+    spec = getattr(datamodule, "spec", None)
+    if getattr(spec, "format", None) == "chat":
+        from litune.data.formats import chat_template_of
+
+        tokenizer.chat_template = chat_template_of(tokenizer, spec.template)
 
 
 class LituneCLI(LightningCLI):

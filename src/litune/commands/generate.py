@@ -18,6 +18,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="A litune .ckpt file or run folder, or a HF model folder or hub id."
     )
     parser.add_argument("--prompt", default="", help="Text to continue (empty: start from the BOS/EOS token).")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="The prompt is a user message: render it with the tokenizer's chat template (and --system) and print the "
+        "assistant's reply, stopping at the end-of-turn and EOS tokens the fine-tune taught.",
+    )
+    parser.add_argument("--system", default=None, help="With --chat: a system message before the user's.")
     parser.add_argument("--max-length", type=int, default=64, help="Total length in tokens, prompt included.")
     parser.add_argument("--num-return-sequences", type=int, default=1)
     parser.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
@@ -126,7 +133,15 @@ def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.N
             f"{args.num_return_sequences} sequences with greedy decoding would all be the same",
             "add --do-sample (with --temperature/--top-k/--top-p) or ask for 1 sequence",
         )
-    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    chat = getattr(args, "chat", False)
+    if chat:
+        ids = chat_prompt_ids(tokenizer, args.prompt, getattr(args, "system", None))
+        from litune.data.formats import chat_stop_token_ids
+
+        stops: int | list[int] | None = chat_stop_token_ids(tokenizer) or None
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+        stops = tokenizer.eos_token_id
     if ids.shape[1] == 0:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = torch.tensor([[start]])
@@ -141,10 +156,30 @@ def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.N
         top_k=args.top_k,
         top_p=args.top_p,
         num_return_sequences=args.num_return_sequences,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if chat:  # the assistant's reply only
+        tokens = tokens[:, ids.shape[1] :] if not getattr(network, "is_encoder_decoder", False) else tokens
     return tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+
+def chat_prompt_ids(tokenizer: object, prompt: str, system: str | None = None) -> torch.Tensor:
+    """``[1, T]`` ids of a one-turn conversation rendered with the tokenizer's chat template, up to the assistant's
+    turn (``add_generation_prompt``).
+
+    Raises:
+        ConfigError: the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "--chat",
+            "the tokenizer has no chat template",
+            "fine-tune with data.format=chat (the run then keeps its template), or drop --chat to continue plain text",
+        )
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
 
 def main(argv: list[str]) -> int:

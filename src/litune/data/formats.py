@@ -7,11 +7,15 @@ Formats:
     ``text``: one document per row; EOS appended so documents stay separated once concatenated or packed.
     ``instruction``: a prompt and a response column; the prompt is rendered through a template, and labels are
         ``-100`` on the prompt so the loss is on the response only.
-    ``chat``: a ``messages`` list (``{"role", "content"}`` dicts) rendered with the tokenizer's chat template when it
-        has one (else ``template`` per turn); labels are ``-100`` on everything but the assistant turns.
+    ``chat``: a ``messages`` list (``{"role", "content"}`` dicts) rendered with ``apply_chat_template``: the
+        tokenizer's chat template, or ``template`` per turn converted to Jinja; labels are ``-100`` on everything but
+        what the assistant says (:func:`chat_tokens`).
 """
 
 from __future__ import annotations
+
+import re
+import string
 
 from transformers import PreTrainedTokenizerBase
 
@@ -75,55 +79,149 @@ def tokenize_instruction(
     return {"input_ids": input_ids, "labels": labels}
 
 
-def _chat_segments(
-    messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: str | None
-) -> list[tuple[str, bool]]:
-    """Split a rendered conversation into (text, trained) segments, trained = an assistant turn's own content.
+GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
+"""A chat template's ``{% generation %}`` block marks the assistant's own tokens (``return_assistant_tokens_mask``)."""
 
-    With a chat template, the conversation is rendered once per prefix (``apply_chat_template`` on the first k
-    turns) and the difference between consecutive renders is the text that turn k added; that keeps the template's
-    own markup (role headers, separators) exact without parsing it.
+EMPTY_REASONING = re.compile(r"<(think|thinking|reasoning)>\s*</\1>\s*")
+"""An empty reasoning block that templates insert before an answer (Qwen3 writes ``<think>\\n\\n</think>\\n\\n``): it
+teaches the model nothing and is never trained on."""
+
+
+def has_generation_markers(template: str | None) -> bool:
+    """Whether a Jinja chat template marks the assistant's tokens with ``{% generation %}`` blocks."""
+    return bool(template) and GENERATION_MARKER.search(template) is not None
+
+
+def turn_template_to_jinja(turn: str = DEFAULT_CHAT_TURN_TEMPLATE) -> str:
+    """A per-turn template (``{role}``, ``{content}``, Python format syntax) as the equivalent Jinja chat template.
+
+    Each turn is ``turn`` with the message filled in; an assistant turn's content and the text after it are inside a
+    ``{% generation %}`` block (so the assistant mask is the template's own), and ``add_generation_prompt`` writes the
+    assistant turn's head. Literal text goes through ``{% raw %}``, so braces and Jinja syntax in it stay text.
+
+    Raises:
+        ConfigError: the template has fields other than ``role`` and ``content``, or no ``{content}``.
     """
-    if template is None and getattr(tokenizer, "chat_template", None):
-        segments: list[tuple[str, bool]] = []
-        previous = ""
-        for k, message in enumerate(messages, start=1):
-            rendered = tokenizer.apply_chat_template(messages[:k], tokenize=False)
-            if not rendered.startswith(previous):
-                raise ConfigError(
-                    "data.template",
-                    "the tokenizer's chat template re-renders earlier turns when a turn is added, so the assistant "
-                    "tokens cannot be located",
-                    "set data.template to a per-turn template with {role} and {content}",
-                )
-            added, previous = rendered[len(previous) :], rendered
-            if message["role"] != "assistant":
-                segments.append((added, False))
-                continue
+    head: list[str] = []
+    tail: list[str] = []
+    part = head
+    for literal, field, spec, conversion in string.Formatter().parse(turn):
+        if "{% endraw %}" in literal:
+            raise ConfigError("data.template", "the turn template contains '{% endraw %}'", "remove it")
+        if literal:
+            part.append("{% raw %}" + literal + "{% endraw %}")
+        if field is None:
+            continue
+        if field not in ("role", "content") or spec or conversion:
+            raise ConfigError(
+                "data.template", f"{turn!r} has the field {{{field}}}", "use only {role} and {content} in a chat turn"
+            )
+        if field == "role":
+            part.append("{{ m['role'] }}")
+        elif part is tail:
+            raise ConfigError("data.template", f"{turn!r} has {{content}} twice", "use {content} once")
+        else:
+            part = tail
+    if part is head:
+        raise ConfigError("data.template", f"{turn!r} has no {{content}}", "put {content} where a message's text goes")
+    h, t = "".join(head), "".join(tail)
+    return (
+        "{% for m in messages %}" + h + "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}" + t
+        + "{% endgeneration %}{% else %}{{ m['content'] }}" + t + "{% endif %}{% endfor %}"
+        + "{% if add_generation_prompt %}" + h.replace("{{ m['role'] }}", "assistant") + "{% endif %}"
+    )  # fmt: skip
+
+
+def chat_template_of(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> str:
+    """The Jinja chat template a chat run renders with: ``template`` (a per-turn template) converted, else the
+    tokenizer's own, else litune's default turn template converted."""
+    if template is None and isinstance(getattr(tokenizer, "chat_template", None), str):
+        return tokenizer.chat_template
+    return turn_template_to_jinja(template or DEFAULT_CHAT_TURN_TEMPLATE)
+
+
+def _prefix_spans(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, chat_template: str
+) -> list[tuple[int, int]]:
+    """Character spans of the assistant's text in the rendered conversation, for a template without generation
+    markers: the conversation is rendered once per prefix (the first k turns) and the difference between consecutive
+    renders is the text turn k added; that keeps the template's own markup exact without parsing it. An assistant
+    turn's span runs from its content to the end of the text the turn added (its closing markup: the model must
+    learn to end its turn)."""
+    spans: list[tuple[int, int]] = []
+    previous = ""
+    for k, message in enumerate(messages, start=1):
+        rendered = tokenizer.apply_chat_template(messages[:k], chat_template=chat_template, tokenize=False)
+        if not rendered.startswith(previous):
+            raise ConfigError(
+                "data.template",
+                "the tokenizer's chat template re-renders earlier turns when a turn is added, so the assistant "
+                "tokens cannot be located",
+                "set data.template to a per-turn template with {role} and {content}, or use a chat template with "
+                "{% generation %} markers",
+            )
+        added = rendered[len(previous) :]
+        if message["role"] == "assistant":
             content = message["content"] if message["content"] in added else message["content"].strip()
             if content not in added:
                 raise ConfigError(
                     "data.template",
                     "the tokenizer's chat template changes the assistant text, so its tokens cannot be located",
-                    "set data.template to a per-turn template with {role} and {content}",
+                    "set data.template to a per-turn template with {role} and {content}, or use a chat template "
+                    "with {% generation %} markers",
                 )
-            # The turn's closing markup (tail) is trained too: the model must learn to end its turn.
-            head, _, tail = added.partition(content)
-            segments += [(head, False), (content, True), (tail, True)]
-        return segments
-    turn = template or DEFAULT_CHAT_TURN_TEMPLATE
-    segments = []
-    for m in messages:
-        head, _, tail = turn.partition("{content}")
-        segments += [(head.format(role=m["role"]), False), (m["content"], m["role"] == "assistant")]
-        segments.append((tail.format(role=m["role"]), m["role"] == "assistant"))
-    return segments
+            spans.append((len(previous) + added.rindex(content), len(rendered)))
+        previous = rendered
+    return spans
+
+
+def _tokens_in_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token overlapping a span, else 0: the rule ``apply_chat_template`` applies to generation blocks."""
+    return [int(any(end > s and start < e for s, e in spans)) for start, end in offsets]
+
+
+def chat_tokens(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: str | None = None
+) -> tuple[list[int], list[int]]:
+    """Render one conversation with ``apply_chat_template`` and mark the tokens the assistant says.
+
+    The mask comes from the template's ``{% generation %}`` blocks when it has them, else from rendering the
+    conversation prefix by prefix (:func:`_prefix_spans`); both mark every token overlapping the assistant's text,
+    so a template and its copy without markers give the same mask. Tokens of an empty reasoning block
+    (:data:`EMPTY_REASONING`) are never marked.
+
+    Args:
+        messages: ``{"role", "content"}`` dicts.
+        tokenizer: a fast tokenizer (offsets are needed).
+        template: a per-turn template used instead of the tokenizer's chat template (see :func:`chat_template_of`).
+
+    Returns:
+        ``(input_ids, mask)``: the rendered tokens (no EOS appended) and 1 on the assistant's tokens.
+    """
+    chat_template = chat_template_of(tokenizer, template)
+    text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    if has_generation_markers(chat_template):
+        out = tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        if list(out["input_ids"]) != list(ids):
+            raise RuntimeError("apply_chat_template tokenized the rendered conversation differently")  # a bug
+        mask = list(out["assistant_masks"])
+    else:
+        mask = _tokens_in_spans(offsets, _prefix_spans(messages, tokenizer, chat_template))
+    for match in EMPTY_REASONING.finditer(text):
+        for i, (start, end) in enumerate(offsets):
+            if start >= match.start() and end <= match.end():
+                mask[i] = 0
+    return ids, mask
 
 
 def tokenize_chat(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, messages_column: str, template: str | None = None
 ) -> dict[str, list]:
-    """Tokenize conversations with the loss on the assistant turns only (EOS appended and trained).
+    """Tokenize conversations with the loss on the assistant's tokens only (EOS appended and trained).
 
     Args:
         batch: raw rows; ``batch[messages_column]`` holds lists of ``{"role": ..., "content": ...}`` dicts.
@@ -132,22 +230,38 @@ def tokenize_chat(
         template: a per-turn template with ``{role}`` and ``{content}`` used instead of the chat template.
 
     Returns:
-        ``input_ids`` and ``labels`` (``-100`` outside assistant content).
+        ``input_ids`` and ``labels`` (``-100`` outside the assistant's tokens, see :func:`chat_tokens`).
     """
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = tokenizer.eos_token_id
     input_ids, labels = [], []
     for messages in batch[messages_column]:
-        ids: list[int] = []
-        lab: list[int] = []
-        for text, trained in _chat_segments(messages, tokenizer, template):
-            if not text:
-                continue
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            lab += piece if trained else [IGNORE_INDEX] * len(piece)
-        input_ids.append(ids + eos)
-        labels.append(lab + eos)
+        ids, mask = chat_tokens(messages, tokenizer, template)
+        lab = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+        if eos is not None and (not ids or ids[-1] != eos):  # the template may end the conversation with EOS itself
+            ids, lab = ids + [eos], lab + [eos]
+        input_ids.append(ids)
+        labels.append(lab)
     return {"input_ids": input_ids, "labels": labels}
+
+
+def chat_stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> list[int]:
+    """The tokens a chat fine-tune learns to stop at: EOS (appended to every conversation and trained), and the
+    special token that closes an assistant turn in the chat template, when there is one (``<|im_end|>``,
+    ``<|eot_id|>``...: it is the first trained token after the assistant's text).
+
+    Found by rendering a probe conversation, so it holds for any template.
+    """
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        ids, mask = chat_tokens(probe, tokenizer, template)
+    except (ConfigError, ValueError, TypeError):  # templates that demand a system turn, tools...: EOS only
+        return stops
+    text_ids = tokenizer(probe[1]["content"], add_special_tokens=False)["input_ids"]
+    trained = [t for t, m in zip(ids, mask, strict=True) if m]
+    closing = trained[len(text_ids) :][:1] if trained[: len(text_ids)] == text_ids else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return stops + [t for t in closing if t in special and t not in stops]
 
 
 def tokenize_pairs(

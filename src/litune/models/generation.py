@@ -79,7 +79,7 @@ def decode(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
@@ -92,15 +92,18 @@ def decode(
         total_length: the longest the returned rows may be (``t0`` included).
         do_sample: sample from the (warped) distribution instead of taking the argmax.
         temperature, top_k, top_p: sampling warpers (ignored when greedy).
-        eos_token_id: a row stops after producing it; later positions get ``pad_token_id``.
-        pad_token_id: filler after EOS (default: ``eos_token_id``).
+        eos_token_id: a row stops after producing it (or any of a list: a chat model's EOS and end-of-turn token);
+            later positions get ``pad_token_id``.
+        pad_token_id: filler after EOS (default: the (first) ``eos_token_id``).
         use_cache: keep the step's key/value cache; False re-runs the whole prefix every step.
         generator: random generator for sampling (reproducible samples).
 
     Returns:
         ``[N, <= total_length]`` token ids.
     """
-    pad = pad_token_id if pad_token_id is not None else eos_token_id
+    stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else None)
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=tokens.device)
     warp = warpers(temperature, top_k, top_p) if do_sample else LogitsProcessorList()
     finished = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
     cache = None
@@ -112,11 +115,11 @@ def decode(
             nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
         else:
             nxt = scores.argmax(dim=-1)
-        if eos_token_id is not None:
+        if stops:
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-            finished |= nxt == eos_token_id
+            finished |= torch.isin(nxt, stop_ids)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        if eos_token_id is not None and bool(finished.all()):
+        if stops and bool(finished.all()):
             break
     return tokens
 

@@ -284,7 +284,7 @@ class HFCausalLM(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         num_return_sequences: int = 1,
-        eos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
     ) -> torch.Tensor:
         """Decode with the Hugging Face generation loop (KV cache included).

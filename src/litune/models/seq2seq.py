@@ -320,7 +320,7 @@ class Seq2SeqLM(TransformerLM):
         top_k: int | None = None,
         top_p: float | None = None,
         num_return_sequences: int = 1,
-        eos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
