@@ -19,9 +19,9 @@ from litune.data.formats import (
 )
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
-from litune.objective import LookAhead, targets_counter
 from litune_testing import LITUNE, NETWORK, TINY, check_ok, litune_env
 from test_data import make_tokenizer
+from test_objective import python_fit, tiny_system
 
 # ChatML (Qwen's scheme), once with {% generation %} markers around what the assistant says and once without.
 CHATML_BODY = (
@@ -103,19 +103,20 @@ def test_stop_tokens_are_eos_and_the_end_of_turn(chat_tokenizer) -> None:
     assert chat_stop_token_ids(chat_tokenizer) == [chat_tokenizer.eos_token_id]
 
 
-def test_a_batch_without_a_target_token_is_refused(chat_tokenizer) -> None:
+def test_a_step_without_a_target_token_is_refused(chat_tokenizer) -> None:
+    """Through the real Trainer: the second optimizer step's batches carry only masked labels (a chat row without an
+    assistant turn, EOS unmasked by hand): the run stops before training on it, naming the cause."""
     chat_tokenizer.chat_template = CHATML_PLAIN
     rows = tokenize_chat({"m": [[{"role": "user", "content": "fox"}]]}, chat_tokenizer, "m")
-    # A conversation without an assistant turn trains only the EOS appended to it; drop that too.
-    labels = [IGNORE_INDEX] * len(rows["labels"][0])
-    batch = {"input_ids": torch.tensor(rows["input_ids"]), "labels": torch.tensor([labels])}
-    good = {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
-    loader = LookAhead([good, batch], targets_counter(torch.nn.Identity()))
-    batches = iter(loader)
-    next(batches)
-    with pytest.raises(ConfigError, match="batch 1 of this pass has no trainable target token") as err:
-        next(batches)
-    assert err.value.field == "data"
+    ids = torch.tensor(rows["input_ids"][0]) % 64  # within tiny_system's vocabulary
+    assert all(label == IGNORE_INDEX for label in rows["labels"][0][:-1])  # only the appended EOS is a target
+    good = [{"input_ids": ids, "labels": ids.clone()}] * 2
+    masked = [{"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}] * 2
+    system = tiny_system()
+    with pytest.raises(ConfigError, match="batches 1..1 of this step have no trainable target token") as err:
+        python_fit(system, good[:1] + masked, batch_size=1, accumulate=1, steps=3)
+    assert err.value.field == "data" and system.trainer.global_step == 1
+    python_fit(tiny_system(), good + masked, batch_size=2, accumulate=2, steps=1)  # a masked micro-batch is fine
 
 
 def _chat_file(path: Path, n: int) -> Path:

@@ -34,6 +34,7 @@ from litune.models.adapters import (
 from litune.models.output import IGNORE_INDEX, LMOutput
 from litune.objective import (
     BATCH_TAG,
+    check_window_has_targets,
     gradient_divisor,
     install_look_ahead,
     is_deepspeed,
@@ -257,6 +258,7 @@ class LitLM(L.LightningModule):
         look_ahead = train_look_ahead(trainer)
         if tag is not None and look_ahead is not None:
             local = look_ahead.targets_ahead(tag, length)
+            check_window_has_targets(local, batch_idx, length)
         else:
             # Not fed by the look-ahead wrapper (training_step called by hand, a non-dict batch): exact without
             # accumulation, an estimate from this micro-batch with it.

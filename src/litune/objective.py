@@ -105,17 +105,7 @@ class LookAhead:
             batch = next(self._iterator)
         except StopIteration:
             return False
-        count = self.count(batch)
-        if count == 0 and isinstance(batch, dict) and batch.get("labels") is not None:
-            raise ConfigError(
-                "data",
-                f"training batch {self._pulled} of this pass has no trainable target token (every label is -100, "
-                "e.g. chat rows without an assistant turn, or responses cut off by block_size): training on it would "
-                "train on nothing while the loss looks normal",
-                "check that the chat data has assistant turns and its template renders them (see data.template), "
-                "and that data.block_size keeps the responses",
-            )
-        self._counts[self._pulled] = count
+        self._counts[self._pulled] = self.count(batch)
         self._ahead.append(batch)
         self._pulled += 1
         return True
@@ -144,6 +134,25 @@ class LookAhead:
         for old in [i for i in self._counts if i < start]:  # batches already trained on
             del self._counts[old]
         return sum(self._counts.get(i, 0) for i in range(start, start + length))
+
+
+def check_window_has_targets(local_targets: int, batch_idx: int, length: int) -> None:
+    """Refuse a rank's share of an optimizer step (its ``length`` micro-batches from ``batch_idx``) that has no target
+    token at all: the step would train this rank on nothing while the loss looks normal. One micro-batch without
+    targets inside a step that has some is fine (it adds zero loss and zero gradient).
+
+    Raises:
+        ConfigError: naming the likely causes (chat rows without an assistant turn, a template whose assistant text is
+            not found, responses cut off by ``block_size``).
+    """
+    if local_targets == 0:
+        raise ConfigError(
+            "data",
+            f"the training batches {batch_idx}..{batch_idx + length - 1} of this step have no trainable target token "
+            "(every label is -100): the step would train on nothing while the loss looks normal",
+            "check that the chat data has assistant turns and its template renders them (see data.template), and "
+            "that data.block_size keeps the responses",
+        )
 
 
 def is_deepspeed(trainer: pl.Trainer) -> bool:
