@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN = $(VENV)/bin
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install quickstart test test-all lint
+.PHONY: install quickstart test test-slow test-all lint
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ quickstart: install
 test: install
 	$(BIN)/ruff check src tests bench
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The slow suite alone (CI runs `make test` and then this): what `make test` leaves out.
+test-slow: PYTEST_ARGS = -m slow
+test-slow: test
 
 test-all: PYTEST_ARGS =
 test-all: test

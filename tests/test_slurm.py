@@ -1,17 +1,18 @@
 """launch/slurm.sbatch on a real SLURM cluster started by the tests: to completion, preempted, a node lost, 2 nodes.
 
-The cluster (tests/slurm_cluster.py) is real SLURM 22.05 from Debian's packages, installed by the fixture when
-missing: munged, slurmctld and two slurmd on this machine (nodes named after this host and ``localhost``, 2 CPUs each),
-all private to this test session. Every job is ``sbatch launch/slurm.sbatch`` exactly as a user submits it; the
-``#SBATCH`` lines meant for a GPU cluster are overridden on the sbatch command line (1 or 2 nodes, 1 CPU per task,
-``--gpus-per-node=0``). The tasks train the tiny GPT-2 of tests/configs/tiny.yaml with DDP over gloo, started by
-``srun``, ranks from SLURM's environment; the run folder is ``<experiment>-job<SLURM_JOB_ID>``.
+The cluster (tests/slurm_cluster.py) is real SLURM 22.05 from Debian's packages (`.ci/run` installs them; the tests
+never install anything): munged, slurmctld and two slurmd on this machine (nodes named after this host and
+``localhost``, 2 CPUs each), all private to this test session. Every job is ``sbatch launch/slurm.sbatch`` exactly as
+a user submits it; the ``#SBATCH`` lines meant for a GPU cluster are overridden on the sbatch command line (1 or 2
+nodes, 1 CPU per task, ``--gpus-per-node=0``). The tasks train the tiny GPT-2 of tests/configs/tiny.yaml with DDP
+over gloo, started by ``srun``, ranks from SLURM's environment; the run folder is ``<experiment>-job<SLURM_JOB_ID>``.
 
 What is real: the daemons, sbatch/srun/scancel/scontrol, SLURM's signal delivery and requeue. What is arranged: the
 moment. ``scancel --signal=USR1`` is what slurmctld itself sends at ``--signal=USR1@<seconds>`` before a time limit
 (it checks limits only every ~30 s, too coarse for a test), and the job is held at a chosen optimizer step
-(slurm_testing.Attempts) while the test signals or kills it. The tests skip, saying why, only where the daemons cannot
-run (not root, no apt-get, a daemon refusing to start).
+(slurm_testing.Attempts) while the test signals or kills it. Where the cluster cannot start (not root, SLURM not
+installed, a daemon refusing to start) the tests skip, saying why, except under ``CI=true``, where they fail: CI
+installs SLURM, so a cluster that does not start there is a failure, not a reason to pass without running.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import subprocess
 import time
@@ -42,6 +44,14 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def slurm() -> LocalSlurm:
     """A 2-node SLURM cluster on this machine for this module's tests; stopped (jobs, daemons, job processes) after."""
+    cluster = start_cluster()
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def start_cluster() -> LocalSlurm:
+    """Start the cluster; where it cannot start, skip saying why, or fail under ``CI=true`` (CI installs SLURM)."""
     cluster = None
     try:
         cluster = LocalSlurm(nodes=2)
@@ -49,10 +59,10 @@ def slurm() -> LocalSlurm:
     except ClusterUnavailable as err:
         if cluster is not None:
             shutil.rmtree(cluster.root, ignore_errors=True)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and the SLURM cluster did not start: {err}", pytrace=False)
         pytest.skip(f"SLURM daemons cannot run here: {err}")
-    yield cluster
-    cluster.stop()
-    shutil.rmtree(cluster.root, ignore_errors=True)
+    return cluster
 
 
 def submit(
@@ -268,3 +278,20 @@ def split_attempts(root: Path) -> tuple[list[dict], list[dict]]:
     second = [a for a in attempts if a["restart"] == 1]
     assert len(first) == 2 and len(second) == 2 and len(attempts) == 4, attempts
     return first, second
+
+
+def test_a_cluster_that_cannot_start_skips_with_the_reason_and_fails_under_ci(monkeypatch, tmp_path: Path) -> None:
+    """SLURM made unfindable (PATH holds only an empty folder): skipped saying why; under CI=true a failure.
+
+    The real fixture code (:func:`start_cluster`); it gives up before any daemon starts, and installs nothing.
+    """
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="SLURM daemons cannot run here: .*(not installed|root)"):
+        start_cluster()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(
+        pytest.fail.Exception, match="CI=true and the SLURM cluster did not start: .*(not installed|root)"
+    ):
+        start_cluster()
+    assert not list(tmp_path.iterdir())
