@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import yaml
 from matplotlib.image import imread
 
 from litune.cli import main as litune_main
-from litune.tuning.batch_size import Probe, find_largest, run_probe, split_global_batch
+from litune.errors import ConfigError
+from litune.tuning.batch_size import Probe, _cuda_peak_gib, find_largest, judge, run_probe, split_global_batch
+from litune.tuning.runner import run_child
 from litune_testing import LITUNE, TINY, litune_env, run_litune
 
 
@@ -77,6 +80,50 @@ def test_search_doubles_then_bisects_to_the_largest_size_that_fits() -> None:
     assert tried == [1, 2, 4, 8, 16, 32, 64]
     assert find_largest(fits_up_to(0), start=4)[0] == 0
     assert find_largest(fits_up_to(10_000), start=1, max_batch_size=16)[0] == 16
+    # A max_batch_size that no doubling reaches is probed itself: start 1, max 20 gives 20, not 16.
+    tried.clear()
+    assert find_largest(fits_up_to(10_000), start=1, max_batch_size=20)[0] == 20
+    assert tried == [1, 2, 4, 8, 16, 20]
+    tried.clear()
+    assert find_largest(fits_up_to(18), start=1, max_batch_size=20, precision=0)[0] == 18
+    assert tried[:6] == [1, 2, 4, 8, 16, 20]  # 20 misses: bisect 16..20
+    assert find_largest(fits_up_to(10_000), start=3, max_batch_size=3)[0] == 3
+
+
+def test_gpu_mode_reads_the_largest_logged_peak_over_runs_and_ranks(tmp_path: Path) -> None:
+    """On GPU a probe's peak is the largest ``memory/peak_gib`` in its metrics.csv (CUDA max allocated), over ranks.
+
+    CPU runs log the same column (their RSS), but a CPU probe is judged by the kernel's RSS high-water mark instead;
+    so the GPU reading is checked here on files in litune's metrics.csv layout (CSVLogger: one row per logged step).
+    """
+    assert _cuda_peak_gib(tmp_path) is None  # nothing logged (e.g. the run died first)
+    for name, rows in {"a": [("0", "1.5", ""), ("1", "", "0.1"), ("2", "2.25", "")], "b": [("0", "2.0", "")]}.items():
+        (tmp_path / name).mkdir()
+        with (tmp_path / name / "metrics.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["step", "memory/peak_gib", "train/loss"])
+            writer.writerows(rows)
+    assert _cuda_peak_gib(tmp_path) == 2.25
+
+
+def test_gpu_mode_out_of_memory_and_budget_decisions_on_real_child_processes(tmp_path: Path) -> None:
+    """How a probe is judged, on real children: CUDA's out-of-memory error (raised by hand: there is no GPU here),
+    a SIGKILL (the kernel's OOM killer), any other failure (a ConfigError naming the probe), and the budget."""
+    cuda_oom = "import torch; raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0)')"
+    killed = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    broken = "raise SystemExit('litune: something else went wrong')"
+    oom, sigkill, other = (run_child([sys.executable, "-c", code]) for code in (cuda_oom, killed, broken))
+    assert oom.returncode == 1 and oom.out_of_memory
+    assert judge(64, oom, None, 8.0) == Probe(64, None, False, "out of memory")
+    assert sigkill.returncode == -9 and sigkill.out_of_memory
+    assert not judge(64, sigkill, None, None).fits
+    assert other.returncode == 1 and not other.out_of_memory
+    with pytest.raises(ConfigError, match="micro batch 64 failed"):
+        judge(64, other, None, 8.0)
+    ok = run_child([sys.executable, "-c", "pass"])
+    assert judge(64, ok, 7.9, 8.0) == Probe(64, 7.9, True)
+    assert judge(64, ok, 8.1, 8.0) == Probe(64, 8.1, False, "8.10 GiB > budget 8.00 GiB")
+    assert judge(64, ok, 8.1, None).fits  # no budget on GPU: only an out-of-memory error is a miss
 
 
 def test_global_batch_splits_into_the_largest_micro_batch_that_divides_it() -> None:
@@ -113,6 +160,9 @@ SWEEP = {
 }
 
 
+LR = "model.optimizer.init_args.lr"
+
+
 def sweep_command(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path) -> list[str]:
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(SWEEP))
@@ -128,13 +178,32 @@ def read_results(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def last_step(run_dir: Path) -> int:
+    """The largest optimizer step a run logged in its metrics.csv."""
+    with (run_dir / "metrics.csv").open() as handle:
+        return max(int(row["step"]) for row in csv.DictReader(handle) if row.get("step"))
+
+
 def test_sweep_runs_every_trial_prunes_a_bad_one_sorts_the_table_and_restarts_to_nothing(
-    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     command = sweep_command(tmp_path, corpus_dir, tokenizer_dir)
-    first = subprocess.run(command, env=litune_env(), capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     folder = tmp_path / "sweep"
+    first = subprocess.Popen(command, env=litune_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / ".litune.lock").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # A second sweep on the running sweep's folder is refused before it touches anything.
+        assert litune_main(command[1:]) == 2
+        err = capsys.readouterr().err
+        assert "--sweep-dir" in err and "in use by another litune sweep" in err and "Fix:" in err, err
+        stdout, stderr = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert not (folder / ".litune.lock").exists()  # released at the end
     run_dirs = sorted((folder / "trials").iterdir())
     assert [d.name[-9:] for d in run_dirs] == ["trial-000", "trial-001", "trial-002"]
     assert all((d / "config.yaml").exists() and (d / "metrics.csv").exists() for d in run_dirs)  # ordinary runs
@@ -145,6 +214,9 @@ def test_sweep_runs_every_trial_prunes_a_bad_one_sorts_the_table_and_restarts_to
     complete = [float(r["val/loss"]) for r in rows if r["state"] == "complete"]
     assert len(complete) == 2 and complete == sorted(complete)
     assert rows[-1]["state"] == "pruned"  # pruned trials rank after every complete one
+    # The pruned trial really stopped early: it trained fewer steps than the trials that ran to the end.
+    steps = {float(r["model.optimizer.init_args.lr"]): last_step(Path(r["run folder"])) for r in rows}
+    assert steps[1e-6] < steps[3e-3] == steps[1e-2], steps
     assert "| rank | trial | state | val/loss |" in (folder / "results.md").read_text()
     assert (folder / "report" / "summary.md").exists()
 
@@ -153,6 +225,36 @@ def test_sweep_runs_every_trial_prunes_a_bad_one_sorts_the_table_and_restarts_to
     assert "nothing to run" in again.stdout
     assert sorted((folder / "trials").iterdir()) == run_dirs  # no trial ran again
     assert read_results(folder) == rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_random_and_bayes_sweeps_run_two_trials_at_once_within_the_ranges(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, method: str
+) -> None:
+    """``random`` (RandomSampler) and ``bayes`` (TPESampler) on real trials, ``parallel: 2``: the two overlap."""
+    sweep_file = tmp_path / "sweep.yaml"
+    lr = {"low": 1.0e-4, "high": 1.0e-2, "log": True}
+    sweep = {"method": method, "trials": 2, "parallel": 2, "pruner": "none", "parameters": {LR: lr}}
+    sweep_file.write_text(yaml.safe_dump(sweep))
+    folder = tmp_path / "sweep"
+    run_litune(
+        "sweep", "--sweep", str(sweep_file), "--sweep-dir", str(folder),
+        *tiny_args(corpus_dir, tokenizer_dir, tmp_path / "unused"),
+        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--validate_before_fit=false",
+        timeout=600,
+    )  # fmt: skip
+    rows = read_results(folder)
+    assert [r["state"] for r in rows] == ["complete", "complete"], rows
+    rates = [float(r[LR]) for r in rows]
+    assert all(1e-4 <= rate <= 1e-2 for rate in rates) and rates[0] != rates[1], rates
+    losses = [float(r["val/loss"]) for r in rows]
+    assert all(math.isfinite(v) for v in losses) and losses == sorted(losses)
+    # Run at once: each trial's run folder was created before the other trial finished (trial.json's last write).
+    runs = [Path(r["run folder"]) for r in rows]
+    started = [(run / "config.yaml").stat().st_mtime for run in runs]
+    ended = [(run / "trial.json").stat().st_mtime for run in runs]
+    assert started[0] < ended[1] and started[1] < ended[0], (started, ended)
 
 
 @pytest.mark.slow

@@ -16,7 +16,15 @@ TRIAL_FILE = "trial.json"
 
 
 def make_pruner(name: str, startup_trials: int, warmup_steps: int) -> Any:
-    """The Optuna pruner of a sweep: ``median`` (worse than the median of earlier trials at this step) or ``none``."""
+    """The Optuna pruner of a sweep: ``median`` (``optuna.pruners.MedianPruner``) or ``none``.
+
+    What MedianPruner compares, at a step where this trial reported a value: the *best* value this trial has reported
+    so far (lowest when minimizing, at any step up to now) against the median of the values that the *completed*
+    trials reported at this same step; it prunes when the best is worse. Pruned, failed and still-running trials are
+    not in the median, nor are completed ones that reported nothing at this step (with none, nothing is pruned). It
+    never prunes before ``startup_trials`` trials completed or at a step below ``warmup_steps``; a non-finite best
+    value is always pruned.
+    """
     import optuna
 
     if name == "none":
@@ -28,8 +36,9 @@ class SweepPruning(Callback):
     """Reports each validation's metric to the trial's Optuna study and stops the run when the pruner says so.
 
     ``litune sweep`` adds this callback to every trial's ``litune fit`` (by class path, on the command line). The
-    study lives in a SQLite file shared by the sweep and its trials, so the pruner compares this trial with the ones
-    before it (and with the ones running beside it).
+    study lives in a SQLite file shared by the sweep and its trials, so the pruner sees every trial of the sweep; it
+    compares this trial's best value so far with the median of the completed trials at the same step (see
+    :func:`make_pruner`: trials still running beside it do not count until they complete).
 
     Args:
         storage: the study's storage URL (``sqlite:///.../sweep.db``).

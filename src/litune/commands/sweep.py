@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from litune.errors import ConfigError
+from litune.run_guard import RunLock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,9 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from litune.commands import report
     from litune.commands.tune import launch_shape
-    from litune.tuning.sweep import Sweep, load_spec
+    from litune.tuning.sweep import load_spec
 
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -50,15 +51,43 @@ def main(argv: list[str]) -> int:
     spec = load_spec(args.sweep)
     on_gpu, _, _ = launch_shape(fit_args)  # also rejects a bad config before any trial starts
     folder = args.sweep_dir or Path("runs") / f"sweep-{args.sweep.stem}"
+    lock = _lock_sweep_folder(folder)
+    try:
+        _run(args.sweep, spec, fit_args, folder, on_gpu)
+    finally:
+        lock.release()
+    return 0
+
+
+def _lock_sweep_folder(folder: Path) -> RunLock:
+    """Hold ``<folder>/.litune.lock`` (litune's run-folder lock) so that two sweeps never share a folder.
+
+    Raises:
+        ConfigError: another live sweep holds it (a killed sweep's lock is reported and taken over).
+    """
+    try:
+        return RunLock(folder).acquire()
+    except ConfigError as err:
+        raise ConfigError(
+            "--sweep-dir",
+            f"{folder} is in use by another litune sweep ({err.problem}); two sweeps in one folder would run the "
+            "same trials twice",
+            f"wait for that sweep to finish, or give another --sweep-dir ({err.fix})",
+        ) from None
+
+
+def _run(sweep_file: Path, spec: Any, fit_args: list[str], folder: Path, on_gpu: bool) -> None:
+    from litune.commands import report
+    from litune.tuning.sweep import Sweep
+
     saved = folder / "sweep.yaml"
-    if saved.exists() and saved.read_text() != args.sweep.read_text():
+    if saved.exists() and saved.read_text() != sweep_file.read_text():
         raise ConfigError(
             "--sweep-dir",
             f"{folder} holds a sweep started from another sweep file (its copy: {saved})",
             "give a new --sweep-dir, or restore the sweep file to continue that sweep",
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    saved.write_text(args.sweep.read_text())
+    saved.write_text(sweep_file.read_text())
     sweep = Sweep(spec, fit_args, folder, accelerator="gpu" if on_gpu else "cpu")
     rows = sweep.run()
     print(f"\n{sweep.write_table(rows)}\n\nresults: {folder / 'results.md'}, {folder / 'results.csv'}", flush=True)
@@ -67,7 +96,6 @@ def main(argv: list[str]) -> int:
         runs = [report.load_run(p) for p in best]
         report.write_report(runs, folder / "report")
         print(f"report of the best {len(best)} trial(s): {folder / 'report' / 'summary.md'}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

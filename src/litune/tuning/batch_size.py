@@ -82,6 +82,20 @@ def run_probe(argv: list[str], batch_size: int, budget_gib: float | None, on_gpu
         peak = _cuda_peak_gib(runs_dir) if on_gpu else child.peak_rss_bytes / GIB
     finally:
         shutil.rmtree(runs_dir, ignore_errors=True)
+    return judge(batch_size, child, peak, budget_gib)
+
+
+def judge(batch_size: int, child: ChildRun, peak_gib: float | None, budget_gib: float | None) -> Probe:
+    """Whether a finished probe fits: it ended well and its peak (when known) is within the budget (when given).
+
+    Args:
+        child: the probe's ``litune fit``.
+        peak_gib: its peak memory per process: CPU peak RSS, or on GPU the logged CUDA max allocated (``None``
+            when the run logged none).
+
+    Raises:
+        ConfigError: the probe failed for a reason other than memory (its last lines are shown).
+    """
     if child.returncode != 0:
         if child.out_of_memory:
             return Probe(batch_size, None, False, "out of memory")
@@ -91,15 +105,17 @@ def run_probe(argv: list[str], batch_size: int, budget_gib: float | None, on_gpu
             f"a probe run at micro batch {batch_size} failed (exit {child.returncode}; its last lines are above)",
             "make `litune fit` run with the same arguments first",
         )
-    if budget_gib is not None and peak is not None and peak > budget_gib:
-        return Probe(batch_size, peak, False, f"{peak:.2f} GiB > budget {budget_gib:.2f} GiB")
-    return Probe(batch_size, peak, True)
+    if budget_gib is not None and peak_gib is not None and peak_gib > budget_gib:
+        return Probe(batch_size, peak_gib, False, f"{peak_gib:.2f} GiB > budget {budget_gib:.2f} GiB")
+    return Probe(batch_size, peak_gib, True)
 
 
 def find_largest(
     fits: Callable[[int], Probe], start: int = 1, max_batch_size: int = 4096, precision: float = 0.05
 ) -> tuple[int, list[Probe]]:
     """Double from ``start`` until a size does not fit, then binary-search between the last fit and the first miss.
+
+    The doubling stops at ``max_batch_size``, which is probed itself (start 1, max 20: 1, 2, 4, 8, 16, 20).
 
     Args:
         fits: runs one probe.
@@ -125,9 +141,11 @@ def find_largest(
             high = size
             break
         low = size
-        size *= 2
+        if size == max_batch_size:
+            return low, probes  # everything up to max_batch_size fit
+        size = min(size * 2, max_batch_size)  # the last doubling is cut to max_batch_size, which is probed itself
     if high is None:
-        return low, probes  # everything up to max_batch_size fit
+        return low, probes  # start > max_batch_size: nothing tried
     if low == 0:
         return 0, probes
     while high - low > max(1, int(low * precision)):

@@ -47,10 +47,15 @@ def run_fit(args: list[str], env: dict[str, str] | None = None, log: Path | None
         env: extra environment variables for the child (e.g. ``CUDA_VISIBLE_DEVICES``).
         log: where to keep the child's output as well (a sweep trial's log).
     """
+    return run_child(fit_command(args), env=env, log=log)
+
+
+def run_child(command: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> ChildRun:
+    """Run ``command`` to the end in a child process (see :func:`run_fit`) and measure its peak memory."""
     child_env = {**os.environ, **(env or {})}
     child_env.pop("LITUNE_RUN_DIR", None)  # each child is a run of its own, never the parent's
     proc = subprocess.Popen(
-        fit_command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env
     )
     assert proc.stdout is not None
     output = proc.stdout.read().decode("utf-8", errors="replace")

@@ -5,8 +5,12 @@ run in a child process with the trial's values as dotted overrides, its run fold
 A :class:`~litune.callbacks.pruning.SweepPruning` callback inside the trial reports every validation to the study and
 stops the run when the pruner says it is worse than the trials before it at the same step.
 
-Interrupted and started again with the same sweep file and folder, the sweep keeps every finished trial, reruns the
-one that was running (with the same values) and goes on with the rest.
+The trials run in Optuna's own loop (``study.optimize``), whose heartbeat thread marks each running trial alive in
+the study every ``HEARTBEAT_S`` seconds. Interrupted and started again with the same sweep file and folder, the sweep
+keeps every finished trial; the trial that was running stops beating, Optuna fails it as stale and its
+``RetryHeartbeatStaleTrialCallback`` (formerly ``RetryFailedTrialCallback``) queues it again with the same values; the
+rest follow. A sweep holds its folder's lock (``<sweep folder>/.litune.lock``) while it runs, so a second sweep on
+that folder is refused instead of running the same trials twice.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import csv
 import itertools
 import json
 import os
-import threading
+import queue
+import time
+import warnings
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,14 @@ from litune.tuning.runner import run_fit
 
 METHODS = ("grid", "random", "bayes")
 STUDY_NAME = "litune-sweep"
+HEARTBEAT_S = 5
+"""How often Optuna's heartbeat thread marks a running trial alive in the study."""
+GRACE_S = 20
+"""A running trial whose last heartbeat is older than this is stale: its sweep died."""
+
+
+class TrialFailed(RuntimeError):
+    """A trial's ``litune fit`` failed (or logged no metric); the sweep records it and goes on with the next."""
 
 
 @dataclass
@@ -54,15 +67,13 @@ class Parameter:
     integer: bool = False
     step: float | None = None
 
-    def distribution(self) -> Any:
-        """The Optuna distribution this parameter is sampled from."""
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
+    def suggest(self, trial: Any) -> Any:
+        """This parameter's value in an Optuna trial (a queued grid point or a retried trial gets its fixed value)."""
         if self.values:
-            return CategoricalDistribution(self.values)
+            return trial.suggest_categorical(self.name, self.values)
         if self.integer:
-            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
-        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
 
 
 @dataclass
@@ -77,8 +88,8 @@ class SweepSpec:
         trials: how many trials to finish (grid: at most the number of combinations, which is the default).
         seed: the sampler's seed.
         parallel: trials run at once (on GPUs: one device each).
-        pruner: ``median`` (stop a trial whose metric is worse than the median of earlier trials at the same step)
-            or ``none``.
+        pruner: ``median`` (stop a trial whose best metric so far is worse than the median of the completed trials'
+            metric at the same step; see :func:`~litune.callbacks.pruning.make_pruner`) or ``none``.
         startup_trials: trials that always run to the end before the pruner acts.
         warmup_steps: optimizer steps of every trial before the pruner acts.
         best: how many of the best trials ``litune report`` compares.
@@ -212,6 +223,7 @@ class Sweep:
 
     def __init__(self, spec: SweepSpec, fit_args: list[str], folder: Path, accelerator: str = "cpu") -> None:
         import optuna
+        from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
         self.spec = spec
         self.fit_args = fit_args
@@ -219,66 +231,95 @@ class Sweep:
         self.accelerator = accelerator
         self.storage = f"sqlite:///{(folder / 'sweep.db').resolve()}"
         folder.mkdir(parents=True, exist_ok=True)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # litune prints each trial's outcome itself
         pruner = make_pruner(spec.pruner, spec.startup_trials, spec.warmup_steps)
         sampler = (
             optuna.samplers.TPESampler(seed=spec.seed)
             if spec.method == "bayes"
             else optuna.samplers.RandomSampler(seed=spec.seed)  # grid points are enqueued, see _enqueue_grid
         )
+        with warnings.catch_warnings():  # the heartbeat's retry callback is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = RDBStorage(
+                self.storage,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None),
+            )
         self.study = optuna.create_study(
             study_name=STUDY_NAME,
-            storage=self.storage,
+            storage=storage,
             direction=spec.direction,
             sampler=sampler,
             pruner=pruner,
             load_if_exists=True,
         )
-        self.distributions = {p.name: p.distribution() for p in spec.parameters}
-        self._lock = threading.Lock()
-        self._started = 0  # trials this process has asked the study for
+
+    def _retried(self) -> set[int]:
+        """Numbers of the stale trials that Optuna queued again (each retry names its predecessors)."""
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        retried: set[int] = set()
+        for trial in self.study.get_trials(deepcopy=False):
+            retried.update(RetryHeartbeatStaleTrialCallback.retry_history(trial))
+        return retried
 
     def _finished(self) -> list[Any]:
         from optuna.trial import TrialState
 
+        retried = self._retried()
         return [
             t
             for t in self.study.get_trials(deepcopy=False)
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))
+            or (t.state == TrialState.FAIL and t.number not in retried)
         ]
 
     def recover(self) -> list[int]:
-        """Trials left running by an interrupted sweep: marked failed-by-interruption and queued again, same values.
+        """Trials left running by an interrupted sweep: failed as stale by Optuna and queued again, same values.
+
+        This sweep holds the folder's lock, so a trial still marked running belongs to a sweep that died. Optuna
+        calls a trial stale once its last heartbeat is ``GRACE_S`` old: wait that long, then let Optuna's
+        ``fail_stale_trials`` fail them and its retry callback queue them again.
 
         Returns:
             The numbers of the trials that will run again.
         """
+        import optuna
         from optuna.trial import TrialState
 
-        again = []
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            self.study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-            self.study.tell(trial.number, state=TrialState.FAIL)
-            self.study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
-            again.append(trial.number)
-        return again
+        running = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        if not running:
+            return []
+        print(f"litune sweep: trial(s) {running} were running when the sweep stopped; waiting {GRACE_S} s for their "
+              "heartbeat to go stale", flush=True)  # fmt: skip
+        time.sleep(GRACE_S + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+        retried = self._retried()
+        return [n for n in running if n in retried]
 
     def _enqueue_grid(self) -> None:
         """Queue every grid point that no finished, running or queued trial covers (once, in the file's order)."""
         from optuna.trial import TrialState
 
+        retried = self._retried()
         covered = [
             t.params if t.params else t.system_attrs.get("fixed_params", {})
             for t in self.study.get_trials(deepcopy=False)
-            if not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted"))
+            if not (t.state == TrialState.FAIL and t.number in retried)
         ]
         for point in self.spec.grid()[: self.spec.trials]:
             if point not in covered:
                 self.study.enqueue_trial(point)
 
     def run(self) -> list[TrialRow]:
-        """Run trials until ``spec.trials`` have finished (completed, pruned or failed), then write the table."""
+        """Run trials until ``spec.trials`` have finished (completed, pruned or failed), then write the table.
+
+        Raises:
+            ConfigError: a trial was rejected before training (then every trial would be).
+        """
         rerun = self.recover()
         if rerun:
             print(f"litune sweep: rerunning interrupted trial(s) {rerun}", flush=True)
@@ -287,28 +328,29 @@ class Sweep:
         todo = max(0, self.spec.trials - len(self._finished()))
         if todo == 0:
             print(f"litune sweep: all {self.spec.trials} trials already finished; nothing to run", flush=True)
-        slots = min(self.spec.parallel, todo) or 1
-        with ThreadPoolExecutor(max_workers=slots) as pool:
-            for error in pool.map(lambda slot: self._worker(slot, todo), range(slots)):
-                if error is not None:
-                    raise error
+        else:
+            jobs = min(self.spec.parallel, todo)
+            slots: queue.Queue[int] = queue.Queue()  # free device slots of parallel trials
+            for slot in range(jobs):
+                slots.put(slot)
+            # Optuna's own loop: it asks for trials (queued ones first), beats their heartbeat while they run, and
+            # records each outcome; TrialFailed is recorded as a failed trial, a ConfigError ends the sweep.
+            self.study.optimize(
+                lambda trial: self._objective(trial, slots), n_trials=todo, n_jobs=jobs, catch=(TrialFailed,)
+            )
         rows = self.rows()
         self.write_table(rows)
         return rows
 
-    def _claim(self, todo: int) -> Any | None:
-        with self._lock:
-            if self._started >= todo:
-                return None
-            self._started += 1
-            return self.study.ask(self.distributions)
-
-    def _worker(self, slot: int, todo: int) -> ConfigError | None:
-        while (trial := self._claim(todo)) is not None:
-            error = self._run_trial(trial, slot)
-            if error is not None:
-                return error
-        return None
+    def _objective(self, trial: Any, slots: queue.Queue[int]) -> float:
+        for parameter in self.spec.parameters:
+            parameter.suggest(trial)
+        trial.set_user_attr("run_dir", "")  # a retried trial inherits its predecessor's; this run writes its own
+        slot = slots.get()
+        try:
+            return self._run_trial(trial, slot)
+        finally:
+            slots.put(slot)
 
     def trial_args(self, trial: Any, slot: int) -> tuple[list[str], dict[str, str]]:
         """The ``litune fit`` arguments and extra environment of one trial."""
@@ -338,32 +380,29 @@ class Sweep:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot)
         return args, env
 
-    def _run_trial(self, trial: Any, slot: int) -> ConfigError | None:
-        from optuna.trial import TrialState
+    def _run_trial(self, trial: Any, slot: int) -> float:
+        """Run one trial's ``litune fit``; its metric, or raise ``TrialPruned``/``TrialFailed``/``ConfigError``."""
+        import optuna
 
         args, env = self.trial_args(trial, slot)
         values = ", ".join(f"{k}={v}" for k, v in trial.params.items())
         print(f"litune sweep: trial {trial.number} ({values})", flush=True)
         child = run_fit(args, env=env, log=self.folder / "logs" / f"trial-{trial.number:03d}.log")
         record = self._trial_record(trial.number)
-        with self._lock:
-            if child.returncode == 2 and not record:
-                # Rejected before training: the shared config or a searched field is wrong, and so is every trial.
-                self.study.tell(trial, state=TrialState.FAIL)
-                return ConfigError("--config/--sweep", f"trial {trial.number} was rejected:\n{child.tail(8)}", "fix it")
-            if child.returncode != 0:
-                self.study.tell(trial, state=TrialState.FAIL)
-                print(f"litune sweep: trial {trial.number} failed (exit {child.returncode}):\n{child.tail(5)}")
-            elif record.get("state") == "pruned":
-                self.study.tell(trial, state=TrialState.PRUNED)
-                print(f"litune sweep: trial {trial.number} pruned at step {record.get('step')}", flush=True)
-            elif record.get("value") is None:
-                self.study.tell(trial, state=TrialState.FAIL)
-                print(f"litune sweep: trial {trial.number} logged no {self.spec.metric}: is validation enabled?")
-            else:
-                self.study.tell(trial, float(record["value"]))
-                print(f"litune sweep: trial {trial.number} {self.spec.metric}={record['value']:.4f}", flush=True)
-        return None
+        if child.returncode == 2 and not record:
+            # Rejected before training: the shared config or a searched field is wrong, and so is every trial.
+            raise ConfigError("--config/--sweep", f"trial {trial.number} was rejected:\n{child.tail(8)}", "fix it")
+        if child.returncode != 0:
+            print(f"litune sweep: trial {trial.number} failed (exit {child.returncode}):\n{child.tail(5)}")
+            raise TrialFailed(f"exit {child.returncode}")
+        if record.get("state") == "pruned":
+            print(f"litune sweep: trial {trial.number} pruned at step {record.get('step')}", flush=True)
+            raise optuna.TrialPruned(f"pruned at step {record.get('step')}")
+        if record.get("value") is None:
+            print(f"litune sweep: trial {trial.number} logged no {self.spec.metric}: is validation enabled?")
+            raise TrialFailed(f"no {self.spec.metric}")
+        print(f"litune sweep: trial {trial.number} {self.spec.metric}={record['value']:.4f}", flush=True)
+        return float(record["value"])
 
     def _trial_record(self, number: int) -> dict[str, Any]:
         run_dir = self._run_dir(number)
