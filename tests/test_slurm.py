@@ -237,12 +237,13 @@ def test_job_whose_step_is_killed_resumes_from_its_last_checkpoint(
 
 @pytest.mark.slow
 def test_time_limit_signal_preempts_requeues_and_resumes(slurm, uninterrupted, tmp_path, corpus_dir, tokenizer_dir):
-    """A real time limit: with `--time=3 --signal=SIGUSR1@100` slurmctld itself signals the tasks ~100 s before it.
+    """A real time limit: with `--time=3 --signal=SIGUSR1@70` slurmctld itself signals the tasks ~70 s before it.
 
-    SLURM checks time limits only every ~30 s, so the signal comes 50-80 s after the start: the first attempt is held
-    at step 6 until its tasks received it (it must not arrive during start-up, before the handler is installed).
+    SLURM checks time limits only every ~30 s, so the signal comes 110-140 s after the start (with @100, 50-80 s: on a
+    loaded machine that was still during start-up, before litune's handler was installed, and SIGUSR1's default action
+    ended the job with exit 138): the first attempt is held at step 6 until its tasks received it.
     """
-    sbatch_args = ("--time=3", "--signal=SIGUSR1@100")
+    sbatch_args = ("--time=3", "--signal=SIGUSR1@70")
     job = submit(slurm, tmp_path, corpus_dir, tokenizer_dir, hold=True, until_signal=True, sbatch_args=sbatch_args)
     state = wait_for(
         slurm, tmp_path, job, lambda s: int(s["Restarts"]) > 0 or s["JobState"] in FINAL, "the requeue", timeout=400
