@@ -102,6 +102,22 @@ def _quantization_kwargs(quantize: str | None) -> dict[str, Any]:
     return {"quantization_config": nf4_config(), "device_map": {"": device}}
 
 
+def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights, which training cannot go through.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` in eval mode whose input needs no gradient (validation before
+    training, for one) repacks its weight in place into an inference-only layout (``quant_state.packing_format_for_cpu``)
+    and from then on, in training too, computes with bitsandbytes' inference kernel, which autograd does not
+    differentiate: ``litune fit`` with ``configs/peft/qlora.yaml`` failed at the first training step inside
+    ``matmul_4bit`` ("a view of a leaf Variable that requires grad is being used in an in-place operation"). With the
+    repacking off (``support_avx512bf16_for_cpu``, set per layer by bitsandbytes from the CPU's flags) every forward
+    takes the trainable path; CPU inference of a 4-bit model is slower for it. GPUs are unaffected.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def context_length(hf_config: PretrainedConfig) -> int:
     """The longest sequence a Hugging Face model's position table allows (no limit for rotary/relative positions)."""
     for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
@@ -190,6 +206,8 @@ class HFCausalLM(nn.Module):
                 # from_pretrained returns the model in eval mode; training must see the model's own dropout (as a model
                 # built from a config does, and as transformers' Trainer does by calling train()).
                 self.model.train()
+                if self.quantize is not None:
+                    keep_4bit_layers_trainable(self.model)
             else:
                 self.model = AutoModelForCausalLM.from_config(
                     self.hf_config,
