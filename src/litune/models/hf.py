@@ -107,11 +107,12 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
 
     On a CPU with AVX512-BF16, a ``Linear4bit`` in eval mode whose input needs no gradient (validation before
     training, for one) repacks its weight in place into an inference-only layout
-    (``quant_state.packing_format_for_cpu``) and from then on, in training too, computes with bitsandbytes' inference kernel, which autograd does not
-    differentiate: ``litune fit`` with ``configs/peft/qlora.yaml`` failed at the first training step inside
-    ``matmul_4bit`` ("a view of a leaf Variable that requires grad is being used in an in-place operation"). With the
-    repacking off (``support_avx512bf16_for_cpu``, set per layer by bitsandbytes from the CPU's flags) every forward
-    takes the trainable path; CPU inference of a 4-bit model is slower for it. GPUs are unaffected.
+    (``quant_state.packing_format_for_cpu``) and from then on, in training too, computes with bitsandbytes'
+    inference kernel, which autograd does not differentiate: ``litune fit`` with ``configs/peft/qlora.yaml`` failed
+    at the first training step inside ``matmul_4bit`` ("a view of a leaf Variable that requires grad is being used
+    in an in-place operation"). With the repacking off (``support_avx512bf16_for_cpu``, set per layer by bitsandbytes
+    from the CPU's flags) every forward takes the trainable path; CPU inference of a 4-bit model is slower for it.
+    GPUs are unaffected.
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
