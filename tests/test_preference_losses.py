@@ -100,12 +100,12 @@ def test_losses_and_gradients_are_finite_at_extreme_logps(loss_type: str) -> Non
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"beta": 0.0}, "model.loss.beta"),
-        ({"beta": -0.1}, "model.loss.beta"),
-        ({"type": "dpo2"}, "model.loss.type"),
-        ({"label_smoothing": 0.5}, "model.loss.label_smoothing"),
-        ({"type": "hinge", "label_smoothing": 0.1}, "model.loss.label_smoothing"),
-        ({"nll_weight": -1.0}, "model.loss.nll_weight"),
+        ({"beta": 0.0}, "model.preference.beta"),
+        ({"beta": -0.1}, "model.preference.beta"),
+        ({"type": "dpo2"}, "model.preference.loss"),
+        ({"label_smoothing": 0.5}, "model.preference.label_smoothing"),
+        ({"type": "hinge", "label_smoothing": 0.1}, "model.preference.label_smoothing"),
+        ({"nll_weight": -1.0}, "model.preference.nll_weight"),
     ],
 )
 def test_bad_loss_settings_name_the_field(kwargs: dict, field: str) -> None:

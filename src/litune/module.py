@@ -45,6 +45,7 @@ from litune.objective import (
     uninstall_look_ahead,
 )
 from litune.optim import LRSchedule, param_groups
+from litune.preference.objective import Preference, PreferenceObjective, units_counter
 from litune.tokenizer import TokenizerSource, load_tokenizer
 
 
@@ -103,6 +104,9 @@ class LitLM(L.LightningModule):
             names and checkpoints are unchanged) once the strategy has placed it. Works for every network family, with
             gradient checkpointing, DDP and DeepSpeed ZeRO-1/2; ZeRO-3 (parameters gathered by hooks at each call) is
             refused at start-up. The first steps are slower while the graphs compile.
+        preference: train on preference pairs (DPO, IPO, hinge, SimPO, ORPO) or KTO examples with this loss instead
+            of the SFT loss, with a reference model (``configs/dpo.yaml``; :mod:`litune.preference.objective`). The
+            data module must give preference batches (:class:`litune.preference.data.PreferenceDataModule`).
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class LitLM(L.LightningModule):
         nonfinite: Literal["skip", "stop"] = "skip",
         adapters: Adapters | None = None,
         compile: bool = False,
+        preference: Preference | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in ("skip", "stop"):
@@ -146,6 +151,9 @@ class LitLM(L.LightningModule):
             # DeepSpeed's own module states alike (DeepSpeed's exclude_frozen_parameters misses the second name of a
             # tied weight, e.g. GPT-2's lm_head). The private hook API exists in every torch release litune supports.
             self._register_state_dict_hook(_drop_frozen_base)
+        # The preference objective (None: the SFT loss); its frozen reference copy is no registered child of this
+        # module, so it is never trained, checkpointed or exported.
+        self.preference = PreferenceObjective(preference, network, adapters is not None) if preference else None
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule or LRSchedule()
         self.compile_network = compile
@@ -201,10 +209,32 @@ class LitLM(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             # Count each step's target tokens ahead of its first backward (see litune.objective).
-            install_look_ahead(self.trainer, targets_counter(self.network))
+            count = targets_counter(self.network)
+            if self.preference is not None:  # pairs, chosen tokens and all response tokens
+                count = units_counter(self.network, self.preference.loss.unpaired)
+            install_look_ahead(self.trainer, count)
+        if self.preference is not None and self.preference.mode == "precomputed":
+            self._precompute_reference()
         strategy = self.trainer.strategy
         if self._adapters_only() and hasattr(strategy, "exclude_frozen_parameters"):
             strategy.exclude_frozen_parameters = True  # DeepSpeed writes its own module states: leave the base out
+
+    def _precompute_reference(self) -> None:
+        """``reference: precomputed``: one pass of the frozen reference over the data, cached beside it; the copy is
+        dropped afterwards (its log-probs are all it is needed for)."""
+        assert self.preference is not None
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "attach_reference_logps"):
+            raise ConfigError(
+                "model.preference.reference",
+                "reference=precomputed needs a data module that stores reference log-probs",
+                "use litune.preference.data.PreferenceDataModule, or reference: copy",
+            )
+        if self.preference.reference is None:  # already attached in an earlier stage of this process
+            return
+        compute = self.preference.precompute_fn(self.network, self.trainer.strategy.root_device)
+        datamodule.attach_reference_logps(compute, self.preference.fingerprint())
+        self.preference.reference = None
 
     def teardown(self, stage: str) -> None:
         if stage == "fit":
@@ -237,6 +267,8 @@ class LitLM(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One micro-batch's share of the step objective ``sum of token losses / N`` (see :mod:`litune.objective`)."""
+        if self.preference is not None:
+            return self.preference.training_step(self, batch, batch_idx)
         batch = dict(batch)
         tag = batch.pop(BATCH_TAG, None)
         epoch = self.trainer.current_epoch
@@ -409,11 +441,27 @@ class LitLM(L.LightningModule):
             "configs/strategy/fsdp2.yaml to change the world size between resumes",
         )
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput | None:
+        if self.preference is not None:
+            return self.preference.eval_step(self, batch)
         return self._eval_step(batch, "val", self.val_ppl)
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput:
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput | None:
+        if self.preference is not None:
+            return self.preference.eval_step(self, batch)
         return self._eval_step(batch, "test", self.test_ppl)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.preference is not None:
+            self.preference.on_eval_epoch_start()
+
+    def on_test_epoch_start(self) -> None:
+        if self.preference is not None:
+            self.preference.on_eval_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        if self.preference is not None:
+            self.preference.on_eval_epoch_end(self, "test")
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, ppl: Perplexity) -> LMOutput:
         out = self.network(**self._network_inputs(batch))
@@ -426,6 +474,8 @@ class LitLM(L.LightningModule):
         return out
 
     def on_validation_epoch_end(self) -> None:
+        if self.preference is not None:
+            self.preference.on_eval_epoch_end(self, "val")
         self._last_val_step = self.global_step  # lets the CLI skip a redundant final validation
 
     def configure_model(self) -> None:
@@ -438,6 +488,8 @@ class LitLM(L.LightningModule):
             build(shard=shard) if shard is not None else build()
             if self.adapters is not None and peft_model_of(self.network) is None:
                 add_adapters(self.network, self.adapters)
+            if self.preference is not None:
+                self.preference.prepare_reference(self.network)
         if self.compile_network and getattr(self.network, "_compiled_call_impl", None) is None:
             # In place: the module (and its state_dict keys) stays the same object; only its __call__ is compiled.
             self.network.compile()

@@ -280,16 +280,34 @@ class HFCausalLM(nn.Module):
                 derived from them (transformers builds a block-diagonal causal mask from restarting positions when
                 no 2-D mask is passed), so attention never crosses documents.
         """
+        if use_chunked_loss(self.loss_chunk_size, labels):
+            hidden, head, targets = self.output_features(input_ids, attention_mask, labels, position_ids)
+            return chunked_lm_output(hidden, head, targets, self.loss_chunk_size)
         if position_ids is not None:
             attention_mask = None
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        if use_chunked_loss(self.loss_chunk_size, labels):
-            # The body alone (its last hidden state is after the final norm); the head runs chunk by chunk.
-            hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
-            head = self.model.get_output_embeddings()
-            return chunked_lm_output(hidden, head, causal_targets(labels), self.loss_chunk_size)
         out = self.model(**inputs, use_cache=False)
         return causal_lm_output(out.logits, labels)
+
+    def output_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, nn.Module, torch.Tensor | None]:
+        """What the output layer sees, for losses that run it themselves (chunk by chunk): the body alone (its last
+        hidden state is after the final norm) and the head. Needs a plain head (no logit soft-capping after it).
+
+        Returns:
+            ``(hidden [B, T, d_model], lm_head, targets [B, T] or None)``.
+        """
+        if position_ids is not None:
+            attention_mask = None
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
+        return hidden, self.model.get_output_embeddings(), None if labels is None else causal_targets(labels)
 
     @torch.no_grad()
     def generate(

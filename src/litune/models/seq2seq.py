@@ -292,6 +292,18 @@ class Seq2SeqLM(TransformerLM):
         Returns:
             :class:`LMOutput` with ``logits [B, T, vocab_size]`` and ``targets = labels``.
         """
+        if use_chunked_loss(self.config.loss_chunk_size, labels):
+            hidden, head, targets = self.output_features(input_ids, attention_mask, labels, decoder_input_ids)
+            return chunked_lm_output(hidden, head, targets, self.config.loss_chunk_size)
+        decoder_input_ids, decoder_padding = self._decoder_inputs(labels, decoder_input_ids)
+        memory, memory_mask = self.encode(input_ids, attention_mask)
+        logits, _ = self.decode(decoder_input_ids, memory, memory_mask, decoder_padding)
+        return lm_output(logits, labels)
+
+    def _decoder_inputs(
+        self, labels: torch.Tensor | None, decoder_input_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher-forced decoder input and its padding mask ``[B, T]`` (None when no label is ignored)."""
         if decoder_input_ids is None:
             if labels is None:
                 raise ConfigError("batch", "a seq2seq forward needs labels or decoder_input_ids", "add 'labels'")
@@ -301,12 +313,25 @@ class Seq2SeqLM(TransformerLM):
             # Padding keys: the shifted position of every ignored label (causality already hides the trailing ones;
             # this also masks padding inside a row).
             decoder_padding = F.pad(labels[:, :-1] != IGNORE_INDEX, (1, 0), value=True)
+        return decoder_input_ids, decoder_padding
+
+    def output_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, nn.Module, torch.Tensor | None]:
+        """What the output layer sees, for losses that run it themselves (chunk by chunk).
+
+        Returns:
+            ``(decoder hidden [B, T, d_model], lm_head, targets [B, T] = labels)``.
+        """
+        decoder_input_ids, decoder_padding = self._decoder_inputs(labels, decoder_input_ids)
         memory, memory_mask = self.encode(input_ids, attention_mask)
-        if use_chunked_loss(self.config.loss_chunk_size, labels):
-            hidden, _ = self.decoder_states(decoder_input_ids, memory, memory_mask, decoder_padding)
-            return chunked_lm_output(hidden, self.lm_head, labels, self.config.loss_chunk_size)
-        logits, _ = self.decode(decoder_input_ids, memory, memory_mask, decoder_padding)
-        return lm_output(logits, labels)
+        hidden, _ = self.decoder_states(decoder_input_ids, memory, memory_mask, decoder_padding)
+        return hidden, self.lm_head, labels
 
     @torch.no_grad()
     def generate(

@@ -403,6 +403,23 @@ class DecoderLM(TransformerLM):
         Returns:
             :class:`LMOutput` with ``logits [B, T, vocab_size]``.
         """
+        x, past = self._hidden(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        if use_chunked_loss(self.config.loss_chunk_size, labels):
+            return chunked_lm_output(
+                x, self.lm_head, causal_targets(labels), self.config.loss_chunk_size, past_key_values=past
+            )
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        return causal_lm_output(logits, labels, past_key_values=past)
+
+    def _hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """The body: final hidden states ``[B, T, d_model]`` (after ``ln_f``, before ``lm_head``) and the cache."""
         _, T = input_ids.shape
         past_len = past_key_values[0][0].size(2) if past_key_values else 0
         check_length(past_len + T, self.max_seq_len)
@@ -423,14 +440,24 @@ class DecoderLM(TransformerLM):
                 x, kv = block(x, mask, True, past)
             if use_cache:  # only then: holding every layer's keys/values would undo checkpointing's saving
                 cache.append(kv)
-        x = self.ln_f(x)
-        past = cache if use_cache else None
-        if use_chunked_loss(self.config.loss_chunk_size, labels):
-            return chunked_lm_output(
-                x, self.lm_head, causal_targets(labels), self.config.loss_chunk_size, past_key_values=past
-            )
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        return causal_lm_output(logits, labels, past_key_values=past)
+        return self.ln_f(x), (cache if use_cache else None)
+
+    def output_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, nn.Module, torch.Tensor | None]:
+        """What the output layer sees, for losses that run it themselves (per-sequence log-probs chunk by chunk).
+
+        Returns:
+            ``(hidden [B, T, d_model], lm_head, targets [B, T] or None)``: ``lm_head(hidden)`` are the logits of
+            :meth:`forward`, ``targets`` its shifted labels.
+        """
+        hidden, _ = self._hidden(input_ids, attention_mask, position_ids)
+        return hidden, self.lm_head, None if labels is None else causal_targets(labels)
 
     @torch.no_grad()
     def generate(

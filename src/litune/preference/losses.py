@@ -32,12 +32,12 @@ LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"
 REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "orpo"})
 """Losses that use no reference model."""
 
-FIELD = "model.loss"
+FIELD = "model.preference"
 
 
 @dataclass(frozen=True)
 class PreferenceLoss:
-    """Which preference loss, and its settings (``model.loss`` in a config).
+    """Which preference loss, and its settings (the loss fields of ``model.preference`` in a config).
 
     Args:
         type: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``simpo`` (reference-free, length-normalised, margin ``gamma``),
@@ -62,7 +62,7 @@ class PreferenceLoss:
 
     def __post_init__(self) -> None:
         if self.type not in LOSS_TYPES:
-            raise ConfigError(f"{FIELD}.type", f"{self.type!r} is not a preference loss", f"use one of {LOSS_TYPES}")
+            raise ConfigError(f"{FIELD}.loss", f"{self.type!r} is not a preference loss", f"use one of {LOSS_TYPES}")
         if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(
                 f"{FIELD}.beta", f"beta={self.beta!r} must be a positive number", "use e.g. beta: 0.1 (DPO)"
