@@ -88,7 +88,7 @@ class PreferenceSpec:
 
     def files(self, path: str, name: str = "path") -> list[Path]:
         if path == STDLIB_PAIRS:
-            return [stdlib_pairs_file(DEFAULT_CACHE)]
+            return [stdlib_pairs_file(DEFAULT_CACHE, unpaired=self.format == "unpaired")]
         files = sources.resolve_local_files(path, f"{FIELD}.{name}")
         if files is None:
             raise ConfigError(f"{FIELD}.{name}", f"{path!r} is not a local file, folder or glob", "give local files")

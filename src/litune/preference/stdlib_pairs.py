@@ -44,15 +44,26 @@ def stdlib_pairs(max_pairs: int = 4000, context_lines: int = 3, seed: int = 0) -
     return pairs[:max_pairs]
 
 
-def stdlib_pairs_file(root: Path, max_pairs: int = 4000) -> Path:
-    """The pairs of :func:`stdlib_pairs` as a JSON Lines file under ``root`` (written once, atomically)."""
-    path = Path(root) / "preference" / f"stdlib-pairs-v{VERSION}-{max_pairs}.jsonl"
+def stdlib_examples(max_pairs: int = 4000) -> list[dict]:
+    """KTO's unpaired ``{"prompt", "completion", "label"}`` rows: of each pair, alternately its chosen line
+    (desirable) or its rejected line (undesirable), so no prompt appears twice."""
+    return [
+        {"prompt": p["prompt"], "completion": p["chosen" if i % 2 == 0 else "rejected"], "label": i % 2 == 0}
+        for i, p in enumerate(stdlib_pairs(max_pairs))
+    ]
+
+
+def stdlib_pairs_file(root: Path, max_pairs: int = 4000, unpaired: bool = False) -> Path:
+    """The rows of :func:`stdlib_pairs` (or :func:`stdlib_examples`) as a JSON Lines file under ``root`` (written
+    once, atomically)."""
+    kind = "examples" if unpaired else "pairs"
+    path = Path(root) / "preference" / f"stdlib-{kind}-v{VERSION}-{max_pairs}.jsonl"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with tmp.open("w") as fh:
-        for row in stdlib_pairs(max_pairs):
+        for row in stdlib_examples(max_pairs) if unpaired else stdlib_pairs(max_pairs):
             fh.write(json.dumps(row) + "\n")
     tmp.replace(path)
     return path
