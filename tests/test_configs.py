@@ -35,6 +35,8 @@ def cli_args(config: Path, tiny_gpt2_dir: Path, corpus_dir: Path) -> list[str]:
     tree = yaml.safe_load(config.read_text()) or {}
     whole = _get(tree, "model.network") is not None and _get(tree, "data") is not None
     args = [] if whole else ["--config", str(TINY), f"--model.tokenizer={tiny_gpt2_dir}"]
+    if config.parent.name == "preference":  # loss fragments compose onto the preference quickstart
+        args = ["--config", str(REPO / "configs" / "dpo.yaml"), f"--model.tokenizer={tiny_gpt2_dir}"]
     args += ["--config", str(config)]
     if isinstance(_get(tree, "model.tokenizer"), str):
         args.append(f"--model.tokenizer={tiny_gpt2_dir}")

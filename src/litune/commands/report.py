@@ -28,6 +28,8 @@ PLOTS: dict[str, tuple[str, list[str]]] = {
     "perplexity": ("perplexity", ["train/ppl", "val/ppl"]),
     "learning_rate": ("learning rate", ["lr"]),  # "lr": any LearningRateMonitor key (lr-AdamW, lr-SGD/pg1, ...)
     "tokens_per_sec": ("tokens/s (all devices)", ["perf/tokens_per_sec"]),
+    "rewards": ("reward accuracy (preference runs)", ["train/rewards/accuracy", "val/rewards/accuracy"]),
+    "reward_margin": ("reward margin (preference runs)", ["train/rewards/margin", "val/rewards/margin"]),
 }
 """Plot file stem -> (y label, metric keys)."""
 
@@ -144,7 +146,15 @@ def summary_rows(run: Run) -> dict[str, float | None]:
         "mean MFU": _mean(m.get("perf/mfu")),
         "peak memory (GiB)": _max(m.get("memory/peak_gib")),
         "wall time": elapsed if elapsed is not None else run.wall_time_s,
+        **{f"final {key}": run.last(key) for key in PREFERENCE_METRICS},
     }
+
+
+PREFERENCE_METRICS = (
+    "val/rewards/accuracy", "val/rewards/margin", "val/rewards/chosen", "val/rewards/rejected", "val/logps/chosen",
+    "val/logps/rejected", "train/rewards/accuracy", "train/rewards/margin",
+)  # fmt: skip
+"""Rows of preference runs (``model.preference``), shown when some run logged them."""
 
 
 def format_value(key: str, value: float | None) -> str:
@@ -165,6 +175,8 @@ def summary_table(runs: list[Run]) -> str:
     rows = [summary_rows(r) for r in runs]
     lines = ["| metric | " + " | ".join(r.name for r in runs) + " |", "|---|" + "---|" * len(runs)]
     for key in rows[0]:
+        if key.removeprefix("final ") in PREFERENCE_METRICS and all(row[key] is None for row in rows):
+            continue
         lines.append(f"| {key} | " + " | ".join(format_value(key, row[key]) for row in rows) + " |")
     return "\n".join(lines)
 

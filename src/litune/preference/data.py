@@ -32,7 +32,6 @@ from typing import Any, Literal
 import datasets
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from litune.data import cache, sources
@@ -77,7 +76,8 @@ class PreferenceSpec:
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
             raise ConfigError(
                 f"{FIELD}.max_prompt_length",
-                f"max_prompt_length={self.max_prompt_length} leaves no room for a response in max_length={self.max_length}",
+                f"max_prompt_length={self.max_prompt_length} leaves no room for a response in "
+                f"max_length={self.max_length}",
                 "use a max_prompt_length below max_length (or null to keep whole prompts)",
             )
         if not 0.0 <= self.val_fraction < 1.0:
@@ -205,8 +205,9 @@ class RowTokenizer:
         prompt, cut = self.prompt(head)
         chosen, cut_c = self.response(prompt, chosen_text, file, row, spec.chosen_column, "chosen_column")
         rejected, cut_r = self.response(prompt, rejected_text, file, row, spec.rejected_column, "rejected_column")
-        return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
-                "length": len(prompt) + max(len(chosen), len(rejected)), "truncated": int(cut or cut_c or cut_r)}  # fmt: skip
+        length = len(prompt) + max(len(chosen), len(rejected))
+        return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "length": length,
+                "truncated": int(cut or cut_c or cut_r)}  # fmt: skip
 
 
 def tokenize_files(spec: PreferenceSpec, files: list[Path], tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:

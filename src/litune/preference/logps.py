@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from litune.models.output import IGNORE_INDEX, causal_targets
+from litune.models.output import IGNORE_INDEX
 
 NETWORK_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "decoder_input_ids")
 """Batch keys a network's forward takes (the rest of a preference batch is for the loss)."""
@@ -33,9 +33,7 @@ def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -
     return -F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
-def chunked_token_logps(
-    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
+def chunked_token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """``log_softmax(head(hidden))`` at ``targets``, ``chunk_size`` rows of logits at a time.
 
     Args:
@@ -52,7 +50,9 @@ def chunked_token_logps(
     parts = []
     for start in range(0, rows.size(0), chunk_size):
         h, t = rows[start : start + chunk_size], flat[start : start + chunk_size]
-        parts.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False) if needs_grad else _chunk_logps(head, h, t))
+        parts.append(
+            checkpoint(_chunk_logps, head, h, t, use_reentrant=False) if needs_grad else _chunk_logps(head, h, t)
+        )
     return torch.cat(parts).view_as(targets)
 
 
@@ -77,9 +77,10 @@ def token_logps(
         hidden, head, targets = features(**inputs)
         logps = chunked_token_logps(hidden, head, targets, chunk_size)
     else:
-        labels = inputs.pop("labels")
-        logits = network(**inputs).logits  # [B, T, V]
-        targets = getattr(network, "targets_from_labels", causal_targets)(labels)
+        out = network(**inputs)  # the network's own forward: full logits [B, T, V] and the aligned targets
+        if out.logits is None:
+            raise RuntimeError("the network took its loss chunk by chunk and kept no logits: set logps_chunk_size")
+        logits, targets = out.logits, out.targets
         logps = -F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(targets)
@@ -99,9 +100,7 @@ class SequenceLogps:
     tokens: torch.Tensor
 
 
-def sequence_logps(
-    network: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = 1024
-) -> SequenceLogps:
+def sequence_logps(network: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = 1024) -> SequenceLogps:
     """Summed log-probs of each row's response (its non-ignored targets); see :func:`token_logps`."""
     logps, mask = token_logps(network, batch, chunk_size)
     return SequenceLogps(logps.sum(-1), mask.sum(-1))

@@ -308,7 +308,9 @@ class PreferenceObjective:
         stats = module.trainer.strategy.reduce(self._window_stats, reduce_op="sum").tolist()
         counted = self._step_counts.tolist()
         if int(stats[_STATS.index("units")]) != counted[0]:
-            raise RuntimeError(f"the step trained on {stats[_STATS.index('units')]} pairs but {counted[0]} were counted")
+            raise RuntimeError(
+                f"the step trained on {stats[_STATS.index('units')]} pairs but {counted[0]} were counted"
+            )
         module._window_checked = True
         if should_log:
             for name, value in self.metrics(stats).items():

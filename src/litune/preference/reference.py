@@ -24,13 +24,21 @@ from torch import nn
 
 from litune.models.adapters import peft_model_of
 
+_DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "attn_dropout", "dropout_p")
+"""Float attributes through which attention layers pass a dropout probability to SDPA (litune's ``SelfAttention``
+``dropout``, Llama-style ``attention_dropout``); ``nn.Dropout`` modules are handled by type."""
+
 
 def disable_dropout(module: nn.Module) -> None:
-    """Set every ``nn.Dropout``'s probability to 0 (as TRL does by default), so the policy's log-probs are
-    deterministic and equal the reference's when the weights are equal (DPO's loss is then exactly ``ln 2``)."""
+    """Set every dropout probability to 0 (as TRL does by default), so the policy's log-probs are deterministic and
+    equal the reference's when the weights are equal (DPO's loss is then exactly ``ln 2``): ``nn.Dropout`` modules and
+    the float dropout attributes of attention layers."""
     for child in module.modules():
         if isinstance(child, nn.Dropout):
             child.p = 0.0
+        for name in _DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(child, name, None), float) and not isinstance(getattr(child, name), bool):
+                setattr(child, name, 0.0)
 
 
 def frozen_copy(network: nn.Module) -> nn.Module:

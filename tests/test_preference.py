@@ -1,0 +1,317 @@
+"""The preference objective through the real Trainer: exactness, references, chunked log-probs, data, bad input.
+
+Tiny real networks (litune's decoder, a Hugging Face GPT-2, the encoder-decoder) train on token-level pairs whose
+prompts and responses have uneven lengths, in fp32, with SGD + momentum (a wrongly weighted gradient shows in the
+weights; Adam would hide a constant factor). Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from litune.cli import main
+from litune.errors import ConfigError
+from litune.models.adapters import Adapters
+from litune.models.hf import HFCausalLM
+from litune.models.output import IGNORE_INDEX
+from litune.models.seq2seq import Seq2SeqLM
+from litune.models.transformer import DecoderLM
+from litune.module import LitLM
+from litune.preference.data import PreferenceCollator, PreferenceDataModule
+from litune.preference.logps import token_logps
+from litune.preference.objective import Preference
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 61
+TOLERANCE = 1e-5
+
+
+def token_pairs(n: int, seed: int = 0) -> list[dict]:
+    """``n`` pairs of random tokens: prompts of 1-9 tokens, responses of 1-24 (very uneven), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (), generator=g))  # noqa: E731
+    ids = lambda k: torch.randint(1, VOCAB, (k,), generator=g).tolist()  # noqa: E731
+    return [{"prompt_ids": ids(rand(1, 10)), "chosen_ids": ids(rand(1, 25)), "rejected_ids": ids(rand(1, 25))}
+            for _ in range(n)]  # fmt: skip
+
+
+def decoder() -> DecoderLM:
+    return DecoderLM(d_model=16, nhead=2, num_decoder_layers=1, vocab_size=VOCAB, max_seq_len=64, dropout=0.1)
+
+
+def hf_gpt2() -> HFCausalLM:
+    return HFCausalLM(config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": VOCAB,
+                              "n_positions": 64})  # fmt: skip
+
+
+def system(preference: Preference, seed: int = 0, adapters: Adapters | None = None, net=decoder) -> LitLM:
+    torch.manual_seed(seed)
+    network = net()
+    return LitLM(network, optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9), preference=preference,
+                 adapters=adapters)  # fmt: skip
+
+
+def fit(module: LitLM, data, batch_size: int, accumulate: int, steps: int, **trainer_kwargs) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, accumulate_grad_batches=accumulate, logger=False, limit_val_batches=0,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+    )  # fmt: skip
+    if isinstance(data, L.LightningDataModule):
+        trainer.fit(module, data)
+    else:
+        trainer.fit(module, DataLoader(data, batch_size=batch_size, collate_fn=PreferenceCollator(0)))
+    return trainer
+
+
+def params(module: LitLM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.network.state_dict().items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- chunked log-probs
+@pytest.mark.parametrize("family", ["decoder", "hf-gpt2", "seq2seq"])
+def test_chunked_logps_equal_the_plain_ones_in_value_and_gradient(family: str) -> None:
+    torch.manual_seed(0)
+    if family == "seq2seq":
+        network = Seq2SeqLM(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, vocab_size=VOCAB,
+                            max_seq_len=64, dropout=0.0)  # fmt: skip
+        batch = {"input_ids": torch.randint(1, VOCAB, (3, 7)), "labels": torch.randint(1, VOCAB, (3, 9))}
+        batch["labels"][0, 5:] = IGNORE_INDEX
+    else:
+        network = decoder() if family == "decoder" else hf_gpt2()
+        network.eval()
+        batch = PreferenceCollator(0)(token_pairs(3))
+    results = []
+    for chunk in (7, None):
+        network.zero_grad()
+        logps, mask = token_logps(network, batch, chunk)
+        (logps.sum(-1) * torch.arange(1.0, logps.size(0) + 1)).sum().backward()
+        results.append((logps.detach(), mask, [p.grad.clone() for p in network.parameters() if p.grad is not None]))
+    (chunked, mask, grads), (plain, plain_mask, plain_grads) = results
+    assert torch.equal(mask, plain_mask) and mask.sum() > 0
+    assert (chunked[~mask] == 0).all()
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    for g, h in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+RPO = Preference(loss="sigmoid", beta=0.5, nll_weight=1.0, logps_chunk_size=16)
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict:
+    """2 optimizer steps of 4 pairs (RPO: DPO + token-weighted NLL) at micro-batch 4, 2 x 2 and 1 x 4."""
+    data = token_pairs(8)
+    out = {}
+    for micro, acc in ((4, 1), (2, 2), (1, 4)):
+        module = system(RPO)
+        initial = params(module)
+        fit(module, data, micro, acc, steps=2)
+        out[micro] = {"module": module, "params": params(module), "initial": initial}
+    return out
+
+
+def test_micro_batch_and_accumulation_train_the_same_parameters(trained: dict) -> None:
+    moved = max_diff(trained[4]["params"], trained[4]["initial"])
+    assert moved > 1e-2, "training moved the weights"
+    for micro in (2, 1):
+        diff = max_diff(trained[micro]["params"], trained[4]["params"])
+        print(f"\nmicro {micro} x accumulation {4 // micro} vs micro 4: max parameter difference {diff:.3g}")
+        assert diff < TOLERANCE
+
+
+def test_the_mean_of_means_would_differ_far_beyond_the_tolerance() -> None:
+    """Teeth: each micro-batch's own mean (pairs and chosen tokens per micro-batch) gives another gradient."""
+    module = system(RPO)
+    batch = PreferenceCollator(0)(token_pairs(4))
+    grads = []
+    for parts in (1, 4):
+        module.network.zero_grad()
+        for i in range(parts):
+            rows = token_pairs(4)[i * 4 // parts : (i + 1) * 4 // parts]
+            b = PreferenceCollator(0)(rows)
+            pair_sum, nll_sum, stats = module.preference.terms(module.network, b, b)
+            units, tokens = stats[8], stats[9]
+            ((pair_sum / units + nll_sum / tokens) / parts).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in module.network.parameters()]))
+    assert batch["input_ids"].size(0) == 8
+    assert (grads[0] - grads[1]).abs().max() > 1000 * TOLERANCE * grads[0].abs().max()
+
+
+def test_dpo_starts_at_ln2_and_the_reference_is_never_trained_or_saved(trained: dict) -> None:
+    fresh = system(RPO)
+    batch = PreferenceCollator(0)(token_pairs(4))
+    pair_sum, _, stats = fresh.preference.terms(fresh.network, batch, batch)
+    assert pair_sum.item() / 4 == pytest.approx(math.log(2), abs=1e-6), "dropout is off: policy == reference"
+    assert stats[2].item() == stats[3].item() == 0.0  # both rewards are 0 at the start
+    module = trained[4]["module"]
+    reference = module.preference.reference.state_dict()
+    assert all(torch.equal(reference[k], trained[4]["initial"][k]) for k in reference), "bit-identical after training"
+    assert not any("reference" in k for k in module.state_dict()), "the reference is not checkpointed"
+    assert not any(p.requires_grad for p in module.preference.reference.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- references
+def test_adapters_as_reference_train_what_an_explicit_frozen_copy_trains() -> None:
+    adapters = Adapters(r=4, alpha=8, target_modules="all-linear")
+    data = token_pairs(8, seed=1)
+    runs = {}
+    for mode in ("adapters", "copy"):
+        module = system(Preference(beta=0.5, reference=mode, logps_chunk_size=16), adapters=adapters)
+        fit(module, data, 4, 1, steps=2)
+        runs[mode] = module
+    diff = max_diff(params(runs["adapters"]), params(runs["copy"]))
+    assert diff < TOLERANCE
+    assert runs["adapters"].preference.reference is None, "no second copy of the weights"
+    batch = PreferenceCollator(0)(data[:4])
+    ref_a = runs["adapters"].preference.reference_logps(runs["adapters"].network, batch)
+    ref_c = runs["copy"].preference.reference_logps(runs["copy"].network, batch)
+    torch.testing.assert_close(ref_a, ref_c, rtol=1e-6, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from litune.preference.stdlib_pairs import stdlib_pairs
+
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in stdlib_pairs(24)))
+    return path
+
+
+def test_precomputed_reference_trains_what_the_live_one_trains_and_is_cached(pair_file, tokenizer_dir, tmp_path):
+    def data() -> PreferenceDataModule:
+        return PreferenceDataModule(str(tokenizer_dir), str(pair_file), max_length=64, max_prompt_length=32,
+                                    batch_size=4, val_fraction=0, cache_dir=str(tmp_path), shuffle=False)  # fmt: skip
+
+    def gpt2() -> HFCausalLM:
+        return HFCausalLM(config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 512,
+                                  "n_positions": 64})  # fmt: skip
+
+    runs = {}
+    for mode in ("precomputed", "copy"):
+        module = system(Preference(beta=0.5, reference=mode, logps_chunk_size=16), net=gpt2)
+        fit(module, data(), 4, 1, steps=3)
+        runs[mode] = params(module)
+    assert max_diff(runs["precomputed"], runs["copy"]) < TOLERANCE
+    cached = list(tmp_path.glob("data/*/reference-*/train.pt"))
+    assert len(cached) == 1 and torch.load(cached[0]).shape == (24, 2)
+    # A second run finds the cached log-probs: the reference is never run again.
+    module = system(Preference(beta=0.5, reference="precomputed", logps_chunk_size=16), net=gpt2)
+    dm = data()
+    dm.setup("fit")
+    dm.attach_reference_logps(lambda batch: pytest.fail("recomputed"), module.preference.fingerprint())
+    assert "ref_logps" in dm.train_set.column_names
+
+
+# ---------------------------------------------------------------------------------------------- KTO
+def test_kto_trains_on_unpaired_examples() -> None:
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt_ids": torch.randint(1, VOCAB, (3,), generator=g).tolist(),
+             "completion_ids": torch.randint(1, VOCAB, (1 + i % 5,), generator=g).tolist(), "desirable": i % 3 != 0}
+            for i in range(8)]  # fmt: skip
+    module = system(Preference(loss="kto", beta=0.5, logps_chunk_size=16))
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)  # fmt: skip
+    trainer.fit(module, DataLoader(rows, batch_size=4, collate_fn=PreferenceCollator(0, unpaired=True, max_length=64)))
+    metrics = trainer.callback_metrics
+    assert math.isfinite(float(metrics["train/loss"])) and float(metrics["train/kl"]) >= 0
+
+
+# ---------------------------------------------------------------------------------------------- data
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_truncation_keeps_the_prompt_end_and_the_response_start(tokenizer_dir, tmp_path) -> None:
+    rows = [{"prompt": "one two three four five six seven eight nine ten", "chosen": "alpha beta gamma delta epsilon",
+             "rejected": "x"}]  # fmt: skip
+    dm = PreferenceDataModule(str(tokenizer_dir), str(write_rows(tmp_path / "p.jsonl", rows)), max_prompt_length=4,
+                              max_length=7, val_fraction=0, cache_dir=str(tmp_path))  # fmt: skip
+    dm.setup("fit")
+    row, tok = dm.train_set[0], dm.tokenizer
+    full_prompt = tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"]
+    full_chosen = tok(rows[0]["chosen"], add_special_tokens=False)["input_ids"]
+    assert row["prompt_ids"] == full_prompt[-4:]
+    assert row["chosen_ids"] == full_chosen[:3]
+    assert row["rejected_ids"] == tok("x", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    batch = dm.collator()([row])
+    assert batch["input_ids"].shape[0] == 2 and (batch["labels"][:, :4] == IGNORE_INDEX).all()
+
+
+def test_chat_messages_are_rendered_with_the_chat_template(tokenizer_dir, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "chat-tokenizer"
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
+    tok.save_pretrained(folder)
+    rows = [{"prompt": [{"role": "user", "content": "hi there"}], "chosen": [{"role": "assistant", "content": "hello"}],
+             "rejected": [{"role": "assistant", "content": "go away"}]}]  # fmt: skip
+    dm = PreferenceDataModule(str(folder), str(write_rows(tmp_path / "c.jsonl", rows)), val_fraction=0,
+                              cache_dir=str(tmp_path))  # fmt: skip
+    dm.setup("fit")
+    row = dm.train_set[0]
+    assert tok.decode(row["prompt_ids"]) == "<user>hi there</s><assistant>"
+    assert tok.decode(row["chosen_ids"][:-1]) == "hello</s>" and row["chosen_ids"][-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize(
+    ("row", "settings", "words"),
+    [
+        ({"prompt": "p", "chosen": "a"}, {}, ["row 2", "'rejected'", "rejected_column"]),
+        ({"prompt": "p", "chosen": "a", "rejected": "  "}, {}, ["row 2", "'rejected'", "missing or empty"]),
+        ({"prompt": "a b c d e f g h", "chosen": "a", "rejected": "b"}, {"max_prompt_length": None, "max_length": 4},
+         ["row 2", "'chosen'", "no token left after truncation", "max_length"]),
+    ],
+)  # fmt: skip
+def test_bad_rows_are_refused_with_file_row_and_field(row, settings, words, tokenizer_dir, tmp_path) -> None:
+    path = write_rows(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, row])
+    dm = PreferenceDataModule(str(tokenizer_dir), str(path), val_fraction=0, cache_dir=str(tmp_path), **settings)
+    with pytest.raises(ConfigError) as err:
+        dm.setup("fit")
+    message = str(err.value)
+    assert str(path) in message and "Fix:" in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "words"),
+    [
+        ({"beta": 0.0}, "model.preference.beta", ["positive"]),
+        ({"beta": -1.0}, "model.preference.beta", ["positive"]),
+        ({"loss": "simpo", "reference": "copy"}, "model.preference.reference", ["reference-free"]),
+        ({"loss": "sigmoid", "reference": "none"}, "model.preference.reference", ["needs a reference"]),
+        ({"logps_chunk_size": 0}, "model.preference.logps_chunk_size", []),
+    ],
+)
+def test_bad_preference_settings_name_the_field_and_the_fix(settings, field, words) -> None:
+    with pytest.raises(ConfigError) as err:
+        Preference(**settings)
+    assert err.value.field == field and err.value.fix
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_the_cli_refuses_a_bad_preference_config_before_training(tokenizer_dir, tmp_path, capsys) -> None:
+    args = ["fit", "--config", str(REPO / "configs" / "dpo.yaml"), f"--model.tokenizer={tokenizer_dir}",
+            "--model.preference.loss=orpo", "--model.preference.reference=copy",
+            f"--runs_dir={tmp_path / 'runs'}"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "model.preference.reference" in err and "reference-free" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
