@@ -1,4 +1,5 @@
-"""Preference pairs built from real text every machine has: the Python standard library's source (offline quickstart).
+"""Preference pairs built from real text that ships with litune: the Python standard library's source (the snapshot of
+:mod:`litune.data.stdlib`), for the offline preference quickstart.
 
 Each pair's prompt is a few consecutive lines of a standard-library module; the chosen response is the line that
 really follows; the rejected response is that same line with its words in reverse order (same tokens, so the length
@@ -12,7 +13,7 @@ import os
 import random
 from pathlib import Path
 
-from litune.data.stdlib import stdlib_python_files
+from litune.data.stdlib import SNAPSHOT_VERSION, stdlib_python_files
 
 STDLIB_PAIRS = "stdlib"
 """The ``data.path`` that means "pairs built from the standard library" (:func:`stdlib_pairs_file`)."""
@@ -57,7 +58,7 @@ def stdlib_pairs_file(root: Path, max_pairs: int = 4000, unpaired: bool = False)
     """The rows of :func:`stdlib_pairs` (or :func:`stdlib_examples`) as a JSON Lines file under ``root`` (written
     once, atomically)."""
     kind = "examples" if unpaired else "pairs"
-    path = Path(root) / "preference" / f"stdlib-{kind}-v{VERSION}-{max_pairs}.jsonl"
+    path = Path(root) / "preference" / f"stdlib-{SNAPSHOT_VERSION}-{kind}-v{VERSION}-{max_pairs}.jsonl"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
