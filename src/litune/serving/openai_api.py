@@ -332,6 +332,11 @@ class GenerationAPI(ls.LitAPI):
         self.network, self.tokenizer = network, tokenizer
 
     def setup(self, device: str) -> None:
+        import signal
+
+        # Ctrl-C reaches the whole process group; the main process stops this worker itself (SIGTERM), so the
+        # worker ignores SIGINT instead of dying mid-batch with a KeyboardInterrupt traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.network = self.network.to(device).eval()
         self.stop_ids = engine.stop_token_ids(self.tokenizer, self.network)
 
