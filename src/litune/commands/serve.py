@@ -70,12 +70,19 @@ def stop_on_signals(server: object) -> None:
 
     LitServe's KeyboardInterrupt path can hang: the interrupt lands while the main thread waits on the event through
     its multiprocessing-manager connection, and its clean-up then waits on that broken connection forever (litserve
-    0.2.19). Setting the event from another thread (its own manager connection) takes the normal shutdown path.
+    0.2.19). Setting the event from another thread (its own manager connection) takes the normal shutdown path. Forked
+    helpers inherit the handler and ignore the signal, so Ctrl-C (sent to the whole process group) does not kill the
+    manager under the shutdown.
     """
+    import os
     import signal
     import threading
 
+    main_pid = os.getpid()
+
     def stop(signum: int, frame: object) -> None:
+        if os.getpid() != main_pid:
+            return  # a forked helper (LitServe's multiprocessing manager) inherited this handler: the main stops it
         event = getattr(server, "_shutdown_event", None)
         if event is None:  # still starting: nothing to shut down yet
             raise SystemExit(128 + signum)
