@@ -21,6 +21,7 @@ import httpx
 import pytest
 import torch
 
+from litune.data.formats import chat_template_of
 from litune.serving import engine
 from litune_testing import LITUNE, litune_env
 
@@ -44,8 +45,8 @@ def greedy(network: torch.nn.Module, tokenizer, ids: list[int], max_tokens: int)
 @pytest.fixture(scope="module")
 def model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer GPT-2 whose greedy continuations depend on the context (init std 0.2, not GPT-2's 0.02, which
-    repeats one token), context 128. Its tokenizer's EOS is a token that greedy decoding of ``EOS_PROMPT`` produces
-    after a few others, so the EOS test has an EOS to stop at."""
+    repeats one token), context 128, with litune's default chat template. Its tokenizer's EOS is a token that greedy
+    decoding of ``EOS_PROMPT`` produces after a few others, so the EOS test has an EOS to stop at."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     folder = tmp_path_factory.mktemp("serve-model")
@@ -59,6 +60,7 @@ def model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     out, _ = greedy(network, tokenizer, ids, 16)
     k = next(i for i in range(3, len(out)) if out[i] not in out[:i])
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(out[k])
+    tokenizer.chat_template = chat_template_of(tokenizer)  # litune's default turn template, as a chat run keeps it
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -207,13 +209,11 @@ def test_greedy_chat_completion_equals_litune_generate(client, model, model_dir,
     assert reply.usage.prompt_tokens == len(ids)
     assert reply.usage.completion_tokens == len(tokens) + hit_eos
     assert reply.choices[0].finish_reason == ("stop" if hit_eos else "length")
-    # `litune generate` itself on the rendered prompt prints the same tokens.
-    prompt = engine.render_chat(tokenizer, messages)
-    assert (
-        main(["generate", "--checkpoint", str(model_dir), "--prompt", prompt, "--max-length", str(len(ids) + 24)]) == 0
-    )
+    # `litune generate --chat` itself prints the same reply.
+    argv = ["generate", "--checkpoint", str(model_dir), "--chat", "--prompt", "def area(r):"]
+    assert main([*argv, "--max-length", str(len(ids) + 24)]) == 0
     printed = capsys.readouterr().out.split("--- sequence 0 ---\n", 1)[1].rstrip("\n")
-    assert printed == tokenizer.decode(ids + tokens, skip_special_tokens=True)
+    assert printed == reply.choices[0].message.content
 
 
 def test_streaming_gives_the_non_streaming_text_for_chat_and_completions(client, model_dir) -> None:

@@ -70,9 +70,12 @@ def context_length(network: torch.nn.Module) -> int | None:
 
 
 def stop_token_ids(tokenizer: object, network: torch.nn.Module | None = None) -> set[int]:
-    """Token ids that end a reply: the tokenizer's EOS and the model's ``generation_config.eos_token_id`` (one id or a
-    list, e.g. a chat model's end-of-turn token besides EOS)."""
-    ids: set[int] = set()
+    """Token ids that end a reply: what a chat fine-tune learns to stop at (EOS and the template's end-of-turn token,
+    :func:`litune.data.formats.chat_stop_token_ids`) and the model's ``generation_config.eos_token_id`` (one id or a
+    list, as ``litune export`` writes it)."""
+    from litune.data.formats import chat_stop_token_ids
+
+    ids = set(chat_stop_token_ids(tokenizer))
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
     config = getattr(getattr(network, "model", None), "generation_config", None)
@@ -83,16 +86,16 @@ def stop_token_ids(tokenizer: object, network: torch.nn.Module | None = None) ->
 
 
 def render_chat(tokenizer: object, messages: list[dict[str, str]]) -> str:
-    """The prompt text of a conversation, ending where the assistant's reply starts.
+    """The prompt text of a conversation, ending where the assistant's reply starts (``add_generation_prompt``).
 
-    With the tokenizer's chat template if it has one (``apply_chat_template``, generation prompt added). A tokenizer
-    without a template (e.g. a base model trained on plain text) gets a plain transcript, ``"user: ...\\n"`` per
-    message and ``"assistant:"`` last, so a chat still works on it.
+    Rendered with the template a chat fine-tune trains with (:func:`litune.data.formats.chat_template_of`): the
+    tokenizer's own chat template, else litune's default turn template (``<|role|>\ncontent\n``), so a model
+    trained with either is talked to in the format it learned.
     """
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    lines = [f"{m['role']}: {m['content']}\n" for m in messages]
-    return "".join(lines) + "assistant:"
+    from litune.data.formats import chat_template_of
+
+    template = chat_template_of(tokenizer)
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
 def encode_prompt(tokenizer: object, text: str, chat: bool = False) -> list[int]:
