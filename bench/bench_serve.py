@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_model(work: Path, vocab: int) -> Path:
+def make_model(work: Path, vocab: int, corpus_bytes: int = 300_000) -> Path:
     """A random GPT-2 (2 layers, 64 wide, context 256) with a BPE tokenizer trained on the Python standard library."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -49,7 +49,7 @@ def make_model(work: Path, vocab: int) -> Path:
     folder = work / "tiny-model"
     corpus = work / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
-    for path in stdlib_python_files(max_bytes=300_000):
+    for path in stdlib_python_files(max_bytes=corpus_bytes):
         (corpus / f"{path.stem}.txt").write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
     tokenizer = TrainedBPE(corpus=sorted(str(p) for p in corpus.glob("*.txt")), vocab_size=vocab, cache_dir=work).load()
     torch.manual_seed(0)
@@ -180,10 +180,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="A few seconds of work: checks the script runs.")
     args = parser.parse_args()
     if args.quick:
-        args.clients, args.requests, args.max_tokens, args.rounds = [1, 2], 4, 4, 1
+        args.clients, args.requests, args.max_tokens, args.rounds, args.vocab = [1, 2], 4, 4, 1, 512
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    model = make_model(work, args.vocab)
+    model = make_model(work, args.vocab, 50_000 if args.quick else 300_000)
     texts = prompts(args.requests)
     proc, url, startup = start_server(model, args.max_batch_size)
     results: dict[str, dict[int, list[dict]]] = {"serve": {}, "loop": {}}

@@ -416,6 +416,20 @@ def test_litune_chat_in_a_pseudo_terminal_streams_keeps_history_resets_and_exits
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow
+def test_bench_serve_quick_mode_runs_and_both_sides_decode_the_same_texts(tmp_path) -> None:
+    """``bench/bench_serve.py --quick`` keeps working (it exits non-zero when the server and the loop disagree)."""
+    import sys
+
+    from litune_testing import REPO
+
+    cmd = [sys.executable, str(REPO / "bench" / "bench_serve.py"), "--quick", "--json", str(tmp_path / "serve.json")]
+    proc = subprocess.run(cmd, env=litune_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| 2 |" in proc.stdout
+    assert set(json.loads((tmp_path / "serve.json").read_text())["table"]) == {"1", "2"}
+
+
 def test_a_base_plus_adapter_folder_serves_the_adapted_model(tmp_path, model_dir) -> None:
     """The server's loader (``litune generate``'s: run folders, .ckpt, merged exports are tested there) takes a
     base + adapter folder, and replies as the adapted model, not as the base."""

@@ -11,6 +11,8 @@ their tokens are the same.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -126,6 +128,11 @@ def _step_model(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def _forward(
     model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: object
 ) -> tuple[torch.Tensor, object]:
@@ -135,9 +142,7 @@ def _forward(
     transformers >= 5.25 names the cache argument and output ``cache``, earlier releases and litune's ``DecoderLM``
     ``past_key_values``.
     """
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = _cache_argument(type(model))
     out = model(tokens, attention_mask=mask, position_ids=position_ids, use_cache=True, **{name: cache})
     return out.logits[:, -1], getattr(out, name)
 
