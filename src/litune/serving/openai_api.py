@@ -29,7 +29,6 @@ from importlib import resources
 from typing import Any, Literal
 
 import litserve as ls
-import torch
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from litserve.loops.streaming_loops import BatchedStreamingLoop
@@ -311,25 +310,20 @@ class GenerationAPI(ls.LitAPI):
     """The inference worker: decodes each batch of work items with :func:`litune.serving.engine.stream`.
 
     Args:
-        network, tokenizer: the model (moved to the worker's device in :meth:`setup`).
+        checkpoint: what ``litune serve --checkpoint`` names; the worker process loads it in :meth:`setup`, on its
+            device (handing it over from the main process would pickle every weight through shared memory, which
+            containers often limit to 64 MiB).
         spec: the :class:`OpenAICompatibleSpec` that fills the queue.
         max_batch_size: most requests (choices) decoded together.
         batch_timeout: seconds the worker waits for more requests before it starts a batch.
     """
 
-    def __init__(
-        self,
-        network: torch.nn.Module,
-        tokenizer: Any,
-        spec: OpenAICompatibleSpec,
-        max_batch_size: int,
-        batch_timeout: float,
-    ) -> None:
+    def __init__(self, checkpoint: str, spec: OpenAICompatibleSpec, max_batch_size: int, batch_timeout: float) -> None:
         # BatchedStreamingLoop also for max_batch_size=1 (LitServe's default there expects a request, not a list).
         super().__init__(
             max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec, loop=BatchedStreamingLoop()
         )
-        self.network, self.tokenizer = network, tokenizer
+        self.checkpoint = checkpoint
 
     def setup(self, device: str) -> None:
         import signal
@@ -337,7 +331,7 @@ class GenerationAPI(ls.LitAPI):
         # Ctrl-C reaches the whole process group; the main process stops this worker itself (SIGTERM), so the
         # worker ignores SIGINT instead of dying mid-batch with a KeyboardInterrupt traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.network = self.network.to(device).eval()
+        self.network, self.tokenizer = engine.load_model(self.checkpoint, device)
         self.stop_ids = engine.stop_token_ids(self.tokenizer, self.network)
 
     def decode_request(self, request: dict) -> dict:
@@ -363,14 +357,15 @@ def build_server(
     batch_timeout: float = 0.02,
     model_id: str | None = None,
 ) -> ls.LitServer:
-    """Load the model once (bad checkpoints fail here, before any process starts) and wire the LitServer."""
+    """Wire the LitServer. The model is loaded here once on the CPU, so that a bad checkpoint fails before any process
+    starts and the HTTP side knows the tokenizer and the context length; the inference worker loads its own copy."""
     from pathlib import Path
 
     network, tokenizer = engine.load_model(checkpoint, "cpu")
-    spec = OpenAICompatibleSpec(
-        model_id or Path(checkpoint.rstrip("/")).name, tokenizer, engine.context_length(network)
-    )
-    api = GenerationAPI(network, tokenizer, spec, max_batch_size, batch_timeout)
+    context = engine.context_length(network)
+    del network
+    spec = OpenAICompatibleSpec(model_id or Path(checkpoint.rstrip("/")).name, tokenizer, context)
+    api = GenerationAPI(checkpoint, spec, max_batch_size, batch_timeout)
     accelerator = "cuda" if device.startswith("cuda") else "cpu"
     devices: Any = [int(device.split(":")[1])] if ":" in device else 1
     server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False)
