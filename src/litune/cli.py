@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         # litune's one boundary: its own ConfigError anywhere in the chain, or a family of library errors that always
         # means bad input or environment (errors.translate); anything else is a bug and keeps its traceback.
-        config_error = find_config_error(err) or next(filter(None, map(translate, _chain(err))), None)
+        config_error = as_config_error(err)
         if config_error is None:
             raise
         print(f"litune: configuration error: {' '.join(str(config_error).split())}", file=sys.stderr)
@@ -99,6 +99,11 @@ def _chain(err: BaseException) -> list[BaseException]:
         chain.append(current)
         current = current.__cause__ or current.__context__
     return chain
+
+
+def as_config_error(err: BaseException) -> ConfigError | None:
+    """The :class:`ConfigError` that ``err`` means (exit 2, one paragraph), or None for anything else (a bug)."""
+    return find_config_error(err) or next(filter(None, map(translate, _chain(err))), None)
 
 
 def find_config_error(err: BaseException) -> ConfigError | None:

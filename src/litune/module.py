@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -194,7 +195,7 @@ class LitLM(L.LightningModule):
         try:
             probe = self.optimizer_factory([nn.Parameter(torch.zeros(1))])
         except (ValueError, TypeError) as err:
-            raise ConfigError("model.optimizer.init_args", str(err), "fix the optimizer's init_args") from None
+            raise ConfigError(_optimizer_field(str(err)), str(err), "fix the optimizer's init_args") from None
         lr = probe.param_groups[0]["lr"]
         if not lr > 0:
             raise ConfigError(
@@ -413,15 +414,30 @@ class LitLM(L.LightningModule):
             self._save_adapters(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._trainer is not None:
-            self._check_resume_world_size(checkpoint)
+        self.check_checkpoint(checkpoint, self.trainer.world_size if self._trainer is not None else None)
         state = checkpoint.get("litune_objective", {})
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        if self.adapters is not None and checkpoint.get("state_dict") is not None:
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], world_size: int | None) -> None:
+        """Every refusal of loading ``checkpoint`` into this system, in one place.
+
+        The CLI calls it before ``Trainer.fit/validate/test`` (on the memory-mapped file: no weight is read), so a
+        refused resume has written nothing; :meth:`on_load_checkpoint` calls it again for checkpoints loaded any other
+        way (sharded ones, the Python API).
+
+        Args:
+            checkpoint: the loaded checkpoint dict (``state_dict`` may hold memory-mapped tensors).
+            world_size: the processes of this run, or None when not known.
+        """
+        if world_size is not None:
+            self._check_resume_world_size(checkpoint, world_size)
+        # A network that adds its adapters in configure_model (deferred weights) is checked when Lightning loads.
+        built = peft_model_of(self.network) is not None
+        if self.adapters is not None and built and checkpoint.get("state_dict") is not None:
             self._check_adapter_checkpoint(checkpoint)
 
-    def _check_resume_world_size(self, checkpoint: dict[str, Any]) -> None:
+    def _check_resume_world_size(self, checkpoint: dict[str, Any], now: int) -> None:
         """Refuse to resume training on another number of processes, except under FSDP2, whose checkpoints reshard.
 
         Lightning's loop counts micro-batches per process, so with the global batch fixed the accumulation changes
@@ -429,8 +445,9 @@ class LitLM(L.LightningModule):
         FSDP2 restates that count (``litune.strategies.fsdp2.rescale_batch_progress``); ZeRO refuses earlier, in
         its strategy.
         """
-        saved, now = checkpoint.get("litune_world_size"), self.trainer.world_size
-        if saved is None or saved == now or getattr(self.trainer.strategy, "reshards_checkpoints", False):
+        saved = checkpoint.get("litune_world_size")
+        reshards = self._trainer is not None and getattr(self.trainer.strategy, "reshards_checkpoints", False)
+        if saved is None or saved == now or reshards:
             return
         raise ConfigError(
             "ckpt_path",
@@ -543,3 +560,15 @@ class LitLM(L.LightningModule):
         optimizer = self.optimizer_factory(param_groups(self.network))
         scheduler = self.lr_schedule.build(optimizer, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+_TORCH_OPTIMIZER_ARGS = {"learning rate": "lr", "epsilon": "eps", "beta parameter": "betas"}
+
+
+def _optimizer_field(message: str) -> str:
+    """The optimizer argument a ``torch.optim`` error names ("Invalid weight_decay value: -1.0" -> its field)."""
+    match = re.match(r"Invalid ([\w ]+?)(?: value| at index \d+)?:", message)
+    if match is None:
+        return "model.optimizer.init_args"
+    name = _TORCH_OPTIMIZER_ARGS.get(match.group(1), match.group(1))
+    return f"model.optimizer.init_args.{name}"

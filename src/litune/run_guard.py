@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -177,3 +178,74 @@ def check_port_free(processes: int | None, num_nodes: int) -> None:
                 "processes of this run could not meet there",
                 "set MASTER_PORT to a free port, or unset it to let Lightning pick one",
             ) from None
+
+
+class FolderSnapshot:
+    """A run folder as it was before a command, put back byte for byte if the command is refused after all.
+
+    Every check that can refuse a command runs before the run folder is touched (docs/CONTRIBUTING.md). A few can
+    only be made inside Lightning's loop, after its setup hooks have written ``config.yaml``, ``hparams.yaml`` and the
+    loggers' files (a loop setting that needs the data's length, a checkpoint a sharded strategy loads itself). This
+    is the backstop for that whole class: a refusal before the first batch leaves the folder as it was found. A folder
+    the command created is removed; in an existing one, new files are removed and changed files are written back with
+    their times. Files under ``checkpoints/`` are recorded by size and time only (nothing writes them before the first
+    step; copying gigabytes per command would be the cost).
+
+    Args:
+        folder: the run folder (it need not exist yet).
+    """
+
+    MAX_COPIED = 64 << 20
+    """Files larger than this are recorded by size and time only."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.existed = self.folder.is_dir()
+        self.committed = False
+        self.dirs: set[Path] = set()
+        self.files: dict[Path, tuple[os.stat_result, bytes | None]] = {}
+        if not self.existed:
+            return
+        for path in self.folder.rglob("*"):
+            if path.is_dir() and not path.is_symlink():
+                self.dirs.add(path)
+            elif path.is_file():
+                stat = path.stat()
+                copy = "checkpoints" not in path.relative_to(self.folder).parts and stat.st_size <= self.MAX_COPIED
+                self.files[path] = (stat, path.read_bytes() if copy else None)
+
+    def restore(self) -> None:
+        """Put the folder back as it was (unless :attr:`committed`: the command got past its refusals)."""
+        if self.committed:
+            return
+        if not self.existed:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        for path in sorted(self.folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if path.is_file() or path.is_symlink():
+                self._restore_file(path)
+            elif path.is_dir() and path not in self.dirs:
+                shutil.rmtree(path, ignore_errors=True)
+        for path, (stat, content) in self.files.items():
+            if not path.exists() and content is not None:
+                self._write_back(path, stat, content)
+
+    def _restore_file(self, path: Path) -> None:
+        if path not in self.files:
+            path.unlink(missing_ok=True)
+            return
+        stat, content = self.files[path]
+        now = path.stat()
+        unchanged = (now.st_size, now.st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+        if content is None:
+            if not unchanged:
+                print(f"litune: {path} changed and is too large to be put back", file=sys.stderr)
+            return
+        if not unchanged or path.read_bytes() != content:  # a coarse clock can hide a rewrite from the time
+            self._write_back(path, stat, content)
+
+    @staticmethod
+    def _write_back(path: Path, stat: os.stat_result, content: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 from jsonargparse import ArgumentError, Namespace
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchmetrics import Metric
@@ -26,9 +26,10 @@ from litune.callbacks.checkpointing import BestCheckpoints, Checkpointing
 from litune.callbacks.preemption import CollectiveTimeout, Preempted
 from litune.callbacks.run_info import log_once
 from litune.callbacks.wiring import add_tracking, add_tracking_arguments
-from litune.cli import RUN_DIR_ENV
+from litune.cli import RUN_DIR_ENV, as_config_error
 from litune.errors import ConfigError, from_parse_error
 from litune.host_memory import keep_freed_host_memory
+from litune.limits import check_limits
 from litune.module import LitLM
 from litune.resume import (
     check_network_matches,
@@ -37,12 +38,12 @@ from litune.resume import (
     save_run_tokenizer,
     use_run_tokenizer,
 )
-from litune.run_guard import RunLock, check_port_free, check_writable, is_launched_rank
+from litune.run_guard import FolderSnapshot, RunLock, check_port_free, check_writable, is_launched_rank
 from litune.strategies import apply_global_batch_size, check_trainer_config
 from litune.strategies.atomic import recover
 from litune.strategies.checkpoint import run_dir_of
 from litune.strategies.checks import processes_per_node, resolve_accelerator, strategy_name
-from litune.strategies.safe_load import allow_litune_classes, checkpoint_hparams
+from litune.strategies.safe_load import allow_litune_classes, checkpoint_hparams, load_checkpoint_file
 
 
 def _rank_env_run_id() -> str | None:
@@ -193,8 +194,16 @@ class LituneCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         inherited_run_dir = os.environ.get(RUN_DIR_ENV)
         self.lock: RunLock | None = None
+        self.snapshot: FolderSnapshot | None = None
         try:
             super().__init__(LitLM, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
+        except BaseException as err:
+            if self.snapshot is not None and as_config_error(err) is not None:
+                # A refusal from inside Lightning's loop, after its setup hooks wrote into the run folder: put it back.
+                if self.lock is not None:
+                    self.lock.release()
+                self.snapshot.restore()
+            raise
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -289,6 +298,7 @@ class LituneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._section()
+        check_limits(cfg)  # numeric settings Lightning checks late or never (accumulate_grad_batches=0, ...)
         check_trainer_config(cfg.trainer)  # fp16 on CPU, devices > cores, ...: fail before any process is spawned
         check_compile(cfg)
         check_adapters_strategy(cfg)
@@ -308,6 +318,7 @@ class LituneCLI(LightningCLI):
         accelerator = resolve_accelerator(cfg.trainer.get("accelerator", "auto"))
         check_port_free(processes_per_node(cfg.trainer.get("devices", "auto"), accelerator), cfg.trainer.num_nodes or 1)
         if not is_launched_rank():  # ranks of one run share the launching process's claim on the folder
+            self.snapshot = FolderSnapshot(run_dir)
             self.lock = RunLock(run_dir).acquire()
         os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the ranks that Lightning's launcher starts
         self.run_dir = run_dir
@@ -328,6 +339,8 @@ class LituneCLI(LightningCLI):
             apply_global_batch_size(self.trainer, micro_batch_size, global_batch_size)
         if self.subcommand is None:
             return
+        if self.snapshot is not None and self.trainer is not None:
+            self.trainer.callbacks.append(EndOfRefusals(self.snapshot))
         network = self.model.network
         block_size = getattr(self.datamodule, "block_size", None)
         max_len = getattr(network, "max_seq_len", None)
@@ -337,6 +350,26 @@ class LituneCLI(LightningCLI):
                 f"block_size={block_size} is longer than the model's context of {max_len} tokens",
                 f"set data.init_args.block_size to at most {max_len}",
             )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        self.preflight()
+        try:
+            super()._run_subcommand(subcommand)
+        except ValueError as err:
+            if (translated := loop_error(err)) is None:
+                raise
+            raise translated from None
+
+    def preflight(self) -> None:
+        """The checks that need the built system and trainer, made before ``Trainer.fit/validate/test`` writes
+        anything: the resumed checkpoint against this config's adapters and world size (memory-mapped, no weight
+        read). The checks of the raw config ran before anything was built (:meth:`before_instantiate_classes`)."""
+        ckpt_path = self._section().get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file() or self.trainer is None:
+            return  # sharded checkpoints: their strategy and world size were checked by _check_resume
+        checkpoint = load_checkpoint_file(ckpt_path, "ckpt_path", mmap=True)
+        reshards = getattr(self.trainer.strategy, "reshards_checkpoints", False)
+        self.model.check_checkpoint(checkpoint, None if reshards else self.trainer.world_size)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Build the Trainer; its constructor's complaints (unknown strategy, accelerator, plugin...) become one
@@ -384,6 +417,43 @@ class LituneCLI(LightningCLI):
             if key in end_metrics:
                 lines.append(f"{key} at step {trainer.global_step}: {end_metrics[key]:.3f}")
         print("\n".join(["", "litune fit finished", *lines]), flush=True)
+
+
+class EndOfRefusals(Callback):
+    """Marks the end of the window in which a command can still be refused: its first training (or evaluation)
+    batch. A refusal before it puts the run folder back (:class:`~litune.run_guard.FolderSnapshot`); after it, what
+    the run wrote is its own (metrics, checkpoints)."""
+
+    def __init__(self, snapshot: FolderSnapshot) -> None:
+        self.snapshot = snapshot
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.snapshot.committed = True
+
+    def on_validation_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.state.fn == "validate":  # not fit's sanity check or validate_before_fit: fit can still refuse
+            self.snapshot.committed = True
+
+    def on_test_batch_start(self, *args: Any) -> None:
+        self.snapshot.committed = True
+
+
+_VAL_CHECK = re.compile(r"`val_check_interval` \((\d+)\) must be less than or equal to the number of the training "
+                        r"batches \((\d+)\)")  # fmt: skip
+
+
+def loop_error(err: BaseException) -> ConfigError | None:
+    """Lightning's own refusals of loop settings that need the data's length (known only once its loop set the
+    data up), as a :class:`ConfigError` naming the field; None for anything else."""
+    if match := _VAL_CHECK.search(str(err)):
+        interval, batches = match.groups()
+        return ConfigError(
+            "trainer.val_check_interval",
+            f"val_check_interval={interval} batches is more than the {batches} training batches of an epoch",
+            f"set it to at most {batches}, to a fraction of the epoch (e.g. 0.5), or set "
+            "trainer.check_val_every_n_epoch: null to count batches across epochs",
+        )
+    return None
 
 
 def _set_dist_timeout(trainer: Trainer | None, seconds: float | None) -> None:
