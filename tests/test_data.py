@@ -150,7 +150,7 @@ def test_stdlib_source(tmp_path: Path) -> None:
 def test_missing_path_is_a_config_error_at_construction(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist") as err:
         TextDataModule("gpt2", path=str(tmp_path / "nope.jsonl"))
-    assert err.value.field == "data.path"
+    assert err.value.field == "data.init_args.path"
     with pytest.raises(ConfigError, match="matches no file"):
         TextDataModule("gpt2", path=str(tmp_path / "*.txt"))
 
@@ -171,16 +171,16 @@ def test_missing_text_column_names_the_columns(tmp_path: Path) -> None:
     dm = make_dm(tmp_path, str(f))
     with pytest.raises(ConfigError, match="'text' is not in") as err:
         dm.prepare_data()
-    assert err.value.field == "data.text_column" and "content" in err.value.fix
+    assert err.value.field == "data.init_args.text_column" and "content" in err.value.fix
 
 
 def test_bad_settings_fail_at_construction() -> None:
     for kw, field in [
-        ({"block_size": 1}, "data.block_size"),
-        ({"val_fraction": 1.0}, "data.val_fraction"),
-        ({"layout": "zip"}, "data.layout"),
-        ({"format": "xml"}, "data.format"),
-        ({"batch_size": 0}, "data.batch_size"),
+        ({"block_size": 1}, "data.init_args.block_size"),
+        ({"val_fraction": 1.0}, "data.init_args.val_fraction"),
+        ({"layout": "zip"}, "data.init_args.layout"),
+        ({"format": "xml"}, "data.init_args.format"),
+        ({"batch_size": 0}, "data.init_args.batch_size"),
     ]:
         with pytest.raises(ConfigError) as err:
             TextDataModule("gpt2", path="stdlib", **kw)
@@ -206,6 +206,6 @@ def test_validation_from_a_local_file(tmp_path: Path, txt: Path) -> None:
     assert len(dm.val_set) == 7 and len(dm.train_set) == 120  # nothing held out of the training file
     with pytest.raises(ConfigError, match="local files have no split named 'validation'") as err:
         make_dm(tmp_path, str(txt), validation_split="validation")
-    assert err.value.field == "data.validation_split"
+    assert err.value.field == "data.init_args.validation_split"
     with pytest.raises(ConfigError, match="does not exist"):
         make_dm(tmp_path, str(txt), validation_split=str(tmp_path / "missing.txt"))

@@ -66,7 +66,7 @@ def test_overlong_samples_truncated_and_counted_or_rejected(tmp_path: Path) -> N
     strict = make_dm(tmp_path, str(f), sample_by="line", layout="pack", block_size=32, overlong="error")
     with pytest.raises(ConfigError, match="3 samples are longer than block_size=32") as err:
         strict.prepare_data()
-    assert err.value.field == "data.block_size"
+    assert err.value.field == "data.init_args.block_size"
 
 
 def test_tokenizer_without_pad_and_eos_is_rejected(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_hub_id_offline_is_a_config_error(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ConfigError, match="could not load hub dataset 'litune-test/no-such-dataset'") as err:
         load_hub("litune-test/no-such-dataset", "cfg", "train", cache_dir=str(tmp_path / "hf"))
-    assert err.value.field == "data.path"
+    assert err.value.field == "data.init_args.path"
 
 
 def test_hub_loading_path_with_config_name_and_split(tmp_path: Path) -> None:

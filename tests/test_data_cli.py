@@ -43,4 +43,4 @@ def test_prepare_reports_bad_input_in_one_paragraph(tmp_path, corpus_dir, tokeni
     args = _args(tmp_path, corpus_dir, tokenizer_dir, "--data.init_args.text_column=body")
     assert main(["prepare", *args]) == 2
     err = capsys.readouterr().err
-    assert "data.text_column: column 'body' is not in" in err and "Traceback" not in err
+    assert "data.init_args.text_column: column 'body' is not in" in err and "Traceback" not in err

@@ -139,7 +139,7 @@ def test_missing_instruction_column(tmp_path: Path) -> None:
     dm = make_dm(tmp_path, str(f), format="instruction")
     with pytest.raises(ConfigError, match="'response' is not in") as err:
         dm.prepare_data()
-    assert err.value.field == "data.response_column" and "answer" in err.value.fix
+    assert err.value.field == "data.init_args.response_column" and "answer" in err.value.fix
 
 
 def test_chat_template_that_rewrites_earlier_turns_is_a_config_error(tmp_path: Path) -> None:
@@ -153,7 +153,7 @@ def test_chat_template_that_rewrites_earlier_turns_is_a_config_error(tmp_path: P
     dm = TextDataModule(str(folder), path=str(f), format="chat", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match="re-renders earlier turns") as err:
         dm.prepare_data()
-    assert err.value.field == "data.template"
+    assert err.value.field == "data.init_args.template"
 
 
 def test_template_must_fit_the_format() -> None:

@@ -19,6 +19,7 @@ import string
 
 from transformers import PreTrainedTokenizerBase
 
+from litune.data.rows import chat_messages, row_error
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
 
@@ -28,6 +29,11 @@ DEFAULT_INSTRUCTION_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 """Used for ``instruction`` rows: the prompt part, which gets no loss; the response follows it."""
 
 DEFAULT_CHAT_TURN_TEMPLATE = "<|{role}|>\n{content}\n"
+
+CHAT_ROW_FIX = (
+    'give each row a list of messages such as [{"role": "user", "content": "..."}, {"role": "assistant", '
+    '"content": "..."}]'
+)
 """Used per chat turn when the tokenizer has no chat template; assistant turns carry the loss."""
 
 
@@ -107,23 +113,27 @@ def turn_template_to_jinja(turn: str = DEFAULT_CHAT_TURN_TEMPLATE) -> str:
     part = head
     for literal, field, spec, conversion in string.Formatter().parse(turn):
         if "{% endraw %}" in literal:
-            raise ConfigError("data.template", "the turn template contains '{% endraw %}'", "remove it")
+            raise ConfigError("data.init_args.template", "the turn template contains '{% endraw %}'", "remove it")
         if literal:
             part.append("{% raw %}" + literal + "{% endraw %}")
         if field is None:
             continue
         if field not in ("role", "content") or spec or conversion:
             raise ConfigError(
-                "data.template", f"{turn!r} has the field {{{field}}}", "use only {role} and {content} in a chat turn"
+                "data.init_args.template",
+                f"{turn!r} has the field {{{field}}}",
+                "use only {role} and {content} in a chat turn",
             )
         if field == "role":
             part.append("{{ m['role'] }}")
         elif part is tail:
-            raise ConfigError("data.template", f"{turn!r} has {{content}} twice", "use {content} once")
+            raise ConfigError("data.init_args.template", f"{turn!r} has {{content}} twice", "use {content} once")
         else:
             part = tail
     if part is head:
-        raise ConfigError("data.template", f"{turn!r} has no {{content}}", "put {content} where a message's text goes")
+        raise ConfigError(
+            "data.init_args.template", f"{turn!r} has no {{content}}", "put {content} where a message's text goes"
+        )
     h, t = "".join(head), "".join(tail)
     return (
         "{% for m in messages %}" + h + "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}" + t
@@ -154,7 +164,7 @@ def _prefix_spans(
         rendered = tokenizer.apply_chat_template(messages[:k], chat_template=chat_template, tokenize=False)
         if not rendered.startswith(previous):
             raise ConfigError(
-                "data.template",
+                "data.init_args.template",
                 "the tokenizer's chat template re-renders earlier turns when a turn is added, so the assistant "
                 "tokens cannot be located",
                 "set data.template to a per-turn template with {role} and {content}, or use a chat template with "
@@ -165,7 +175,7 @@ def _prefix_spans(
             content = message["content"] if message["content"] in added else message["content"].strip()
             if content not in added:
                 raise ConfigError(
-                    "data.template",
+                    "data.init_args.template",
                     "the tokenizer's chat template changes the assistant text, so its tokens cannot be located",
                     "set data.template to a per-turn template with {role} and {content}, or use a chat template "
                     "with {% generation %} markers",
@@ -235,6 +245,10 @@ def tokenize_chat(
     eos = tokenizer.eos_token_id
     input_ids, labels = [], []
     for messages in batch[messages_column]:
+        if (problem := chat_messages(messages)) is not None:  # a stream's rows are seen only here
+            raise row_error(
+                "data.init_args.messages_column", "a row of the stream", messages_column, problem, CHAT_ROW_FIX
+            )
         ids, mask = chat_tokens(messages, tokenizer, template)
         lab = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
         if eos is not None and (not ids or ids[-1] != eos):  # the template may end the conversation with EOS itself

@@ -14,7 +14,7 @@ import datasets
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
-from litune.data import formats, packing, sources
+from litune.data import formats, packing, rows, sources
 from litune.data.stdlib import STDLIB_SOURCE, stdlib_python_files
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
@@ -40,9 +40,13 @@ class Source:
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
-            raise ConfigError("data.sources.path", f"{self.path!r} is not a path or hub id", "give a path or hub id")
+            raise ConfigError(
+                "data.init_args.sources.path", f"{self.path!r} is not a path or hub id", "give a path or hub id"
+            )
         if not self.weight > 0:
-            raise ConfigError("data.sources.weight", f"weight {self.weight} for {self.path} is not > 0", "use > 0")
+            raise ConfigError(
+                "data.init_args.sources.weight", f"weight {self.weight} for {self.path} is not > 0", "use > 0"
+            )
 
 
 @dataclass
@@ -75,46 +79,56 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if not self.sources:
-            raise ConfigError("data.path", "no data source given", "set data.path or data.sources")
+            raise ConfigError("data.init_args.path", "no data source given", "set data.path or data.sources")
         if self.format not in formats.FORMATS:
-            raise ConfigError("data.format", f"{self.format!r} is not a format", f"use one of {formats.FORMATS}")
+            raise ConfigError(
+                "data.init_args.format", f"{self.format!r} is not a format", f"use one of {formats.FORMATS}"
+            )
         if self.layout not in packing.LAYOUTS:
-            raise ConfigError("data.layout", f"{self.layout!r} is not a layout", f"use one of {packing.LAYOUTS}")
+            raise ConfigError(
+                "data.init_args.layout", f"{self.layout!r} is not a layout", f"use one of {packing.LAYOUTS}"
+            )
         if not isinstance(self.block_size, int) or self.block_size < 2:
-            raise ConfigError("data.block_size", f"{self.block_size} is too small", "use an int >= 2, e.g. 256")
+            raise ConfigError(
+                "data.init_args.block_size", f"{self.block_size} is too small", "use an int >= 2, e.g. 256"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError("data.val_fraction", f"{self.val_fraction} is not in [0, 1)", "use e.g. 0.05")
+            raise ConfigError("data.init_args.val_fraction", f"{self.val_fraction} is not in [0, 1)", "use e.g. 0.05")
         if self.overlong not in ("truncate", "error"):
-            raise ConfigError("data.overlong", f"{self.overlong!r} is not a choice", "use 'truncate' or 'error'")
+            raise ConfigError(
+                "data.init_args.overlong", f"{self.overlong!r} is not a choice", "use 'truncate' or 'error'"
+            )
         if self.sample_by not in sources.TEXT_SAMPLE_BY:
-            raise ConfigError("data.sample_by", f"{self.sample_by!r} is not a choice", f"use {sources.TEXT_SAMPLE_BY}")
+            raise ConfigError(
+                "data.init_args.sample_by", f"{self.sample_by!r} is not a choice", f"use {sources.TEXT_SAMPLE_BY}"
+            )
         if self.streaming and self.layout == "pack":
             raise ConfigError(
-                "data.layout", "'pack' needs the whole dataset", "use layout=concat or pad when streaming"
+                "data.init_args.layout", "'pack' needs the whole dataset", "use layout=concat or pad when streaming"
             )
         if self.template is not None:
             needed = {"instruction": "{prompt}", "chat": "{content}"}.get(self.format)
             if needed is None or needed not in self.template:
                 raise ConfigError(
-                    "data.template",
+                    "data.init_args.template",
                     f"{self.template!r} is not a template for format {self.format!r}",
                     "use {prompt} for instruction data, {role} and {content} for chat turns, none for text",
                 )
         if self.num_proc is not None and self.num_proc < 1:
-            raise ConfigError("data.num_proc", f"{self.num_proc} is not >= 1", "use None or a positive int")
+            raise ConfigError("data.init_args.num_proc", f"{self.num_proc} is not >= 1", "use None or a positive int")
         for src in self.sources:
             if src.path != STDLIB_SOURCE:
                 sources.resolve_local_files(src.path)  # fails early on a missing local path, an empty file
         if self.validation is not None and self.validation_files() is None:  # a split name, not a local path
             if len(self.sources) != 1:
                 raise ConfigError(
-                    "data.validation_split",
+                    "data.init_args.validation_split",
                     f"the split name {self.validation!r} is ambiguous with several sources",
                     "give a local validation file, folder or glob, or use val_fraction",
                 )
             if self._files(self.sources[0].path) is not None:
                 raise ConfigError(
-                    "data.validation_split",
+                    "data.init_args.validation_split",
                     f"local files have no split named {self.validation!r}",
                     "give a local validation file, folder or glob, or leave it null to hold out val_fraction",
                 )
@@ -135,7 +149,7 @@ class DataSpec:
         """The local validation files, or ``None`` when ``validation`` is a hub split name (or not set)."""
         if self.validation is None:
             return None
-        return sources.resolve_local_files(self.validation, "data.validation_split")
+        return sources.resolve_local_files(self.validation, "data.init_args.validation_split")
 
     def key(self) -> dict:
         """The cache-relevant content, with local files identified by path, size and modification time."""
@@ -167,10 +181,14 @@ def load_source(
             streaming=spec.streaming,
             cache_dir=spec.hf_cache_dir,
             report=report,
+            row_check=row_check(spec),
         )
     ds = select_raw_columns(ds, spec, src)
+    ds = check_rows(ds, spec, src, files, report)
     if not spec.streaming and len(ds) == 0:
-        raise ConfigError("data.path", f"the dataset {src.path} is empty", "give a source with at least one row")
+        raise ConfigError(
+            "data.init_args.path", f"the dataset {src.path} is empty", "give a source with at least one row"
+        )
     return ds
 
 
@@ -190,7 +208,7 @@ def select_raw_columns(
     for fix_field, col in needed.items() if columns is not None else ():
         if col not in columns:
             raise ConfigError(
-                f"data.{fix_field}",
+                f"data.init_args.{fix_field}",
                 f"column {col!r} is not in {src.path} (columns: {columns})",
                 f"set data.{fix_field} to one of {columns}",
             )
@@ -211,10 +229,70 @@ def check_text_columns(ds: datasets.Dataset | datasets.IterableDataset, spec: Da
             continue
         kind = "only nulls" if isinstance(feature, datasets.Value) and feature.dtype == "null" else f"{feature}"
         raise ConfigError(
-            f"data.{fix_field}",
+            f"data.init_args.{fix_field}",
             f"column {col!r} of {src.path} holds {kind}, not text",
             f"point data.{fix_field} at a column of strings, or convert the values to strings in the file",
         )
+
+
+def row_check(spec: DataSpec) -> sources.RowCheck:
+    """The check of one raw row (a dict) for ``spec``'s format, as :func:`sources.load_local` uses it."""
+    check = rows.chat_messages if spec.format == "chat" else rows.text_value
+    fix = formats.CHAT_ROW_FIX if spec.format == "chat" else "give every row a string in this column"
+
+    def check_row(row: dict) -> tuple[str, str, str, str] | None:
+        for fix_field, col in spec.raw_columns().items():
+            problem = check(row[col]) if col in row else f"is missing (the row's keys: {sorted(row)})"
+            if problem is not None:
+                return f"data.init_args.{fix_field}", col, problem, fix
+        return None
+
+    return check_row
+
+
+def check_rows(
+    ds: datasets.Dataset | datasets.IterableDataset,
+    spec: DataSpec,
+    src: Source,
+    files: list | None,
+    report: sources.LoadReport | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Every row's values in the columns the format reads (:mod:`litune.data.rows`): the first malformed row is an
+    error naming file, row and field; with ``skip_bad_rows`` every malformed row is dropped and counted instead.
+
+    Text columns are typed by Arrow (:func:`check_text_columns`), so only their nulls are looked for, in Arrow; chat
+    columns are read row by row. A stream is checked as it is tokenized (:func:`litune.data.formats.tokenize_chat`).
+    """
+    if not isinstance(ds, datasets.Dataset):
+        return ds
+    bad: list[tuple[int, str, str]] = []  # (row index, config field, problem)
+    for fix_field, col in spec.raw_columns().items():
+        column = ds.data.column(col)
+        if spec.format == "chat":  # through the Dataset, which decodes datasets' Json features (mixed-shape rows)
+            found = rows.find_bad_rows(list(ds[col]), rows.chat_messages)
+        elif column.null_count:
+            found = [(i, "is empty (null)") for i, valid in enumerate(column.is_valid().to_pylist()) if not valid]
+        else:
+            continue
+        bad += [(i, f"data.init_args.{fix_field}", problem) for i, problem in found]
+    if not bad:
+        return ds
+    bad.sort()
+    col_of = {f"data.init_args.{k}": v for k, v in spec.raw_columns().items()}
+    if not spec.skip_bad_rows:
+        index, field, problem = bad[0]
+        fix = formats.CHAT_ROW_FIX if spec.format == "chat" else "give every row a string in this column"
+        location = rows.locate(files, src.path, index)
+        skip = "data.init_args.skip_bad_rows"
+        raise rows.row_error(field, location, col_of[field], problem, fix, len(bad), skip)
+    dropped = sorted({i for i, _, _ in bad})
+    if report is not None:
+        report.bad_rows += len(dropped)
+        report.bad_row_examples += [
+            f"{rows.locate(files, src.path, i)}: column {col_of[f]!r} {why}" for i, f, why in bad[:3]
+        ]
+    keep = sorted(set(range(len(ds))) - set(dropped))
+    return ds.select(keep)
 
 
 def load_raw(
@@ -282,7 +360,7 @@ def lay_out(ds: datasets.Dataset, spec: DataSpec) -> tuple[datasets.Dataset, int
     n = 0 if spec.streaming else sum(ds["truncated"])
     if spec.overlong == "error" and n:
         raise ConfigError(
-            "data.block_size",
+            "data.init_args.block_size",
             f"{n} samples are longer than block_size={spec.block_size}",
             "raise block_size, or set data.overlong=truncate to cut and count them",
         )
@@ -325,7 +403,7 @@ def _split_rows(rows: datasets.Dataset, spec: DataSpec) -> tuple[datasets.Datase
     n_val = max(1, round(len(rows) * spec.val_fraction))
     if len(rows) - n_val < 1:
         raise ConfigError(
-            "data.block_size",
+            "data.init_args.block_size",
             f"the data makes only {len(rows)} row(s) of {spec.block_size} tokens, too few to hold out a validation set",
             "add data, lower block_size, or set val_fraction=0",
         )
@@ -359,7 +437,9 @@ def build(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.
     for name, raw in parts.items():
         tok = tokenize(raw, spec, tokenizer)
         if name == "train" and len(tok) == 0:
-            raise ConfigError("data.path", "every document is empty or whitespace", "give a source with text in it")
+            raise ConfigError(
+                "data.init_args.path", "every document is empty or whitespace", "give a source with text in it"
+            )
         samples += len(tok)
         tokens += pc.sum(pc.list_value_length(tok.data.column("input_ids"))).as_py() or 0  # in Arrow: no Python pass
         rows, n = lay_out(tok, spec)

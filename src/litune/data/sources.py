@@ -12,11 +12,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 
+from litune.data import rows
 from litune.data.stdlib import STDLIB_SOURCE, stdlib_python_files
 from litune.errors import ConfigError
 
@@ -41,7 +43,7 @@ def _looks_local(path: str) -> bool:
     return os.sep in path and Path(path.split(os.sep)[0]).exists()
 
 
-def resolve_local_files(path: str, field: str = "data.path") -> list[Path] | None:
+def resolve_local_files(path: str, field: str = "data.init_args.path") -> list[Path] | None:
     """The local files that ``path`` names, or ``None`` when ``path`` is a hub dataset id.
 
     Args:
@@ -74,7 +76,7 @@ def resolve_local_files(path: str, field: str = "data.path") -> list[Path] | Non
     return files
 
 
-def builder_for(files: list[Path], field: str = "data.path") -> str:
+def builder_for(files: list[Path], field: str = "data.init_args.path") -> str:
     """The one ``datasets`` builder that reads all ``files`` (they must share a format)."""
     builders = {BUILDERS.get(f.suffix.lower(), "text") for f in files}
     if len(builders) > 1:
@@ -144,12 +146,13 @@ def _read_skipping_bad_rows(files: list[Path], builder: str, sample_by: str, rep
 def load_local(
     files: list[Path],
     *,
-    field: str = "data.path",
+    field: str = "data.init_args.path",
     sample_by: str = "document",
     skip_bad_rows: bool = False,
     streaming: bool = False,
     cache_dir: str | None = None,
     report: LoadReport | None = None,
+    row_check: RowCheck | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Load local files with the matching ``datasets`` builder.
 
@@ -161,13 +164,15 @@ def load_local(
         streaming: return an ``IterableDataset`` that reads the files lazily.
         cache_dir: where ``datasets`` keeps its Arrow cache.
         report: receives the count of skipped rows.
+        row_check: the format's check of one JSON row, used to name the row when the builder cannot read the rows
+            (a column whose values change type between rows, e.g. a conversation given as a string in one row).
 
     Raises:
         ConfigError: a row is broken (naming file and line) and ``skip_bad_rows`` is off.
     """
     builder = builder_for(files, field)
     if sample_by not in TEXT_SAMPLE_BY:
-        raise ConfigError("data.sample_by", f"{sample_by!r} is not a choice", f"use one of {TEXT_SAMPLE_BY}")
+        raise ConfigError("data.init_args.sample_by", f"{sample_by!r} is not a choice", f"use one of {TEXT_SAMPLE_BY}")
     kwargs: dict = {"sample_by": sample_by, "keep_linebreaks": True} if builder == "text" else {}
     report = report if report is not None else LoadReport()
     try:
@@ -193,9 +198,48 @@ def load_local(
                     f"{path}, line {lineno}: {why} ({len(bad)} bad line(s) in this file)",
                     "fix the file, or set data.skip_bad_rows=true to drop bad rows and count them",
                 ) from err
+        if builder == "json" and row_check is not None and not streaming:
+            checked = _read_checking_rows(files, row_check, skip_bad_rows, report)
+            if checked is not None:
+                return checked
         if not skip_bad_rows or streaming:
             raise ConfigError(field, f"could not read {[str(f) for f in files]}: {err}", "fix the files") from err
         return _read_skipping_bad_rows(files, builder, sample_by, report)
+
+
+RowCheck = Callable[[dict], "tuple[str, str, str, str] | None"]
+"""A format's check of one raw row: None, or (config field, column, problem, fix) for :func:`rows.row_error`."""
+
+
+def _read_checking_rows(
+    files: list[Path], row_check: RowCheck, skip_bad_rows: bool, report: LoadReport
+) -> datasets.Dataset | None:
+    """Read JSON rows in Python and check each: the first malformed row is an error naming file, row and field;
+    with ``skip_bad_rows`` malformed rows are dropped and counted. None when every row is fine (the builder's failure
+    was something else). Written by hand because Arrow's JSON reader names no row when a column changes type."""
+    good: list[dict] = []
+    bad: list[tuple[str, tuple[str, str, str, str]]] = []
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        listed = (
+            json.loads(text)
+            if _is_json_array(path)
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
+        for index, row in enumerate(listed):
+            problem = row_check(row) if isinstance(row, dict) else None
+            if problem is None:
+                good.append(row)
+            else:
+                bad.append((rows.locate([path], str(path), index), problem))
+    if not bad:
+        return None
+    if not skip_bad_rows:
+        location, (field, column, problem, fix) = bad[0]
+        raise rows.row_error(field, location, column, problem, fix, len(bad), "data.init_args.skip_bad_rows")
+    report.bad_rows += len(bad)
+    report.bad_row_examples += [f"{where}: column {p[1]!r} {p[2]}" for where, p in bad[:3]]
+    return datasets.Dataset.from_list(good)
 
 
 def load_hub(
@@ -203,7 +247,7 @@ def load_hub(
     name: str | None,
     split: str,
     *,
-    field: str = "data.path",
+    field: str = "data.init_args.path",
     streaming: bool = False,
     cache_dir: str | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:

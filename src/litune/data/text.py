@@ -105,9 +105,11 @@ class TextDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ConfigError("data.batch_size", f"{batch_size} is not >= 1", "use a positive micro batch size")
+            raise ConfigError(
+                "data.init_args.batch_size", f"{batch_size} is not >= 1", "use a positive micro batch size"
+            )
         if num_workers < 0:
-            raise ConfigError("data.num_workers", f"{num_workers} is negative", "use 0 or more")
+            raise ConfigError("data.init_args.num_workers", f"{num_workers} is negative", "use 0 or more")
         self.cache_root = Path(cache_dir) if cache_dir else DEFAULT_CACHE
         self.spec = DataSpec(
             sources=sources or [Source(path, name=name, split=split)],
