@@ -88,7 +88,11 @@ class SweepPruning(Callback):
             self._write(trainer, {"state": "running"})
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+        if trainer.sanity_checking:
+            return
+        if self.metric not in trainer.callback_metrics:
+            if trainer.is_global_zero:  # the sweep names the metrics that do exist when this one never comes
+                self._write(trainer, {"logged": sorted(trainer.callback_metrics)})
             return
         value = float(trainer.callback_metrics[self.metric])
         prune = False
@@ -111,6 +115,7 @@ class SweepPruning(Callback):
             record = self._read(trainer)
             if record.get("state") != "pruned":
                 record["state"] = "finished"
+            record["logged"] = sorted({*record.get("logged", []), *trainer.callback_metrics})
             self._write(trainer, record)
 
     def _path(self, trainer: pl.Trainer) -> Path:

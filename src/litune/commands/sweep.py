@@ -91,6 +91,13 @@ def _run(sweep_file: Path, spec: Any, fit_args: list[str], folder: Path, on_gpu:
     sweep = Sweep(spec, fit_args, folder, accelerator="gpu" if on_gpu else "cpu")
     rows = sweep.run()
     print(f"\n{sweep.write_table(rows)}\n\nresults: {folder / 'results.md'}, {folder / 'results.csv'}", flush=True)
+    if rows and all(r.state == "failed" for r in rows):
+        print(
+            f"litune sweep: all {len(rows)} trial(s) failed, so the sweep found nothing; each trial's output is in "
+            f"{folder / 'logs'}",
+            file=sys.stderr,
+        )
+        return 1
     best = [Path(r.run_dir) for r in rows if r.state == "complete" and r.run_dir][: spec.best]
     if best:
         runs = [report.load_run(p) for p in best]

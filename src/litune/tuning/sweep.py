@@ -184,6 +184,14 @@ def load_spec(path: Path) -> SweepSpec:
             raise ConfigError(
                 name, f"must be a positive integer, got {getattr(spec, name)!r}", f"set {name}: 1 or more"
             )
+    for name in ("startup_trials", "warmup_steps", "trials"):
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(name, f"must be a whole number >= 0, got {value!r}", f"set {name}: 0 or more")
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int):
+        raise ConfigError("seed", f"must be a whole number, got {spec.seed!r}", "set seed: 0 (any integer)")
+    if not isinstance(spec.metric, str) or not spec.metric:
+        raise ConfigError("metric", f"must be the name of a logged metric, got {spec.metric!r}", "e.g. val/loss")
     if spec.method == "grid":
         ranged = [p.name for p in spec.parameters if not p.values]
         if ranged:
@@ -399,10 +407,24 @@ class Sweep:
             print(f"litune sweep: trial {trial.number} pruned at step {record.get('step')}", flush=True)
             raise optuna.TrialPruned(f"pruned at step {record.get('step')}")
         if record.get("value") is None:
-            print(f"litune sweep: trial {trial.number} logged no {self.spec.metric}: is validation enabled?")
-            raise TrialFailed(f"no {self.spec.metric}")
+            # Every later trial would log the same metrics: stop the sweep now, naming the ones that exist.
+            raise self._metric_missing(trial.number, record)
         print(f"litune sweep: trial {trial.number} {self.spec.metric}={record['value']:.4f}", flush=True)
         return float(record["value"])
+
+    def _metric_missing(self, number: int, record: dict[str, Any]) -> ConfigError:
+        logged = record.get("logged") or []
+        validation = [m for m in logged if not m.startswith("train/")]
+        hint = f"set metric to one of {', '.join(validation or logged)}" if logged else "name a metric the run logs"
+        if not validation:
+            hint += "; a validation metric needs validation: trainer.limit_val_batches > 0 and a val_check_interval "
+            hint += "that the run reaches"
+        return ConfigError(
+            "metric",
+            f"trial {number} finished but never logged {self.spec.metric!r}, the metric this sweep ranks by "
+            f"(it logged: {', '.join(logged) or 'no metric'}); every other trial would do the same, so the sweep stops",
+            hint,
+        )
 
     def _trial_record(self, number: int) -> dict[str, Any]:
         run_dir = self._run_dir(number)
