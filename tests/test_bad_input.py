@@ -111,7 +111,26 @@ CONFIG_CASES = {
     "wrong type batch size": (["--data.init_args.batch_size=two"], "data"),
     "wrong type lr": (["--model.optimizer.init_args.lr=fast"], "model.optimizer"),
     "negative lr": (["--model.optimizer.init_args.lr=-0.01"], "model.optimizer.init_args", "learning rate"),
-    "zero batch size": (["--data.init_args.batch_size=0"], "data"),
+    "zero batch size": (["--data.init_args.batch_size=0"], "data.init_args.batch_size"),
+    "no accumulation window": (["--trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches", ">= 1"),
+    "negative clipping norm": (["--trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val", "flip"),
+    "zero max_steps": (["--trainer.max_steps=0"], "trainer.max_steps", "-1"),
+    "negative logging interval": (["--trainer.log_every_n_steps=-1"], "trainer.log_every_n_steps"),
+    "val batches out of range": (["--trainer.limit_val_batches=1.5"], "trainer.limit_val_batches", "fraction"),
+    "zero-width validation interval": (["--trainer.val_check_interval=0.0"], "trainer.val_check_interval"),
+    "negative sanity steps": (["--trainer.num_sanity_val_steps=-2"], "trainer.num_sanity_val_steps"),
+    "zero nodes": (["--trainer.num_nodes=0"], "trainer.num_nodes"),
+    "zero devices": (["--trainer.devices=0"], "trainer.devices"),
+    "zero global batch": (["--global_batch_size=0"], "global_batch_size"),
+    "negative dist timeout": (["--dist_timeout=-5"], "dist_timeout"),
+    "negative checkpoint cadence": (["--checkpoint.every_n_train_steps=-1"], "checkpoint.every_n_train_steps"),
+    "best checkpoints below -1": (["--best_checkpoint.save_top_k=-2"], "best_checkpoint.save_top_k"),
+    "negative weight decay": (["--model.optimizer.init_args.weight_decay=-1"],
+                              "model.optimizer.init_args.weight_decay"),
+    "beta above one": (["--model.optimizer.init_args.betas=[1.5, 0.9]"], "model.optimizer.init_args.betas"),
+    "negative warmup": (["--model.lr_schedule.warmup_steps=-1"], "model.lr_schedule.warmup_steps"),
+    "negative workers": (["--data.init_args.num_workers=-1"], "data.init_args.num_workers"),
+    "block size one": (["--data.init_args.block_size=1"], "data.init_args.block_size"),
     "unknown strategy": (["--trainer.strategy=foo"], "trainer", "foo"),
     "unknown precision": (["--trainer.precision=17"], "trainer.precision", "bf16-mixed"),
     "unknown logger": (["--loggers=[foo]"], "loggers", "csv"),
@@ -424,3 +443,89 @@ def test_real_process(case, runs, tmp_path, data_file, tokenizer_dir) -> None:
     assert len([line for line in proc.stderr.splitlines() if line.startswith(PREFIX)]) == 1
     after = hashes(runs)
     assert {name: after.get(name) for name in before} == before
+
+
+def test_resume_full_checkpoint_with_adapters(runs, data_file, tokenizer_dir, capsys) -> None:
+    argv = _resume(runs, data_file, tokenizer_dir, "--config", str(REPO / "configs" / "peft" / "lora.yaml"))
+    expect_error(capsys, argv, "model.adapters", "adapter weights", root=runs)
+
+
+@pytest.mark.parametrize("run", ["new", "resumed"])
+def test_val_check_interval_longer_than_an_epoch(run, runs, data_file, tokenizer_dir, capsys) -> None:
+    """Known only once Lightning's loop set the data up (after its setup hooks wrote): a resumed run's folder is put
+    back, a new run's folder removed."""
+    extra = ["--trainer.val_check_interval=100000", "--trainer.limit_val_batches=1"]
+    argv = _resume(runs, data_file, tokenizer_dir, *extra)
+    if run == "new":
+        argv = ["fit", *fit_args(runs, data_file, tokenizer_dir, "--trainer.max_steps=4", *extra)]
+    expect_error(capsys, argv, "trainer.val_check_interval", "training batches of an epoch", root=runs)
+
+
+def test_folder_snapshot_puts_back_every_change(runs) -> None:
+    """The backstop alone (no early check involved): changed, new and deleted files and new folders are undone."""
+    from litune.run_guard import FolderSnapshot
+
+    (run,) = runs.iterdir()
+    before = hashes(runs)
+    mtimes = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    snapshot = FolderSnapshot(run)
+    (run / "config.yaml").write_text("rewritten")
+    (run / "hparams.yaml").unlink()
+    (run / "events.out.tfevents.1").write_bytes(b"new")
+    (run / "lightning_logs" / "version_0").mkdir(parents=True)
+    snapshot.restore()
+    assert hashes(runs) == before
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == mtimes
+    assert not (run / "lightning_logs").exists()
+    new = FolderSnapshot(runs / "new-run")
+    (runs / "new-run" / "sub").mkdir(parents=True)
+    (runs / "new-run" / "sub" / "config.yaml").write_text("x")
+    new.restore()
+    assert not (runs / "new-run").exists()
+
+
+def test_last_after_an_early_kill_resumes_from_a_best_checkpoint(runs, data_file, tokenizer_dir, capsys) -> None:
+    """Killed before its first cadence save, a run has only best-step*.ckpt: `--ckpt_path last` resumes from it."""
+    (run,) = runs.iterdir()
+    checkpoints = run / "checkpoints"
+    for other in checkpoints.glob("step*.ckpt"):
+        other.unlink()
+    best = checkpoints / "best-step000002.ckpt"
+    (checkpoints / "last.ckpt").rename(best)
+    assert main(_resume(runs, data_file, tokenizer_dir, "--trainer.max_steps=3")) == 0
+    assert f"resuming from {best}" in capsys.readouterr().err
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False, mmap=True)["global_step"] == 3
+
+
+# --- sweeps ---------------------------------------------------------------------------------------------------------
+
+
+def _sweep(tmp_path: Path, runs: Path, data: Path, tokenizer: Path, spec: dict, *extra: str) -> list[str]:
+    import yaml
+
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    return ["sweep", "--sweep", str(sweep_file), "--sweep-dir", str(tmp_path / "sweep"),
+            *fit_args(runs, data, tokenizer, "--trainer.max_steps=2", *extra)]  # fmt: skip
+
+
+@pytest.mark.slow  # one real trial (a child `litune fit`), ~15 s
+def test_sweep_metric_never_logged_stops_after_the_first_trial(runs, tmp_path, data_file, tokenizer_dir, capsys):
+    spec = {"method": "grid", "metric": "val/acc", "parameters": {"model.optimizer.init_args.lr": [1e-3, 2e-3, 3e-3]}}
+    argv = _sweep(tmp_path, runs, data_file, tokenizer_dir, spec, "--trainer.limit_val_batches=1",
+                  "--trainer.val_check_interval=1")  # fmt: skip
+    message = expect_error(capsys, argv, "metric", "never logged 'val/acc'", "val/loss", root=runs)
+    assert "train/loss" in message  # the metrics that do exist are named
+    assert len(list((tmp_path / "sweep" / "trials").iterdir())) == 1, "the sweep went on after the first trial"
+
+
+@pytest.mark.slow  # two real trials, ~30 s
+def test_sweep_whose_trials_all_failed_exits_non_zero(runs, tmp_path, data_file, tokenizer_dir, capsys):
+    # An absurd learning rate makes the loss non-finite at the second step; nonfinite=stop ends each trial (exit 1).
+    spec = {"method": "grid", "parameters": {"model.optimizer.init_args.lr": [1e30, 1e31]}}
+    argv = _sweep(tmp_path, runs, data_file, tokenizer_dir, spec, "--model.nonfinite=stop", "--trainer.max_steps=3")
+    before = hashes(runs)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "all 2 trial(s) failed" in err and "Traceback" not in err
+    assert hashes(runs) == before

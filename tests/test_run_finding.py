@@ -54,6 +54,27 @@ def test_in_a_job_last_is_that_jobs_checkpoint_or_a_fresh_start(tmp_path: Path, 
     assert resolve_run_dir(str(runs), "exp", "last") == (runs / "exp-job4242", str(last))
 
 
+def test_last_takes_the_newest_complete_checkpoint_whatever_its_name(tmp_path: Path, no_job, capsys) -> None:
+    """A run killed before its first cadence save has only best-step*.ckpt: `last` takes the newest of any name,
+    never a save in progress (hidden name) or an empty file, and says which one it took."""
+    runs = tmp_path / "runs"
+    best = make_run(runs, "20260101-000000-exp", age_s=30).with_name("best-step000050.ckpt")
+    (best.parent / "last.ckpt").rename(best)
+    newer_partial = best.with_name(".step000060.ckpt.tmp-123")
+    newer_partial.write_text("half")
+    (best.parent / "step000070.ckpt").write_bytes(b"")  # cut off before any byte: not complete
+    run_dir, ckpt = resolve_run_dir(str(runs), "exp", "last")
+    assert ckpt == str(best) and run_dir == best.parent.parent
+    assert f"resuming from {best}" in capsys.readouterr().err
+    cadence = best.with_name("step000060.ckpt")
+    cadence.write_text("newer")
+    assert resolve_run_dir(str(runs), "exp", "last")[1] == str(cadence)
+    stamp = cadence.stat().st_mtime
+    (best.parent / "last.ckpt").write_text("same time")
+    os.utime(best.parent / "last.ckpt", (stamp, stamp))
+    assert resolve_run_dir(str(runs), "exp", "last")[1] == str(best.parent / "last.ckpt")  # ties: last.ckpt
+
+
 def test_atomic_directory_keeps_the_previous_checkpoint_until_the_new_one_is_complete(tmp_path: Path) -> None:
     target = tmp_path / "last.ckpt"
 

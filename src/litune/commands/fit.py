@@ -40,7 +40,7 @@ from litune.resume import (
 )
 from litune.run_guard import FolderSnapshot, RunLock, check_port_free, check_writable, is_launched_rank
 from litune.strategies import apply_global_batch_size, check_trainer_config
-from litune.strategies.atomic import recover
+from litune.strategies.atomic import COMMIT_MARKER, recover
 from litune.strategies.checkpoint import run_dir_of
 from litune.strategies.checks import processes_per_node, resolve_accelerator, strategy_name
 from litune.strategies.safe_load import allow_litune_classes, checkpoint_hparams, load_checkpoint_file
@@ -64,10 +64,24 @@ def _is_run_of(folder: str, experiment: str) -> bool:
     return re.fullmatch(rf"\d{{8}}-\d{{6}}(\.\d+)?-{name}|{name}-job[^/]+", folder) is not None
 
 
-def _last_checkpoint(run_dir: Path) -> Path:
-    last = run_dir / "checkpoints" / "last.ckpt"
-    recover(last)  # a save killed between its two renames leaves the previous checkpoint under a hidden name
-    return last
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, whatever its name: ``last.ckpt``, a cadence ``step*.ckpt``, or a
+    ``best-step*.ckpt`` (all a run killed before its first cadence save has). Saves in progress have hidden names
+    (:mod:`litune.strategies.atomic`) and are never chosen; on a tie of times ``last.ckpt`` wins."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    for hidden in folder.glob(".*.ckpt.old"):  # a folder save killed between its two renames: finish it
+        recover(folder / hidden.name[1 : -len(".old")])
+    recover(folder / "last.ckpt")
+    candidates = [p for p in folder.glob("*.ckpt") if not p.name.startswith(".") and _complete(p)]
+    return max(candidates, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), default=None)
+
+
+def _complete(checkpoint: Path) -> bool:
+    if checkpoint.is_dir():  # DeepSpeed (latest) or FSDP2 (meta.pt) folders; atomic saves also leave COMMITTED
+        return any((checkpoint / name).exists() for name in (COMMIT_MARKER, "latest", "meta.pt"))
+    return checkpoint.is_file() and checkpoint.stat().st_size > 0
 
 
 def resolve_run_dir(runs_dir: str, experiment: str, ckpt_path: str | None) -> tuple[Path, str | None]:
@@ -87,25 +101,28 @@ def resolve_run_dir(runs_dir: str, experiment: str, ckpt_path: str | None) -> tu
     if os.environ.get(RUN_DIR_ENV):
         run_dir = Path(os.environ[RUN_DIR_ENV])
         if ckpt_path == "last":
-            last = run_dir / "checkpoints" / "last.ckpt"
-            ckpt_path = str(last) if last.exists() or _rank_env_run_id() is None else None
+            newest = newest_checkpoint(run_dir)
+            if newest is not None:
+                ckpt_path = str(newest)
+            else:  # a job with an id starts fresh; otherwise Lightning reports the missing last.ckpt
+                ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if _rank_env_run_id() is None else None
         return run_dir, ckpt_path
     run_id = _rank_env_run_id()
     if ckpt_path == "last" and run_id is not None:
         run_dir = Path(runs_dir) / f"{experiment}-job{run_id}"
-        last = _last_checkpoint(run_dir)
-        return run_dir, str(last) if last.exists() else None
+        newest = newest_checkpoint(run_dir)
+        return run_dir, _took(newest) if newest else None
     if ckpt_path == "last":
         runs = [c for c in Path(runs_dir).glob("*") if _is_run_of(c.name, experiment)]
-        lasts = [last for c in runs if (last := _last_checkpoint(c)).exists()]
-        if not lasts:
+        found = [newest for c in runs if (newest := newest_checkpoint(c)) is not None]
+        if not found:
             raise ConfigError(
                 "ckpt_path",
-                f"no run of experiment '{experiment}' under {runs_dir}/ has checkpoints/last.ckpt",
+                f"no run of experiment '{experiment}' under {runs_dir}/ has a checkpoint (checkpoints/*.ckpt)",
                 "give the checkpoint's path instead of 'last', or check --experiment and --runs_dir",
             )
-        newest = max(lasts, key=lambda p: p.stat().st_mtime)
-        return newest.parent.parent, str(newest)
+        newest = max(found, key=lambda p: p.stat().st_mtime)
+        return newest.parent.parent, _took(newest)
     if ckpt_path:
         path = Path(ckpt_path)
         recover(path)
@@ -122,6 +139,13 @@ def resolve_run_dir(runs_dir: str, experiment: str, ckpt_path: str | None) -> tu
         suffix += 1
         run_dir = Path(runs_dir) / f"{stamp}.{suffix}-{experiment}"  # sorts after the first
     return run_dir, ckpt_path
+
+
+def _took(checkpoint: Path) -> str:
+    """Say which checkpoint ``--ckpt_path last`` resumes from (it may be a best-step one after an early kill)."""
+    if not is_launched_rank():
+        print(f"litune: --ckpt_path last: resuming from {checkpoint}, the newest checkpoint of its run", file=sys.stderr)
+    return str(checkpoint)
 
 
 DEFAULT_RUNS_DIR = "runs"

@@ -189,16 +189,18 @@ def load_local(
             raise ConfigError(
                 field, f"could not read {[str(f) for f in files]}: {err}", "fix or remove the file"
             ) from err
+        syntax_ok = True
         for path in files:
             bad = _bad_rows(path, builder)
+            syntax_ok = syntax_ok and not bad
             if bad and not skip_bad_rows:
                 lineno, why = bad[0]
                 raise ConfigError(
                     field,
                     f"{path}, line {lineno}: {why} ({len(bad)} bad line(s) in this file)",
-                    "fix the file, or set data.skip_bad_rows=true to drop bad rows and count them",
+                    "fix the file, or set data.init_args.skip_bad_rows=true to drop bad rows and count them",
                 ) from err
-        if builder == "json" and row_check is not None and not streaming:
+        if builder == "json" and row_check is not None and not streaming and syntax_ok:
             checked = _read_checking_rows(files, row_check, skip_bad_rows, report)
             if checked is not None:
                 return checked
