@@ -144,7 +144,7 @@ def resolve_run_dir(runs_dir: str, experiment: str, ckpt_path: str | None) -> tu
 def _took(checkpoint: Path) -> str:
     """Say which checkpoint ``--ckpt_path last`` resumes from (it may be a best-step one after an early kill)."""
     if not is_launched_rank():
-        print(f"litune: --ckpt_path last: resuming from {checkpoint}, the newest checkpoint of its run", file=sys.stderr)
+        print(f"litune: --ckpt_path last: resuming from {checkpoint} (the run's newest checkpoint)", file=sys.stderr)
     return str(checkpoint)
 
 
