@@ -53,10 +53,9 @@ def main(argv: list[str]) -> int:
     folder = args.sweep_dir or Path("runs") / f"sweep-{args.sweep.stem}"
     lock = _lock_sweep_folder(folder)
     try:
-        _run(args.sweep, spec, fit_args, folder, on_gpu)
+        return _run(args.sweep, spec, fit_args, folder, on_gpu)
     finally:
         lock.release()
-    return 0
 
 
 def _lock_sweep_folder(folder: Path) -> RunLock:
@@ -76,7 +75,8 @@ def _lock_sweep_folder(folder: Path) -> RunLock:
         ) from None
 
 
-def _run(sweep_file: Path, spec: Any, fit_args: list[str], folder: Path, on_gpu: bool) -> None:
+def _run(sweep_file: Path, spec: Any, fit_args: list[str], folder: Path, on_gpu: bool) -> int:
+    """Run the sweep; the exit status: 0, or 1 when every trial failed (the sweep found nothing)."""
     from litune.commands import report
     from litune.tuning.sweep import Sweep
 
@@ -103,6 +103,7 @@ def _run(sweep_file: Path, spec: Any, fit_args: list[str], folder: Path, on_gpu:
         runs = [report.load_run(p) for p in best]
         report.write_report(runs, folder / "report")
         print(f"report of the best {len(best)} trial(s): {folder / 'report' / 'summary.md'}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
