@@ -140,6 +140,8 @@ def check_limits(config: Any) -> None:
         if found and not limit.allows(value):
             raise ConfigError(field, f"{value!r} is not {limit.describe()}", f"use {fix}")
     found, devices = _lookup(config, "trainer.devices")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():  # "2" from the command line
+        devices = int(devices)
     if found and isinstance(devices, int) and not _DEVICES.allows(devices):
         raise ConfigError(
             "trainer.devices", f"{devices!r} is not a number of devices", "use 1 or more, -1 for all, or auto"
