@@ -88,8 +88,9 @@ def test_row_location_across_files_and_formats(tmp_path: Path) -> None:
 
 
 def test_row_error_is_one_paragraph_with_field_and_fix() -> None:
-    err = row_error("data.init_args.chosen_column", "p.jsonl, row 2 (line 2)", "chosen", "is empty (null)",  # fmt: skip
-                    "give every row a chosen response", bad_rows=3, skip_field="data.init_args.skip_bad_rows")
+    skip = "data.init_args.skip_bad_rows"
+    where = "p.jsonl, row 2 (line 2)"
+    err = row_error("data.init_args.chosen_column", where, "chosen", "is empty (null)", "fix it", 3, skip)
     assert str(err).startswith("data.init_args.chosen_column: p.jsonl, row 2 (line 2): column 'chosen' is empty")
     assert "(3 malformed rows in all)" in str(err) and "skip_bad_rows=true" in err.fix
     assert chat_messages(GOOD_CHAT) is None
