@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from litune_testing import (
     LITUNE,
     REPO,
     SECOND,
+    TINY,
     assert_matches,
     fit_args,
     litune_env,
@@ -361,3 +363,109 @@ def test_cli_reports_bad_adapters_in_one_line(tmp_path, corpus_dir, tokenizer_di
     assert main(["fit", *args]) == 2
     err = capsys.readouterr().err
     assert "model.adapters.target_modules" in err and "Traceback" not in err
+
+
+QLORA = str(REPO / "configs" / "peft" / "qlora.yaml")
+
+
+@pytest.fixture(scope="module")
+def wide_gpt2_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pretrained-style GPT-2 folder (config, safetensors, tokenizer: what `litune export` writes) 64 wide: the
+    narrowest bitsandbytes' CPU 4-bit kernels take (its quantization block is 64 inputs)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("wide-gpt2")
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=VOCAB, bos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def qlora_fit_args(root: Path, corpus_dir: Path, tokenizer_dir: Path, pretrained: Path) -> list[str]:
+    """The documented QLoRA command on the tiny experiment: ``--config X --config configs/peft/qlora.yaml``, with the
+    validation before training on (which is what broke it on CPU) and one at the end."""
+    return [
+        "fit", "--config", str(TINY), f"--model.tokenizer={tokenizer_dir}",
+        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}", f"--runs_dir={root / 'runs'}",
+        f"--model.network.init_args.pretrained={pretrained}", "--model.network.init_args.config=null",
+        "--config", QLORA,
+        "--validate_before_fit=true", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+    ]  # fmt: skip
+
+
+def test_qlora_through_litune_fit_on_cpu(tmp_path, corpus_dir, tokenizer_dir, wide_gpt2_dir) -> None:
+    """`litune fit --config ... --config configs/peft/qlora.yaml` on a pretrained folder, as the README documents it.
+
+    It crashed on CPUs with AVX512-BF16 at the first training step (bitsandbytes repacked the 4-bit weights for
+    inference during the step-0 validation; see HFCausalLM's keep_4bit_layers_trainable). A CPU without that
+    instruction set never repacks, so there this test passes with or without the fix.
+    """
+    pytest.importorskip("bitsandbytes")
+    proc = run_litune(*qlora_fit_args(tmp_path, corpus_dir, tokenizer_dir, wide_gpt2_dir))
+    assert "val/loss at step 0" in proc.stdout and "val/loss at step 2" in proc.stdout, proc.stdout[-2000:]
+    run = the_run(tmp_path)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["lora_alpha"] == 32
+
+
+def test_a_4bit_layer_passes_gradients_after_an_inference_forward() -> None:
+    """The cause of the crash above, with teeth: after a no-grad eval forward (a validation), the gradient through a
+    4-bit layer equals the gradient through its dequantized weight; with bitsandbytes' CPU repacking on, it fails."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_4bit, has_avx512bf16
+
+    from litune.models.hf import keep_4bit_layers_trainable
+
+    def gradient_error(repacking: bool) -> float:
+        torch.manual_seed(0)
+        layer = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer.load_state_dict(torch.nn.Linear(64, 32).state_dict())
+        layer = layer.to("cpu")  # quantizes
+        layer.weight.requires_grad_(False)
+        layer.bias.requires_grad_(False)
+        if not repacking:
+            keep_4bit_layers_trainable(layer)
+        with torch.no_grad():
+            layer.eval()(torch.randn(4, 64))  # what a validation step does
+        x = torch.randn(4, 64, requires_grad=True)
+        try:
+            layer.train()(x).float().sum().backward()
+        except RuntimeError:
+            return float("inf")
+        if x.grad is None:
+            return float("inf")
+        weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()  # [out, in]
+        return (x.grad - torch.ones(4, 32) @ weight).abs().max().item()
+
+    assert gradient_error(repacking=False) < 0.05
+    if has_avx512bf16():
+        assert gradient_error(repacking=True) > 0.05  # the bug this guards against, on CPUs where it exists
+
+
+def test_qlora_without_bitsandbytes_stops_at_start_with_the_fix(tmp_path, corpus_dir, tokenizer_dir, wide_gpt2_dir):
+    """bitsandbytes is installed here, so its absence is simulated: a ``sitecustomize`` on PYTHONPATH makes Python's
+    path finder not find it (``find_spec`` gives None, ``import bitsandbytes`` raises ModuleNotFoundError), as on a
+    machine where it was never installed."""
+    shim = tmp_path / "no-bitsandbytes"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "# Simulates a machine without bitsandbytes (tests/test_adapters.py).\n"
+        "import importlib.machinery\n"
+        "_find_spec = importlib.machinery.PathFinder.find_spec\n"
+        "def _hidden(name, path=None, target=None):\n"
+        "    return None if name.split('.')[0] == 'bitsandbytes' else _find_spec(name, path, target)\n"
+        "importlib.machinery.PathFinder.find_spec = staticmethod(_hidden)\n"
+    )
+    env = litune_env()
+    env["PYTHONPATH"] = f"{shim}:{env['PYTHONPATH']}"
+    check = "import importlib.util; assert importlib.util.find_spec('bitsandbytes') is None; import bitsandbytes"
+    absent = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=60)
+    assert absent.returncode == 1 and "No module named 'bitsandbytes'" in absent.stderr, absent.stderr
+    args = qlora_fit_args(tmp_path, corpus_dir, tokenizer_dir, wide_gpt2_dir)
+    proc = subprocess.run([LITUNE, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "model.network.init_args.quantize" in proc.stderr and "pip install 'bitsandbytes" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list((tmp_path / "runs").glob("*"))  # no run folder

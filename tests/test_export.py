@@ -57,3 +57,13 @@ def test_bad_input_is_a_config_error(reference, tmp_path, capsys) -> None:
         export(the_run(reference), busy)
     with pytest.raises(ConfigError, match="DeepSpeed checkpoint"):
         export(tmp_path, tmp_path / "o2")  # a directory that is neither a run folder nor DeepSpeed shards
+
+
+def test_merge_adapters_on_a_run_without_adapters_is_refused(reference, tmp_path, capsys) -> None:
+    """``litune export --merge-adapters`` on a full fine-tuning run: exit 2 naming the flag, nothing written."""
+    out = tmp_path / "merged"
+    argv = ["export", "--checkpoint", str(the_run(reference)), "--output", str(out), "--merge-adapters"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("litune: configuration error:") and "adapters" in err and "Fix:" in err, err
+    assert "Traceback" not in err and not out.exists()
