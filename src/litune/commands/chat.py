@@ -2,7 +2,8 @@
 
 The conversation is rendered with the tokenizer's chat template (:func:`litune.serving.engine.render_chat`) and kept
 within the model's context: when it no longer fits beside ``--max-tokens``, the oldest turns are dropped. ``/reset``
-starts a new conversation, ``/exit`` (or end of input) quits.
+starts a new conversation, ``/exit`` (or end of input, or Ctrl-C at the prompt) quits; Ctrl-C during a reply stops
+that reply.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main(argv: list[str]) -> int:
     while True:
         try:
             line = input("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: quit
             print()
             return 0
         text = line.strip()
@@ -105,10 +106,13 @@ def main(argv: list[str]) -> int:
         sampling = engine.Sampling(room, args.temperature, args.top_p, seed)
         sys.stdout.write("assistant> ")
         reply = []
-        for (delta,) in engine.stream(network, tokenizer, [ids], [sampling]):
-            reply.append(delta.text)
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
+        try:
+            for (delta,) in engine.stream(network, tokenizer, [ids], [sampling]):
+                reply.append(delta.text)
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # Ctrl-C during a reply: stop it (the part shown stays in the conversation)
+            sys.stdout.write(" [interrupted]")
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
         turn += 1
