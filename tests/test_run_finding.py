@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from litune.commands.fit import resolve_run_dir
 from litune.errors import ConfigError
+from litune.runs import resolve_run_dir
 from litune.strategies.atomic import COMMIT_MARKER, AtomicCheckpointIO, atomic_directory, recover, staging_path
 
 

@@ -243,7 +243,7 @@ def test_litune_fit_on_text_pairs_and_generate(tmp_path, tokenizer_dir, monkeypa
     assert main(args) == 0
     (run,) = list((tmp_path / "runs").glob("*-seq2seq-pairs"))
     # The logged accuracy is the argmax accuracy over the held-out targets, recomputed here from the checkpoint.
-    from litune.strategies.checkpoint import load_system
+    from litune.resume import load_system
 
     network = load_system(run).network.eval()
     dm = Seq2SeqDataModule(

@@ -46,9 +46,6 @@ def _usage() -> str:
 
 USAGE = _usage()
 
-RUN_DIR_ENV = "LITUNE_RUN_DIR"
-"""Set by the first process (or a launch script) so that every rank of a run writes into the same run folder."""
-
 _FIT_NAMES = ("LituneCLI", "RunConfigSaver", "resolve_run_dir", "load_datamodule")
 
 

@@ -45,8 +45,10 @@ from litune.objective import (
     train_look_ahead,
     uninstall_look_ahead,
 )
-from litune.optim import LRSchedule, param_groups
+from litune.optim import LRSchedule, default_optimizer, param_groups
 from litune.preference.objective import Preference, PreferenceObjective, units_counter
+from litune.strategies.checkpoint import world_size_changed
+from litune.strategies.descriptor import describe
 from litune.tokenizer import TokenizerSource, load_tokenizer
 
 
@@ -76,10 +78,6 @@ def host_to_device(value: int, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def _default_optimizer(params: Any) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1)
 
 
 class LitLM(L.LightningModule):
@@ -114,7 +112,7 @@ class LitLM(L.LightningModule):
         self,
         network: nn.Module,
         tokenizer: TokenizerSource | None = None,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_schedule: LRSchedule | None = None,
         nonfinite: Literal["skip", "stop"] = "skip",
         adapters: Adapters | None = None,
@@ -216,9 +214,8 @@ class LitLM(L.LightningModule):
             install_look_ahead(self.trainer, count)
         if self.preference is not None and self.preference.mode == "precomputed":
             self._precompute_reference()
-        strategy = self.trainer.strategy
-        if self._adapters_only() and hasattr(strategy, "exclude_frozen_parameters"):
-            strategy.exclude_frozen_parameters = True  # DeepSpeed writes its own module states: leave the base out
+        if self._adapters_only() and describe(self.trainer.strategy).excludes_frozen_parameters:
+            self.trainer.strategy.exclude_frozen_parameters = True  # DeepSpeed writes its module states: no base
 
     def _precompute_reference(self) -> None:
         """``reference: precomputed``: one pass of the frozen reference over the data, cached beside it; the copy is
@@ -446,17 +443,11 @@ class LitLM(L.LightningModule):
         its strategy.
         """
         saved = checkpoint.get("litune_world_size")
-        reshards = self._trainer is not None and getattr(self.trainer.strategy, "reshards_checkpoints", False)
+        reshards = self._trainer is not None and describe(self._trainer.strategy).reshards_checkpoints
         if saved is None or saved == now or reshards:
             return
-        raise ConfigError(
-            "ckpt_path",
-            f"the checkpoint was saved by {saved} processes but this run has {now}; only FSDP2 checkpoints resume on "
-            "another number of processes",
-            f"resume with devices x num_nodes = {saved}, or start a new run from its weights (`litune export "
-            "--checkpoint C --output DIR`, then `--model.network.init_args.pretrained DIR`); train with "
-            "configs/strategy/fsdp2.yaml to change the world size between resumes",
-        )
+        ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
+        raise world_size_changed(ckpt_path or "being resumed", saved, now)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput | None:
         if self.preference is not None:
@@ -501,8 +492,11 @@ class LitLM(L.LightningModule):
         build = getattr(self.network, "configure_model", None)
         if callable(build):
             # A sharding strategy (FSDP2) lends its sharding so that a pretrained model is loaded into shards.
-            shard = getattr(self._trainer.strategy, "shard_network", None) if self._trainer is not None else None
-            build(shard=shard) if shard is not None else build()
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            if strategy is not None and describe(strategy).shards_network:
+                build(shard=strategy.shard_network)
+            else:
+                build()
             if self.adapters is not None and peft_model_of(self.network) is None:
                 add_adapters(self.network, self.adapters)
             if self.preference is not None:

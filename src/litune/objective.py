@@ -39,6 +39,7 @@ import torch
 
 from litune.errors import ConfigError
 from litune.models.output import causal_targets, count_targets
+from litune.strategies.descriptor import describe
 
 BATCH_TAG = "_litune_position"
 """Batch key under which :class:`LookAhead` tags every training batch with ``(pass, index)`` (popped before forward)."""
@@ -156,9 +157,8 @@ def check_window_has_targets(local_targets: int, batch_idx: int, length: int) ->
 
 
 def is_deepspeed(trainer: pl.Trainer) -> bool:
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    return isinstance(trainer.strategy, DeepSpeedStrategy)
+    """Whether DeepSpeed's engine runs the step (it divides the loss by its accumulation once more)."""
+    return describe(trainer.strategy).deepspeed
 
 
 def gradient_divisor(trainer: pl.Trainer) -> int:

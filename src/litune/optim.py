@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -19,6 +19,11 @@ from transformers import (
 )
 
 from litune.errors import ConfigError
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """LitLM's optimizer when none is configured: AdamW, lr 3e-4, weight decay 0.1."""
+    return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1)
 
 
 def param_groups(network: nn.Module) -> list[dict]:

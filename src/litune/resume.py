@@ -14,13 +14,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from litune.errors import ConfigError
-from litune.strategies.checkpoint import check_resume_world_size, is_deepspeed_checkpoint
-from litune.tokenizer import TOKENIZER_DIR, run_tokenizer
+from litune.module import LitLM
+from litune.runs import TOKENIZER_DIR, resolve_checkpoint, run_dir_of, run_tokenizer
+from litune.strategies.checkpoint import as_single_file, check_resume_world_size, checkpoint_kind
+from litune.strategies.descriptor import StrategySpec
+from litune.strategies.safe_load import allow_litune_classes, load_checkpoint_file
 
 SOURCE_FILE = "litune_source.json"
 """In the tokenizer folder: the source (hub id, folder or recipe) the run was configured with, to recognise it."""
@@ -170,42 +175,42 @@ def use_run_tokenizer(cfg: Any, run_dir: Path | None) -> None:
         data_args.tokenizer = str(folder)
 
 
-def checkpoint_kind(checkpoint: str | Path) -> str:
-    """``"deepspeed"`` (a folder of ZeRO shards), ``"fsdp2"`` (a DCP folder) or ``"file"`` (one ``.ckpt`` file)."""
-    from litune.strategies.fsdp2 import is_fsdp2_checkpoint
-
-    if is_deepspeed_checkpoint(checkpoint):
-        return "deepspeed"
-    return "fsdp2" if is_fsdp2_checkpoint(checkpoint) else "file"
-
-
 KIND_NAMES = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2 (DCP)", "file": "single-file (DDP / one device)"}
 
 
-def check_strategy_matches(checkpoint: str | Path, strategy: str, world_size: int | None) -> None:
+def check_strategy_matches(checkpoint: str | Path, strategy: StrategySpec) -> None:
     """A sharded checkpoint resumes only under the strategy that wrote it (DeepSpeed: also on as many processes), and
     a single-file checkpoint not under DeepSpeed; otherwise the strategy fails deep inside its loader.
 
     Args:
         checkpoint: the checkpoint to resume from.
-        strategy: this run's ``trainer.strategy`` as a lower-case name (``strategies.checks.strategy_name``).
-        world_size: this run's processes (devices x nodes), or None when not known before launch.
+        strategy: this run's strategy, with its world size (devices x nodes) when known before launch.
     """
     kind = checkpoint_kind(checkpoint)
-    run = "deepspeed" if "deepspeed" in strategy else ""
-    if "fsdp" in strategy or "modelparallel" in strategy:
-        run = "fsdp2"
-    if kind == "deepspeed" and run == "deepspeed":
-        if world_size is not None:
-            check_resume_world_size(checkpoint, world_size)
+    if strategy.loads(kind):
+        if kind == "deepspeed" and strategy.world_size is not None:
+            check_resume_world_size(checkpoint, strategy.world_size)
         return
-    # Lightning's FSDP2 strategy also loads a full single-file checkpoint; every other mismatch cannot load.
-    if kind == run or (kind == "file" and run in ("", "fsdp2")):
-        return
-    here = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2"}.get(run, f"the {strategy!r} strategy")
     raise ConfigError(
         "trainer.strategy",
-        f"{checkpoint} is a {KIND_NAMES[kind]} checkpoint but this run uses {here}; one strategy's checkpoint (its "
-        "sharded optimizer state) cannot be loaded by another",
+        f"{checkpoint} is a {KIND_NAMES[kind]} checkpoint but this run uses {strategy.label}; one strategy's "
+        "checkpoint (its sharded optimizer state) cannot be loaded by another",
         "resume with the strategy the checkpoint was written with, or " + _new_run_fix(checkpoint),
     )
+
+
+def load_system(path: str | Path) -> LitLM:
+    """Load a :class:`~litune.module.LitLM` on CPU from any strategy's checkpoint or a run folder (shards joined),
+    with the run folder's saved tokenizer files, not the recipe in the hyperparameters (no retraining elsewhere)."""
+    path = resolve_checkpoint(path)
+    run_dir = run_dir_of(path)
+    saved_tokenizer = run_tokenizer(run_dir) if run_dir is not None else None
+    overrides = {"tokenizer": str(saved_tokenizer)} if saved_tokenizer is not None else {}
+    allow_litune_classes()  # weights_only=True below: litune's hparam classes, nothing else, may be unpickled
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="litune-consolidate-") as tmp:
+        # An adapter checkpoint leaves out the frozen base (rebuilt from its pretrained source); LitLM checks that the
+        # adapter weights are all there (on_load_checkpoint), and other checkpoints load strictly.
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
+        single = as_single_file(path, Path(tmp))
+        load_checkpoint_file(single, mmap=True)  # a truncated, foreign or code-carrying file fails here, clearly
+        return LitLM.load_from_checkpoint(single, map_location="cpu", weights_only=True, **overrides)

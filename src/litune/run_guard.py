@@ -18,22 +18,9 @@ import sys
 from pathlib import Path
 
 from litune.errors import ConfigError
+from litune.runs import CHECKPOINTS_DIR, is_launched, job_id
 
 LOCK_FILE = ".litune.lock"
-
-
-def is_launched_rank() -> bool:
-    """Whether this process is a non-zero rank of a launched job (those share the launching rank's lock)."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        value = os.environ.get(var)
-        if value is not None and value.strip().isdigit():
-            return int(value) != 0
-    return False
-
-
-def _job_id() -> str | None:
-    """The scheduler's id of this job, shared by its requeued incarnations (SLURM), or litune's own run id."""
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("LITUNE_RUN_ID") or None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -62,7 +49,7 @@ class RunLock:
         """Create the lock file, taking over a stale one; raise :class:`ConfigError` if a live process holds it."""
         self.created_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "job": _job_id()}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "job": job_id()}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -94,7 +81,7 @@ class RunLock:
 
     @staticmethod
     def _stale(owner: dict) -> bool:
-        job = _job_id()
+        job = job_id()
         if job is not None and owner.get("job") == job and owner.get("pid") != os.getpid():
             return True
         pid = owner.get("pid")
@@ -156,8 +143,7 @@ def check_port_free(processes: int | None, num_nodes: int) -> None:
     user sees one traceback per rank. Launched ranks (torchrun, SLURM) are skipped: there the launcher owns the port.
     """
     port = os.environ.get("MASTER_PORT")
-    launched = any(var in os.environ for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "TORCHELASTIC_RUN_ID"))
-    if not port or (processes or 1) * max(num_nodes, 1) < 2 or launched:
+    if not port or (processes or 1) * max(num_nodes, 1) < 2 or is_launched():
         return
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError("MASTER_PORT", f"{port!r} is not a port number", "set MASTER_PORT to a free port, e.g. 29500")
@@ -211,7 +197,7 @@ class FolderSnapshot:
                 self.dirs.add(path)
             elif path.is_file():
                 stat = path.stat()
-                copy = "checkpoints" not in path.relative_to(self.folder).parts and stat.st_size <= self.MAX_COPIED
+                copy = CHECKPOINTS_DIR not in path.relative_to(self.folder).parts and stat.st_size <= self.MAX_COPIED
                 self.files[path] = (stat, path.read_bytes() if copy else None)
 
     def restore(self) -> None:

@@ -19,15 +19,6 @@ from litune.errors import ConfigError
 
 DEFAULT_CACHE = Path(os.environ.get("LITUNE_CACHE", Path.home() / ".cache" / "litune"))
 
-TOKENIZER_DIR = "tokenizer"
-"""Sub-folder of a run folder holding the tokenizer's files (``tokenizer.json``, ``tokenizer_config.json``, ...)."""
-
-
-def run_tokenizer(run_dir: str | Path) -> Path | None:
-    """The tokenizer folder ``litune fit`` saved in ``run_dir``, or None for a run folder written before it did."""
-    folder = Path(run_dir) / TOKENIZER_DIR
-    return folder if (folder / "tokenizer_config.json").is_file() else None
-
 
 class TokenizerBuilder(ABC):
     """A tokenizer that litune builds itself rather than loads from a hub id or folder.

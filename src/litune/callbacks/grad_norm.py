@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
+from litune.strategies.descriptor import describe
+
 
 class GradNormMonitor(Callback):
     """Logs ``train/grad_norm``, the 2-norm of all gradients, every ``trainer.log_every_n_steps`` optimizer steps.
@@ -23,9 +25,7 @@ class GradNormMonitor(Callback):
         self._last_step = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        self._deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
+        self._deepspeed = describe(trainer.strategy).deepspeed
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step

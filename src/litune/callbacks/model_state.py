@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from litune.strategies.descriptor import describe
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     # An FSDP2 parameter (and its Adam moments) is a DTensor whose numel() is the whole tensor's: count the local shard.
@@ -48,7 +50,7 @@ def model_state_bytes(trainer: Trainer) -> dict[str, Any]:
         "strategy": type(strategy).__name__,
         "stage": 0,
     }
-    engine = getattr(strategy, "deepspeed_engine", None) if hasattr(strategy, "zero_stage_3") else None
+    engine = strategy.deepspeed_engine if describe(strategy).deepspeed else None
     if engine is None:
         params = list(module.parameters())
         report.update(

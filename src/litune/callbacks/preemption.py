@@ -14,7 +14,6 @@ checkpoint (see launch/slurm.sbatch).
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import threading
@@ -30,6 +29,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from litune.runs import last_checkpoint, slurm_requeue_id
+
 EXIT_PREEMPTED = 75
 """Exit status of every rank after a preemption save (sysexits.h EX_TEMPFAIL: a temporary failure, try again)."""
 
@@ -41,14 +42,6 @@ class Preempted(SystemExit):
 
     def __init__(self) -> None:
         super().__init__(EXIT_PREEMPTED)
-
-
-def slurm_job_id() -> str | None:
-    """The id ``scontrol requeue`` takes: ``<array job>_<task>`` for array jobs, else ``SLURM_JOB_ID``."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array_job and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 class Preemption(Callback):
@@ -126,7 +119,7 @@ class Preemption(Callback):
         if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath is not None:
             path = Path(ckpt.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
         else:
-            path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            path = last_checkpoint(trainer.default_root_dir)
         trainer.save_checkpoint(path)  # every rank: DeepSpeed writes its shards from each
         if isinstance(ckpt, ModelCheckpoint):
             ckpt.last_model_path = str(path)
@@ -137,11 +130,11 @@ class Preemption(Callback):
         return signal.Signals(self._signal).name if self._signal is not None else "from another rank"
 
     def _should_requeue(self) -> bool:
-        return self.requeue if self.requeue is not None else slurm_job_id() is not None
+        return self.requeue if self.requeue is not None else slurm_requeue_id() is not None
 
 
 def _requeue() -> None:
-    job = slurm_job_id()
+    job = slurm_requeue_id()
     if job is None:
         rank_zero_warn("requeue asked for but SLURM_JOB_ID is not set: not requeued")
         return

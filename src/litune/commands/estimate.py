@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(configs: list[str], overrides: list[str]) -> Namespace:
     """Parse config files and ``--a.b=c`` overrides exactly as ``litune fit`` does, instantiating nothing."""
-    from litune.cli import LituneCLI
+    from litune.commands.fit import LituneCLI
 
     class _ConfigOnly(LituneCLI):
         def before_instantiate_classes(self) -> None:
@@ -104,38 +104,6 @@ def model_shape(network: torch.nn.Module) -> ModelShape:
         "model.network",
         f"cannot read layers/width/heads from {type(network).__name__}",
         "estimate a litune.models network or a Hugging Face causal LM",
-    )
-
-
-def strategy_shape(strategy: Any) -> StrategyShape:
-    """The :class:`StrategyShape` of a ``trainer.strategy`` setting (string or ``class_path``/``init_args``)."""
-    from litune.strategies.checks import strategy_name
-
-    if isinstance(strategy, Namespace):
-        strategy = strategy.as_dict()
-    name = strategy_name(strategy)
-    args = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
-    if "fsdp2" in name:
-        offload = bool(args.get("cpu_offload", False))
-        shard_size = args.get("shard_size")
-        return StrategyShape(
-            fsdp=True,
-            hybrid=args.get("sharding", "full") == "hybrid",
-            shard_size=int(shard_size) if shard_size else None,
-            offload_optimizer=offload,
-            offload_params=offload,
-        )
-    if "deepspeed" not in name:
-        return StrategyShape()
-    if isinstance(strategy, str):  # Lightning's registry names: deepspeed_stage_2_offload, ...
-        stage = next((int(c) for c in name if c.isdigit()), 2)
-        offload = "offload" in name
-        args = {"stage": stage, "offload_optimizer": offload, "offload_parameters": offload and stage == 3}
-    return StrategyShape(
-        stage=int(args.get("stage", 2)),
-        deepspeed=True,
-        offload_optimizer=bool(args.get("offload_optimizer", False)),
-        offload_params=bool(args.get("offload_parameters", False)),
     )
 
 
@@ -230,6 +198,8 @@ def main(argv: list[str]) -> int:
     network = _network_on_meta(cfg.model.network)
     model = model_shape(network)
     run = run_shape(cfg, network, args.devices, args.nodes)
-    data = report(model, run, strategy_shape(cfg.trainer.get("strategy")))
+    from litune.strategies.descriptor import describe
+
+    data = report(model, run, describe(cfg.trainer.get("strategy")).memory_shape())
     print(json.dumps(data, indent=2) if args.json else format_report(data))
     return 0

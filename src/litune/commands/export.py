@@ -23,7 +23,7 @@ import torch
 
 from litune.errors import CommandParser, ConfigError
 from litune.models import adapters
-from litune.strategies.checkpoint import load_system
+from litune.resume import load_system
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

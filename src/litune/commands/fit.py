@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from litune.callbacks.checkpointing import BestCheckpoints, Checkpointing
 from litune.callbacks.preemption import CollectiveTimeout, Preempted
 from litune.callbacks.run_info import log_once
 from litune.callbacks.wiring import add_tracking, add_tracking_arguments
-from litune.cli import RUN_DIR_ENV, as_config_error
+from litune.cli import as_config_error
 from litune.errors import ConfigError, from_parse_error
 from litune.host_memory import keep_freed_host_memory
 from litune.limits import check_limits
@@ -38,135 +37,22 @@ from litune.resume import (
     save_run_tokenizer,
     use_run_tokenizer,
 )
-from litune.run_guard import FolderSnapshot, RunLock, check_port_free, check_writable, is_launched_rank
+from litune.run_guard import FolderSnapshot, RunLock, check_port_free, check_writable
+from litune.runs import (
+    CONFIG_FILE,
+    DEFAULT_RUNS_DIR,
+    RUN_DIR_ENV,
+    checkpoints_dir,
+    is_launched_rank,
+    resolve_run_dir,
+    run_dir_of,
+    runs_root,
+)
 from litune.strategies import apply_global_batch_size, check_trainer_config
-from litune.strategies.atomic import COMMIT_MARKER, recover
-from litune.strategies.checkpoint import run_dir_of
-from litune.strategies.checks import processes_per_node, resolve_accelerator, strategy_name
+from litune.strategies.checks import describe_trainer, processes_per_node, resolve_accelerator
+from litune.strategies.descriptor import describe
+from litune.strategies.fsdp2 import adapters_unsupported
 from litune.strategies.safe_load import allow_litune_classes, checkpoint_hparams, load_checkpoint_file
-
-
-def _rank_env_run_id() -> str | None:
-    """A run id that every rank of an externally launched job shares (torchrun, SLURM), when one exists.
-
-    ``LITUNE_RUN_ID`` is for launchers that have no job id of their own (launch/deepspeed.sh sets it).
-    """
-    for var in ("LITUNE_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
-        value = os.environ.get(var)
-        if value and value != "none":
-            return value
-    return None
-
-
-def _is_run_of(folder: str, experiment: str) -> bool:
-    """Whether a run folder's name says it is a run of exactly ``experiment`` (not of one ending with its name)."""
-    name = re.escape(experiment)
-    return re.fullmatch(rf"\d{{8}}-\d{{6}}(\.\d+)?-{name}|{name}-job[^/]+", folder) is not None
-
-
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, whatever its name: ``last.ckpt``, a cadence ``step*.ckpt``, or a
-    ``best-step*.ckpt`` (all a run killed before its first cadence save has). Saves in progress have hidden names
-    (:mod:`litune.strategies.atomic`) and are never chosen; on a tie of times ``last.ckpt`` wins."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
-    for hidden in folder.glob(".*.ckpt.old"):  # a folder save killed between its two renames: finish it
-        recover(folder / hidden.name[1 : -len(".old")])
-    recover(folder / "last.ckpt")
-    candidates = [p for p in folder.glob("*.ckpt") if not p.name.startswith(".") and _complete(p)]
-    return max(candidates, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), default=None)
-
-
-def _complete(checkpoint: Path) -> bool:
-    if checkpoint.is_dir():  # DeepSpeed (latest) or FSDP2 (meta.pt) folders; atomic saves also leave COMMITTED
-        return any((checkpoint / name).exists() for name in (COMMIT_MARKER, "latest", "meta.pt"))
-    return checkpoint.is_file() and checkpoint.stat().st_size > 0
-
-
-def resolve_run_dir(runs_dir: str, experiment: str, ckpt_path: str | None) -> tuple[Path, str | None]:
-    """Pick the run folder and resolve ``ckpt_path="last"``.
-
-    A new run gets ``runs_dir/<YYYYmmdd-HHMMSS>-<experiment>`` (sorts by time, says what it is), or
-    ``runs_dir/<experiment>-job<id>`` when a launcher gives the job an id (SLURM, torchrun, launch/deepspeed.sh). A
-    resumed run (``ckpt_path`` given) continues in the folder its checkpoint lives in.
-
-    ``ckpt_path="last"``: in a job with an id, that job's own folder's ``checkpoints/last.ckpt``, and a fresh start
-    when it has none yet, so one batch script serves the first start and every requeue; otherwise the run of exactly
-    this experiment whose ``last.ckpt`` was written most recently.
-
-    Returns:
-        The run folder and the checkpoint path to resume from (``None`` for a new run).
-    """
-    if os.environ.get(RUN_DIR_ENV):
-        run_dir = Path(os.environ[RUN_DIR_ENV])
-        if ckpt_path == "last":
-            newest = newest_checkpoint(run_dir)
-            if newest is not None:
-                ckpt_path = str(newest)
-            else:  # a job with an id starts fresh; otherwise Lightning reports the missing last.ckpt
-                ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if _rank_env_run_id() is None else None
-        return run_dir, ckpt_path
-    run_id = _rank_env_run_id()
-    if ckpt_path == "last" and run_id is not None:
-        run_dir = Path(runs_dir) / f"{experiment}-job{run_id}"
-        newest = newest_checkpoint(run_dir)
-        return run_dir, _took(newest) if newest else None
-    if ckpt_path == "last":
-        runs = [c for c in Path(runs_dir).glob("*") if _is_run_of(c.name, experiment)]
-        found = [newest for c in runs if (newest := newest_checkpoint(c)) is not None]
-        if not found:
-            raise ConfigError(
-                "ckpt_path",
-                f"no run of experiment '{experiment}' under {runs_dir}/ has a checkpoint (checkpoints/*.ckpt)",
-                "give the checkpoint's path instead of 'last', or check --experiment and --runs_dir",
-            )
-        newest = max(found, key=lambda p: p.stat().st_mtime)
-        return newest.parent.parent, _took(newest)
-    if ckpt_path:
-        path = Path(ckpt_path)
-        recover(path)
-        if not path.exists():
-            raise ConfigError("ckpt_path", f"{ckpt_path} does not exist", "give an existing checkpoint, or 'last'")
-        if path.parent.name == "checkpoints":
-            return path.parent.parent, ckpt_path
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    if run_id is not None:
-        return Path(runs_dir) / f"{experiment}-job{run_id}", ckpt_path
-    run_dir = Path(runs_dir) / f"{stamp}-{experiment}"
-    suffix = 1
-    while run_dir.exists():  # two runs started within the same second (a sweep, a script)
-        suffix += 1
-        run_dir = Path(runs_dir) / f"{stamp}.{suffix}-{experiment}"  # sorts after the first
-    return run_dir, ckpt_path
-
-
-def _took(checkpoint: Path) -> str:
-    """Say which checkpoint ``--ckpt_path last`` resumes from (it may be a best-step one after an early kill)."""
-    if not is_launched_rank():
-        print(f"litune: --ckpt_path last: resuming from {checkpoint} (the run's newest checkpoint)", file=sys.stderr)
-    return str(checkpoint)
-
-
-DEFAULT_RUNS_DIR = "runs"
-
-
-def runs_root(runs_dir: str, default_root_dir: str | None) -> str:
-    """Where run folders are created: ``--runs_dir``, or ``--trainer.default_root_dir`` (Lightning's name for where
-    outputs go), which litune honours as the same thing: the run folder ``<time>-<experiment>/`` is made inside it.
-
-    Raises:
-        ConfigError: when both are given and differ (which one would hold the run was a guess).
-    """
-    if default_root_dir is None:
-        return runs_dir
-    if runs_dir != DEFAULT_RUNS_DIR and Path(runs_dir).resolve() != Path(default_root_dir).resolve():
-        raise ConfigError(
-            "trainer.default_root_dir",
-            f"{default_root_dir} and --runs_dir={runs_dir} name two places for the run folders",
-            "give only --runs_dir (each run's folder is created inside it; trainer.default_root_dir means the same)",
-        )
-    return default_root_dir
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -215,7 +101,7 @@ class LituneCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True, "config_filename": CONFIG_FILE})
         inherited_run_dir = os.environ.get(RUN_DIR_ENV)
         self.lock: RunLock | None = None
         self.snapshot: FolderSnapshot | None = None
@@ -261,10 +147,7 @@ class LituneCLI(LightningCLI):
     def _check_resume(self, cfg: Namespace, ckpt_path: str, run_dir: Path) -> None:
         """Fail before anything is built or written when the config's network or tokenizer is not the checkpoint's;
         then point the tokenizer at the run folder's saved files."""
-        accelerator = resolve_accelerator(cfg.trainer.get("accelerator", "auto"))
-        processes = processes_per_node(cfg.trainer.get("devices", "auto"), accelerator)
-        world_size = processes * (cfg.trainer.get("num_nodes") or 1) if processes is not None else None
-        check_strategy_matches(ckpt_path, strategy_name(_as_dict(cfg.trainer.get("strategy", "auto"))), world_size)
+        check_strategy_matches(ckpt_path, describe_trainer(cfg.trainer))
         hparams = checkpoint_hparams(ckpt_path)
         check_network_matches(hparams.get("network"), cfg.model.get("network"), ckpt_path)
         ckpt_run = run_dir_of(ckpt_path) or run_dir
@@ -349,7 +232,7 @@ class LituneCLI(LightningCLI):
         cfg.trainer.default_root_dir = str(run_dir)
         for section in (cfg.checkpoint, cfg.best_checkpoint):
             if section.dirpath is None:
-                section.dirpath = str(run_dir / "checkpoints")
+                section.dirpath = str(checkpoints_dir(run_dir))
         add_tracking(cfg)  # loggers by name, wandb id of the resumed run, throughput/MFU/memory/... callbacks
         cfg.trainer.logger = _loggers_in(run_dir, cfg.trainer.logger)
 
@@ -392,7 +275,7 @@ class LituneCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file() or self.trainer is None:
             return  # sharded checkpoints: their strategy and world size were checked by _check_resume
         checkpoint = load_checkpoint_file(ckpt_path, "ckpt_path", mmap=True)
-        reshards = getattr(self.trainer.strategy, "reshards_checkpoints", False)
+        reshards = describe(self.trainer.strategy).reshards_checkpoints
         self.model.check_checkpoint(checkpoint, None if reshards else self.trainer.world_size)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -489,10 +372,6 @@ def _set_dist_timeout(trainer: Trainer | None, seconds: float | None) -> None:
     trainer.callbacks.append(CollectiveTimeout(seconds))
 
 
-def _as_dict(value: Any) -> Any:
-    return value.as_dict() if hasattr(value, "as_dict") else value
-
-
 def _first_lines(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -509,10 +388,7 @@ def check_adapters_strategy(cfg: Namespace) -> None:
     """Refuse adapters under FSDP2 before any process is spawned (the strategy would refuse them only in setup)."""
     if not cfg.get("model") or cfg.model.get("adapters") is None:
         return
-    strategy = cfg.trainer.get("strategy")
-    if "fsdp2" in strategy_name(strategy.as_dict() if hasattr(strategy, "as_dict") else strategy):
-        from litune.strategies.fsdp2 import adapters_unsupported
-
+    if describe_trainer(cfg.trainer).fsdp2:
         raise adapters_unsupported()
 
 
@@ -520,9 +396,7 @@ def check_compile(cfg: Namespace) -> None:
     """Refuse ``model.compile`` where ``torch.compile`` cannot work, before any process is spawned."""
     if not cfg.get("model") or not cfg.model.get("compile"):
         return
-    from litune.commands.estimate import strategy_shape
-
-    if strategy_shape(cfg.trainer.get("strategy")).stage == 3:
+    if describe_trainer(cfg.trainer).gathers_parameters_per_call:
         # ZeRO-3 gathers each parameter in hooks around every module call and frees it after: compiled graphs would
         # capture the empty shards. DeepSpeed's own engine.compile() is not reachable through Lightning's strategy.
         raise ConfigError(

@@ -52,7 +52,7 @@ def load_for_generation(checkpoint: str) -> tuple[torch.nn.Module, object]:
         from litune.models.hf import HFCausalLM
 
         return HFCausalLM(pretrained=checkpoint), load_tokenizer(checkpoint)
-    from litune.strategies.checkpoint import load_system
+    from litune.resume import load_system
 
     system = load_system(path)
     if system.tokenizer is None:

@@ -12,43 +12,22 @@ state), so the result loads with ``LitLM.load_from_checkpoint`` like any DDP che
 from __future__ import annotations
 
 import re
-import tempfile
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from litune.errors import ConfigError
 from litune.strategies.fsdp2 import is_fsdp2_checkpoint
 
-if TYPE_CHECKING:
-    from litune.module import LitLM
-
 _OPTIM_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
-def resolve_checkpoint(path: str | Path, field: str = "--checkpoint") -> Path:
-    """Accept a checkpoint file, a DeepSpeed checkpoint directory or a run folder (its ``checkpoints/last.ckpt``)."""
-    path = Path(path)
-    if path.is_dir() and (path / "checkpoints" / "last.ckpt").exists():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.exists():
-        raise ConfigError(field, f"{path} does not exist", "give a .ckpt file or directory, or a run folder")
-    if path.is_dir() and not is_deepspeed_checkpoint(path) and not is_fsdp2_checkpoint(path):
-        raise ConfigError(
-            field,
-            f"{path} is a directory but neither a run folder nor a DeepSpeed checkpoint (no 'latest' file) nor a "
-            "complete FSDP2 checkpoint (no '.metadata' and 'meta.pt')",
-            "give runs/<run>, runs/<run>/checkpoints/last.ckpt or a step*.ckpt inside it",
-        )
-    return path
-
-
-def run_dir_of(checkpoint: str | Path) -> Path | None:
-    """The run folder a checkpoint lives in (``<run>/checkpoints/<name>.ckpt``), or None for a checkpoint elsewhere."""
-    path = Path(checkpoint)
-    return path.parent.parent if path.parent.name == "checkpoints" else None
+def checkpoint_kind(path: str | Path) -> str:
+    """``"deepspeed"`` (a folder of ZeRO shards), ``"fsdp2"`` (a DCP folder) or ``"file"`` (one ``.ckpt`` file, or
+    a folder that is neither: :func:`litune.runs.resolve_checkpoint` refuses it)."""
+    if is_deepspeed_checkpoint(path):
+        return "deepspeed"
+    return "fsdp2" if is_fsdp2_checkpoint(path) else "file"
 
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
@@ -80,13 +59,24 @@ def check_resume_world_size(path: str | Path, world_size: int) -> None:
     """
     saved = saved_world_size(path)
     if saved is not None and saved != world_size:
-        raise ConfigError(
-            "ckpt_path",
-            f"the DeepSpeed checkpoint {path} was saved by {saved} processes but this run has {world_size}; ZeRO "
-            "optimizer shards cannot be loaded onto a different number of processes",
-            f"resume with devices x num_nodes = {saved}, or start a new run from its weights: "
-            f"`litune export --checkpoint {path} --output DIR` then `--model.network.init_args.pretrained DIR`",
-        )
+        raise world_size_changed(path, saved, world_size)
+
+
+def world_size_changed(checkpoint: str | Path, saved: int, now: int) -> ConfigError:
+    """The one refusal of a resume on another number of processes than the checkpoint's (only FSDP2 reshards).
+
+    ZeRO optimizer shards load only onto the partitioning they were saved with; under the other strategies Lightning's
+    loop counts micro-batches per process, so the first resumed step would end its accumulation window early.
+    """
+    return ConfigError(
+        "ckpt_path",
+        f"the checkpoint {checkpoint} was saved by {saved} processes but this run has {now}; only FSDP2 checkpoints "
+        "resume on another number of processes (ZeRO's optimizer shards and the training loop's per-process "
+        "counters are laid out for the saved number)",
+        f"resume with devices x num_nodes = {saved}, or start a new run from its weights: `litune export "
+        f"--checkpoint {checkpoint} --output DIR`, then `--model.network.init_args.pretrained DIR`; train with "
+        "configs/strategy/fsdp2.yaml to change the world size between resumes",
+    )
 
 
 def consolidate(path: str | Path, output_file: str | Path) -> Path:
@@ -144,27 +134,17 @@ def consolidate_fsdp2(path: str | Path, output_file: str | Path) -> Path:
     return Path(output_file)
 
 
-def load_system(path: str | Path) -> LitLM:
-    """Load a :class:`~litune.module.LitLM` on CPU from any strategy's checkpoint (DeepSpeed/FSDP2 shards joined)."""
-    from litune.module import LitLM
-    from litune.strategies.safe_load import allow_litune_classes, load_checkpoint_file, verify_deepspeed_checkpoint
-    from litune.tokenizer import run_tokenizer
+def as_single_file(path: Path, directory: Path) -> Path:
+    """``path`` if it is one ``.ckpt`` file, else its shards joined into ``directory/consolidated.ckpt``.
 
-    path = resolve_checkpoint(path)
-    # The run folder's saved tokenizer files, not the recipe in the hyperparameters (no retraining on a new machine).
-    run_dir = run_dir_of(path)
-    saved_tokenizer = run_tokenizer(run_dir) if run_dir is not None else None
-    overrides = {"tokenizer": str(saved_tokenizer)} if saved_tokenizer is not None else {}
-    allow_litune_classes()  # weights_only=True below: litune's hparam classes, nothing else, may be unpickled
-    if is_deepspeed_checkpoint(path):
+    The one place a checkpoint's kind decides how it is read (:func:`checkpoint_kind`).
+    """
+    kind = checkpoint_kind(path)
+    if kind == "file":
+        return path
+    if kind == "deepspeed":
+        from litune.strategies.safe_load import verify_deepspeed_checkpoint
+
         verify_deepspeed_checkpoint(path)  # DeepSpeed's consolidation unpickles its shards with weights_only=False
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="litune-consolidate-") as tmp:
-        # An adapter checkpoint leaves out the frozen base (rebuilt from its pretrained source); LitLM checks that the
-        # adapter weights are all there (on_load_checkpoint), and other checkpoints load strictly.
-        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
-        single = path
-        if path.is_dir():
-            join = consolidate_fsdp2 if is_fsdp2_checkpoint(path) else consolidate
-            single = join(path, Path(tmp) / "consolidated.ckpt")
-        load_checkpoint_file(single, mmap=True)  # a truncated, foreign or code-carrying file fails here, clearly
-        return LitLM.load_from_checkpoint(single, map_location="cpu", weights_only=True, **overrides)
+        return consolidate(path, directory / "consolidated.ckpt")
+    return consolidate_fsdp2(path, directory / "consolidated.ckpt")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from litune.errors import ConfigError
+from litune.strategies.descriptor import StrategySpec, describe
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 """The precision flags litune configs may use (``configs/precision/*.yaml``)."""
@@ -61,17 +62,6 @@ def processes_per_node(devices: object, accelerator: str) -> int | None:
         if devices.strip().isdigit():
             return int(devices)
     return None
-
-
-def strategy_name(strategy: object) -> str:
-    """A lower-case name for a ``trainer.strategy`` setting: a string, a ``class_path`` dict, or a Strategy object."""
-    if isinstance(strategy, Mapping):
-        return str(strategy.get("class_path", "")).lower()
-    if isinstance(strategy, str):
-        return strategy.lower()
-    if strategy is None:
-        return "auto"
-    return type(strategy).__name__.lower()
 
 
 def check_deepspeed_installed(field: str = "trainer.strategy") -> None:
@@ -140,6 +130,19 @@ def check_run(
         check_deepspeed_installed()
 
 
+def _getter(trainer: Mapping[str, Any]) -> Any:
+    return trainer.get if hasattr(trainer, "get") else lambda key, default=None: getattr(trainer, key, default)
+
+
+def describe_trainer(trainer: Mapping[str, Any]) -> StrategySpec:
+    """The :class:`~litune.strategies.descriptor.StrategySpec` of a config's ``trainer`` section, with its world size
+    (``devices`` x ``num_nodes``) when it can be told before launch."""
+    get = _getter(trainer)
+    processes = processes_per_node(get("devices", "auto"), resolve_accelerator(get("accelerator", "auto")))
+    world_size = processes * (get("num_nodes", None) or 1) if processes is not None else None
+    return describe(get("strategy", "auto"), world_size)
+
+
 def check_trainer_config(trainer: Mapping[str, Any]) -> None:
     """Run :func:`check_run` on the ``trainer`` section of a parsed config (a dict or jsonargparse Namespace).
 
@@ -147,13 +150,11 @@ def check_trainer_config(trainer: Mapping[str, Any]) -> None:
         trainer: mapping with ``accelerator``, ``devices``, ``precision``, ``strategy`` entries (missing ones are
             treated as Lightning's defaults).
     """
-    get = trainer.get if hasattr(trainer, "get") else lambda key, default=None: getattr(trainer, key, default)
+    get = _getter(trainer)
     accelerator = resolve_accelerator(get("accelerator", "auto"))
     processes = processes_per_node(get("devices", "auto"), accelerator)
-    strategy = get("strategy", "auto")
-    if hasattr(strategy, "as_dict"):  # a jsonargparse Namespace holding class_path/init_args
-        strategy = strategy.as_dict()
-    if "fsdp2" in strategy_name(strategy) and str(get("precision", None)) in ("16-mixed", "16"):
+    spec = describe_trainer(trainer)
+    if spec.fsdp2 and str(get("precision", None)) in ("16-mixed", "16"):
         # Lightning's ModelParallelStrategy refuses it too, but only once the Trainer is built, with a ValueError.
         raise ConfigError(
             "trainer.precision",
@@ -161,7 +162,7 @@ def check_trainer_config(trainer: Mapping[str, Any]) -> None:
             "ModelParallelStrategy)",
             "use `--config configs/precision/bf16-mixed.yaml` (bf16 compute, fp32 gradient reduction), or 32-true",
         )
-    check_run(accelerator, processes, get("precision", None), deepspeed="deepspeed" in strategy_name(strategy))
+    check_run(accelerator, processes, get("precision", None), deepspeed=spec.deepspeed)
 
 
 DS_ACCELERATOR_ENV = "DS_ACCELERATOR"

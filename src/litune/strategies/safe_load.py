@@ -29,12 +29,11 @@ def litune_safe_globals() -> list[Any]:
         Globals for ``torch.serialization.add_safe_globals``: the weights-only unpickler rebuilds these classes by
         setting their pickled attributes (their ``__init__`` is not run) and refuses every other global.
     """
-    from litune.module import _default_optimizer
-    from litune.optim import LRSchedule
+    from litune.optim import LRSchedule, default_optimizer
     from litune.tokenizer import TrainedBPE
 
-    # _default_optimizer is a function: unpickling yields a reference to it and never calls it.
-    return [LRSchedule, TrainedBPE, _default_optimizer, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath]
+    # default_optimizer is a function: unpickling yields a reference to it and never calls it.
+    return [LRSchedule, TrainedBPE, default_optimizer, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath]
 
 
 def allow_litune_classes() -> None:

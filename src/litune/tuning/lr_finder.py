@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from litune.cli import RUN_DIR_ENV
-from litune.commands.fit import LituneCLI, resolve_run_dir
+from litune.commands.fit import LituneCLI
 from litune.errors import ConfigError
+from litune.runs import RUN_DIR_ENV, checkpoints_dir, resolve_run_dir
 
 
 @dataclass
@@ -57,7 +57,7 @@ class _TuneCLI(LituneCLI):
         cfg.trainer.logger = False  # a range test's losses are not a training run's metrics
         cfg.trainer.enable_progress_bar = False
         if cfg.checkpoint.dirpath is None:
-            cfg.checkpoint.dirpath = str(run_dir / "checkpoints")
+            cfg.checkpoint.dirpath = str(checkpoints_dir(run_dir))
 
 
 def build(argv: list[str], folder_suffix: str) -> _TuneCLI:

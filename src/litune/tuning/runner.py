@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from litune.runs import RUN_DIR_ENV
+
 
 @dataclass
 class ChildRun:
@@ -53,7 +55,7 @@ def run_fit(args: list[str], env: dict[str, str] | None = None, log: Path | None
 def run_child(command: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> ChildRun:
     """Run ``command`` to the end in a child process (see :func:`run_fit`) and measure its peak memory."""
     child_env = {**os.environ, **(env or {})}
-    child_env.pop("LITUNE_RUN_DIR", None)  # each child is a run of its own, never the parent's
+    child_env.pop(RUN_DIR_ENV, None)  # each child is a run of its own, never the parent's
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env
     )
