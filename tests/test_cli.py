@@ -193,3 +193,44 @@ def test_empty_dataset_is_rejected(tmp_path, corpus_dir, tokenizer_dir) -> None:
     empty.write_text("")
     result = run_cli("fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir, f"--data.init_args.path={empty}"))
     assert result.returncode != 0 and "empty" in result.stderr.lower() and "Traceback" not in result.stderr
+
+
+def remote_code_folder(root: Path, side_effect: Path) -> Path:
+    """A local model folder whose config.json asks for its own code (``auto_map``), code that leaves ``side_effect``."""
+    folder = root / "remote-code-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        '{"model_type": "litune-remote-test", "architectures": ["RemoteModel"], "vocab_size": 512, "n_embd": 32,'
+        ' "n_layer": 1, "n_head": 2, "auto_map": {"AutoConfig": "remote.RemoteConfig",'
+        ' "AutoModelForCausalLM": "remote.RemoteModel"}}'
+    )
+    (folder / "remote.py").write_text(
+        "import pathlib\n"
+        f"pathlib.Path({str(side_effect)!r}).write_text('the folder\\'s code ran')\n"
+        "from transformers import GPT2Config, GPT2LMHeadModel\n"
+        "class RemoteConfig(GPT2Config):\n    model_type = 'litune-remote-test'\n"
+        "class RemoteModel(GPT2LMHeadModel):\n    config_class = RemoteConfig\n"
+    )
+    return folder
+
+
+def test_a_model_folder_that_asks_for_remote_code_is_refused_and_its_code_never_runs(
+    tmp_path, corpus_dir, tokenizer_dir, capsys
+) -> None:
+    """``trust_remote_code`` is off unless a config turns it on: the folder is refused and its code is not run."""
+    side_effect = tmp_path / "remote-code-ran"
+    folder = remote_code_folder(tmp_path, side_effect)
+    argv = [
+        "fit", "--config", str(TINY), f"--model.tokenizer={tokenizer_dir}",
+        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}", f"--runs_dir={tmp_path / 'runs'}",
+        f"--model.network.init_args.pretrained={folder}", "--model.network.init_args.config=null",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model.network.init_args.pretrained" in err and "trust_remote_code" in err and "Traceback" not in err, err
+    assert not side_effect.exists()
+    # Teeth: the folder's code is real and does run once remote code is trusted (in a child with its own module cache).
+    load = f"from transformers import AutoConfig; AutoConfig.from_pretrained({str(folder)!r}, trust_remote_code=True)"
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf-modules"))
+    proc = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and side_effect.exists(), proc.stderr[-2000:]
