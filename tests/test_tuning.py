@@ -60,6 +60,29 @@ def test_lr_finder_suggests_a_finite_rate_writes_a_plot_and_a_fragment_that_comp
     assert not list(run_dir.glob(".lr_find_*.ckpt")), "the finder's temporary checkpoint was left behind"
 
 
+@pytest.mark.slow
+def test_lr_finder_suggestion_is_within_10x_of_the_best_rate_of_real_runs(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
+    """The range test's suggestion against ground truth on the same problem: a grid of real 20-step runs, one per
+    decade (a ``litune sweep``), ranked by validation loss; the suggestion lies within a factor of 10 of the best."""
+    steps = ("--trainer.max_steps=20", "--trainer.val_check_interval=20", "--validate_before_fit=false")
+    proc = run_litune("tune", "lr", *tiny_args(corpus_dir, tokenizer_dir, tmp_path / "runs"), "--num-training=30")
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("suggested learning rate:"))
+    suggestion = float(line.split(":")[1])
+    sweep_file = tmp_path / "grid.yaml"
+    grid = {"method": "grid", "pruner": "none", "parameters": {LR: {"values": [1.0e-4, 1.0e-3, 1.0e-2, 1.0e-1]}}}
+    sweep_file.write_text(yaml.safe_dump(grid))
+    run_litune(
+        "sweep", "--sweep", str(sweep_file), "--sweep-dir", str(tmp_path / "grid"),
+        *tiny_args(corpus_dir, tokenizer_dir, tmp_path / "unused"), *steps, timeout=900,
+    )  # fmt: skip
+    rows = read_results(tmp_path / "grid")
+    assert [r["state"] for r in rows] == ["complete"] * 4, rows
+    best = float(rows[0][LR])
+    assert best / 10 <= suggestion <= best * 10, (suggestion, [(r[LR], r["val/loss"]) for r in rows])
+
+
 # -------------------------------------------------------------------------------------------------- batch-size finder
 
 
