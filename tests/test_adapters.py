@@ -395,6 +395,7 @@ def qlora_fit_args(root: Path, corpus_dir: Path, tokenizer_dir: Path, pretrained
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # ~20 s: the default suite's budget; CI runs the slow suite too
 def test_qlora_through_litune_fit_on_cpu(tmp_path, corpus_dir, tokenizer_dir, wide_gpt2_dir) -> None:
     """`litune fit --config ... --config configs/peft/qlora.yaml` on a pretrained folder, as the README documents it.
 
