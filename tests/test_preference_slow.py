@@ -1,0 +1,109 @@
+"""Slow preference runs: 2 real processes (DDP, DeepSpeed ZeRO-2) train what 1 process trains; SIGKILL and resume.
+
+``litune fit --config configs/dpo.yaml`` with the tiny dropout-free GPT-2 and RPO (DPO plus the token-weighted NLL
+term, so both of the step's counts matter) on standard-library pairs of uneven lengths: 3 optimizer steps of 4 pairs,
+SGD + momentum. One process at micro-batch 4 against 2 processes at micro-batch 1 x accumulation 2: parameters within
+1e-5 and the same logged losses. ``tests/test_preference.py`` shows the same for accumulation on one process and
+that the mean of means would fail it.
+
+The resume test kills a real run with SIGKILL at the end of step 5 (after the step-4 checkpoint), resumes it with
+``--ckpt_path last`` and compares every micro-batch's loss and the final weights with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from litune.cli import main
+from litune_testing import LITUNE, NETWORK, REPO, litune_env, run_litune
+from resume_testing import read_losses
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from litune.preference.stdlib_pairs import stdlib_pairs
+
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in stdlib_pairs(16)))
+    return path
+
+
+def dpo_args(root: Path, pairs: Path, tokenizer_dir: Path, micro: int, *extra: str, callbacks=(), steps=3) -> list:
+    callbacks = [{"class_path": "litune_testing.StepRecorder", "init_args": {"directory": str(root / "record")}},
+                 *callbacks]  # fmt: skip
+    optimizer = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.2, "momentum": 0.9}}
+    return [
+        "--config", str(REPO / "configs" / "dpo.yaml"),
+        f"--model.tokenizer={tokenizer_dir}",
+        f"--model.network.init_args.config={json.dumps({**NETWORK, 'n_positions': 128})}",
+        f"--model.optimizer={json.dumps(optimizer)}",
+        "--model.preference.beta=0.5", "--model.preference.nll_weight=1.0", "--model.preference.logps_chunk_size=64",
+        "--model.lr_schedule.warmup_steps=0",
+        f"--data.init_args.path={pairs}", "--data.init_args.val_fraction=0", "--data.init_args.max_length=96",
+        "--data.init_args.max_prompt_length=48", f"--data.init_args.batch_size={micro}", "--global_batch_size=4",
+        f"--runs_dir={root / 'runs'}", "--validate_before_fit=false",
+        f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, pairs, tokenizer_dir) -> dict:
+    root = tmp_path_factory.mktemp("one-process")
+    try:
+        assert main(["fit", *dpo_args(root, pairs, tokenizer_dir, 4)]) == 0
+    finally:
+        os.environ.pop("LITUNE_RUN_DIR", None)
+    return torch.load(root / "record" / "record.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2"])
+def test_two_processes_train_what_one_process_trains(strategy, tmp_path, pairs, tokenizer_dir, one_process) -> None:
+    fragment = str(REPO / "configs" / "strategy" / f"{strategy}.yaml")
+    run_litune("fit", *dpo_args(tmp_path, pairs, tokenizer_dir, 1, "--config", fragment, "--trainer.devices=2"),
+               timeout=900)  # fmt: skip
+    got = torch.load(tmp_path / "record" / "record.pt")
+    assert got["world_size"] == 2
+    diff = max((got["params"][k] - one_process["params"][k]).abs().max().item() for k in one_process["params"])
+    print(f"\n{strategy}: 2 processes x micro 1 x accumulation 2 vs 1 process micro 4: max parameter diff {diff:.3g}")
+    assert diff < TOLERANCE
+    for step, metrics in one_process["steps"].items():
+        assert got["steps"][step]["train/loss"] == pytest.approx(metrics["train/loss"], rel=1e-5)
+        assert got["steps"][step]["train/tokens_seen"] == metrics["train/tokens_seen"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_exactly(tmp_path, pairs, tokenizer_dir) -> None:
+    """6 steps, micro-batch 2 x accumulation 2, a checkpoint every 2 steps; killed (SIGKILL) at the end of step 5."""
+
+    def run(root: Path, *extra: str, callbacks=(), expect: int | None = 0) -> subprocess.CompletedProcess:
+        losses = {"class_path": "resume_testing.StepLosses", "init_args": {"directory": str(root / "losses")}}
+        args = dpo_args(root, pairs, tokenizer_dir, 2, "--checkpoint.every_n_train_steps=2", *extra,
+                        callbacks=[losses, *callbacks], steps=6)  # fmt: skip
+        proc = subprocess.run([LITUNE, "fit", *args], env=litune_env(), capture_output=True, text=True, timeout=900,
+                              start_new_session=True)  # fmt: skip
+        if expect is not None:
+            assert proc.returncode == expect, proc.stderr[-4000:]
+        return proc
+
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run(whole)
+    killer = {"class_path": "resume_testing.SignalAt", "init_args": {"step": 5, "signum": "SIGKILL"}}
+    assert run(broken, callbacks=[killer], expect=None).returncode == -9
+    run(broken, "--ckpt_path=last")
+    got, want = read_losses(broken / "losses"), read_losses(whole / "losses")
+    assert sorted(got) == sorted(want) and len(want) == 12
+    assert max(abs(got[k] - want[k]) for k in want) < 1e-6
+    a, b = torch.load(broken / "record" / "record.pt"), torch.load(whole / "record" / "record.pt")
+    assert max((a["params"][k] - b["params"][k]).abs().max().item() for k in b["params"]) < 1e-6
