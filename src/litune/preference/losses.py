@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from litune.errors import ConfigError
 
-LossType = Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"]
-LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto")
-REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "orpo"})
+LossType = Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto", "bradley_terry"]
+LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto", "bradley_terry")
+REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "orpo", "bradley_terry"})
 """Losses that use no reference model."""
 
 FIELD = "model.preference"
@@ -50,6 +50,9 @@ class PreferenceLoss:
             term is this term with weight 1, its default there.
         desirable_weight: KTO's weight of desirable examples.
         undesirable_weight: KTO's weight of undesirable examples.
+        margin: Bradley-Terry's required score margin (reward models).
+        center_rewards_coefficient: Bradley-Terry's weight of ``(r_chosen + r_rejected)^2``, which centres the
+            rewards at 0 (Eisenstein et al. 2023).
     """
 
     type: LossType = "sigmoid"
@@ -59,6 +62,8 @@ class PreferenceLoss:
     nll_weight: float | None = None
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    margin: float = 0.0
+    center_rewards_coefficient: float | None = None
 
     def __post_init__(self) -> None:
         if self.type not in LOSS_TYPES:
@@ -81,6 +86,8 @@ class PreferenceLoss:
             )
         if self.nll_weight is not None and not (math.isfinite(self.nll_weight) and self.nll_weight >= 0):
             raise ConfigError(f"{FIELD}.nll_weight", f"{self.nll_weight} is not >= 0", "use e.g. 1.0, or null")
+        if self.type == "bradley_terry" and self.nll_weight:
+            raise ConfigError(f"{FIELD}.nll_weight", "a reward model has no log-probs for an NLL term", "remove it")
         for name in ("desirable_weight", "undesirable_weight"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{FIELD}.{name}", f"{getattr(self, name)} is not > 0", "use a positive weight")
@@ -197,6 +204,25 @@ def kto(
     good = desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl)))
     bad = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios)))
     return torch.where(desirable, good, bad)
+
+
+def bradley_terry(
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    margin: float = 0.0,
+    center_rewards_coefficient: float | None = None,
+) -> torch.Tensor:
+    """The Bradley-Terry loss of a reward model: ``-log sigmoid(r_w - r_l - margin)`` per pair, plus
+    ``c * (r_w + r_l)^2`` with the centring coefficient ``c`` (as TRL's ``RewardTrainer``).
+
+    Args:
+        chosen_scores: ``[P]`` rewards of the chosen responses.
+        rejected_scores: ``[P]`` rewards of the rejected responses.
+    """
+    losses = -F.logsigmoid(chosen_scores - rejected_scores - margin)
+    if center_rewards_coefficient:
+        losses = losses + center_rewards_coefficient * (chosen_scores + rejected_scores) ** 2
+    return losses
 
 
 def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX, causal_targets
 from litune.objective import BATCH_TAG, gradient_divisor, steps_left_in_window, train_look_ahead
 from litune.preference.logps import sequence_logps
-from litune.preference.losses import FIELD, PreferenceLoss, kto, pair_terms
+from litune.preference.losses import FIELD, REFERENCE_FREE, PreferenceLoss, bradley_terry, kto, pair_terms
 from litune.preference.reference import adapters_disabled, disable_dropout, frozen_copy, weights_fingerprint
 
 if TYPE_CHECKING:
@@ -60,6 +60,8 @@ class Preference:
         nll_weight: weight of an NLL term on the chosen responses (RPO); ORPO's SFT term (default 1 there).
         desirable_weight: KTO's weight of desirable examples.
         undesirable_weight: KTO's weight of undesirable examples.
+        margin: ``bradley_terry`` (reward models, :class:`litune.models.reward.HFRewardModel`): the score margin.
+        center_rewards_coefficient: ``bradley_terry``: weight of ``(r_chosen + r_rejected)^2``.
         reference: ``auto`` (``adapters`` when the model trains adapters, else ``copy``; ``none`` for SimPO/ORPO),
             ``copy`` (a frozen copy of the initial policy), ``adapters`` (the policy with adapters disabled),
             ``precomputed`` (one pass over the data before training, cached beside the tokenized data) or ``none``.
@@ -68,13 +70,15 @@ class Preference:
         disable_dropout: set the policy's dropout to 0 (as TRL does), so policy and reference agree at the start.
     """
 
-    loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"] = "sigmoid"
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto", "bradley_terry"] = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     gamma: float = 0.5
     nll_weight: float | None = None
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    margin: float = 0.0
+    center_rewards_coefficient: float | None = None
     reference: ReferenceMode = "auto"
     logps_chunk_size: int | None = 1024
     disable_dropout: bool = True
@@ -85,13 +89,13 @@ class Preference:
             raise ConfigError(
                 f"{FIELD}.reference", f"{self.reference!r} is not a reference", "use auto, copy, adapters, precomputed"
             )
-        if self.loss in ("simpo", "orpo") and self.reference not in ("auto", "none"):
+        if self.loss in REFERENCE_FREE and self.reference not in ("auto", "none"):
             raise ConfigError(
                 f"{FIELD}.reference",
                 f"the {self.loss} loss is reference-free, but reference={self.reference!r} was given",
                 "remove model.preference.reference (or set it to none), or use a loss with a reference, e.g. sigmoid",
             )
-        if self.loss not in ("simpo", "orpo") and self.reference == "none":
+        if self.loss not in REFERENCE_FREE and self.reference == "none":
             raise ConfigError(
                 f"{FIELD}.reference",
                 f"the {self.loss} loss needs a reference model",
@@ -107,7 +111,7 @@ class Preference:
 
     def reference_mode(self, has_adapters: bool) -> str:
         """The resolved reference: ``copy``, ``adapters``, ``precomputed`` or ``none``."""
-        if self.loss in ("simpo", "orpo"):
+        if self.loss in REFERENCE_FREE:
             return "none"
         if self.reference == "auto":
             return "adapters" if has_adapters else "copy"
@@ -216,6 +220,8 @@ class PreferenceObjective:
             ``(pair_loss_sum, nll_sum, stats)``: scalar sums of the per-pair (per-example) losses and of the chosen
             (desirable) token NLLs, and ``[len(_STATS)]`` float64 detached sums for the metrics.
         """
+        if self.loss.type == "bradley_terry":
+            return self._reward_terms(network, inputs)
         ref = self.reference_logps(network, batch)
         policy = sequence_logps(network, inputs, self.config.logps_chunk_size)
         logps, tokens = policy.logps, policy.tokens
@@ -234,6 +240,20 @@ class PreferenceObjective:
             torch.tensor(p, device=logps.device), tokens[:p].sum(), torch.zeros((), device=logps.device),
         ]).double()  # fmt: skip
         return pt.losses.sum(), nll_sum, stats
+
+    def _reward_terms(self, network: nn.Module, inputs: dict[str, torch.Tensor]):
+        """A reward model's pairs: scores at each row's last real token, the Bradley-Terry loss."""
+        scores = network(**{k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}).scores
+        p = scores.size(0) // 2
+        chosen, rejected = scores[:p], scores[p:]
+        losses = bradley_terry(chosen, rejected, self.loss.margin, self.loss.center_rewards_coefficient)
+        margin = (chosen - rejected).detach()
+        zero = torch.zeros((), device=scores.device)
+        stats = torch.stack([
+            losses.detach().sum(), zero, chosen.detach().sum(), rejected.detach().sum(), (margin > 0).sum(),
+            margin.sum(), zero, zero, torch.tensor(p, device=scores.device), zero, zero,
+        ]).double()  # fmt: skip
+        return losses.sum(), zero, stats
 
     def _kto_terms(self, network, batch, logps, tokens, ref):
         desirable = batch["desirable"].bool()
@@ -335,6 +355,8 @@ class PreferenceObjective:
         if self.loss.unpaired:
             out["kl"] = s["kl"] / units
             del out["rewards/margin"]
+        if self.loss.type == "bradley_terry":  # a reward model has scores, no log-probs
+            return {k: v for k, v in out.items() if not k.startswith(("logps/", "nll"))}
         out["ppl"] = math.exp(min(out["nll"], 80.0))
         return out
 
