@@ -37,6 +37,7 @@ from transformers import PreTrainedTokenizerBase
 from litune.data import cache, sources
 from litune.data.collate import PadCollator
 from litune.data.formats import DEFAULT_CHAT_TURN_TEMPLATE
+from litune.data.rows import locate, row_error
 from litune.data.text import TextDataModule
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
@@ -115,11 +116,9 @@ class PreferenceSpec:
         return key
 
 
-class RowError(ConfigError):
-    """A bad row: names the file, the row (1-based) and the field."""
-
-    def __init__(self, file: Path, row: int, column: str, config_field: str, problem: str, fix: str) -> None:
-        super().__init__(f"{FIELD}.{config_field}", f"{file} row {row}, field {column!r}: {problem}", fix)
+def RowError(file: Path, row: int, column: str, config_field: str, problem: str, fix: str) -> ConfigError:  # noqa: N802
+    """A bad row, reported by the shared :func:`litune.data.rows.row_error`: its file, row (1-based) and column."""
+    return row_error(f"{FIELD}.{config_field}", locate([file], str(file), row - 1), column, problem, fix)
 
 
 class RowTokenizer:
@@ -212,7 +211,7 @@ class RowTokenizer:
 
 def tokenize_files(spec: PreferenceSpec, files: list[Path], tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
     """Tokenize every row of ``files`` (file by file, so an error names its file and row)."""
-    rows = RowTokenizer(spec, tokenizer)
+    tokenize_row = RowTokenizer(spec, tokenizer)
     parts = []
     for file in files:
         raw = datasets.load_dataset(_BUILDERS[file.suffix], data_files=str(file), split="train")
@@ -224,7 +223,7 @@ def tokenize_files(spec: PreferenceSpec, files: list[Path], tokenizer: PreTraine
                 f"{file} has no field {missing[0]!r} (fields: {raw.column_names})",
                 f"set data.init_args.{config} to one of {raw.column_names}",
             )
-        parts.append(datasets.Dataset.from_list([rows(r, file, i + 1) for i, r in enumerate(raw)]))
+        parts.append(datasets.Dataset.from_list([tokenize_row(r, file, i + 1) for i, r in enumerate(raw)]))
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
