@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "test": (None, "evaluate on the test set from --config files (LightningCLI)"),
     "generate": ("litune.commands.generate", "sample text from a checkpoint, run folder or Hugging Face model"),
     "prepare": ("litune.commands.prepare", "tokenize a config's data once into the cache and print statistics"),
+    "eval": ("litune.commands.eval", "benchmark a checkpoint, run folder or HF model with lm-evaluation-harness"),
     "export": ("litune.commands.export", "write a checkpoint of any strategy as a Hugging Face model folder"),
     "estimate": ("litune.commands.estimate", "per-device memory of a config under each strategy, before launching"),
     "serve": ("litune.commands.serve", "an OpenAI-compatible server and chat page for a checkpoint (LitServe)"),

@@ -107,7 +107,7 @@ def load_run(path: Path) -> Run:
         for csv_path in csvs:
             for key, series in read_csv_metrics(csv_path).items():
                 metrics[key] = sorted(metrics.get(key, []) + series, key=lambda sv: sv[0])
-        return Run(path.name, path, str(csvs[0].relative_to(path)), metrics)
+        return with_eval_results(Run(path.name, path, str(csvs[0].relative_to(path)), metrics))
     metrics, wall = read_tensorboard_metrics(path)
     if not metrics:
         raise ConfigError(
@@ -115,7 +115,22 @@ def load_run(path: Path) -> Run:
             f"{path} has no metrics.csv and no TensorBoard events with scalars",
             "train with the CSV or TensorBoard logger (the default) and point at the run folder",
         )
-    return Run(path.name, path, "TensorBoard events", metrics, wall_time_s=wall)
+    return with_eval_results(Run(path.name, path, "TensorBoard events", metrics, wall_time_s=wall))
+
+
+def with_eval_results(run: Run) -> Run:
+    """Add the metrics of ``litune eval`` (``RUN_DIR/eval/eval_results.json``) at the step they were measured."""
+    import json
+
+    from litune.evaluation import RESULTS_JSON
+
+    path = run.path / "eval" / RESULTS_JSON
+    if path.is_file():
+        record = json.loads(path.read_text())
+        step = record.get("step") or 0
+        for key, value in record.get("metrics", {}).items():
+            run.metrics[key] = sorted([*(sv for sv in run.metrics.get(key, []) if sv[0] != step), (step, value)])
+    return run
 
 
 def _mean(series: Series | None) -> float | None:
@@ -147,6 +162,8 @@ def summary_rows(run: Run) -> dict[str, float | None]:
         "peak memory (GiB)": _max(m.get("memory/peak_gib")),
         "wall time": elapsed if elapsed is not None else run.wall_time_s,
         **{f"final {key}": run.last(key) for key in PREFERENCE_METRICS},
+        # Benchmark results (the eval callback's, `litune eval`'s): the last measured value of each.
+        **{f"final {key}": run.last(key) for key in sorted(m) if key.startswith("eval/")},
     }
 
 
@@ -174,10 +191,10 @@ def summary_table(runs: list[Run]) -> str:
     """A Markdown table, one column per run."""
     rows = [summary_rows(r) for r in runs]
     lines = ["| metric | " + " | ".join(r.name for r in runs) + " |", "|---|" + "---|" * len(runs)]
-    for key in rows[0]:
-        if key.removeprefix("final ") in PREFERENCE_METRICS and all(row[key] is None for row in rows):
+    for key in dict.fromkeys(k for row in rows for k in row):  # every run's keys, in order (eval tasks differ)
+        if key.removeprefix("final ") in PREFERENCE_METRICS and all(row.get(key) is None for row in rows):
             continue
-        lines.append(f"| {key} | " + " | ".join(format_value(key, row[key]) for row in rows) + " |")
+        lines.append(f"| {key} | " + " | ".join(format_value(key, row.get(key)) for row in rows) + " |")
     return "\n".join(lines)
 
 
