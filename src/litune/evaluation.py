@@ -184,7 +184,8 @@ def metrics(results: dict[str, Any]) -> dict[str, float]:
     for task, values in results.get("results", {}).items():
         for key, value in values.items():
             name, _, filt = key.partition(",")
-            if "_stderr" in name or not isinstance(value, (int, float)) or isinstance(value, bool):
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if "_stderr" in name or name == "sample_len" or not numeric:
                 continue
             suffix = "" if filt in ("", "none") else f"/{filt}"
             flat[f"eval/{task}/{name}{suffix}"] = float(value)

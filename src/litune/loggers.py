@@ -1,4 +1,5 @@
-"""Experiment loggers: CSV, TensorBoard and wandb, chosen by config and combinable, all writing into the run folder.
+"""Experiment loggers: CSV, TensorBoard, wandb and MLflow, chosen by config and combinable, all writing into the run
+folder.
 
 litune's loggers are Lightning's, with two additions:
 
@@ -8,8 +9,11 @@ litune's loggers are Lightning's, with two additions:
   wandb run when training resumes from a checkpoint: :class:`WandbRunId` keeps the run id in the checkpoint and
   :func:`resume_wandb_id` hands it back to the logger before the run starts.
 
-Lightning's ``WandbLogger`` already creates the run on global rank 0 only, so DDP, DeepSpeed and multi-node training
-make exactly one wandb run.
+* :class:`MLFlowLogger` stores locally in the run folder unless pointed at a server, continues the same MLflow run
+  when the run resumes, and uploads the run folder's config, report plots and eval results.
+
+Lightning's ``WandbLogger`` and ``MLFlowLogger`` already create the run on global rank 0 only, so DDP, DeepSpeed and
+multi-node training make exactly one wandb/MLflow run.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ LOGGERS: dict[str, str] = {
     "csv": "litune.loggers.CSVLogger",
     "tensorboard": "litune.loggers.TensorBoardLogger",
     "wandb": "litune.loggers.WandbLogger",
+    "mlflow": "litune.loggers.MLFlowLogger",
 }
 """Logger names accepted by ``--loggers`` -> class path."""
 
@@ -249,6 +254,113 @@ def resume_wandb_id(ckpt_path: str | os.PathLike | None) -> str | None:
             if key.startswith(WandbRunId.__qualname__) and state.get("wandb_id"):
                 return state["wandb_id"]
     return None
+
+
+MLFLOW_RUN_ID_FILE = "mlflow_run_id"
+"""The MLflow run id of a run folder: a resumed run (which continues in its own folder) continues that MLflow run."""
+
+
+class MLFlowLogger(pl_loggers.MLFlowLogger):
+    """Lightning's ``MLFlowLogger`` with litune's habits.
+
+    * The default store is local: ``RUN/mlruns`` (``mlflow ui --backend-store-uri RUN/mlruns`` shows it); a
+      ``tracking_uri`` (or ``$MLFLOW_TRACKING_URI``) points at a server instead.
+    * Hyperparameters (the config, the environment) are logged with secrets removed. A resumed run keeps the values
+      its first leg logged (MLflow refuses to change a param) and adds only new ones.
+    * The run id is written into the run folder (``mlflow_run_id``), so a resumed training, which continues in its
+      run folder, continues the same MLflow run.
+    * At the end the run folder's ``config.yaml``, the report plots (``litune report``) and the eval results are
+      logged as artifacts.
+
+    Lightning creates the run and logs on global rank 0 only, so DDP, DeepSpeed and FSDP2 make one MLflow run and
+    log every metric once.
+
+    Args:
+        experiment_name: the MLflow experiment.
+        run_name: the MLflow run's name (default: the run folder's name).
+        tracking_uri: an MLflow server (``http://host:5000``) or store URI; None: ``$MLFLOW_TRACKING_URI``, else the
+            local ``RUN/mlruns``.
+        save_dir: the run folder (the CLI fills it in).
+        tags: tags of the MLflow run.
+        log_model: Lightning's checkpoint upload (``False``, ``True`` or ``"all"``).
+        run_id: continue this MLflow run (default: the run folder's ``mlflow_run_id``, when there is one).
+        **kwargs: other Lightning ``MLFlowLogger`` arguments (``prefix``, ``artifact_location``, ``synchronous``).
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "litune",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        save_dir: str | None = None,
+        tags: dict[str, Any] | None = None,
+        log_model: Literal[True, False, "all"] = False,
+        run_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.run_dir = Path(save_dir if save_dir is not None else ".").resolve()
+        tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (self.run_dir / "mlruns").as_uri()
+        id_file = self.run_dir / MLFLOW_RUN_ID_FILE
+        if run_id is None and id_file.is_file():
+            run_id = id_file.read_text().strip() or None
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=scrub(run_name or self.run_dir.name),  # the folder is named after the experiment: scrubbed too
+            tracking_uri=tracking_uri,
+            tags=_scrubbed(tags or {}),
+            log_model=log_model,
+            run_id=run_id,
+            **kwargs,
+        )
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        client = super().experiment
+        id_file = self.run_dir / MLFLOW_RUN_ID_FILE
+        if self._run_id and not id_file.is_file():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(self._run_id + "\n")
+        return client
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:  # type: ignore[override]
+        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+        flat = _flatten_dict(_convert_params(_scrubbed(params)))
+        logged = self.experiment.get_run(self.run_id).data.params
+        fresh = {k: v for k, v in flat.items() if k[:250] not in logged}  # MLflow keys are at most 250 characters
+        if fresh:
+            super().log_hyperparams(fresh)
+
+    @rank_zero_only
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or folder into the run's artifacts (under ``artifact_path``)."""
+        path = Path(path)
+        if path.is_dir():
+            self.experiment.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.is_file():
+            self.experiment.log_artifact(self.run_id, str(path), artifact_path)
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if self._initialized:
+            self._log_run_folder()
+        super().finalize(status)
+
+    def _log_run_folder(self) -> None:
+        """``config.yaml``, the eval results and the report plots of the run folder, as artifacts."""
+        for name in ("config.yaml", "env.json"):
+            self.log_artifact(self.run_dir / name)
+        self.log_artifact(self.run_dir / "eval", "eval")
+        if (self.run_dir / "metrics.csv").is_file():
+            try:
+                from litune.commands.report import load_run, write_report
+
+                write_report([load_run(self.run_dir)], self.run_dir / "report")
+                self.log_artifact(self.run_dir / "report", "report")
+            except Exception as err:  # a plot must never fail the run at its very end
+                rank_zero_warn(f"litune: the report for MLflow was not written: {err}")
 
 
 def logger_entries(names: list[str]) -> list[Namespace]:
