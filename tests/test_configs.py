@@ -19,7 +19,8 @@ from litune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "configs" / "sweep").glob("*.yaml"))  # `litune sweep` files, not `litune fit` configs
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p not in SWEEPS)
+EVAL_TASKS = REPO / "configs" / "eval"  # lm-evaluation-harness task files (tests/test_eval.py runs them)
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p not in SWEEPS and EVAL_TASKS not in p.parents)
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
@@ -69,7 +70,8 @@ def test_config_parses(config: Path, tiny_gpt2_dir, corpus_dir, capsys) -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
-def test_config_instantiates(config: Path, tiny_gpt2_dir, corpus_dir) -> None:
+def test_config_instantiates(config: Path, tiny_gpt2_dir, corpus_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a logger built outside a run folder writes into the current one (MLflow's store)
     try:
         cli = LituneCLI(args=cli_args(config, tiny_gpt2_dir, corpus_dir), run=False)
     except ConfigError as err:

@@ -263,8 +263,8 @@ MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 class MLFlowLogger(pl_loggers.MLFlowLogger):
     """Lightning's ``MLFlowLogger`` with litune's habits.
 
-    * The default store is local: ``RUN/mlruns`` (``mlflow ui --backend-store-uri RUN/mlruns`` shows it); a
-      ``tracking_uri`` (or ``$MLFLOW_TRACKING_URI``) points at a server instead.
+    * The default store is local: ``RUN/mlflow.db`` and ``RUN/mlartifacts`` (``mlflow ui --backend-store-uri
+      sqlite:///RUN/mlflow.db`` shows it); a ``tracking_uri`` (or ``$MLFLOW_TRACKING_URI``) points at a server.
     * Hyperparameters (the config, the environment) are logged with secrets removed. A resumed run keeps the values
       its first leg logged (MLflow refuses to change a param) and adds only new ones.
     * The run id is written into the run folder (``mlflow_run_id``), so a resumed training, which continues in its
@@ -279,7 +279,7 @@ class MLFlowLogger(pl_loggers.MLFlowLogger):
         experiment_name: the MLflow experiment.
         run_name: the MLflow run's name (default: the run folder's name).
         tracking_uri: an MLflow server (``http://host:5000``) or store URI; None: ``$MLFLOW_TRACKING_URI``, else the
-            local ``RUN/mlruns``.
+            local ``sqlite:///RUN/mlflow.db``.
         save_dir: the run folder (the CLI fills it in).
         tags: tags of the MLflow run.
         log_model: Lightning's checkpoint upload (``False``, ``True`` or ``"all"``).
@@ -299,7 +299,10 @@ class MLFlowLogger(pl_loggers.MLFlowLogger):
         **kwargs: Any,
     ) -> None:
         self.run_dir = Path(save_dir if save_dir is not None else ".").resolve()
-        tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (self.run_dir / "mlruns").as_uri()
+        tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not tracking_uri:  # local: a SQLite store (MLflow 3 refuses new file stores) and artifacts beside it
+            tracking_uri = f"sqlite:///{self.run_dir / 'mlflow.db'}"
+            kwargs.setdefault("artifact_location", (self.run_dir / "mlartifacts").as_uri())
         id_file = self.run_dir / MLFLOW_RUN_ID_FILE
         if run_id is None and id_file.is_file():
             run_id = id_file.read_text().strip() or None
