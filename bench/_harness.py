@@ -1,6 +1,6 @@
 """Shared machinery of the speed benchmarks: data, model folders, whole-process runs, interleaved timing.
 
-Timing follows /work/shared/MEASURING.md (kept in docs/benchmarks.md): every side is a whole process, timed from
+Timing follows docs/benchmarks.md: every side is a whole process, timed from
 outside; each side runs ``n1`` and ``n2`` steps and the per-step time is ``(t(n2) - t(n1)) / (n2 - n1)``, which removes
 imports, data loading, model loading and the final checkpoint from both sides alike (reported apart as start-up). The
 sides run interleaved (A B C A B C ...) for several rounds and the tables show medians, and ratios of medians.
@@ -84,7 +84,7 @@ def versions() -> dict[str, str]:
 def prepare(work: Path, vocab: int = 8192, max_bytes: int = 1_000_000) -> tuple[Path, Path]:
     """A local corpus (standard-library source, one JSON line per file) and a BPE of ``vocab`` tokens trained on it."""
     from litune.data.stdlib import stdlib_python_files
-    from litune.tokenizer import TrainedBPE
+    from litune.data.tokenizer import TrainedBPE
 
     corpus, tokenizer = work / "corpus.jsonl", work / f"tokenizer-{vocab}"
     files = stdlib_python_files(max_bytes=max_bytes)

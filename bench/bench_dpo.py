@@ -31,7 +31,7 @@ from pathlib import Path
 
 def tokenizer_folder(root: Path) -> Path:
     """litune's stdlib BPE (4096 tokens; cached after its first training) saved as a Hugging Face folder."""
-    from litune.tokenizer import TrainedBPE, load_tokenizer
+    from litune.data.tokenizer import TrainedBPE, load_tokenizer
 
     folder = root / "tokenizer"
     tok = load_tokenizer(TrainedBPE(corpus="stdlib", vocab_size=4096, max_bytes=4_000_000))

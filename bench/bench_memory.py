@@ -44,7 +44,7 @@ EXTRA_ARGS = {"fsdp2_hybrid": ["--trainer.strategy.init_args.shard_size=1"]}
 def prepare(work: Path) -> tuple[Path, Path]:
     """A small local corpus (standard-library source) and a 512-token BPE trained on it."""
     from litune.data.stdlib import stdlib_python_files
-    from litune.tokenizer import TrainedBPE
+    from litune.data.tokenizer import TrainedBPE
 
     corpus = work / "corpus.jsonl"
     files = stdlib_python_files(max_bytes=200_000)

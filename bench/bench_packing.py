@@ -22,7 +22,7 @@ import datasets
 
 from litune.data.sampler import ResumableSampler
 from litune.data.text import TextDataModule
-from litune.tokenizer import TrainedBPE
+from litune.data.tokenizer import TrainedBPE
 
 
 def dynamic_efficiency(lengths: list[int], order: list[int], batch_size: int, block_size: int) -> float:

@@ -55,7 +55,7 @@ def prepare(args: argparse.Namespace) -> None:
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from litune.tokenizer import TrainedBPE
+    from litune.data.tokenizer import TrainedBPE
 
     work.mkdir(parents=True, exist_ok=True)
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))

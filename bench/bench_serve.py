@@ -44,7 +44,7 @@ def make_model(work: Path, vocab: int, corpus_bytes: int = 300_000) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from litune.data.stdlib import stdlib_python_files
-    from litune.tokenizer import TrainedBPE
+    from litune.data.tokenizer import TrainedBPE
 
     folder = work / "tiny-model"
     corpus = work / "corpus"

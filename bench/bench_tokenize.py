@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from litune.data.stdlib import stdlib_python_files
 from litune.data.text import TextDataModule
-from litune.tokenizer import TrainedBPE
+from litune.data.tokenizer import TrainedBPE
 
 
 def plain_map(files: list[Path], tokenizer, cache_dir: str, num_proc: int | None) -> tuple[int, float]:

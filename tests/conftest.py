@@ -55,7 +55,7 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level BPE with 512 tokens trained on the corpus, saved as a Hugging Face tokenizer folder."""
-    from litune.tokenizer import TrainedBPE
+    from litune.data.tokenizer import TrainedBPE
 
     folder = tmp_path_factory.mktemp("tokenizer")
     bpe = TrainedBPE(corpus=sorted(str(p) for p in corpus_dir.glob("*.txt")), vocab_size=TINY_VOCAB, cache_dir=folder)

@@ -161,7 +161,7 @@ CONFIG_CASES = {
                                              "num_attention_heads: 3, num_hidden_layers: 1, intermediate_size: 64}"],
                                             "model.network.init_args.config", "multiple"),
     "heads do not divide width: ZeRO-3 deferred HF": (
-        ["--model.network=litune.strategies.zero3.DeferredHFCausalLM",
+        ["--model.network=litune.models.DeferredHFCausalLM",
          HF + "{model_type: gpt2, vocab_size: 512, n_embd: 32, n_head: 3}"],
         "model.network.init_args.config", "divisible"),
     "heads do not divide width: litune decoder": (
@@ -286,7 +286,7 @@ def test_resume_with_another_network_class(runs, data_file, tokenizer_dir, capsy
 
 
 def test_resume_with_another_tokenizer(runs, tmp_path, data_file, tokenizer_dir, capsys) -> None:
-    from litune.tokenizer import TrainedBPE
+    from litune.data.tokenizer import TrainedBPE
 
     other = tmp_path / "other-tokenizer"
     TrainedBPE(corpus=[str(data_file)], vocab_size=300, cache_dir=str(tmp_path / "c")).load().save_pretrained(other)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from litune.cli import LituneCLI
+from litune.commands.fit import LituneCLI
 from litune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

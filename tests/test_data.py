@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from litune.data.text import TextDataModule
+from litune.data.tokenizer import TrainedBPE
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
-from litune.tokenizer import TrainedBPE
 
 WORDS = "the quick brown fox jumps over a lazy dog while cats sit on warm mats and birds sing".split()
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from litune.cli import LituneCLI, main
+from litune.cli import main
+from litune.commands.fit import LituneCLI
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 

@@ -14,10 +14,10 @@ import lightning as L
 import pytest
 import torch
 
+from litune.data.tokenizer import load_tokenizer
 from litune.evaluation import EVAL_TASKS_DIR, evaluate, metrics
 from litune.models.hf import HFCausalLM
 from litune.module import LitLM
-from litune.tokenizer import load_tokenizer
 from litune_testing import LITUNE, NETWORK, TINY, check_ok, litune_env
 
 MC_FILE = EVAL_TASKS_DIR / "python_mc.jsonl"

@@ -1,6 +1,7 @@
 """The layout of ``src/litune`` (docs/CONTRIBUTING.md): no import cycle between litune modules.
 
-Every import counts, also one inside a function (a cycle hidden that way still ties the modules together); only
+Every import counts, also one inside a function (a cycle hidden that way still ties the modules together) and one made
+with ``importlib.import_module("a.b")`` (a module ``__getattr__`` that imports lazily is one); only
 ``if TYPE_CHECKING:`` blocks are left out, since they never run. Importing ``a.b.c`` also runs the packages ``a`` and
 ``a.b``, so those are edges too.
 """
@@ -33,10 +34,24 @@ def imported_names(tree: ast.AST) -> set[str]:
             elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
                 names.add(child.module)
                 names.update(f"{child.module}.{alias.name}" for alias in child.names)  # `from pkg import module`
+            elif (name := dynamic_import(child)) is not None:
+                names.add(name)
             visit(child)
 
     visit(tree)
     return names
+
+
+def dynamic_import(node: ast.AST) -> str | None:
+    """The module named by ``importlib.import_module("a.b")`` or ``__import__("a.b")`` with a literal name."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    func = node.func
+    called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    first = node.args[0]
+    if called in ("import_module", "__import__") and isinstance(first, ast.Constant) and isinstance(first.value, str):
+        return first.value
+    return None
 
 
 def import_graph(root: Path, package: str) -> dict[str, set[str]]:
@@ -106,3 +121,17 @@ def test_the_check_finds_a_cycle_hidden_in_a_function(tmp_path) -> None:
     (pkg / "hints.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.only import X\n")
     (pkg / "only.py").write_text("import pkg.hints\n")
     assert cycles(import_graph(tmp_path, "pkg")) == [["pkg.convert", "pkg.net"]]
+
+
+def test_the_check_follows_importlib_and_module_getattr(tmp_path) -> None:
+    """A lazy re-export (a module ``__getattr__`` that calls ``importlib.import_module``) hides a cycle from plain
+    import statements, as ``litune.cli`` once did with ``litune.commands.fit``; the check finds it."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli.py").write_text(
+        "import importlib\n\ndef __getattr__(name):\n    return getattr(importlib.import_module('pkg.fit'), name)\n"
+    )
+    (pkg / "fit.py").write_text("from pkg.cli import X\n")
+    (pkg / "lone.py").write_text("import importlib\nmodule = importlib.import_module(NAME)\n")  # not a literal
+    assert cycles(import_graph(tmp_path, "pkg")) == [["pkg.cli", "pkg.fit"]]

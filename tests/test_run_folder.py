@@ -16,15 +16,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-import litune.tokenizer
+import litune.data.tokenizer
 from litune.cli import main
+from litune.data.tokenizer import TrainedBPE
 from litune.errors import ConfigError
 from litune.models.hf import HFCausalLM
 from litune.module import LitLM
 from litune.optim import LRSchedule
 from litune.run_guard import LOCK_FILE, RunLock
 from litune.strategies.safe_load import allow_litune_classes
-from litune.tokenizer import TrainedBPE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
@@ -42,7 +42,7 @@ def recipe_args(tmp_path: Path, corpus_dir: Path, *extra: str) -> list[str]:
     corpus = json.dumps(sorted(str(p) for p in corpus_dir.glob("*.txt"))[:4])
     return [
         "--config", TINY,
-        "--model.tokenizer.class_path=litune.tokenizer.TrainedBPE",
+        "--model.tokenizer.class_path=litune.data.tokenizer.TrainedBPE",
         f"--model.tokenizer.init_args.corpus={corpus}", "--model.tokenizer.init_args.vocab_size=400",
         f"--model.network.init_args.config={BARE_GPT2}",
         f"--data.init_args.path={corpus_dir / 'docs.jsonl'}", "--data.init_args.max_bytes=30000",
@@ -54,7 +54,7 @@ def recipe_args(tmp_path: Path, corpus_dir: Path, *extra: str) -> list[str]:
 def test_every_command_uses_the_run_folders_tokenizer_files_with_an_empty_cache(
     tmp_path, corpus_dir, monkeypatch, capsys
 ) -> None:
-    monkeypatch.setattr(litune.tokenizer, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(litune.data.tokenizer, "DEFAULT_CACHE", tmp_path / "cache")
     assert main(["fit", *recipe_args(tmp_path, corpus_dir, "--trainer.max_steps=2")]) == 0
     (run,) = (tmp_path / "runs").iterdir()
     saved = AutoTokenizer.from_pretrained(run / "tokenizer")
@@ -63,7 +63,7 @@ def test_every_command_uses_the_run_folders_tokenizer_files_with_an_empty_cache(
 
     # Another machine: an empty cache, and any attempt to build the tokenizer from its recipe fails the test.
     empty = tmp_path / "empty-cache"
-    monkeypatch.setattr(litune.tokenizer, "DEFAULT_CACHE", empty)
+    monkeypatch.setattr(litune.data.tokenizer, "DEFAULT_CACHE", empty)
 
     def no_retraining(self: TrainedBPE) -> None:
         raise AssertionError("the tokenizer was rebuilt from its recipe instead of loaded from the run folder")
@@ -120,7 +120,7 @@ def test_checkpoints_load_weights_only_with_litunes_classes_allow_listed(tmp_pat
         unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(ckpt))
     finally:
         torch.serialization.add_safe_globals(allowed)
-    assert {"litune.tokenizer.TrainedBPE", "litune.optim.LRSchedule"} <= unsafe, "the allow-list has work to do"
+    assert {"litune.data.tokenizer.TrainedBPE", "litune.optim.LRSchedule"} <= unsafe, "the allow-list has work to do"
     allow_litune_classes()
     loaded = LitLM.load_from_checkpoint(ckpt, network=network, weights_only=True)
     assert isinstance(loaded.hparams["lr_schedule"], LRSchedule)

@@ -13,10 +13,10 @@ import torch
 from litune.data.seq2seq import Seq2SeqDataModule
 from litune.data.sources import write_pairs
 from litune.data.synthetic import SyntheticSeq2SeqDataModule
+from litune.data.tokenizer import SymbolTokenizer, load_tokenizer
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
 from litune.models.seq2seq import Seq2SeqLM
-from litune.tokenizer import SymbolTokenizer, load_tokenizer
 
 PAD_ID, EOS_ID = SymbolTokenizer.PAD_ID, SymbolTokenizer.EOS_ID
 

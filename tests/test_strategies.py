@@ -179,7 +179,7 @@ def test_resuming_ddp_on_another_world_size_says_how(first_leg, corpus_dir, toke
 @pytest.fixture
 def build_trainer(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path):
     """Build model, data module and Trainer as `litune fit` does, without fitting (nothing is spawned)."""
-    from litune.cli import LituneCLI
+    from litune.commands.fit import LituneCLI
 
     def build(*extra: str):
         args = ["--config", str(TINY), f"--model.tokenizer={tokenizer_dir}", f"--runs_dir={tmp_path}"]

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
 
-from litune.errors import ConfigError, TrainingStopped, translate
+from litune.errors import TrainingStopped, as_config_error
 
 SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "fit": (None, "train from --config files (LightningCLI; `litune fit --help` lists every field)"),
@@ -47,15 +46,6 @@ def _usage() -> str:
 
 USAGE = _usage()
 
-_FIT_NAMES = ("LituneCLI", "RunConfigSaver", "resolve_run_dir", "load_datamodule")
-
-
-def __getattr__(name: str) -> Any:
-    # `from litune.cli import LituneCLI` keeps working; the import of Lightning happens only when asked for.
-    if name in _FIT_NAMES:
-        return getattr(importlib.import_module("litune.commands.fit"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``litune`` console script.
@@ -87,33 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"litune: configuration error: {' '.join(str(config_error).split())}", file=sys.stderr)
         return 2
-
-
-def _chain(err: BaseException) -> list[BaseException]:
-    """``err`` and the exceptions it was raised from or during (jsonargparse wraps what a class's __init__ raised)."""
-    chain: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and all(current is not seen for seen in chain):
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
-
-
-def as_config_error(err: BaseException) -> ConfigError | None:
-    """The :class:`ConfigError` that ``err`` means (exit 2, one paragraph), or None for anything else (a bug)."""
-    return find_config_error(err) or next(filter(None, map(translate, _chain(err))), None)
-
-
-def find_config_error(err: BaseException) -> ConfigError | None:
-    """The ConfigError behind ``err``: jsonargparse wraps errors raised while instantiating classes in a ValueError."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ConfigError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ import difflib
 import re
 from typing import NoReturn
 
+NETWORK_FIELD = "model.network"
+"""The config field of the network; its arguments are ``model.network.init_args.<name>``."""
+
 
 class ConfigError(ValueError):
     """A user-facing configuration or input error.
@@ -125,3 +128,30 @@ class CommandParser(argparse.ArgumentParser):
         if required := re.match(r"the following arguments are required: (.*)", message):
             field = required.group(1)
         raise ConfigError(field, problem, f"`{self.prog} --help` lists the options and their types")
+
+
+def error_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or during (jsonargparse wraps what a class's __init__ raised)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def find_config_error(err: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``err``: jsonargparse wraps errors raised while instantiating classes in a ValueError."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConfigError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def as_config_error(err: BaseException) -> ConfigError | None:
+    """The :class:`ConfigError` that ``err`` means (exit 2, one paragraph), or None for anything else (a bug)."""
+    return find_config_error(err) or next(filter(None, map(translate, error_chain(err))), None)

@@ -22,7 +22,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from litune.data.tokenizer import TokenizerSource, load_tokenizer
 from litune.errors import ConfigError, TrainingStopped
+from litune.lightning_private import should_update_logs
 from litune.models.adapters import (
     Adapters,
     add_adapters,
@@ -49,7 +51,6 @@ from litune.optim import LRSchedule, default_optimizer, param_groups
 from litune.preference.objective import Preference, PreferenceObjective, units_counter
 from litune.strategies.checkpoint import world_size_changed
 from litune.strategies.descriptor import describe
-from litune.tokenizer import TokenizerSource, load_tokenizer
 
 
 def _drop_frozen_base(module: LitLM, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
@@ -310,7 +311,7 @@ class LitLM(L.LightningModule):
         """
         pending = self._tokens_pending
         self._tokens_pending = self._step_targets if pending is None else pending + self._step_targets
-        if self._window_checked and not self.trainer._logger_connector.should_update_logs:
+        if self._window_checked and not should_update_logs(self.trainer):
             # Each self.log costs about a millisecond of Lightning bookkeeping (a tiny model's step is ~10 ms) and
             # loggers and the progress bar only read the values every log_every_n_steps: log on those steps only, as
             # Lightning's own LearningRateMonitor does.
@@ -324,7 +325,7 @@ class LitLM(L.LightningModule):
                 "counted ahead: its targets_from_labels does not match how its forward turns labels into targets"
             )
         self._window_checked = True
-        if not self.trainer._logger_connector.should_update_logs:
+        if not should_update_logs(self.trainer):
             return
         loss = loss_sum / max(targets, 1)
         # Shown by litune's progress bar, which reads it once per log (Lightning's prog_bar=True reads every batch).
@@ -361,7 +362,7 @@ class LitLM(L.LightningModule):
                 optimizer.step(closure=lambda: loss)
             else:
                 self._nonfinite_step()
-        if trainer._logger_connector.should_update_logs:  # as train/loss: only when loggers read it (a ms each)
+        if should_update_logs(trainer):  # as train/loss: only when loggers read it (a ms each)
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def _step_is_finite(self) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from litune.errors import ConfigError
+from litune.errors import NETWORK_FIELD, ConfigError
 from litune.module import LitLM
 from litune.runs import TOKENIZER_DIR, resolve_checkpoint, run_dir_of, run_tokenizer
 from litune.strategies.checkpoint import as_single_file, check_resume_world_size, checkpoint_kind
@@ -95,7 +95,7 @@ def check_network_matches(saved: Any, requested: Any, checkpoint: str | Path) ->
     """
     if saved is None or requested is None:
         return
-    old, new = _flatten(saved, "model.network"), _flatten(requested, "model.network")
+    old, new = _flatten(saved, NETWORK_FIELD), _flatten(requested, NETWORK_FIELD)
 
     def compared(key: str) -> bool:
         # A key on one side only: in a Hugging Face `config` dict it is an override of the family's default (a real

@@ -17,7 +17,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -26,9 +25,9 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from litune.lightning_private import SubprocessScriptLauncher, mark_saved, set_process_group_timeout
 from litune.runs import last_checkpoint, slurm_requeue_id
 
 EXIT_PREEMPTED = 75
@@ -81,7 +80,7 @@ class Preemption(Callback):
             self._signal = signum
             # Lightning's own DDP launcher makes rank 0 the parent of the other ranks: a `kill <pid>` reaches rank 0
             # only. torchrun and srun signal every rank themselves.
-            if first and isinstance(launcher, _SubprocessScriptLauncher) and trainer.global_rank == 0:
+            if first and isinstance(launcher, SubprocessScriptLauncher) and trainer.global_rank == 0:
                 launcher.kill(signum)
 
         for signum in SIGNALS:
@@ -123,7 +122,7 @@ class Preemption(Callback):
         trainer.save_checkpoint(path)  # every rank: DeepSpeed writes its shards from each
         if isinstance(ckpt, ModelCheckpoint):
             ckpt.last_model_path = str(path)
-            ckpt._last_global_step_saved = trainer.global_step  # no second save of this step at the epoch's end
+            mark_saved(ckpt, trainer.global_step)  # no second save of this step at the epoch's end
         return path
 
     def _signal_name(self) -> str:
@@ -167,6 +166,4 @@ class CollectiveTimeout(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             return
-        from torch.distributed.distributed_c10d import _set_pg_timeout  # no public API sets it after creation
-
-        _set_pg_timeout(timedelta(seconds=self.seconds))
+        set_process_group_timeout(self.seconds)

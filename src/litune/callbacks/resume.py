@@ -31,10 +31,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.seed import _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from litune.lightning_private import batches_that_stepped, restore_rng_states
 
 
 def rng_states(device: torch.device | None = None) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
     """Put back what :func:`rng_states` returned."""
     kind, keys, pos, has_gauss, gauss = states["numpy"]
     numpy_state = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
-    _set_rng_states({"torch": states["torch"], "python": states["python"], "numpy": numpy_state})
+    restore_rng_states({"torch": states["torch"], "python": states["python"], "numpy": numpy_state})
     if "torch.cuda.device" in states and torch.cuda.is_available():
         index, state = states["torch.cuda.device"]
         torch.cuda.set_rng_state(state, index)
@@ -97,7 +98,7 @@ class ExactResume(Callback):
             if trainer.is_global_zero:
                 # The logger step this run's rows start at (known only now: Lightning's loop advances it after
                 # on_train_start). Rows a killed attempt wrote at or after it are stale: this run logs them again.
-                drop_csv_rows_from(trainer, trainer.fit_loop.epoch_loop._batches_that_stepped)
+                drop_csv_rows_from(trainer, batches_that_stepped(trainer))
         if self._restore is not None:
             set_rng_states(self._restore)
             self._restore = None

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from typing import TYPE_CHECKING, Any
 
 from jsonargparse import Namespace
 
-from litune.errors import ConfigError
+from litune.errors import NETWORK_FIELD, ConfigError
 from litune.memory_model import (
     GPU_SIZES_GIB,
     STRATEGIES_BY_COST,
@@ -48,23 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(configs: list[str], overrides: list[str]) -> Namespace:
     """Parse config files and ``--a.b=c`` overrides exactly as ``litune fit`` does, instantiating nothing."""
-    from litune.commands.fit import LituneCLI
+    from litune.commands.fit import parse_config
 
-    class _ConfigOnly(LituneCLI):
-        def before_instantiate_classes(self) -> None:
-            pass  # no run folder: nothing is run
-
-        def instantiate_classes(self) -> None:
-            self.model = self.datamodule = self.trainer = None
-
-        def after_instantiate_classes(self) -> None:
-            pass
-
-    args = [item for path in configs for item in ("--config", path)] + overrides
-    with warnings.catch_warnings():
-        # LightningCLI warns when given args while sys.argv also holds some: here argv is `litune estimate ...`.
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
-        return _ConfigOnly(args=args, run=False).config
+    return parse_config([item for path in configs for item in ("--config", path)] + overrides)
 
 
 def _network_on_meta(network: Namespace) -> torch.nn.Module:
@@ -101,7 +86,7 @@ def model_shape(network: torch.nn.Module) -> ModelShape:
         layers = getattr(cfg, "num_encoder_layers", 0) + getattr(cfg, "num_decoder_layers", 0)
         return ModelShape(num_params, layers, cfg.d_model, cfg.nhead, cfg.vocab_size)
     raise ConfigError(
-        "model.network",
+        NETWORK_FIELD,
         f"cannot read layers/width/heads from {type(network).__name__}",
         "estimate a litune.models network or a Hugging Face causal LM",
     )

@@ -24,9 +24,8 @@ from torchmetrics import Metric
 from litune.callbacks.checkpointing import BestCheckpoints, Checkpointing
 from litune.callbacks.preemption import CollectiveTimeout, Preempted
 from litune.callbacks.run_info import log_once
-from litune.callbacks.wiring import add_tracking, add_tracking_arguments
-from litune.cli import as_config_error
-from litune.errors import ConfigError, from_parse_error
+from litune.commands.wiring import add_tracking, add_tracking_arguments
+from litune.errors import ConfigError, as_config_error, from_parse_error
 from litune.host_memory import keep_freed_host_memory
 from litune.limits import check_limits
 from litune.module import LitLM
@@ -205,10 +204,7 @@ class LituneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._section()
-        check_limits(cfg)  # numeric settings Lightning checks late or never (accumulate_grad_batches=0, ...)
-        check_trainer_config(cfg.trainer)  # fp16 on CPU, devices > cores, ...: fail before any process is spawned
-        check_compile(cfg)
-        check_adapters_strategy(cfg)
+        check_config(cfg)
         if self.subcommand is None:
             return
         self.save_config_kwargs = {**self.save_config_kwargs, "subcommand": self.subcommand}
@@ -384,6 +380,14 @@ def _option_names(parser: Any) -> list[str]:
     return names
 
 
+def check_config(cfg: Namespace) -> None:
+    """The checks of a parsed config that need no run folder: fail before any process is spawned."""
+    check_limits(cfg)  # numeric settings Lightning checks late or never (accumulate_grad_batches=0, ...)
+    check_trainer_config(cfg.trainer)  # fp16 on CPU, devices > cores, ...
+    check_compile(cfg)
+    check_adapters_strategy(cfg)
+
+
 def check_adapters_strategy(cfg: Namespace) -> None:
     """Refuse adapters under FSDP2 before any process is spawned (the strategy would refuse them only in setup)."""
     if not cfg.get("model") or cfg.model.get("adapters") is None:
@@ -431,28 +435,41 @@ def _loggers_in(run_dir: Path, logger: Any) -> Any:
     return logger
 
 
-def load_datamodule(argv: list[str]) -> LightningDataModule:
-    """Parse ``--config`` files and overrides as ``litune fit`` does, and build only the data module.
-
-    Used by ``litune prepare``: no model weights are loaded and no trainer is built.
+def parse_config(argv: list[str]) -> Namespace:
+    """Parse ``--config`` files and dotted overrides exactly as ``litune fit`` does (same parser, same links), and
+    nothing more: no check, no run folder, no class built. Every subcommand that reads a training config uses it.
     """
     with warnings.catch_warnings():
         # sys.argv holds `litune prepare ...` too; LightningCLI warns about that, but argv is the intended input.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = _DataOnlyCLI(args=argv, run=False)
-    return cli.datamodule
+        warnings.filterwarnings("ignore", message=".*args parameter")
+        return _ConfigOnly(args=argv, run=False).config
 
 
-class _DataOnlyCLI(LituneCLI):
+class _ConfigOnly(LituneCLI):
+    """LituneCLI stopped after parsing (LightningCLI parses in its constructor; these hooks would build and check)."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
     def instantiate_classes(self) -> None:
-        from jsonargparse import ArgumentParser
+        self.model = self.datamodule = self.trainer = None
 
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_subclass_arguments(LightningDataModule, "data")
-        parsed = parser.parse_object({"data": self.config.data.as_dict()})
-        self.datamodule = parser.instantiate_classes(parsed).data
-        self.model = None
-        self.trainer = None
+    def after_instantiate_classes(self) -> None:
+        pass
+
+
+def load_datamodule(argv: list[str]) -> LightningDataModule:
+    """Parse ``--config`` files and overrides as ``litune fit`` does, check them, and build only the data module.
+
+    Used by ``litune prepare``: no model weights are loaded and no trainer is built.
+    """
+    from jsonargparse import ArgumentParser
+
+    cfg = parse_config(argv)
+    check_config(cfg)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    return parser.instantiate_classes(parser.parse_object({"data": cfg.data.as_dict()})).data
 
 
 def main(argv: list[str] | None) -> int:

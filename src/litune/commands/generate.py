@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from litune.data.tokenizer import load_tokenizer
 from litune.errors import CommandParser, ConfigError
-from litune.tokenizer import load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:

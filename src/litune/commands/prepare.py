@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-from litune.errors import ConfigError
+from litune.errors import ConfigError, find_config_error
 
 
 def format_stats(stats: dict, cache_hit: bool | None, seconds: float) -> str:
@@ -43,7 +43,6 @@ def main(argv: list[str]) -> int:
     Returns:
         0 on success (configuration errors propagate as :class:`ConfigError`; the CLI prints them and exits 2).
     """
-    from litune.cli import find_config_error
     from litune.commands.fit import load_datamodule
 
     if any(a in ("-h", "--help") for a in argv):

@@ -9,12 +9,13 @@ One job per module, in the order a row goes through them:
 - :mod:`~litune.data.cache`: the fingerprinted tokenize-once cache;
 - :mod:`~litune.data.stream`: the same pipeline on streams;
 - :mod:`~litune.data.sampler`, :mod:`~litune.data.collate`: shards, order, resume point; padding into tensors;
-- :mod:`~litune.data.text`: :class:`~litune.data.text.TextDataModule`, the LightningDataModule that wires them.
+- :mod:`~litune.data.text`: :class:`~litune.data.text.TextDataModule`, the LightningDataModule that wires them;
+- :mod:`~litune.data.tokenizer`: ``load_tokenizer`` and the tokenizers litune builds (``TrainedBPE`` on a corpus,
+  ``SymbolTokenizer``).
 
 Encoder-decoder data reuses the same rooms (sources, ``formats.tokenize_pairs``, ``collate.Seq2SeqCollator``):
 :mod:`~litune.data.seq2seq` has the DataModule of source/target pairs from files, :mod:`~litune.data.synthetic` the
-generated reverse/sort/copy task (its tokenizer is :class:`litune.tokenizer.SymbolTokenizer`).
+generated reverse/sort/copy task (its tokenizer is :class:`litune.data.tokenizer.SymbolTokenizer`).
 
-Nothing is imported here: :mod:`litune.tokenizer` imports :mod:`litune.data.stdlib`, and importing the data module
-from this package would make that import circular.
+Nothing is imported here, so that importing one module (the tokenizer, say) does not import every DataModule.
 """

@@ -79,7 +79,9 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if not self.sources:
-            raise ConfigError("data.init_args.path", "no data source given", "set data.path or data.sources")
+            raise ConfigError(
+                "data.init_args.path", "no data source given", "set data.init_args.path or data.init_args.sources"
+            )
         if self.format not in formats.FORMATS:
             raise ConfigError(
                 "data.init_args.format", f"{self.format!r} is not a format", f"use one of {formats.FORMATS}"
@@ -210,7 +212,7 @@ def select_raw_columns(
             raise ConfigError(
                 f"data.init_args.{fix_field}",
                 f"column {col!r} is not in {src.path} (columns: {columns})",
-                f"set data.{fix_field} to one of {columns}",
+                f"set data.init_args.{fix_field} to one of {columns}",
             )
     ds = ds.select_columns(list(needed.values()))
     check_text_columns(ds, spec, src)
@@ -231,7 +233,7 @@ def check_text_columns(ds: datasets.Dataset | datasets.IterableDataset, spec: Da
         raise ConfigError(
             f"data.init_args.{fix_field}",
             f"column {col!r} of {src.path} holds {kind}, not text",
-            f"point data.{fix_field} at a column of strings, or convert the values to strings in the file",
+            f"point data.init_args.{fix_field} at a column of strings, or convert the values to strings in the file",
         )
 
 
@@ -362,7 +364,7 @@ def lay_out(ds: datasets.Dataset, spec: DataSpec) -> tuple[datasets.Dataset, int
         raise ConfigError(
             "data.init_args.block_size",
             f"{n} samples are longer than block_size={spec.block_size}",
-            "raise block_size, or set data.overlong=truncate to cut and count them",
+            "raise block_size, or set data.init_args.overlong=truncate to cut and count them",
         )
     ds = ds.remove_columns("truncated")
     if spec.layout == "pad":

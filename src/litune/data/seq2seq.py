@@ -6,7 +6,7 @@ configurable) through :mod:`~litune.data.sources`, tokenizes the two columns sep
 (:class:`~litune.data.collate.Seq2SeqCollator`) into the seq2seq batch of the contract: ``input_ids``/``attention_mask``
 for the source and ``labels`` for the target (``-100`` on padding, EOS at the end).
 
-The synthetic task lives in :mod:`litune.data.synthetic`, its tokenizer in :mod:`litune.tokenizer`.
+The synthetic task lives in :mod:`litune.data.synthetic`, its tokenizer in :mod:`litune.data.tokenizer`.
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ from litune.data.collate import Seq2SeqCollator
 from litune.data.formats import tokenize_pairs
 from litune.data.sampler import even_eval_shards
 from litune.data.sources import load_local, resolve_local_files
-
-# Configs written before the split name these classes here; each is defined once, in its own module.
-from litune.data.synthetic import SyntheticSeq2SeqDataModule
+from litune.data.tokenizer import TokenizerSource, load_tokenizer
 from litune.errors import ConfigError
-from litune.tokenizer import SymbolTokenizer, TokenizerSource, load_tokenizer
 
-__all__ = ["Seq2SeqDataModule", "SymbolTokenizer", "SyntheticSeq2SeqDataModule"]
+__all__ = ["Seq2SeqDataModule"]
 
 
 class Seq2SeqDataModule(L.LightningDataModule):

@@ -1,8 +1,9 @@
 """A synthetic sequence-to-sequence task generated locally: reverse, sort or copy a sequence of symbols.
 
 :class:`SyntheticSeq2SeqDataModule` generates the pairs with a fixed seed (no download, no tokenizer training) and
-yields the seq2seq batch of the contract. Its vocabulary is :class:`litune.tokenizer.SymbolTokenizer`, a real Hugging
-Face tokenizer (``<pad> <s> </s> <unk> 0 1 2 ...``), so ``litune generate --prompt "3 1 2"`` works on the checkpoint.
+yields the seq2seq batch of the contract. Its vocabulary is :class:`litune.data.tokenizer.SymbolTokenizer`, a real
+Hugging Face tokenizer (``<pad> <s> </s> <unk> 0 1 2 ...``), so ``litune generate --prompt "3 1 2"`` works on the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from litune.data.collate import Seq2SeqCollator
 from litune.data.sampler import even_eval_shards
+from litune.data.tokenizer import SymbolTokenizer, TokenizerSource
 from litune.errors import ConfigError
-from litune.tokenizer import SymbolTokenizer, TokenizerSource
 
 TASKS = {
     "reverse": lambda x: x.flip(0),
@@ -99,7 +100,7 @@ class SyntheticSeq2SeqDataModule(L.LightningDataModule):
             raise ConfigError(
                 "model.tokenizer",
                 f"the synthetic task with num_symbols={num_symbols} got tokenizer {tokenizer!r}",
-                f"use litune.tokenizer.SymbolTokenizer with num_symbols: {num_symbols}, or no tokenizer",
+                f"use litune.data.tokenizer.SymbolTokenizer with num_symbols: {num_symbols}, or no tokenizer",
             )
         self.task, self.num_symbols, self.batch_size, self.seed = task, num_symbols, batch_size, seed
         self.min_length, self.max_length = min_length, max_length

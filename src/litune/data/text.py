@@ -23,8 +23,8 @@ from litune.data.collate import PadCollator
 from litune.data.pipeline import DataSpec, Source, build, count_stats
 from litune.data.sampler import ResumableSampler, even_eval_shards
 from litune.data.stream import SkipBatches, streaming_splits
+from litune.data.tokenizer import DEFAULT_CACHE, TokenizerSource, load_tokenizer
 from litune.errors import ConfigError
-from litune.tokenizer import DEFAULT_CACHE, TokenizerSource, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class TextDataModule(L.LightningDataModule):
     """Causal-LM batches (``input_ids``, ``attention_mask``, ``labels``, optional ``position_ids``).
 
     Args:
-        tokenizer: hub id, local folder or :class:`~litune.tokenizer.TrainedBPE` (linked from ``model.tokenizer``).
+        tokenizer: hub id, local folder or :class:`~litune.data.tokenizer.TrainedBPE` (linked from ``model.tokenizer``).
         path: hub dataset id, a local ``.txt``/``.jsonl``/``.json``/``.csv``/``.parquet`` file, a folder, a glob, or
             ``"stdlib"`` (the Python standard library's source files, one document each).
         name: hub dataset config name.
@@ -151,7 +151,7 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The loaded tokenizer (with a pad token; see :func:`litune.tokenizer.load_tokenizer`)."""
+        """The loaded tokenizer (with a pad token; see :func:`litune.data.tokenizer.load_tokenizer`)."""
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.tokenizer_source)
         return self._tokenizer

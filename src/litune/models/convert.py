@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from litune.errors import ConfigError
+from litune.errors import NETWORK_FIELD, ConfigError
 from litune.models.state_dict import load_strict
 
 if TYPE_CHECKING:  # only for annotations: DecoderLM imports this module, which knows no network class
@@ -71,13 +71,13 @@ def decoder_kwargs_from_gpt2_config(config: object) -> dict[str, object]:
     activation = config.activation_function
     if activation not in ACTIVATION_FROM_HF:
         raise ConfigError(
-            "model.network",
+            NETWORK_FIELD,
             f"GPT-2 activation {activation!r} has no litune equivalent",
             f"use {list(ACTIVATION_FROM_HF)}",
         )
     if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
         raise ConfigError(
-            "model.network",
+            NETWORK_FIELD,
             "this GPT-2 config scales attention differently from litune",
             "use default attention scaling",
         )

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from litune.errors import ConfigError
+from litune.errors import NETWORK_FIELD, ConfigError
 
 
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -36,7 +36,7 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
         if shapes:
             problems.append(f"shape mismatches [{'; '.join(shapes)}]")
         raise ConfigError(
-            "model.network",
+            NETWORK_FIELD,
             f"the weights from {source} do not fit {type(module).__name__}: {', '.join(problems)}",
             "build the network with the checkpoint's sizes (d_model, nhead, layers, vocab_size, max_seq_len, bias) "
             "or load a checkpoint of this architecture",

@@ -39,11 +39,11 @@ from litune.data.collate import PadCollator
 from litune.data.formats import DEFAULT_CHAT_TURN_TEMPLATE
 from litune.data.rows import locate, row_error
 from litune.data.text import TextDataModule
+from litune.data.tokenizer import DEFAULT_CACHE, TokenizerSource
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
 from litune.preference.objective import REF_KEY
 from litune.preference.stdlib_pairs import STDLIB_PAIRS, stdlib_pairs_file
-from litune.tokenizer import DEFAULT_CACHE, TokenizerSource
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ class PreferenceDataModule(TextDataModule):
     """Preference pairs (or KTO examples) from local files, tokenized once and cached, with resumable sampling.
 
     Args:
-        tokenizer: hub id, local folder or :class:`~litune.tokenizer.TrainedBPE` (linked from ``model.tokenizer``).
+        tokenizer: hub id, local folder or :class:`~litune.data.tokenizer.TrainedBPE` (linked from ``model.tokenizer``).
         path: a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file, folder or glob of training rows, or ``stdlib``
             (pairs built from the Python standard library's source, :mod:`litune.preference.stdlib_pairs`).
         validation_path: local files of held-out rows; ``None`` holds out ``val_fraction`` of ``path``'s rows.

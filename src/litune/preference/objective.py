@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from litune.errors import ConfigError
+from litune.lightning_private import should_update_logs
 from litune.models.output import IGNORE_INDEX, causal_targets
 from litune.objective import BATCH_TAG, gradient_divisor, steps_left_in_window, train_look_ahead
 from litune.preference.logps import sequence_logps
@@ -321,7 +322,7 @@ class PreferenceObjective:
     def _end_window(self, module: LitLM) -> None:
         pending = module._tokens_pending
         module._tokens_pending = self._step_counts[2] if pending is None else pending + self._step_counts[2]
-        should_log = module.trainer._logger_connector.should_update_logs
+        should_log = should_update_logs(module.trainer)
         if module._window_checked and not should_log:
             return
         assert self._window_stats is not None

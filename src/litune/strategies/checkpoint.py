@@ -107,28 +107,20 @@ def consolidate_fsdp2(path: str | Path, output_file: str | Path) -> Path:
     ``_EmptyStateDictLoadPlanner`` is the planner DCP's own ``dcp_to_torch_save`` uses; its ``keys`` argument is
     what lets it skip the optimizer.
     """
-    from lightning.fabric.utilities.load import _METADATA_FILENAME
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from litune.lightning_private import LIGHTNING_META_FILE, dcp_load_no_dist
 
     path = Path(path)
     state: dict = {}
-    # The public `dcp.load` fills a copy of an empty dict; the private loader (as in Lightning's own consolidation and
-    # DCP's `dcp_to_torch_save`) fills the dict it is given.
-    _load_state_dict(
-        state,
-        storage_reader=FileSystemReader(path),
-        planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
-        no_dist=True,
-    )
+    dcp_load_no_dist(state, FileSystemReader(path), keys={"state_dict"})
     from litune.strategies.safe_load import CORRUPT, allow_litune_classes, not_a_checkpoint
 
     allow_litune_classes()
     try:  # Lightning's loop state and hyperparameters: tensors, containers and litune's allow-listed classes only
-        checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path / LIGHTNING_META_FILE, map_location="cpu", weights_only=True)
     except CORRUPT as err:
-        raise not_a_checkpoint(path / _METADATA_FILENAME, "--checkpoint", err) from None
+        raise not_a_checkpoint(path / LIGHTNING_META_FILE, "--checkpoint", err) from None
     checkpoint["state_dict"] = state["state_dict"]
     torch.save(checkpoint, output_file)
     return Path(output_file)

@@ -32,13 +32,13 @@ from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from litune.errors import ConfigError
+from litune.errors import NETWORK_FIELD, ConfigError
+from litune.lightning_private import LIGHTNING_META_FILE
 from litune.strategies.atomic import atomic_directory
 from litune.strategies.checks import check_run, resolve_accelerator
 
@@ -54,7 +54,7 @@ Sharding = Literal["full", "hybrid"]
 def is_fsdp2_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a complete FSDP2 (DCP) checkpoint folder: DCP's ``.metadata`` and Lightning's ``meta.pt``."""
     path = Path(path)
-    return path.is_dir() and (path / DCP_METADATA).is_file() and (path / _METADATA_FILENAME).is_file()
+    return path.is_dir() and (path / DCP_METADATA).is_file() and (path / LIGHTNING_META_FILE).is_file()
 
 
 def sharding_units(network: nn.Module) -> list[nn.Module]:
@@ -66,7 +66,7 @@ def sharding_units(network: nn.Module) -> list[nn.Module]:
     hook = getattr(network, "sharding_units", None)
     if not callable(hook):
         raise ConfigError(
-            "model.network",
+            NETWORK_FIELD,
             f"{type(network).__name__} does not say how FSDP2 should shard it (no `sharding_units()` method)",
             "implement `sharding_units()` returning the network's transformer blocks, or use a DDP/DeepSpeed config",
         )
@@ -261,7 +261,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         if path.is_dir() and not is_fsdp2_checkpoint(path):
             raise ConfigError(
                 "ckpt_path",
-                f"{path} is a folder but not a complete FSDP2 checkpoint (no {DCP_METADATA} and {_METADATA_FILENAME})",
+                f"{path} is a folder but not a complete FSDP2 checkpoint (no {DCP_METADATA} and {LIGHTNING_META_FILE})",
                 "resume from another checkpoint of the run (e.g. a step*.ckpt beside it)",
             )
         # DCP loads the shards onto whatever mesh this run has: a different world size reshards.

@@ -29,8 +29,8 @@ def litune_safe_globals() -> list[Any]:
         Globals for ``torch.serialization.add_safe_globals``: the weights-only unpickler rebuilds these classes by
         setting their pickled attributes (their ``__init__`` is not run) and refuses every other global.
     """
+    from litune.data.tokenizer import TrainedBPE
     from litune.optim import LRSchedule, default_optimizer
-    from litune.tokenizer import TrainedBPE
 
     # default_optimizer is a function: unpickling yields a reference to it and never calls it.
     return [LRSchedule, TrainedBPE, default_optimizer, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath]

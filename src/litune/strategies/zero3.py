@@ -23,10 +23,7 @@ from collections.abc import Generator
 from contextlib import contextmanager
 from typing import Any
 
-# Configs written before the network moved to litune.models name it here; the class itself lives in models/.
-from litune.models.hf import DeferredHFCausalLM
-
-__all__ = ["DeferredHFCausalLM", "hf_zero3_context"]
+__all__ = ["hf_zero3_context"]
 
 
 class _ZeRO3Marker:

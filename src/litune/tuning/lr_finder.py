@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from litune.commands.fit import LituneCLI
+from litune.commands.fit import LituneCLI, parse_config
 from litune.errors import ConfigError
 from litune.runs import RUN_DIR_ENV, checkpoints_dir, resolve_run_dir
 
@@ -38,33 +38,27 @@ class LRFindResult:
     losses: list[float]
 
 
-class _TuneCLI(LituneCLI):
-    """Builds model, data and trainer as ``litune fit`` does, in a run folder of its own, without loggers."""
+def build(argv: list[str], folder_suffix: str) -> tuple[LituneCLI, Path]:
+    """Build model, data and trainer as ``litune fit`` does, running nothing, in a run folder of its own
+    (``<experiment>-<folder_suffix>``) and without loggers: a range test's losses are not a training run's metrics.
 
-    def __init__(self, *args: object, folder_suffix: str, **kwargs: object) -> None:
-        self.folder_suffix = folder_suffix
-        super().__init__(*args, **kwargs)
-
-    def before_instantiate_classes(self) -> None:
-        from litune.strategies import check_trainer_config
-
-        cfg = self.config
-        check_trainer_config(cfg.trainer)
-        run_dir, _ = resolve_run_dir(cfg.runs_dir, f"{cfg.experiment}-{self.folder_suffix}", None)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.run_dir = run_dir
-        cfg.trainer.default_root_dir = str(run_dir)  # the finder's temporary checkpoint goes here, then is removed
-        cfg.trainer.logger = False  # a range test's losses are not a training run's metrics
-        cfg.trainer.enable_progress_bar = False
-        if cfg.checkpoint.dirpath is None:
-            cfg.checkpoint.dirpath = str(checkpoints_dir(run_dir))
-
-
-def build(argv: list[str], folder_suffix: str) -> _TuneCLI:
-    """Parse ``--config`` files and overrides as ``litune fit`` does and build everything, running nothing."""
+    Returns:
+        The built CLI (``.model``, ``.datamodule``, ``.trainer``) and the run folder.
+    """
+    cfg = parse_config(argv)
+    run_dir, _ = resolve_run_dir(cfg.runs_dir, f"{cfg.experiment}-{folder_suffix}", None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # The finder's temporary checkpoint goes into the run folder, then is removed.
+    overrides = [
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+    ]
+    if cfg.checkpoint.dirpath is None:
+        overrides.append(f"--checkpoint.dirpath={checkpoints_dir(run_dir)}")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return _TuneCLI(args=argv, run=False, folder_suffix=folder_suffix)
+        warnings.filterwarnings("ignore", message=".*args parameter")
+        return LituneCLI(args=[*argv, *overrides], run=False), run_dir
 
 
 def find_lr(argv: list[str], min_lr: float = 1e-7, max_lr: float = 1.0, num_training: int = 100) -> LRFindResult:
@@ -85,8 +79,8 @@ def find_lr(argv: list[str], min_lr: float = 1e-7, max_lr: float = 1.0, num_trai
         raise ConfigError("--min-lr/--max-lr", f"need 0 < min_lr < max_lr, got {min_lr} and {max_lr}", "fix the range")
     if num_training < 5:
         raise ConfigError("--num-training", f"{num_training} steps are too few for a range test", "use at least 20")
-    cli = build(argv, "lr-find")
-    os.environ[RUN_DIR_ENV] = str(cli.run_dir)  # ranks that Lightning's launcher starts write into the same folder
+    cli, run_dir = build(argv, "lr-find")
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # ranks that Lightning's launcher starts write into the same folder
     try:
         finder = Tuner(cli.trainer).lr_find(
             cli.model,
@@ -108,7 +102,6 @@ def find_lr(argv: list[str], min_lr: float = 1e-7, max_lr: float = 1.0, num_trai
             f"out of {len(losses)})",
             "raise --num-training, lower --max-lr, or check that the training loss is finite",
         )
-    run_dir = cli.run_dir
     if cli.trainer.is_global_zero:
         figure = finder.plot(suggest=True, show=False)
         figure.axes[0].set_title(f"learning-rate range test: suggestion {suggestion:.3g}")

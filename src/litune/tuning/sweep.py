@@ -2,7 +2,7 @@
 
 The search is an Optuna study stored in ``<sweep folder>/sweep.db`` (SQLite). Each trial is an ordinary ``litune fit``
 run in a child process with the trial's values as dotted overrides, its run folder under ``<sweep folder>/trials/``.
-A :class:`~litune.callbacks.pruning.SweepPruning` callback inside the trial reports every validation to the study and
+A :class:`~litune.tuning.pruning.SweepPruning` callback inside the trial reports every validation to the study and
 stops the run when the pruner says it is worse than the trials before it at the same step.
 
 The trials run in Optuna's own loop (``study.optimize``), whose heartbeat thread marks each running trial alive in
@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from litune.callbacks.pruning import TRIAL_FILE, make_pruner
 from litune.errors import ConfigError
+from litune.tuning.pruning import TRIAL_FILE, make_pruner
 from litune.tuning.runner import run_fit
 
 METHODS = ("grid", "random", "bayes")
@@ -89,7 +89,7 @@ class SweepSpec:
         seed: the sampler's seed.
         parallel: trials run at once (on GPUs: one device each).
         pruner: ``median`` (stop a trial whose best metric so far is worse than the median of the completed trials'
-            metric at the same step; see :func:`~litune.callbacks.pruning.make_pruner`) or ``none``.
+            metric at the same step; see :func:`~litune.tuning.pruning.make_pruner`) or ``none``.
         startup_trials: trials that always run to the end before the pruner acts.
         warmup_steps: optimizer steps of every trial before the pruner acts.
         best: how many of the best trials ``litune report`` compares.
@@ -363,7 +363,7 @@ class Sweep:
     def trial_args(self, trial: Any, slot: int) -> tuple[list[str], dict[str, str]]:
         """The ``litune fit`` arguments and extra environment of one trial."""
         callback = {
-            "class_path": "litune.callbacks.pruning.SweepPruning",
+            "class_path": "litune.tuning.pruning.SweepPruning",
             "init_args": {
                 "storage": self.storage,
                 "study_name": STUDY_NAME,

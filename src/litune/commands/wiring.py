@@ -1,4 +1,6 @@
-"""How ``litune fit`` gets its loggers and tracking callbacks: two calls from :class:`litune.cli.LituneCLI`.
+"""Config editing for ``litune fit``: which loggers and callbacks a run gets, added by
+:class:`litune.commands.fit.LituneCLI` (``add_tracking_arguments`` when it builds the parser, ``add_tracking`` before it
+instantiates the classes). It edits the parsed config only: nothing here is a callback.
 
 The callbacks are added to the parsed config (``trainer.callbacks``) rather than hidden in code, so the saved
 ``config.yaml`` lists them and a user configures one by listing it with its own ``init_args`` (then it is not added a

@@ -1,0 +1,75 @@
+"""Every private Lightning (and torch) API litune uses, named once, each with why no public one does the job.
+
+A Lightning or torch upgrade that renames one of these breaks here, in one file, instead of somewhere in a callback.
+Hooks that litune *overrides* cannot move here; they are listed so that an upgrade checks them too:
+
+* ``Strategy._configure_launcher`` (``strategies/ddp.py``, ``deepspeed.py``, ``fsdp2.py``): the last moment before
+  processes spawn, where the machine checks run; Lightning has no public pre-launch hook on strategies.
+* ``DeepSpeedStrategy._init_optimizers`` (``strategies/deepspeed.py``): where an offloaded torch Adam becomes
+  DeepSpeed's CPU Adam before the engine is built.
+* ``LightningCLI._parse_ckpt_path`` (``commands/fit.py``): disabled, since it silently replaces a configured model by
+  the checkpoint's hyperparameters; litune compares them instead.
+* ``argparse`` internals ``_subcommands_action``, ``_name_parser_map``, ``_actions`` (``commands/fit.py``): to turn off
+  ``exit_on_error`` on LightningCLI's subcommand parsers and to list valid keys for "did you mean".
+* ``torch.nn.Module._parameters``, ``_buffers``, ``_non_persistent_buffers_set`` (``models/sharded_load.py``,
+  ``strategies/fsdp2.py``): replacing a tensor in place without re-registering it (what ``nn.Module.to_empty`` does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.fabric.utilities.seed import _set_rng_states
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+LIGHTNING_META_FILE = _METADATA_FILENAME
+"""``meta.pt``: the file of a sharded (DCP) Lightning checkpoint that holds loop state and hyperparameters; Lightning
+exports no name for it."""
+
+SubprocessScriptLauncher = _SubprocessScriptLauncher
+"""The launcher that starts ranks 1..N-1 as child processes of rank 0 (preemption forwards signals to them)."""
+
+restore_rng_states = _set_rng_states
+"""Restores torch's, numpy's and Python's random-number states together (exact resume); Lightning keeps it private."""
+
+
+def should_update_logs(trainer: pl.Trainer) -> bool:
+    """Whether this batch is a logging step (``log_every_n_steps``); the logger connector knows, no public API says."""
+    return trainer._logger_connector.should_update_logs
+
+
+def batches_that_stepped(trainer: pl.Trainer) -> int:
+    """The step Lightning's loggers write rows at; no public counter gives it (it is advanced after
+    ``on_train_start``, so only known once training runs)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def mark_saved(checkpoint: ModelCheckpoint, step: int) -> None:
+    """Tell ``ModelCheckpoint`` that ``step`` is saved (after a save it did not make), so it does not save it again."""
+    checkpoint._last_global_step_saved = step
+
+
+def dcp_load_no_dist(state: dict[str, Any], reader: Any, keys: set[str]) -> None:
+    """Fill ``state`` in place from a DCP checkpoint in one process, reading only ``keys`` (the model, not its
+    optimizer).
+
+    The public ``dcp.load`` fills a copy of an empty dict; the private loader (as in Lightning's own consolidation and
+    DCP's ``dcp_to_torch_save``) fills the dict it is given, and ``_EmptyStateDictLoadPlanner(keys=...)`` skips the
+    optimizer state (twice the model's size under Adam).
+    """
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+
+
+def set_process_group_timeout(seconds: float) -> None:
+    """Change the default process group's collective timeout after it was created (no public API sets it then)."""
+    from datetime import timedelta
+
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=seconds))
