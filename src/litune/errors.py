@@ -64,7 +64,7 @@ def from_parse_error(message: str, known_keys: list[str]) -> ConfigError:
         return ConfigError(key, f"{given} is not a litune setting", f"{hint}`litune fit --help` lists every field")
     keys = _PARSER_KEY.findall(message)
     # Nested keys are relative to their parent ("model.lr_schedule" then "name"): join them into one dotted path.
-    field = ".".join(dict.fromkeys(keys)) if keys else "config"
+    field = _with_init_args(".".join(dict.fromkeys(keys))) if keys else "config"
     if option := re.search(r"Option '([\w.]+)' is not accepted|Key \"([\w.]+)\" is not expected", message):
         name = option.group(1) or option.group(2)
         init_args = ".init_args" if "class_path" in message or field.endswith(("network", "data", "optimizer")) else ""
@@ -89,6 +89,20 @@ def from_parse_error(message: str, known_keys: list[str]) -> ConfigError:
     else:
         fix = "give a value of the expected type; `litune fit --help` lists every field and its type"
     return ConfigError(field, problem[:600], fix)
+
+
+CLASS_SECTIONS = ("data", "model.network", "model.optimizer", "model.tokenizer", "trainer.strategy")
+"""Config sections that hold a class (``class_path`` + ``init_args``)."""
+
+
+def _with_init_args(field: str) -> str:
+    """The full field of an argument of a class section: jsonargparse names ``data.batch_size`` for what the config
+    (and every fix) calls ``data.init_args.batch_size``."""
+    for section in CLASS_SECTIONS:
+        rest = field[len(section) + 1 :] if field.startswith(section + ".") else None
+        if rest and not rest.startswith(("init_args", "class_path")):
+            return f"{section}.init_args.{rest}"
+    return field
 
 
 def translate(err: BaseException) -> ConfigError | None:

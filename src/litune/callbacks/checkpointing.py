@@ -22,6 +22,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from litune.errors import ConfigError
 
+MAX_MINUTES = 1e8
+"""~190 years: longer than any run, and within what ``datetime.timedelta`` can hold."""
+
 
 class Checkpointing(ModelCheckpoint):
     """``ModelCheckpoint`` that saves every ``every_n_train_steps`` steps and every ``every_n_minutes`` minutes, keeps
@@ -43,9 +46,11 @@ class Checkpointing(ModelCheckpoint):
         keep_last: int = 3,
         **kwargs: Any,
     ) -> None:
-        if every_n_minutes is not None and not every_n_minutes > 0:
+        if every_n_minutes is not None and not 0 < every_n_minutes <= MAX_MINUTES:  # NaN too
             raise ConfigError(
-                "checkpoint.every_n_minutes", f"{every_n_minutes} is not positive", "use e.g. 30, or null"
+                "checkpoint.every_n_minutes",
+                f"{every_n_minutes} is not a number of minutes in (0, {MAX_MINUTES:g}]",
+                "use e.g. 30, or null for no time trigger",
             )
         if keep_last == 0 or keep_last < -1:
             raise ConfigError("checkpoint.keep_last", f"{keep_last} checkpoints", "keep at least 1, or -1 for all")

@@ -165,6 +165,14 @@ class LituneCLI(LightningCLI):
             "--validate_before_fit", type=bool, default=False, help="Run validation at step 0 before training."
         )
         parser.add_argument(
+            "--dry_run",
+            type=bool,
+            default=False,
+            help="Check everything that can refuse the command before it starts (every config field, the model and "
+            "trainer built, a resumed checkpoint against them), then exit without training or writing into a run "
+            "folder. The data's rows are checked by `litune prepare`.",
+        )
+        parser.add_argument(
             "--dist_timeout",
             type=float | None,
             default=None,
@@ -256,6 +264,9 @@ class LituneCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         self.preflight()
+        if self._section().get("dry_run"):
+            print(f"litune {subcommand}: dry run: the configuration is valid; nothing was trained or written")
+            return
         try:
             super()._run_subcommand(subcommand)
         except ValueError as err:

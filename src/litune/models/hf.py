@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,8 +65,57 @@ def build_hf_config(
     model_type = kwargs.pop("model_type", None)
     if model_type is None:
         raise ConfigError("model.network.init_args.config", "`model_type` is missing", "add model_type: gpt2")
+    _check_dimensions(kwargs)
     with transformers_errors("model.network.init_args.config"):
         return AutoConfig.for_model(model_type, **kwargs)
+
+
+_DIMENSION = re.compile(r"^(n_|num_)|(_size|_dim|_positions|_layers|_heads|_inner)$")
+"""Config keys that are sizes (``n_embd``, ``hidden_size``, ``num_hidden_layers``, ``n_positions``...)."""
+
+
+def _check_dimensions(config: dict[str, Any]) -> None:
+    """Sizes transformers takes as given: 0 or a negative size fails deep inside torch (a tensor of negative size),
+    a negative token id at the first batch."""
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        field = f"model.network.init_args.config.{key}"
+        if key.endswith("_token_id") and value < 0:
+            raise ConfigError(field, f"{key}={value} is not a token id", "use an id in [0, vocab_size)")
+        if _DIMENSION.search(key) and not key.endswith("_token_id") and value < 1:
+            raise ConfigError(field, f"{key}={value} is not a size", f"set {key} to 1 or more")
+
+
+def check_model_fits(hf_config: PretrainedConfig, config: dict[str, Any] | None, budget_bytes: float) -> None:
+    """Refuse a model whose fp32 weights alone need more than ``budget_bytes``, before a byte is allocated: a huge
+    size (a typo, one zero too many) would otherwise fill the machine's memory, or build modules for hours.
+
+    The count is the dense transformer's (layers x (4 H^2 + 2 H x MLP width) + embeddings), from the config's
+    standard attributes; families without them are not checked.
+    """
+    layers, width = getattr(hf_config, "num_hidden_layers", None), getattr(hf_config, "hidden_size", None)
+    if not isinstance(layers, int) or not isinstance(width, int):
+        return
+    inner = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None) or 4 * width
+    vocab = getattr(hf_config, "vocab_size", 0) or 0
+    positions = getattr(hf_config, "max_position_embeddings", 0) or 0
+    params = float(layers) * (4.0 * width * width + 2.0 * width * inner) + float(vocab + positions) * width
+    if params * 4 <= budget_bytes:
+        return
+    sizes = {k: v for k, v in (config or {}).items() if isinstance(v, int) and _DIMENSION.search(k)}
+    key = max(sizes, key=sizes.get) if sizes else "model_type"
+    raise ConfigError(
+        f"model.network.init_args.config.{key}" if sizes else "model.network.init_args.config",
+        f"{key}={sizes.get(key)}: a model of these sizes has about {params:.3g} parameters ({params * 4 / 2**30:.3g} "
+        f"GiB in fp32), more than the {budget_bytes / 2**30:.0f} GiB this process could hold",
+        "reduce the sizes; `litune estimate --config ...` shows the memory per device under each strategy",
+    )
+
+
+def host_memory_bytes() -> float:
+    """This machine's physical memory."""
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 @contextmanager
@@ -180,6 +230,8 @@ class HFCausalLM(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self.attn_implementation = attn_implementation
         self.hf_config = build_hf_config(pretrained, config, revision, trust_remote_code)
+        if config is not None:  # sizes typed by hand; built whole here, or (deferred) sharded: only absurd ones refused
+            check_model_fits(self.hf_config, config, 1e14 if self.deferred else host_memory_bytes())
         if loss_chunk_size is not None:
             _check_plain_head(self.hf_config)
         if not self.deferred:
