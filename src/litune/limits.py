@@ -30,6 +30,7 @@ class Limit:
         fraction: a float in ``[0, 1]`` is valid too (Lightning's "fraction of the epoch" settings).
         special: further valid values outside the range (``-1`` for "no limit").
         zero_fraction: with ``fraction``, ``0.0`` is valid too.
+        booleans: ``true``/``false`` are valid too (``seed_everything``).
     """
 
     low: float | None = None
@@ -39,11 +40,14 @@ class Limit:
     fraction: bool = False
     special: tuple[int, ...] = ()
     zero_fraction: bool = True
+    booleans: bool = False
 
     def allows(self, value: Any) -> bool:
         if value is None or isinstance(value, str):  # None: the default; str: a unit Lightning parses ("00:01:00")
             return True
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool):
+            return self.booleans
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
             return False
         if value in self.special:
             return True
@@ -102,6 +106,10 @@ LIMITS: dict[str, tuple[Limit, str]] = {
         "a max-norm such as 1.0, or 0 / null for no clipping (a negative norm would flip the gradients' sign)",
     ),
     "trainer.reload_dataloaders_every_n_epochs": (_NONNEG, "0 (never) or a number of epochs"),
+    "seed_everything": (
+        Limit(low=0, high=2**32 - 1, booleans=True),
+        "a seed in [0, 4294967295] (numpy's range), true or false",
+    ),
     "global_batch_size": (_COUNT, "a number of sequences per optimizer step such as 64, or null"),
     "dist_timeout": (Limit(low=0, low_open=True, integer=False), "a number of seconds such as 600, or null"),
     "checkpoint.every_n_train_steps": (_NONNEG, "a number of optimizer steps such as 1000, or 0 / null for none"),
@@ -114,6 +122,9 @@ LIMITS: dict[str, tuple[Limit, str]] = {
 """Dotted field -> its valid values and a fix (what a valid value means)."""
 
 _DEVICES = Limit(low=1, special=(-1,))
+
+CHOICES: dict[str, tuple[str, ...]] = {"checkpoint.mode": ("min", "max"), "best_checkpoint.mode": ("min", "max")}
+"""String settings of classes litune does not own whose choices their owner checks with no field name."""
 
 
 def _lookup(config: Any, dotted: str) -> tuple[bool, Any]:
@@ -139,6 +150,10 @@ def check_limits(config: Any) -> None:
         found, value = _lookup(config, field)
         if found and not limit.allows(value):
             raise ConfigError(field, f"{value!r} is not {limit.describe()}", f"use {fix}")
+    for field, choices in CHOICES.items():
+        found, value = _lookup(config, field)
+        if found and value is not None and value not in choices:
+            raise ConfigError(field, f"{value!r} is not one of {', '.join(choices)}", f"use {' or '.join(choices)}")
     found, devices = _lookup(config, "trainer.devices")
     if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():  # "2" from the command line
         devices = int(devices)

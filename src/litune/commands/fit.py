@@ -137,6 +137,10 @@ class LituneCLI(LightningCLI):
             subcommand = next((a for a in (args or sys.argv[1:]) if a in ("fit", "validate", "test")), None)
             known = _option_names(subparsers.get(subcommand, parser))
             raise from_parse_error(str(err), known) from None
+        # Numeric settings Lightning checks late or never (accumulate_grad_batches=0, ...); here, before LightningCLI
+        # seeds the run with seed_everything.
+        subcommand = self.config.get("subcommand")
+        check_limits(self.config[subcommand] if subcommand else self.config)
 
     def _parse_ckpt_path(self) -> None:
         """Deliberately not LightningCLI's: it replaces the configured model by the checkpoint's hyperparameters,

@@ -216,6 +216,7 @@ def add_adapters(network: nn.Module, adapters: Adapters) -> None:
         raise ConfigError(FIELD, "the network already has adapters", "add adapters once")
     base = adapter_base(network)
     targets = resolve_targets(base, adapters.target_modules)
+    _check_rank(base, targets, adapters.r)
     hf = isinstance(base, PreTrainedModel)
     config = LoraConfig(
         r=adapters.r,
@@ -240,6 +241,29 @@ def add_adapters(network: nn.Module, adapters: Adapters) -> None:
         f"adapters: {adapters.method} r={adapters.r} alpha={adapters.alpha:g} on {', '.join(targets)}; "
         f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
     )
+
+
+def _check_rank(base: nn.Module, targets: list[str], r: int) -> None:
+    """A rank above a layer's smaller side adds weights but no capacity (the update's rank is at most that side), and a
+    huge one would allocate until memory runs out: refuse it before peft builds anything."""
+    sides = {
+        # in/out features where the layer has them (a 4-bit layer's weight is packed); GPT-2's Conv1D: its weight
+        name: min(module.in_features, module.out_features)
+        if hasattr(module, "in_features")
+        else min(module.weight.shape)
+        for name, module in _linear_layers(base).items()
+        if any(_matches(name, target) for target in targets)
+    }
+    if not sides:
+        return
+    name = min(sides, key=sides.get)
+    if r > sides[name]:
+        raise ConfigError(
+            f"{FIELD}.r",
+            f"r={r} is larger than the smaller side ({sides[name]}) of the adapted layer {name}; a rank above it adds "
+            "weights but no capacity",
+            f"use r <= {sides[name]}, e.g. r: 8",
+        )
 
 
 def peft_model_of(network: nn.Module) -> nn.Module | None:
