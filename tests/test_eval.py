@@ -18,7 +18,9 @@ from litune.data.tokenizer import load_tokenizer
 from litune.evaluation import EVAL_TASKS_DIR, evaluate, metrics
 from litune.models.hf import HFCausalLM
 from litune.module import LitLM
-from litune_testing import LITUNE, NETWORK, TINY, check_ok, litune_env
+from litune_testing import LITUNE, NETWORK, REPO, TINY, check_ok, litune_env
+
+FRAGMENTS = REPO / "configs" / "strategy"
 
 MC_FILE = EVAL_TASKS_DIR / "python_mc.jsonl"
 TEXT_FILE = EVAL_TASKS_DIR / "heldout_python.jsonl"
@@ -114,22 +116,30 @@ def test_litune_eval_of_a_run_folder_and_of_its_export_agree(reference: Path, tm
 
 
 @pytest.mark.slow
-def test_eval_callback_on_two_processes_does_not_hang(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path) -> None:
-    """DDP on 2 processes, evaluating after steps 2 and 4: both ranks finish, rank 0 logs each result once."""
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero3", "fsdp2"])
+def test_eval_callback_on_two_processes(strategy: str, tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path) -> None:
+    """2 processes evaluating after steps 2 and 4: both ranks finish, rank 0 logs each result once, and the final
+    numbers of the (sharded) live model are those of the saved model evaluated alone in one process."""
     callbacks = [{"class_path": "litune.callbacks.evaluation.HarnessEval",
                   "init_args": {"tasks": ["litune_python_mc"], "every_n_steps": 2, "limit": 4}}]  # fmt: skip
+    topology = ["--trainer.strategy=ddp"] if strategy == "ddp" else ["--config", f"{FRAGMENTS / strategy}.yaml"]
     args = [
         LITUNE, "fit", "--config", str(TINY), f"--model.tokenizer={tokenizer_dir}",
         f"--model.network.init_args.config={json.dumps(NETWORK)}", f"--data.init_args.path={corpus_dir / 'docs.jsonl'}",
-        "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+        "--trainer.devices=2", *topology, "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
         f"--trainer.callbacks={json.dumps(callbacks)}", f"--runs_dir={tmp_path / 'runs'}", "--loggers=[csv]",
     ]  # fmt: skip
     proc = subprocess.run(args, env=litune_env(), capture_output=True, text=True, timeout=600)
-    check_ok(proc, "litune fit with HarnessEval on 2 processes")
+    check_ok(proc, f"litune fit with HarnessEval on 2 processes ({strategy})")
     (run,) = (tmp_path / "runs").iterdir()
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["step-000002", "step-000004"]
-    rows = [r for r in (run / "metrics.csv").read_text().splitlines()[1:] if r]
-    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
-    col = header.index("eval/litune_python_mc/acc")
-    logged = [r.split(",") for r in rows if r.split(",")[col] != ""]
-    assert [int(r[header.index("step")]) for r in logged] == [1, 3]  # once per evaluation, not once per rank
+    header, *rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines() if r]
+    col = header.index("eval/litune_python_mc/acc_norm")
+    assert [int(r[header.index("step")]) for r in rows if r[col] != ""] == [1, 3]  # once per evaluation, not per rank
+
+    from litune.resume import load_system
+
+    system = load_system(run)  # the final weights, gathered from the shards
+    alone = metrics(evaluate(system.network, system.tokenizer, ["litune_python_mc"], limit=4))
+    live = json.loads((run / "eval" / "step-000004" / "eval_results.json").read_text())["metrics"]
+    assert live == pytest.approx(alone, rel=1e-5)

@@ -120,7 +120,8 @@ def evaluate(
     max_length: int | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Run ``tasks`` on ``network`` with the harness and return its results (``results``, ``configs``, ``n-samples``).
+    """Run ``tasks`` on ``network`` with the harness and return its results (``results``, ``configs``, ``n-samples``);
+    ``{}`` on a process whose ``LOCAL_RANK`` is not 0 (the harness keeps results to one process per node).
 
     Every process that calls this evaluates every document (the harness's own sharding is off for a model passed in),
     so a sharded model (ZeRO-3, FSDP2) runs the same forwards on all ranks in step; see
@@ -163,7 +164,9 @@ def evaluate(
             )
     finally:
         network.train(was_training)
-    return _plain(out)
+    # The harness returns results only where LOCAL_RANK is 0 (its guard against duplicate writes under torchrun); the
+    # other ranks ran the same forwards and get {}.
+    return _plain(out) if out is not None else {}
 
 
 def offline_tasks() -> list[str]:

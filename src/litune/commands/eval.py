@@ -49,7 +49,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
 def results_folder(checkpoint: str, output: str | None) -> tuple[Path, Path | None]:
     """(where results are written, the run folder or None)."""
-    from litune.strategies.checkpoint import run_dir_of
+    from litune.runs import run_dir_of
 
     path = Path(checkpoint)
     run = path if (path / "checkpoints").is_dir() else run_dir_of(path)
@@ -60,7 +60,7 @@ def results_folder(checkpoint: str, output: str | None) -> tuple[Path, Path | No
 
 def checkpoint_step(checkpoint: str) -> int | None:
     """The optimizer step a litune checkpoint was saved at (None for a Hugging Face folder)."""
-    from litune.strategies.checkpoint import resolve_checkpoint
+    from litune.runs import resolve_checkpoint
 
     path = Path(checkpoint)
     if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
