@@ -143,3 +143,16 @@ def test_eval_callback_on_two_processes(strategy: str, tmp_path: Path, corpus_di
     alone = metrics(evaluate(system.network, system.tokenizer, ["litune_python_mc"], limit=4))
     live = json.loads((run / "eval" / "step-000004" / "eval_results.json").read_text())["metrics"]
     assert live == pytest.approx(alone, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [(["--tasks", " , "], "--tasks"), (["--tasks", "litune_python_mc", "--limit", "0"], "--limit"),
+     (["--tasks", "litune_python_mc", "--include", "/nonexistent/tasks"], "--include")],
+)  # fmt: skip
+def test_bad_eval_arguments_exit_2_before_loading(args: list[str], field: str, tmp_path: Path, capsys) -> None:
+    from litune.cli import main
+
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing"), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"litune: configuration error: {field}" in err and "Traceback" not in err
