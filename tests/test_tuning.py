@@ -73,12 +73,12 @@ def test_lr_finder_suggestion_is_within_10x_of_the_best_rate_of_real_runs(
     sweep_file = tmp_path / "grid.yaml"
     grid = {"method": "grid", "pruner": "none", "parameters": {LR: {"values": [1.0e-4, 1.0e-3, 1.0e-2, 1.0e-1]}}}
     sweep_file.write_text(yaml.safe_dump(grid))
-    run_litune(
+    sweep = run_litune(
         "sweep", "--sweep", str(sweep_file), "--sweep-dir", str(tmp_path / "grid"),
         *tiny_args(corpus_dir, tokenizer_dir, tmp_path / "unused"), *steps, timeout=900,
     )  # fmt: skip
     rows = read_results(tmp_path / "grid")
-    assert [r["state"] for r in rows] == ["complete"] * 4, rows
+    assert [r["state"] for r in rows] == ["complete"] * 4, sweep.stdout[-4000:]
     best = float(rows[0][LR])
     assert best / 10 <= suggestion <= best * 10, (suggestion, [(r[LR], r["val/loss"]) for r in rows])
 

@@ -11,6 +11,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+SQLITE_ENGINE = {"connect_args": {"timeout": 120}}
+"""SQLAlchemy settings of every connection to a sweep's SQLite study: the sweep's heartbeat thread and its trials write
+into one file, and on a busy machine a writer can wait longer than sqlite3's default 5 s for the lock ("database is
+locked"), which would fail a healthy trial."""
+
 TRIAL_FILE = "trial.json"
 """Written into the trial's run folder: its number, the last reported value and whether it was pruned."""
 
@@ -75,7 +80,7 @@ class SweepPruning(Callback):
 
             study = optuna.load_study(
                 study_name=self.study_name,
-                storage=self.storage,
+                storage=optuna.storages.RDBStorage(self.storage, engine_kwargs=SQLITE_ENGINE),
                 pruner=make_pruner(self.pruner, self.startup_trials, self.warmup_steps),
             )
             trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == self.trial_number)

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from litune.errors import ConfigError
-from litune.tuning.pruning import TRIAL_FILE, make_pruner
+from litune.tuning.pruning import SQLITE_ENGINE, TRIAL_FILE, make_pruner
 from litune.tuning.runner import run_fit
 
 METHODS = ("grid", "random", "bayes")
@@ -250,6 +250,7 @@ class Sweep:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = RDBStorage(
                 self.storage,
+                engine_kwargs=SQLITE_ENGINE,
                 heartbeat_interval=HEARTBEAT_S,
                 grace_period=GRACE_S,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None),
