@@ -20,11 +20,10 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from litune.errors import ConfigError
-from litune.models.output import IGNORE_INDEX, LMOutput, count_targets
+from litune.models.output import IGNORE_INDEX, LMOutput, count_targets, cross_entropy_sum
 
 DEFAULT_CHUNK_SIZE = 1024
 """Rows per chunk: at vocab 50,257 one chunk's float32 logits take ~0.2 GB."""
@@ -42,8 +41,8 @@ def check_chunk_size(chunk_size: int | None, field: str) -> None:
 
 def _chunk_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor):
     # [n, d] -> [n, V] in the compute dtype, upcast per chunk only (as the plain loss does for the whole batch).
-    logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    # (Vocabulary-sharded logits under tensor parallelism take the vocab-parallel loss, without being gathered.)
+    return cross_entropy_sum(head(hidden), targets)
 
 
 def chunked_cross_entropy(

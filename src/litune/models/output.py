@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100
 """Label value that the loss and the metrics skip (padding, prompt tokens, cross-document positions)."""
@@ -83,9 +84,21 @@ def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> tupl
         ``(loss_sum, num_targets)``: a float32 scalar (logits are upcast so bf16 training keeps an accurate loss; 0
         with a zero gradient when nothing is targeted) and an int64 scalar.
     """
+    return cross_entropy_sum(logits, targets), count_targets(targets)
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Float32 summed cross-entropy of ``logits [..., vocab]`` against ``targets [...]``, skipping ``IGNORE_INDEX``.
+
+    Logits sharded on the vocabulary by tensor parallelism (a DTensor) take the vocab-parallel loss without being
+    gathered (:func:`litune.models.tensor_parallel.vocab_parallel_cross_entropy_sum`).
+    """
+    if isinstance(logits, DTensor):
+        from litune.models.tensor_parallel import vocab_parallel_cross_entropy_sum
+
+        return vocab_parallel_cross_entropy_sum(logits, targets)
     flat = logits.reshape(-1, logits.size(-1)).float()
-    loss_sum = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, count_targets(targets)
+    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -111,9 +124,11 @@ def lm_output(logits: torch.Tensor, targets: torch.Tensor | None, **extra: objec
         **extra: further fields of :class:`LMOutput` (e.g. ``past_key_values``).
     """
     if targets is None:
-        return LMOutput(logits=logits, **extra)
+        return LMOutput(logits=logits.detach().full_tensor() if isinstance(logits, DTensor) else logits, **extra)
     loss_sum, num_targets = token_cross_entropy_sum(logits, targets)
     loss = loss_sum / num_targets.clamp(min=1)
+    if isinstance(logits, DTensor):  # vocabulary-parallel: metrics and callbacks read whole logits
+        logits = logits.detach().full_tensor()
     return LMOutput(logits=logits, loss=loss, targets=targets, loss_sum=loss_sum, num_targets=num_targets, **extra)
 
 

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from litune.models.convert import decoder_kwargs_from_gpt2_config, gpt2_to_litun
 from litune.models.flops import matmul_weights
 from litune.models.output import LMOutput, causal_lm_output, causal_targets
 from litune.models.state_dict import load_strict
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor.parallel import ParallelStyle
 
 FIELD = "model.network.init_args"
 """Where users set a network's arguments in YAML; error messages name fields under it."""
@@ -192,8 +195,9 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, T, d_model]`` -> ``[B, nhead, T, head_dim]``."""
-        return x.view(x.size(0), x.size(1), self.nhead, self.head_dim).transpose(1, 2)
+        """``[B, T, heads * head_dim]`` -> ``[B, heads, T, head_dim]`` (``heads``: ``nhead``, or this rank's
+        ``nhead / N`` under tensor parallelism)."""
+        return x.view(x.size(0), x.size(1), -1, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -213,14 +217,15 @@ class SelfAttention(nn.Module):
         Returns:
             ``[B, T, d_model]`` and the new ``(key, value)`` including ``x``'s.
         """
-        q, k, v = (self.split_heads(t) for t in self.c_attn(x).split(x.size(-1), dim=2))  # each (B, nh, T, hs)
+        # Under tensor parallelism c_attn gives this rank's heads of q, k and v ([B, T, 3 * d_model / N]).
+        q, k, v = (self.split_heads(t) for t in self.c_attn(x).chunk(3, dim=2))  # each (B, nh, T, hs)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         is_causal = causal and mask is None and past is None and x.size(1) > 1
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(x.shape)
+        y = y.transpose(1, 2).flatten(2)  # (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
@@ -370,6 +375,37 @@ class DecoderLM(TransformerLM):
     def sharding_units(self) -> list[nn.Module]:
         """The blocks, sharded one by one under FSDP2 (embeddings, final norm and the tied head stay with the root)."""
         return list(self.h)
+
+    def tensor_parallel_plan(self) -> dict[str, ParallelStyle]:
+        """How tensor parallelism splits the network (``parallelize_module``'s plan; see
+        :mod:`litune.models.tensor_parallel`).
+
+        Per block: q/k/v (the fused ``c_attn``) and the MLP's ``c_fc`` column-parallel (each rank computes ``nhead/N``
+        heads and ``dim_feedforward/N`` hidden units), both ``c_proj`` row-parallel (partial sums all-reduced). The
+        token embedding is row-parallel over the vocabulary and the output layer column-parallel over it (the tied
+        weight is ``[V/N, d]`` rows on each rank, one shard for both); its logits stay sharded on the vocabulary and
+        the loss (plain or chunked) is the vocab-parallel one. Position embeddings and norms are replicated.
+        """
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        from litune.models.tensor_parallel import FusedColwiseParallel
+
+        plan: dict[str, ParallelStyle] = {
+            "wte": RowwiseParallel(input_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
+        }
+        for i in range(len(self.h)):
+            plan[f"h.{i}.attn.c_attn"] = FusedColwiseParallel(fused=3)
+            plan[f"h.{i}.attn.c_proj"] = RowwiseParallel()
+            plan[f"h.{i}.mlp.c_fc"] = ColwiseParallel()
+            plan[f"h.{i}.mlp.c_proj"] = RowwiseParallel()
+        return plan
+
+    def tensor_parallel_sizes(self) -> dict[str, int]:
+        """The sizes tensor parallelism splits, by config field: each must be divisible by the tensor-parallel size."""
+        cfg = self.config
+        return {"nhead": cfg.nhead, "dim_feedforward": int(cfg.dim_feedforward or 0), "vocab_size": cfg.vocab_size}
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) at context ``seq_len``: ``6 N + 12 L d T`` (PaLM appendix B).

@@ -1,0 +1,213 @@
+"""Tensor parallelism (Megatron-style, through ``torch.distributed.tensor.parallel``): the pieces a network's plan uses.
+
+A network that supports tensor parallelism declares its plan next to ``sharding_units()``: a method
+``tensor_parallel_plan()`` returning ``{module path: ParallelStyle}`` for :func:`parallelize_module`. The usual
+layout (Megatron-LM, torchtitan): the projections that fan out (attention q/k/v, the MLP's up projection) are
+column-parallel (each rank computes ``1/N`` of the heads and of the hidden units), the ones that fan back in (attention
+output, MLP down projection) are row-parallel (each rank's partial sum is all-reduced), so a block costs two
+all-reduces forward and two backward, and everything between blocks (norms, residual stream) is replicated.
+
+Two things PyTorch does not provide, hand-written here:
+
+* :class:`FusedColwiseParallel`: GPT-2's attention computes q, k and v in one ``[3·d, d]`` projection (``c_attn``).
+  Plain column sharding would give rank 0 all of q and part of k. The weight is instead laid out as
+  ``_StridedShard(0, split_factor=3)``: each third (q, k, v) is split over the ranks, so rank ``r`` holds
+  ``[q_r; k_r; v_r]``, the heads ``r·h/N .. (r+1)·h/N`` of each, while the DTensor's global view (state dicts, DCP
+  checkpoints, export) stays the unsharded ``[3·d, d]`` weight.
+* :func:`vocab_parallel_cross_entropy_sum`: with the output layer column-parallel (``[V/N, d]`` rows of the vocabulary
+  per rank, tied to the row-parallel token embedding), the logits stay sharded on the vocabulary and the loss is
+  taken without gathering them (Megatron's vocab-parallel cross-entropy: max and sum of exponentials all-reduced).
+  ``torch.distributed.tensor.parallel.loss_parallel`` does the same but must also wrap the backward call, which
+  Lightning owns; this version's collectives carry their own gradients, so it works inside the chunked loss and its
+  recomputation too.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
+
+from litune.models.output import IGNORE_INDEX
+
+
+class FusedColwiseParallel(ColwiseParallel):
+    """Column parallelism for a projection that computes ``fused`` outputs side by side (GPT-2's q|k|v ``c_attn``).
+
+    Each of the ``fused`` blocks of output rows is split over the ranks, so the local output ``[..., fused·out/N]`` is
+    ``[q_r, k_r, v_r]``: the same heads of each. The output is returned as a local tensor.
+
+    Args:
+        fused: number of equal output blocks (3 for q, k, v).
+    """
+
+    def __init__(self, fused: int = 3) -> None:
+        super().__init__(use_local_output=True)
+        self.fused = fused
+
+    def _partition_linear_fn(self, name, module, device_mesh):  # noqa: ANN001 (ParallelStyle's signature)
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        # Private placement, but the one FSDP2 x TP uses itself: rank r holds rows r of each of the `fused` blocks.
+        for param_name, param in module.named_parameters():
+            placement = _StridedShard(0, split_factor=self.fused)
+            dist_param = nn.Parameter(distribute_tensor(param, device_mesh, [placement]), param.requires_grad)
+            module.register_parameter(param_name, dist_param)
+
+    @staticmethod
+    def _local_output(mod, outputs, device_mesh):  # noqa: ANN001
+        return outputs.to_local()  # already [q_r, k_r, v_r] on this rank: no redistribution
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:  # noqa: ANN001
+        from torch.distributed.tensor import distribute_module
+
+        if not isinstance(module, nn.Linear):
+            raise NotImplementedError("FusedColwiseParallel shards nn.Linear only")
+        input_fn = partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts)
+        return distribute_module(module, device_mesh, self._partition_linear_fn, input_fn, self._local_output)
+
+
+class ReplicateParallel(ParallelStyle):
+    """Every parameter of the module replicated on the tensor-parallel ranks, as a ``Replicate()`` DTensor.
+
+    For the layers a plan leaves whole (norms, position embeddings): their inputs are the same on every rank, so are
+    their gradients. As DTensors, they join the sharded ones in one gradient-norm computation (``clip_grad_norm_``
+    refuses a mix of DTensors and plain tensors) and in DCP checkpoints. Inputs are taken as replicated and the output
+    is returned as a plain tensor.
+    """
+
+    @staticmethod
+    def _replicate(name, module, device_mesh):  # noqa: ANN001
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            dist_param = nn.Parameter(distribute_tensor(param, device_mesh, [Replicate()]), param.requires_grad)
+            module.register_parameter(param_name, dist_param)
+
+    @staticmethod
+    def _inputs(mod, inputs, device_mesh):  # noqa: ANN001
+        return tuple(
+            DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
+            if isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
+            else x
+            for x in inputs
+        )
+
+    @staticmethod
+    def _outputs(mod, outputs, device_mesh):  # noqa: ANN001
+        return outputs.to_local() if isinstance(outputs, DTensor) else outputs
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:  # noqa: ANN001
+        from torch.distributed.tensor import distribute_module
+
+        return distribute_module(module, device_mesh, self._replicate, self._inputs, self._outputs)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) forward, identity backward: every rank uses the sum identically afterwards (Megatron's
+    "reduce from the tensor-parallel region"), so each rank's input gets the gradient of its own term once."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad, None
+
+
+def vocab_parallel_cross_entropy_sum(logits: DTensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of vocabulary-sharded logits, without gathering them.
+
+    Args:
+        logits: DTensor ``[..., V]`` sharded on the last dim (``Shard(-1)``) over a 1-D tensor-parallel mesh; ``V``
+            divisible by the mesh size (checked before launch).
+        targets: ``[...]`` target ids (a plain tensor, the same on every rank), ``IGNORE_INDEX`` where no loss.
+
+    Returns:
+        Scalar float32, replicated: ``sum_i (logsumexp(logits_i) - logits_i[targets_i])`` over non-ignored ``i``.
+    """
+    mesh = logits.device_mesh
+    group = mesh.get_group()
+    local = logits.to_local().float().reshape(-1, logits.size(-1) // mesh.size())  # [n, V/N]
+    flat = targets.reshape(-1)
+    width = local.size(-1)
+    start = mesh.get_local_rank() * width
+    top = local.detach().max(dim=-1).values  # [n]; any per-row constant works, the global max avoids overflow
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    shifted = local - top[:, None]
+    sum_exp = _SumOverRanks.apply(shifted.exp().sum(dim=-1), group)  # [n]
+    offset = flat - start
+    mine = (offset >= 0) & (offset < width) & (flat != IGNORE_INDEX)
+    picked = shifted.gather(-1, offset.clamp(0, width - 1)[:, None]).squeeze(-1) * mine  # [n]: 0 off this shard
+    picked = _SumOverRanks.apply(picked, group)
+    losses = sum_exp.log() - picked
+    return torch.where(flat != IGNORE_INDEX, losses, torch.zeros_like(losses)).sum()
+
+
+def tensor_parallel_plan(network: nn.Module) -> dict:
+    """The network's ``tensor_parallel_plan()``.
+
+    Raises:
+        ConfigError: when the network declares none.
+    """
+    from litune.errors import ConfigError
+
+    hook = getattr(network, "tensor_parallel_plan", None)
+    if not callable(hook):
+        raise ConfigError(
+            "trainer.strategy.init_args.tensor_parallel_size",
+            f"{type(network).__name__} declares no tensor-parallel plan (no `tensor_parallel_plan()` method)",
+            "use litune.models.transformer.DecoderLM, or tensor_parallel_size: 1 (FSDP2 alone)",
+        )
+    return hook()
+
+
+def check_divisible(sizes: dict[str, int], tensor_parallel_size: int, field: str = "model.network.init_args") -> None:
+    """Raise a :class:`ConfigError` naming the first size (heads, hidden units, vocabulary) the ranks cannot split."""
+    from litune.errors import ConfigError
+
+    for name, size in sizes.items():
+        if size % tensor_parallel_size:
+            raise ConfigError(
+                f"{field}.{name}",
+                f"{name}={size} does not split evenly over tensor_parallel_size={tensor_parallel_size} ranks",
+                f"use a tensor_parallel_size that divides {size}, or change {name}",
+            )
+
+
+def apply_tensor_parallel(network: nn.Module, mesh) -> nn.Module:  # noqa: ANN001 (a 1-D DeviceMesh)
+    """Split ``network``'s layers over the ranks of ``mesh`` by its plan; tied weights stay tied (one shard).
+
+    Raises:
+        ConfigError: when the network has no plan or its sizes do not divide by the mesh size.
+    """
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    plan = tensor_parallel_plan(network)
+    sizes = getattr(network, "tensor_parallel_sizes", dict)()
+    check_divisible(sizes, mesh.size())
+    # Parameters reachable under several names (a head tied to the embedding): parallelize_module replaces each
+    # module's parameter on its own, so the ties are restored afterwards to the first name's new shard.
+    owners: dict[int, list[str]] = {}
+    for name, param in network.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    ties = [names for names in owners.values() if len(names) > 1]
+    parallelize_module(network, mesh, plan)
+    # What the plan leaves whole is replicated (see ReplicateParallel): every parameter becomes a DTensor.
+    replicated = {
+        name: ReplicateParallel()
+        for name, module in network.named_modules()
+        if any(not isinstance(p, DTensor) for p in module.parameters(recurse=False))
+    }
+    parallelize_module(network, mesh, replicated)
+    for first, *others in ties:
+        shared = network.get_parameter(first)
+        for name in others:
+            module_name, _, attr = name.rpartition(".")
+            setattr(network.get_submodule(module_name), attr, shared)
+    return network
