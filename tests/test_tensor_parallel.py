@@ -3,8 +3,8 @@
 One spawn of 2 ranks checks, with float64 networks: logits, loss and every gradient of
 the tensor-parallel network equal the unsharded one's on a padded batch and on a packed multi-document batch, with the
 plain and with the chunked (vocab-parallel) loss; a few AdamW steps with gradient clipping give the same parameters;
-and the teeth: GPT-2's fused q|k|v projection sharded as a plain column-parallel layer (rank 0 would get all of q and
-half of k) computes something else.
+and the teeth: GPT-2's fused q|k|v projection sharded as a plain column-parallel layer without the exchange of heads
+(rank 0 would attend with all of q and half of k) computes something else.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import subprocess
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ import torch.multiprocessing as mp
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
 from litune.models.transformer import DecoderLM
+from litune.strategies.fsdp2 import is_fsdp2_checkpoint
+from litune_testing import FIRST, LITUNE, SECOND, assert_matches, fit_args, litune_env, probe, run_litune, the_run
 
 # Float64 networks; the loss is taken in float32 as litune always does (logits upcast to float32), so sums in another
 # order differ by float32 round-off: measured <= 3e-7 on gradients up to 9, well inside the issue's 1e-5.
@@ -67,7 +70,7 @@ def check_rank(rank: int, port: int) -> None:
             reference = DecoderLM(**NETWORK, loss_chunk_size=chunk).double()
             sharded = apply_tensor_parallel(copy.deepcopy(reference), mesh)
             assert sharded.lm_head.weight is sharded.wte.weight  # still tied, one shard for both
-            assert sharded.h[0].attn.c_attn.weight.to_local().shape == (48, 32)  # [q_r; k_r; v_r]
+            assert sharded.h[0].attn.c_attn.weight.to_local().shape == (48, 32)  # rows 48 r .. 48 (r + 1) of q|k|v
             for name, batch in batches().items():
                 for net in (reference, sharded):
                     net.zero_grad()
@@ -132,3 +135,40 @@ def test_tensor_parallel_refuses_sizes_the_ranks_cannot_split() -> None:
         check_divisible(network.tensor_parallel_sizes(), 4)
     with pytest.raises(ConfigError, match=r"vocab_size=63 .* tensor_parallel_size=2"):
         check_divisible(network.tensor_parallel_sizes(), 2)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_tensor_parallel_fit_matches_one_process_resumes_and_exports(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    """``litune fit`` with configs/strategy/fsdp2_tp2.yaml on 2 processes (a 1 x 2 data x tensor mesh: both ranks read
+    the same rows, accumulation 2 as on one process) trains litune's decoder as one process does; its DCP checkpoint
+    resumes exactly and exports a Hugging Face folder with the trained logits."""
+    from test_fsdp2 import FRAGMENTS, assert_export_matches, decoder_args
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    tp = ("--config", str(FRAGMENTS / "fsdp2_tp2.yaml"), "--trainer.devices=2")
+    run_litune("fit", *decoder_args(one, corpus_dir, tokenizer_dir, "--trainer.devices=1"))
+    run_litune("fit", *decoder_args(two, corpus_dir, tokenizer_dir, *tp))
+    assert_matches(two, one, FIRST)
+    # Teeth: two optimizer steps move the logits far beyond the comparison's tolerance.
+    assert (probe(one, FIRST)["logits"] - probe(one, 1)["logits"]).abs().max() > 1e-2
+    last = the_run(two) / "checkpoints" / "last.ckpt"
+    assert is_fsdp2_checkpoint(last)
+    for root, extra in ((one, ("--trainer.devices=1",)), (two, tp)):
+        run_litune(
+            "fit", *decoder_args(root, corpus_dir, tokenizer_dir, *extra, "--ckpt_path=last"), "--trainer.max_steps=5"
+        )
+    assert_matches(two, one, SECOND)
+    assert_export_matches(two, SECOND)
+
+
+def test_tensor_parallel_without_a_plan_fails_before_spawning(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    """The Hugging Face GPT-2 (no tensor_parallel_plan()) under fsdp2_tp2: one paragraph, exit 2, no run folder."""
+    from test_fsdp2 import FRAGMENTS
+
+    args = fit_args(tmp_path, corpus_dir, tokenizer_dir, "--config", str(FRAGMENTS / "fsdp2_tp2.yaml"))
+    proc = subprocess.run([LITUNE, "fit", *args, "--trainer.devices=2"], env=litune_env(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "model.network" in proc.stderr and "DecoderLM" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()

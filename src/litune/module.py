@@ -49,6 +49,7 @@ from litune.objective import (
 )
 from litune.optim import LRSchedule, default_optimizer, param_groups
 from litune.preference.objective import Preference, PreferenceObjective, units_counter
+from litune.strategies.batch import batch_replicas
 from litune.strategies.checkpoint import world_size_changed
 from litune.strategies.descriptor import describe
 
@@ -299,7 +300,9 @@ class LitLM(L.LightningModule):
                 warnings.warn(
                     "the step's target tokens are estimated: batches do not come from LitLM's look-ahead", stacklevel=2
                 )
-        self._step_targets = trainer.strategy.reduce(host_to_device(local, self.device), reduce_op="sum")
+        # Each row counted once: the ranks of a tensor-parallel group hold the same rows (batch_replicas).
+        total = trainer.strategy.reduce(host_to_device(local, self.device), reduce_op="sum")
+        self._step_targets = total // batch_replicas(trainer)
         self._window = (trainer.current_epoch, batch_idx, batch_idx + length)
         self._window_loss, self._window_targets = 0.0, 0
 
@@ -318,6 +321,7 @@ class LitLM(L.LightningModule):
             return
         local = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
                              for v in (self._window_loss, self._window_targets)])  # fmt: skip
+        local = local / batch_replicas(self.trainer)  # a tensor-parallel group's ranks hold the same rows
         loss_sum, targets = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
         if int(targets) != int(self._step_targets):  # checked at the first step of a fit and at every logging step
             raise RuntimeError(

@@ -39,6 +39,7 @@ import torch
 
 from litune.errors import ConfigError
 from litune.models.output import causal_targets, count_targets
+from litune.strategies.batch import batch_replicas
 from litune.strategies.descriptor import describe
 
 BATCH_TAG = "_litune_position"
@@ -168,9 +169,12 @@ def gradient_divisor(trainer: pl.Trainer) -> int:
     * DDP, FSDP and DeepSpeed average gradients over the data-parallel ranks (``world_size``: litune's strategies are
       all pure data parallel);
     * DeepSpeed's ``engine.backward`` divides by its ``gradient_accumulation_steps`` once more (Lightning sets it to
-      ``accumulate_grad_batches``).
+      ``accumulate_grad_batches``);
+    * under tensor parallelism, FSDP2 averages over the data-parallel ranks only (a tensor-parallel group computes
+      one gradient together), and ``N``, summed over all ranks, counts each row once per group member: the divisor
+      uses the data-parallel size, and :func:`step_targets` divides the count by the group size.
     """
-    divisor = trainer.accumulate_grad_batches * trainer.world_size
+    divisor = trainer.accumulate_grad_batches * (trainer.world_size // batch_replicas(trainer))
     if is_deepspeed(trainer):
         divisor *= trainer.model.gradient_accumulation_steps()  # trainer.model is the DeepSpeedEngine
     return divisor

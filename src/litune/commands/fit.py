@@ -401,6 +401,7 @@ def check_config(cfg: Namespace) -> None:
     check_trainer_config(cfg.trainer)  # fp16 on CPU, devices > cores, ...
     check_compile(cfg)
     check_adapters_strategy(cfg)
+    check_parallel_layout(cfg)
 
 
 def check_adapters_strategy(cfg: Namespace) -> None:
@@ -409,6 +410,36 @@ def check_adapters_strategy(cfg: Namespace) -> None:
         return
     if describe_trainer(cfg.trainer).fsdp2:
         raise adapters_unsupported()
+
+
+def check_parallel_layout(cfg: Namespace) -> None:
+    """Refuse a tensor-parallel layout the processes or the network cannot split, before any process is spawned."""
+    spec = describe_trainer(cfg.trainer)
+    tp, world = spec.tensor_parallel_size, spec.world_size
+    if not spec.fsdp2 or tp == 1:
+        return
+    from litune.models.tensor_parallel import check_divisible
+    from litune.models.transformer import TransformerConfig
+    from litune.strategies.fsdp2 import check_tensor_parallel_size
+
+    field = "trainer.strategy.init_args.tensor_parallel_size"
+    check_tensor_parallel_size(tp, "hybrid" if spec.kind.value == "hybrid" else "full")
+    if world is not None and world % tp:
+        raise ConfigError(
+            field,
+            f"tensor_parallel_size={tp} does not divide the {world} processes",
+            f"use a tensor_parallel_size that divides {world}, or change trainer.devices/num_nodes",
+        )
+    network = cfg.model.get("network") if cfg.get("model") else None
+    network = network.as_dict() if hasattr(network, "as_dict") else network
+    class_path = network.get("class_path", "") if isinstance(network, dict) else ""
+    if not class_path.endswith("DecoderLM"):  # the network families that declare a tensor_parallel_plan()
+        raise ConfigError(
+            "model.network",
+            f"{class_path or 'this network'} declares no tensor-parallel plan (litune's DecoderLM does)",
+            "use litune.models.transformer.DecoderLM, or tensor_parallel_size: 1 (FSDP2 alone)",
+        )
+    check_divisible(TransformerConfig(**(network.get("init_args") or {})).tensor_parallel_sizes(), tp)
 
 
 def check_compile(cfg: Namespace) -> None:

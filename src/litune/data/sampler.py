@@ -157,3 +157,17 @@ def even_eval_shards(dataset: Dataset, rank: int, world_size: int) -> tuple[Data
     n = len(dataset)  # type: ignore[arg-type]
     padded = MaskedPadding(dataset, -(-n // world_size) * world_size)
     return padded, DistributedSampler(padded, num_replicas=world_size, rank=rank, shuffle=False)
+
+
+def data_rank_world(trainer: object | None) -> tuple[int, int]:
+    """``(rank, ranks)`` among the processes that read different rows: the strategy's data-parallel rank and size.
+
+    The ranks of a tensor-parallel group read the same rows, so they share one data-parallel rank (Lightning's
+    ``distributed_sampler_kwargs``; the global rank and world size where the strategy has none, e.g. one device).
+    """
+    if trainer is None:
+        return 0, 1
+    kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
+    if kwargs:
+        return int(kwargs["rank"]), int(kwargs["num_replicas"])
+    return trainer.global_rank, trainer.world_size

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from litune.data.collate import Seq2SeqCollator
 from litune.data.formats import tokenize_pairs
-from litune.data.sampler import even_eval_shards
+from litune.data.sampler import data_rank_world, even_eval_shards
 from litune.data.sources import load_local, resolve_local_files
 from litune.data.tokenizer import TokenizerSource, load_tokenizer
 from litune.errors import ConfigError
@@ -129,7 +129,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = data_rank_world(trainer)
         dataset, sampler = even_eval_shards(self.val_set, rank, world)  # padding rows weigh nothing
         return DataLoader(
             dataset, self.batch_size, sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from litune.data.collate import Seq2SeqCollator
-from litune.data.sampler import even_eval_shards
+from litune.data.sampler import data_rank_world, even_eval_shards
 from litune.data.tokenizer import SymbolTokenizer, TokenizerSource
 from litune.errors import ConfigError
 
@@ -131,7 +131,7 @@ class SyntheticSeq2SeqDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = data_rank_world(trainer)
         dataset, sampler = even_eval_shards(self.val_set, rank, world)  # padding rows weigh nothing
         return DataLoader(dataset, self.batch_size, sampler=sampler, collate_fn=self.collate)
 

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from litune.data import cache
 from litune.data.collate import PadCollator
 from litune.data.pipeline import DataSpec, Source, build, count_stats
-from litune.data.sampler import ResumableSampler, even_eval_shards
+from litune.data.sampler import ResumableSampler, data_rank_world, even_eval_shards
 from litune.data.stream import SkipBatches, streaming_splits
 from litune.data.tokenizer import DEFAULT_CACHE, TokenizerSource, load_tokenizer
 from litune.errors import ConfigError
@@ -195,7 +195,7 @@ class TextDataModule(L.LightningDataModule):
         if stats is not None and self.cache_hit is None:
             self.cache_hit = True  # prepared earlier, or by rank 0 while this process waited
         if stats is None:
-            if self._rank_world()[1] > 1:
+            if getattr(getattr(self, "trainer", None), "world_size", 1) > 1:
                 raise RuntimeError(f"no prepared data at {folder}: prepare_data did not run on this node")
             self.prepare_data()  # used outside a Trainer: prepare here
             stats = cache.lookup(folder, key)
@@ -208,10 +208,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_set = data["validation"] if "validation" in data else None
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
+        return data_rank_world(getattr(self, "trainer", None))
 
     def collator(self) -> PadCollator:
         return PadCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, max_length=self.block_size)

@@ -9,11 +9,9 @@ all-reduces forward and two backward, and everything between blocks (norms, resi
 
 Two things PyTorch does not provide, hand-written here:
 
-* :class:`FusedColwiseParallel`: GPT-2's attention computes q, k and v in one ``[3·d, d]`` projection (``c_attn``).
-  Plain column sharding would give rank 0 all of q and part of k. The weight is instead laid out as
-  ``_StridedShard(0, split_factor=3)``: each third (q, k, v) is split over the ranks, so rank ``r`` holds
-  ``[q_r; k_r; v_r]``, the heads ``r·h/N .. (r+1)·h/N`` of each, while the DTensor's global view (state dicts, DCP
-  checkpoints, export) stays the unsharded ``[3·d, d]`` weight.
+* :func:`heads_of_this_rank`: GPT-2's attention computes q, k and v in one ``[3·d, d]`` projection (``c_attn``).
+  Plain column sharding gives rank 0 all of q and part of k; the projection's sharded output is exchanged so that
+  rank ``r`` attends with the heads ``r·h/N .. (r+1)·h/N`` of each of q, k and v.
 * :func:`vocab_parallel_cross_entropy_sum`: with the output layer column-parallel (``[V/N, d]`` rows of the vocabulary
   per rank, tied to the row-parallel token embedding), the logits stay sharded on the vocabulary and the loss is
   taken without gathering them (Megatron's vocab-parallel cross-entropy: max and sum of exponentials all-reduced).
@@ -24,51 +22,35 @@ Two things PyTorch does not provide, hand-written here:
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
+from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from litune.models.output import IGNORE_INDEX
 
 
-class FusedColwiseParallel(ColwiseParallel):
-    """Column parallelism for a projection that computes ``fused`` outputs side by side (GPT-2's q|k|v ``c_attn``).
-
-    Each of the ``fused`` blocks of output rows is split over the ranks, so the local output ``[..., fused·out/N]`` is
-    ``[q_r, k_r, v_r]``: the same heads of each. The output is returned as a local tensor.
+def heads_of_this_rank(fused: DTensor, parts: int = 3) -> torch.Tensor:
+    """This rank's heads of each of ``parts`` side-by-side outputs (GPT-2's q|k|v), from a column-parallel projection.
 
     Args:
-        fused: number of equal output blocks (3 for q, k, v).
+        fused: DTensor ``[B, T, parts * width]`` sharded on the last dim in contiguous blocks (``Shard(-1)``).
+        parts: number of equal outputs computed side by side.
+
+    Returns:
+        Local ``[B, T, parts * width / N]``: ``[q_r, k_r, v_r]``, the ``r``-th ``1/N`` of each part.
+
+    The exchange costs an all-gather of the fused output forward and a reduce-scatter of its gradient backward
+    (Megatron shards the fused weight head-interleaved instead and needs neither). Interleaving would need a strided
+    DTensor placement (``_StridedShard``), which DCP's checkpoint planner rejects as overlapping chunks in torch 2.13;
+    the contiguous ``Shard(0)`` weight saves, resumes and reshards like any other.
     """
-
-    def __init__(self, fused: int = 3) -> None:
-        super().__init__(use_local_output=True)
-        self.fused = fused
-
-    def _partition_linear_fn(self, name, module, device_mesh):  # noqa: ANN001 (ParallelStyle's signature)
-        from torch.distributed.tensor.placement_types import _StridedShard
-
-        # Private placement, but the one FSDP2 x TP uses itself: rank r holds rows r of each of the `fused` blocks.
-        for param_name, param in module.named_parameters():
-            placement = _StridedShard(0, split_factor=self.fused)
-            dist_param = nn.Parameter(distribute_tensor(param, device_mesh, [placement]), param.requires_grad)
-            module.register_parameter(param_name, dist_param)
-
-    @staticmethod
-    def _local_output(mod, outputs, device_mesh):  # noqa: ANN001
-        return outputs.to_local()  # already [q_r, k_r, v_r] on this rank: no redistribution
-
-    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:  # noqa: ANN001
-        from torch.distributed.tensor import distribute_module
-
-        if not isinstance(module, nn.Linear):
-            raise NotImplementedError("FusedColwiseParallel shards nn.Linear only")
-        input_fn = partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts)
-        return distribute_module(module, device_mesh, self._partition_linear_fn, input_fn, self._local_output)
+    mesh = fused.device_mesh
+    n, r = mesh.size(), mesh.get_local_rank()
+    # Each rank's slice receives only its heads' gradient: the sum over ranks (Partial) is the full gradient.
+    whole = fused.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
+    return torch.cat([part.chunk(n, dim=-1)[r] for part in whole.chunk(parts, dim=-1)], dim=-1)
 
 
 class ReplicateParallel(ParallelStyle):

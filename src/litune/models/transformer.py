@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from litune.errors import ConfigError
@@ -28,6 +29,7 @@ from litune.models.convert import decoder_kwargs_from_gpt2_config, gpt2_to_litun
 from litune.models.flops import matmul_weights
 from litune.models.output import LMOutput, causal_lm_output, causal_targets
 from litune.models.state_dict import load_strict
+from litune.models.tensor_parallel import heads_of_this_rank
 
 if TYPE_CHECKING:
     from torch.distributed.tensor.parallel import ParallelStyle
@@ -129,6 +131,10 @@ class TransformerConfig:
     def head_dim(self) -> int:
         return self.d_model // self.nhead
 
+    def tensor_parallel_sizes(self) -> dict[str, int]:
+        """The sizes tensor parallelism splits, by config field: each must be divisible by the tensor-parallel size."""
+        return {"nhead": self.nhead, "dim_feedforward": int(self.dim_feedforward or 0), "vocab_size": self.vocab_size}
+
 
 def attention_mask(
     q_len: int,
@@ -217,8 +223,10 @@ class SelfAttention(nn.Module):
         Returns:
             ``[B, T, d_model]`` and the new ``(key, value)`` including ``x``'s.
         """
-        # Under tensor parallelism c_attn gives this rank's heads of q, k and v ([B, T, 3 * d_model / N]).
-        q, k, v = (self.split_heads(t) for t in self.c_attn(x).chunk(3, dim=2))  # each (B, nh, T, hs)
+        qkv = self.c_attn(x)  # (B, T, 3 * d_model)
+        if isinstance(qkv, DTensor):  # tensor parallelism: this rank's heads of q, k and v, (B, T, 3 * d_model / N)
+            qkv = heads_of_this_rank(qkv, 3)
+        q, k, v = (self.split_heads(t) for t in qkv.chunk(3, dim=2))  # each (B, nh, T, hs)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         is_causal = causal and mask is None and past is None and x.size(1) > 1
@@ -389,23 +397,21 @@ class DecoderLM(TransformerLM):
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-        from litune.models.tensor_parallel import FusedColwiseParallel
-
         plan: dict[str, ParallelStyle] = {
             "wte": RowwiseParallel(input_layouts=Replicate()),
             "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
         }
         for i in range(len(self.h)):
-            plan[f"h.{i}.attn.c_attn"] = FusedColwiseParallel(fused=3)
+            # Sharded output kept as a DTensor: SelfAttention takes each rank's heads of q, k and v from it.
+            plan[f"h.{i}.attn.c_attn"] = ColwiseParallel(use_local_output=False)
             plan[f"h.{i}.attn.c_proj"] = RowwiseParallel()
             plan[f"h.{i}.mlp.c_fc"] = ColwiseParallel()
             plan[f"h.{i}.mlp.c_proj"] = RowwiseParallel()
         return plan
 
     def tensor_parallel_sizes(self) -> dict[str, int]:
-        """The sizes tensor parallelism splits, by config field: each must be divisible by the tensor-parallel size."""
-        cfg = self.config
-        return {"nhead": cfg.nhead, "dim_feedforward": int(cfg.dim_feedforward or 0), "vocab_size": cfg.vocab_size}
+        """The sizes tensor parallelism splits (see :meth:`TransformerConfig.tensor_parallel_sizes`)."""
+        return self.config.tensor_parallel_sizes()
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) at context ``seq_len``: ``6 N + 12 L d T`` (PaLM appendix B).

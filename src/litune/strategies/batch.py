@@ -58,13 +58,22 @@ def apply_global_batch_size(trainer: Trainer, micro_batch_size: int, global_batc
     Raises:
         ConfigError: when the sizes do not divide, or an explicit ``trainer.accumulate_grad_batches`` disagrees.
     """
-    steps = accumulation_steps(global_batch_size, micro_batch_size, trainer.world_size)
+    # Ranks of a tensor-parallel group read the same rows: only the data-parallel ranks add rows to a step.
+    data_parallel = trainer.world_size // batch_replicas(trainer)
+    steps = accumulation_steps(global_batch_size, micro_batch_size, data_parallel)
     if trainer.accumulate_grad_batches not in (1, steps):
         raise ConfigError(
             "trainer.accumulate_grad_batches",
             f"accumulate_grad_batches={trainer.accumulate_grad_batches} is set together with global_batch_size="
-            f"{global_batch_size}, which gives {steps} on {trainer.world_size} process(es)",
+            f"{global_batch_size}, which gives {steps} on {data_parallel} data-parallel process(es)",
             "remove trainer.accumulate_grad_batches (it is derived from global_batch_size) or global_batch_size",
         )
     trainer.accumulate_grad_batches = steps
     return steps
+
+
+def batch_replicas(trainer: Trainer) -> int:
+    """How many ranks read each batch row: the tensor-parallel group size (see ``StrategySpec.batch_replicas``)."""
+    from litune.strategies.descriptor import describe
+
+    return describe(trainer.strategy).batch_replicas

@@ -54,6 +54,7 @@ class StrategySpec:
         offload_params: parameters kept in host memory (ZeRO-3 and FSDP2).
         shard_size: ranks per shard group for ``Kind.HYBRID`` (None: one node's processes).
         world_size: processes over all nodes, when known.
+        tensor_parallel_size: ranks of a tensor-parallel group (FSDP2 ``tensor_parallel_size``; 1: none).
     """
 
     kind: Kind
@@ -62,6 +63,12 @@ class StrategySpec:
     offload_params: bool = False
     shard_size: int | None = None
     world_size: int | None = None
+    tensor_parallel_size: int = 1
+
+    @property
+    def batch_replicas(self) -> int:
+        """Ranks that read the same batch rows (a tensor-parallel group): the objective counts their tokens once."""
+        return self.tensor_parallel_size
 
     @property
     def deepspeed(self) -> bool:
@@ -175,7 +182,9 @@ def _of_class(cls: type, args: Mapping[str, Any], world_size: int | None) -> Str
         offload = bool(args.get("cpu_offload", False))
         hybrid = args.get("sharding", "full") == "hybrid"
         shard_size = int(args["shard_size"]) if args.get("shard_size") else None
-        return StrategySpec(Kind.HYBRID if hybrid else Kind.FSDP2, 0, offload, offload, shard_size, world_size)
+        tp = int(args.get("tensor_parallel_size", 1) or 1)
+        kind = Kind.HYBRID if hybrid else Kind.FSDP2
+        return StrategySpec(kind, 0, offload, offload, shard_size, world_size, tensor_parallel_size=tp)
     if issubclass(cls, ParallelStrategy):
         return StrategySpec(Kind.DDP, world_size=world_size)
     return StrategySpec(Kind.SINGLE, world_size=world_size)
@@ -197,5 +206,6 @@ def _of_object(strategy: Strategy) -> StrategySpec:
         "sharding": getattr(strategy, "sharding", "full"),
         "shard_size": getattr(strategy, "shard_size", None),
         "cpu_offload": getattr(strategy, "cpu_offload", False),
+        "tensor_parallel_size": getattr(strategy, "tensor_parallel_size", 1),
     }
     return _of_class(type(strategy), args, world_size)

@@ -20,6 +20,13 @@ and builds a data-parallel x tensor-parallel mesh. :class:`FSDP2Strategy` adds w
   DCP's ``.metadata`` file, written by the coordinator once every shard is on disk, is required to load one;
 * resuming on a different world size: DCP reshards the parameters and the optimizer state on load.
 
+Tensor parallelism (``tensor_parallel_size: N``, ``configs/strategy/fsdp2_tp2.yaml``): the mesh becomes
+``data_parallel x tensor_parallel``; each network's plan (``tensor_parallel_plan()``, beside ``sharding_units()``,
+see :mod:`litune.models.tensor_parallel`) splits its layers over a tensor-parallel group, then FSDP2 shards the result
+over the data-parallel axis (skipped when that axis has one rank). The ranks of a tensor-parallel group read the same
+rows (the samplers see the data-parallel size and rank), and the objective counts each row once
+(``batch_replicas``).
+
 Gradient clipping by norm works as in DDP: ``clip_grad_norm_`` over DTensor gradients all-reduces the shards' norms,
 so the clipped gradient is the one a single process would clip (tested against a 1-process run).
 """
@@ -90,6 +97,19 @@ def adapters_unsupported() -> ConfigError:
     )
 
 
+def check_tensor_parallel_size(size: object, sharding: str = "full") -> None:
+    """Raise a :class:`ConfigError` unless ``size`` is a positive integer (and, above 1, sharding is full)."""
+    field = "trainer.strategy.init_args.tensor_parallel_size"
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(field, f"tensor_parallel_size={size!r} must be a positive integer", "use 1 (off), 2, 4 or 8")
+    if size > 1 and sharding != "full":
+        raise ConfigError(
+            field,
+            f"tensor parallelism is composed with full sharding only, not sharding={sharding!r}",
+            "set sharding: full with tensor_parallel_size, or tensor_parallel_size: 1 for hybrid sharding",
+        )
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2) for every litune network, on GPUs (NCCL) and on CPU (gloo).
 
@@ -102,6 +122,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             optimizer there (``CPUOffloadPolicy``); the device holds only the blocks being computed.
         reshard_after_forward: free each block's gathered parameters after its forward (re-gathered for backward).
             False keeps them until the backward (ZeRO-2-like memory, less communication).
+        tensor_parallel_size: ranks of a tensor-parallel group (1: FSDP2 alone); must divide the number of
+            processes, and the network's heads, hidden units and vocabulary.
         process_group_backend: ``"nccl"``/``"gloo"``; default: NCCL on CUDA, gloo on CPU.
         timeout: collective timeout.
     """
@@ -116,6 +138,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         shard_size: int | None = None,
         cpu_offload: bool = False,
         reshard_after_forward: bool = True,
+        tensor_parallel_size: int = 1,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -129,11 +152,13 @@ class FSDP2Strategy(ModelParallelStrategy):
                 f"shard_size={shard_size} needs sharding='hybrid' and a positive size",
                 "remove shard_size, or set sharding: hybrid and a shard_size that divides the world size",
             )
+        check_tensor_parallel_size(tensor_parallel_size, sharding)
         super().__init__(save_distributed_checkpoint=True, process_group_backend=process_group_backend, timeout=timeout)
         self.sharding = sharding
         self.shard_size = shard_size
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward
+        self.tensor_parallel_size = tensor_parallel_size
 
     # ---- set-up -------------------------------------------------------------------------------------------------
 
@@ -144,8 +169,18 @@ class FSDP2Strategy(ModelParallelStrategy):
         super()._configure_launcher()
 
     def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
-        """The device mesh: ``((N,), ("data_parallel",))`` or ``((replicas, shard), ("replicate", "shard"))``."""
+        """The device mesh: ``((N,), ("data_parallel",))``, ``((replicas, shard), ("replicate", "shard"))``, or with
+        tensor parallelism ``((N / tp, tp), ("data_parallel", "tensor_parallel"))``."""
         world = self.world_size
+        tp = self.tensor_parallel_size
+        if tp > 1:
+            if world % tp:
+                raise ConfigError(
+                    "trainer.strategy.init_args.tensor_parallel_size",
+                    f"tensor_parallel_size={tp} does not divide the {world} processes",
+                    f"use a tensor_parallel_size that divides {world}, or change trainer.devices/num_nodes",
+                )
+            return (world // tp, tp), ("data_parallel", "tensor_parallel")
         if self.sharding == "full":
             return (world,), ("data_parallel",)
         shard = self.shard_size or self.num_processes
@@ -168,15 +203,27 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.lightning_module._device_mesh = self._device_mesh
 
     @property
+    def batch_replicas(self) -> int:
+        """Ranks that read the same rows (a tensor-parallel group): the objective counts their tokens once."""
+        return self.tensor_parallel_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.tensor_parallel_size
+
+    @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # Every rank is a data-parallel rank (replicas and shards alike each take their own rows).
-        return {"num_replicas": self.world_size, "rank": self.global_rank}
+        # Every rank is a data-parallel rank (replicas and shards alike each take their own rows), except that the
+        # ranks of a tensor-parallel group (consecutive global ranks) share theirs.
+        tp = self.tensor_parallel_size
+        return {"num_replicas": self.world_size // tp, "rank": self.global_rank // tp}
 
     def fully_shard_kwargs(self) -> dict[str, Any]:
         """``fully_shard`` arguments: mesh, mixed-precision and offload policies from this run's settings."""
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-        kwargs: dict[str, Any] = {"mesh": self.device_mesh, "reshard_after_forward": self.reshard_after_forward}
+        mesh = self.device_mesh["data_parallel"] if self.tensor_parallel_size > 1 else self.device_mesh
+        kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward}
         if getattr(self.precision_plugin, "precision", None) == "bf16-mixed":
             # bf16 copies of the gathered parameters for compute; fp32 gradient reduction and fp32 sharded masters.
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -194,8 +241,21 @@ class FSDP2Strategy(ModelParallelStrategy):
         """
         from torch.distributed.fsdp import fully_shard
 
-        if is_sharded(network):
+        if is_sharded(network) or getattr(network, "_litune_parallelized", False):
             return network
+        if self.tensor_parallel_size > 1:
+            from litune.models.tensor_parallel import apply_tensor_parallel
+
+            if any(p.device.type == "meta" for p in network.parameters()):
+                raise ConfigError(
+                    "trainer.strategy.init_args.tensor_parallel_size",
+                    f"{type(network).__name__} is built on the meta device, which tensor parallelism does not load yet",
+                    "use litune.models.transformer.DecoderLM, or tensor_parallel_size: 1",
+                )
+            apply_tensor_parallel(network, self.device_mesh["tensor_parallel"])
+            network._litune_parallelized = True
+            if self.data_parallel_size == 1:
+                return network  # one data-parallel rank: nothing for FSDP2 to shard
         kwargs = self.fully_shard_kwargs()
         for unit in sharding_units(network):
             fully_shard(unit, **kwargs)
@@ -251,7 +311,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         the DeepSpeed strategy). DCP's ``.metadata`` (written by the coordinator after all shards) and Lightning's
         ``meta.pt`` are both required by the loader.
         """
-        checkpoint[CHECKPOINT_KEY] = {"world_size": self.world_size}
+        # The data-parallel size: what the loop's micro-batch counts depend on (tensor-parallel ranks share rows).
+        checkpoint[CHECKPOINT_KEY] = {
+            "world_size": self.data_parallel_size,
+            "tensor_parallel_size": self.tensor_parallel_size,
+        }
         filepath = self.broadcast(str(filepath))
         with atomic_directory(filepath, self.is_global_zero, self.barrier) as staged:
             super().save_checkpoint(checkpoint, staged, storage_options)
@@ -268,10 +332,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         checkpoint = super().load_checkpoint(
             checkpoint_path, weights_only=False if weights_only is None else weights_only
         )
-        saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("world_size", self.world_size)
-        if saved != self.world_size:
-            rank_zero_info(f"FSDP2: resharding a checkpoint of {saved} processes onto {self.world_size}")
-            rescale_batch_progress(checkpoint, saved, self.world_size)
+        dp = self.data_parallel_size
+        saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("world_size", dp)
+        if saved != dp:
+            rank_zero_info(f"FSDP2: resharding a checkpoint of {saved} data-parallel ranks onto {dp}")
+            rescale_batch_progress(checkpoint, saved, dp)
         return checkpoint
 
 
