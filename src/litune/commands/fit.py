@@ -430,6 +430,12 @@ def check_parallel_layout(cfg: Namespace) -> None:
             f"tensor_parallel_size={tp} does not divide the {world} processes",
             f"use a tensor_parallel_size that divides {world}, or change trainer.devices/num_nodes",
         )
+    if cfg.get("model") and cfg.model.get("preference") is not None:
+        raise ConfigError(
+            field,
+            "preference tuning counts its sequences over all ranks, which a tensor-parallel group would count twice",
+            "use tensor_parallel_size: 1 (FSDP2 alone or DDP) for model.preference",
+        )
     network = cfg.model.get("network") if cfg.get("model") else None
     network = network.as_dict() if hasattr(network, "as_dict") else network
     class_path = network.get("class_path", "") if isinstance(network, dict) else ""
