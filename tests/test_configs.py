@@ -7,6 +7,7 @@ be downloaded here; everything else in the file is used as written.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def cli_args(config: Path, tiny_gpt2_dir: Path, corpus_dir: Path) -> list[str]:
         args.append(f"--model.network.init_args.pretrained={tiny_gpt2_dir}")
         if not whole:  # the base's from-scratch `config` would otherwise merge in beside `pretrained`
             args.append("--model.network.init_args.config=null")
+    if _get(tree, "trainer.strategy.init_args.tensor_parallel_size"):  # a network with a plan, ranks to split over
+        decoder = {"class_path": "litune.models.transformer.DecoderLM",
+                   "init_args": {"d_model": 32, "nhead": 2, "num_decoder_layers": 2, "vocab_size": 512}}  # fmt: skip
+        args += [f"--model.network={json.dumps(decoder)}", "--trainer.devices=2"]
     data_path = _get(tree, "data.init_args.path")
     if isinstance(data_path, str) and data_path != "stdlib" and not Path(data_path).is_absolute():
         args.append(f"--data.init_args.path={corpus_dir / 'docs.jsonl'}")

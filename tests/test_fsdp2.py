@@ -227,7 +227,8 @@ def test_fp16_with_fsdp2_fails_before_spawning(tmp_path, corpus_dir, tokenizer_d
 
 
 @pytest.mark.parametrize(
-    ("fragment", "shards", "offloaded"), [("fsdp2", 8, False), ("fsdp2_hybrid", 4, False), ("fsdp2_offload", 8, True)]
+    ("fragment", "shards", "offloaded"),
+    [("fsdp2", 8, False), ("fsdp2_hybrid", 4, False), ("fsdp2_offload", 8, True), ("fsdp2_tp2", 8, False)],
 )
 def test_estimate_reads_the_fsdp2_fragments(fragment, shards, offloaded, capsys) -> None:
     """`litune estimate` on 2 nodes x 4 devices: full sharding over 8, hybrid over a node's 4, offload to the host."""

@@ -84,6 +84,9 @@ class StrategyShape:
         fsdp: FSDP2 (``litune.strategies.FSDP2Strategy``): parameters, gradients and optimizer state sharded.
         hybrid: FSDP2 hybrid sharding: shard within a node (or ``shard_size`` processes), replicate across nodes.
         shard_size: processes per shard group under ``hybrid`` (default: the processes of one node).
+        tensor_parallel: ranks of a tensor-parallel group under FSDP2 (``tensor_parallel_size``): each holds ``1/tp``
+            of every split layer, and FSDP2 shards that over the ``N / tp`` data-parallel ranks, so model state is
+            ``1/N`` per device as with full sharding (the few replicated norm and position weights are not counted).
     """
 
     stage: int = 0
@@ -93,8 +96,15 @@ class StrategyShape:
     fsdp: bool = False
     hybrid: bool = False
     shard_size: int | None = None
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel != 1 and (not self.fsdp or self.hybrid):
+            raise ConfigError(
+                "trainer.strategy.init_args.tensor_parallel_size",
+                "tensor parallelism is composed with FSDP2's full sharding only",
+                "use configs/strategy/fsdp2_tp2.yaml",
+            )
         if self.fsdp and (self.deepspeed or self.stage):
             raise ConfigError("trainer.strategy", "FSDP2 and DeepSpeed ZeRO exclude each other", "pick one strategy")
         if (self.hybrid or self.shard_size) and not self.fsdp:
@@ -121,7 +131,8 @@ class StrategyShape:
     @property
     def name(self) -> str:
         if self.fsdp:
-            return "fsdp2" + ("_hybrid" if self.hybrid else "") + ("_offload" if self.offload_params else "")
+            tp = f"_tp{self.tensor_parallel}" if self.tensor_parallel > 1 else ""
+            return "fsdp2" + ("_hybrid" if self.hybrid else "") + tp + ("_offload" if self.offload_params else "")
         if not self.deepspeed:
             return "ddp"
         suffix = "_offload" if self.offload_optimizer or self.offload_params else ""
@@ -257,6 +268,17 @@ def estimate(model: ModelShape, run: RunShape, strategy: StrategyShape) -> Memor
         shards = (strategy.shard_size or run.devices) if strategy.hybrid else n
         params, grads, optimizer = p * psi / shards, g * psi / shards, k * psi / shards
         result_notes.append("plus one gathered block's parameters and gradients while it computes (not counted)")
+        if strategy.tensor_parallel > 1:
+            if n % strategy.tensor_parallel:
+                raise ConfigError(
+                    "trainer.strategy.init_args.tensor_parallel_size",
+                    f"tensor_parallel_size={strategy.tensor_parallel} does not divide the {n} processes",
+                    f"use a tensor_parallel_size that divides {n}",
+                )
+            result_notes.append(
+                f"tensor parallel x{strategy.tensor_parallel}: each layer split over a group (activations counted as "
+                "for one whole rank; the residual stream is replicated in the group)"
+            )
         if strategy.offload_params:
             # CPUOffloadPolicy: sharded parameters, gradients and optimizer state all live in host memory.
             host, params, grads, optimizer = params + grads + optimizer, 0.0, 0.0, 0.0

@@ -129,6 +129,7 @@ class StrategySpec:
             fsdp=self.fsdp2,
             hybrid=self.kind is Kind.HYBRID,
             shard_size=self.shard_size,
+            tensor_parallel=self.tensor_parallel_size,
         )
 
 
