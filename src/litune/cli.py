@@ -9,9 +9,11 @@ here: torch, transformers and Lightning together take seconds to import, and ``l
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 from litune.errors import TrainingStopped, as_config_error
+from litune.runs import is_launched_rank
 
 SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "fit": (None, "train from --config files (LightningCLI; `litune fit --help` lists every field)"),
@@ -47,6 +49,30 @@ def _usage() -> str:
 USAGE = _usage()
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to the ``sys.stderr`` of the moment (a test may swap it), like logging's last resort."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+def show_info_logs() -> None:
+    """litune's modules log through :mod:`logging` (loggers under ``litune``); a command shows their INFO lines from
+    its first process only, as Lightning shows its own."""
+    logger = logging.getLogger("litune")
+    if is_launched_rank() or any(isinstance(h, _Stderr) for h in logger.handlers):
+        return
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``litune`` console script.
 
@@ -58,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         training stopped on purpose (:class:`~litune.errors.TrainingStopped`, printed as one paragraph).
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    show_info_logs()
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 2 if not args else 0

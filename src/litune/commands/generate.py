@@ -10,6 +10,7 @@ import torch
 
 from litune.data.tokenizer import load_tokenizer
 from litune.errors import CommandParser, ConfigError
+from litune.models.generation import SamplingSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,8 +149,7 @@ def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.N
     check_lengths(network, ids.shape[1], args.max_length)
     torch.manual_seed(args.seed)
     network.eval().to(args.device)
-    tokens = network.generate(
-        ids.to(args.device),
+    sampling = SamplingSettings(
         max_length=args.max_length,
         do_sample=args.do_sample,
         temperature=args.temperature,
@@ -159,6 +159,7 @@ def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.N
         eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id,
     )
+    tokens = network.generate(ids.to(args.device), sampling=sampling)
     if chat:  # the assistant's reply only
         tokens = tokens[:, ids.shape[1] :] if not getattr(network, "is_encoder_decoder", False) else tokens
     return tokenizer.batch_decode(tokens, skip_special_tokens=True)

@@ -17,16 +17,18 @@ networks (``DecoderLM``, ``Seq2SeqLM``) get them on the network itself (``PeftMo
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import PreTrainedModel
 
 from litune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 FIELD = "model.adapters"
 """Where users configure adapters in YAML (an argument of :class:`litune.module.LitLM`)."""
@@ -237,7 +239,7 @@ def add_adapters(network: nn.Module, adapters: Adapters) -> None:
     peft_model = get_peft_model(base, config, autocast_adapter_dtype=True)
     network.__dict__["_peft_model"] = peft_model  # beside the network, deliberately not a registered sub-module
     trainable, total = count_parameters(network)
-    rank_zero_info(
+    log.info(
         f"adapters: {adapters.method} r={adapters.r} alpha={adapters.alpha:g} on {', '.join(targets)}; "
         f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.generation.logits_process import (
@@ -38,24 +40,72 @@ def eval_mode(network: torch.nn.Module) -> Iterator[None]:
         network.train(was_training)
 
 
-def check_sampling(
-    max_length: int, temperature: float, top_k: int | None, top_p: float | None, num_return_sequences: int
-) -> None:
-    """Reject bad generation settings with a :class:`ConfigError` before any compute."""
-    if max_length < 1:
-        raise ConfigError(f"{FIELD}.max_length", f"max_length={max_length} must be positive", "use e.g. 64")
-    if temperature <= 0:
-        raise ConfigError(
-            f"{FIELD}.temperature", f"temperature={temperature} must be > 0", "use do_sample=false for greedy decoding"
-        )
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"{FIELD}.top_k", f"top_k={top_k} must be >= 1", "use e.g. 50, or null to disable")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"{FIELD}.top_p", f"top_p={top_p} is outside (0, 1]", "use e.g. 0.9, or null to disable")
-    if num_return_sequences < 1:
-        raise ConfigError(
-            f"{FIELD}.num_return_sequences", f"num_return_sequences={num_return_sequences} must be >= 1", "use 1"
-        )
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a network generates: the one typed object every ``generate`` takes (validated once, here).
+
+    Args:
+        max_length: longest returned row (decoder-only: prompt included; encoder-decoder: target tokens).
+        do_sample: sample from the (warped) distribution instead of taking the argmax.
+        temperature, top_k, top_p: Hugging Face's sampling warpers (ignored when greedy).
+        num_return_sequences: rows per prompt (rows of one prompt are adjacent).
+        eos_token_id: a row stops after producing it (or any of a list: a chat model's EOS and end-of-turn token).
+        pad_token_id: filler after EOS (default: the (first) ``eos_token_id``).
+    """
+
+    max_length: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    num_return_sequences: int = 1
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise ConfigError(f"{FIELD}.max_length", f"max_length={self.max_length} must be positive", "use e.g. 64")
+        if self.temperature <= 0:
+            raise ConfigError(
+                f"{FIELD}.temperature",
+                f"temperature={self.temperature} must be > 0",
+                "use do_sample=false for greedy decoding",
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"{FIELD}.top_k", f"top_k={self.top_k} must be >= 1", "use e.g. 50, or null to disable")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(
+                f"{FIELD}.top_p", f"top_p={self.top_p} is outside (0, 1]", "use e.g. 0.9, or null to disable"
+            )
+        if self.num_return_sequences < 1:
+            raise ConfigError(
+                f"{FIELD}.num_return_sequences",
+                f"num_return_sequences={self.num_return_sequences} must be >= 1",
+                "use 1",
+            )
+
+    @classmethod
+    def of(cls, settings: SamplingSettings | None = None, **fields: Any) -> SamplingSettings:
+        """``settings`` itself, or one built from keyword fields (``generate(ids, max_length=20, do_sample=True)``)."""
+        if settings is not None and fields:
+            raise TypeError(f"give SamplingSettings or its fields, not both ({sorted(fields)})")
+        return settings if settings is not None else cls(**fields)
+
+    def warpers(self) -> LogitsProcessorList:
+        """The logits warpers of this setting (none when greedy)."""
+        return warpers(self.temperature, self.top_k, self.top_p) if self.do_sample else LogitsProcessorList()
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        """These settings as keyword arguments of Hugging Face's ``generate``."""
+        sampling = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p} if self.do_sample else {}
+        return {
+            "max_length": self.max_length,
+            "do_sample": self.do_sample,
+            "num_return_sequences": self.num_return_sequences,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            **sampling,
+        }
 
 
 def warpers(temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
@@ -74,15 +124,11 @@ def decode(
     step: Step,
     tokens: torch.Tensor,
     total_length: int,
+    sampling: SamplingSettings | None = None,
     *,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    **fields: Any,
 ) -> torch.Tensor:
     """Extend ``tokens`` one token at a time until ``total_length`` or until every row has produced EOS.
 
@@ -90,28 +136,27 @@ def decode(
         step: the network's step function (see :data:`Step`).
         tokens: ``[N, t0]`` the starting tokens (a prompt, or the decoder start token).
         total_length: the longest the returned rows may be (``t0`` included).
-        do_sample: sample from the (warped) distribution instead of taking the argmax.
-        temperature, top_k, top_p: sampling warpers (ignored when greedy).
-        eos_token_id: a row stops after producing it (or any of a list: a chat model's EOS and end-of-turn token);
-            later positions get ``pad_token_id``.
-        pad_token_id: filler after EOS (default: the (first) ``eos_token_id``).
+        sampling: how tokens are chosen and when rows stop (or its fields as keywords; ``max_length`` defaults to
+            ``total_length``); ``max_length`` and ``num_return_sequences`` are the caller's business.
         use_cache: keep the step's key/value cache; False re-runs the whole prefix every step.
         generator: random generator for sampling (reproducible samples).
 
     Returns:
         ``[N, <= total_length]`` token ids.
     """
-    stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else None)
+    if sampling is None:
+        sampling = SamplingSettings.of(**{"max_length": total_length, **fields})
+    stops = [sampling.eos_token_id] if isinstance(sampling.eos_token_id, int) else list(sampling.eos_token_id or [])
+    pad = sampling.pad_token_id if sampling.pad_token_id is not None else (stops[0] if stops else None)
     stop_ids = torch.tensor(stops, dtype=torch.long, device=tokens.device)
-    warp = warpers(temperature, top_k, top_p) if do_sample else LogitsProcessorList()
+    warp = sampling.warpers()
     finished = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
     cache = None
     while tokens.size(1) < total_length:
         logits, new_cache = step(tokens, cache)
         cache = new_cache if use_cache else None
         scores = warp(tokens, logits.float())
-        if do_sample:
+        if sampling.do_sample:
             nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
         else:
             nxt = scores.argmax(dim=-1)
@@ -128,15 +173,10 @@ def generate_causal(
     network: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    sampling: SamplingSettings,
     *,
-    max_length: int,
-    num_return_sequences: int = 1,
     use_cache: bool = True,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    **kwargs: object,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Generate with a decoder-only network whose forward takes ``past_key_values`` / ``use_cache``.
 
@@ -147,18 +187,16 @@ def generate_causal(
         network: a causal LM such as :class:`~litune.models.transformer.DecoderLM`.
         input_ids: ``[B, T]`` prompts.
         attention_mask: ``[B, T]`` or None (no padding).
-        max_length: longest returned row, prompt included.
-        num_return_sequences: rows per prompt (each prompt is repeated, rows of one prompt are adjacent).
-        use_cache, do_sample, temperature, top_k, top_p, **kwargs: see :func:`decode`.
+        sampling: the settings (``max_length`` counts the prompt).
+        use_cache, generator: see :func:`decode`.
 
     Returns:
         ``[B * num_return_sequences, <= max_length]``, prompt included.
     """
-    check_sampling(max_length, temperature, top_k, top_p, num_return_sequences)
-    input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+    input_ids = input_ids.repeat_interleave(sampling.num_return_sequences, dim=0)
     prompt_mask = None
     if attention_mask is not None and not bool(attention_mask.all()):
-        prompt_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0).long()
+        prompt_mask = attention_mask.repeat_interleave(sampling.num_return_sequences, dim=0).long()
 
     def step(tokens: torch.Tensor, cache: object | None) -> tuple[torch.Tensor, object | None]:
         past = 0 if cache is None else cache[0][0].size(2)
@@ -174,14 +212,4 @@ def generate_causal(
         return out.logits[:, -1], out.past_key_values
 
     with torch.no_grad(), eval_mode(network):
-        return decode(
-            step,
-            input_ids,
-            max_length,
-            use_cache=use_cache,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            **kwargs,
-        )
+        return decode(step, input_ids, sampling.max_length, sampling, use_cache=use_cache, generator=generator)

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from litune.errors import ConfigError
 from litune.models.chunked_loss import check_chunk_size, chunked_lm_output, use_chunked_loss
 from litune.models.flops import matmul_weights
+from litune.models.generation import SamplingSettings
 from litune.models.output import LMOutput, causal_lm_output, causal_targets
 
 _HEAD_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -200,9 +201,6 @@ class HFCausalLM(nn.Module):
             scaling after the head).
     """
 
-    deferred: ClassVar[bool] = False
-    """Whether the weights wait for :meth:`DeferredHFCausalLM.configure_model` instead of being made here."""
-
     def __init__(
         self,
         pretrained: str | None = None,
@@ -234,13 +232,11 @@ class HFCausalLM(nn.Module):
             check_model_fits(self.hf_config, config, 1e14 if self.deferred else host_memory_bytes())
         if loss_chunk_size is not None:
             _check_plain_head(self.hf_config)
-        if not self.deferred:
-            self._build()
-        else:
-            # Built once on the meta device (no memory, no weights) so that a config transformers rejects (heads that
-            # do not divide the width, ...) fails now, before processes spawn, not in configure_model on every rank.
-            with transformers_errors("model.network.init_args.config"), torch.device("meta"):
-                AutoModelForCausalLM.from_config(self.hf_config, trust_remote_code=trust_remote_code)
+        self._create_weights()
+
+    def _create_weights(self) -> None:
+        """Make the weights when the network is constructed (:class:`DeferredHFCausalLM` makes them later)."""
+        self._build()
 
     def _build(self) -> None:
         """Create ``self.model``: load the pretrained weights or initialise a fresh model from the config."""
@@ -366,32 +362,24 @@ class HFCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        *,
-        max_length: int,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        num_return_sequences: int = 1,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
+        sampling: SamplingSettings | None = None,
+        **fields: Any,
     ) -> torch.Tensor:
         """Decode with the Hugging Face generation loop (KV cache included).
+
+        Args:
+            input_ids: ``[B, T]`` prompts; attention_mask: ``[B, T]`` or None.
+            sampling: :class:`~litune.models.generation.SamplingSettings`, or its fields as keywords.
 
         Returns:
             ``[batch * num_return_sequences, <= max_length]`` token ids, prompt included.
         """
-        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
+        sampling = SamplingSettings.of(sampling, **fields)
         return self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
-            max_length=max_length,
-            do_sample=do_sample,
-            num_return_sequences=num_return_sequences,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
             use_cache=True,
-            **sampling,
+            **sampling.hf_kwargs(),
         )
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -417,7 +405,11 @@ class DeferredHFCausalLM(HFCausalLM):
             init_args: {pretrained: meta-llama/Llama-3.1-8B, gradient_checkpointing: true}
     """
 
-    deferred = True
+    def _create_weights(self) -> None:
+        # No weights yet; one build on the meta device (no memory) makes a config transformers rejects (heads that do
+        # not divide the width, ...) fail now, before processes spawn, not in configure_model on every rank.
+        with transformers_errors("model.network.init_args.config"), torch.device("meta"):
+            AutoModelForCausalLM.from_config(self.hf_config, trust_remote_code=self.trust_remote_code)
 
     def configure_model(self, shard: Callable[[nn.Module], object] | None = None) -> None:
         """Build the Hugging Face model (once; Lightning may call this again, e.g. when loading a checkpoint).

@@ -12,33 +12,40 @@ inside (``decoder_start_token_id`` first), and the loss covers target tokens onl
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from litune.errors import ConfigError
 from litune.models.chunked_loss import chunked_lm_output, use_chunked_loss
 from litune.models.flops import matmul_weights
+from litune.models.generation import SamplingSettings, decode, eval_mode
 from litune.models.output import IGNORE_INDEX, LMOutput, lm_output
 from litune.models.transformer import (
     FIELD,
     MLP,
     Block,
     SelfAttention,
+    Sublayers,
     TransformerConfig,
     TransformerLM,
     attention_mask,
     check_length,
     init_gpt2_,
+    layer_norm,
+    merge_heads,
     padding_or_none,
-    residual,
+    recomputes,
+    run_block,
+    split_heads,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,9 +75,6 @@ class CrossAttention(nn.Module):
         self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.size(0), x.size(1), self.nhead, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -84,38 +88,44 @@ class CrossAttention(nn.Module):
         are computed once per generation.
         """
         if kv is None:
-            kv = tuple(self._heads(t) for t in self.c_attn(memory).split(x.size(-1), dim=2))
+            kv = tuple(split_heads(t, self.head_dim) for t in self.c_attn(memory).split(x.size(-1), dim=2))
         y = F.scaled_dot_product_attention(
-            self._heads(self.q_attn(x)),
+            split_heads(self.q_attn(x), self.head_dim),
             kv[0],
             kv[1],
             attn_mask=memory_mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(x.shape))), kv
+        return self.resid_dropout(self.c_proj(merge_heads(y))), kv
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(Sublayers):
     """Causal self-attention, cross-attention to the encoder output, feed-forward; each a residual branch."""
 
     def __init__(self, config: TransformerConfig) -> None:
-        super().__init__()
-        self.norm_first = config.norm_first
-        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        super().__init__(config)
+        self.ln_1 = layer_norm(config)
         self.attn = SelfAttention(config)
-        self.ln_cross_attn = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_cross_attn = layer_norm(config)
         self.crossattention = CrossAttention(config)
-        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = layer_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, self_mask, memory, memory_mask, past=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        self_mask: torch.Tensor | None,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        past: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
         """``x [B, T, d]`` -> ``[B, T, d]`` and this layer's cache ``((k, v), (cross_k, cross_v))``."""
         self_past, cross_past = past if past is not None else (None, None)
-        x, self_kv = residual(x, lambda h: self.attn(h, self_mask, True, self_past), self.ln_1, self.norm_first)
-        x, cross_kv = residual(
-            x, lambda h: self.crossattention(h, memory, memory_mask, cross_past), self.ln_cross_attn, self.norm_first
-        )
-        x, _ = residual(x, self.mlp, self.ln_2, self.norm_first)
+        attn, self_kv = self.attn(self.before(x, self.ln_1), self_mask, causal=True, past=self_past)
+        x = self.after(x + attn, self.ln_1)
+        cross, cross_kv = self.crossattention(self.before(x, self.ln_cross_attn), memory, memory_mask, cross_past)
+        x = self.after(x + cross, self.ln_cross_attn)
+        x = self.after(x + self.mlp(self.before(x, self.ln_2)), self.ln_2)
         return x, (self_kv, cross_kv)
 
 
@@ -125,12 +135,7 @@ class Stack(nn.Module):
     def __init__(self, blocks: list[nn.Module], config: TransformerConfig) -> None:
         super().__init__()
         self.h = nn.ModuleList(blocks)
-        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
-
-
-def _run(block: nn.Module, use_checkpoint: bool, *args: object):
-    # Non-reentrant checkpointing accepts None/bool arguments and restores the dropout RNG state on recompute.
-    return checkpoint(block, *args, use_reentrant=False) if use_checkpoint else block(*args)
+        self.ln_f = layer_norm(config)
 
 
 class Seq2SeqLM(TransformerLM):
@@ -184,7 +189,7 @@ class Seq2SeqLM(TransformerLM):
         init_gpt2_(self, cfg.init_std, cfg.init_std / math.sqrt(branches))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        rank_zero_info(
+        log.info(
             f"Seq2SeqLM: n_params={self.num_parameters():,} "
             f"(without embeddings: {self.num_parameters(exclude_embeddings=True):,})"
         )
@@ -221,9 +226,9 @@ class Seq2SeqLM(TransformerLM):
         padding = padding_or_none(attention_mask)
         memory_mask = None if padding is None else padding.bool()[:, None, None, :]
         x = self._embed(input_ids)
-        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        recompute = recomputes(self)
         for block in self.encoder.h:
-            x, _ = _run(block, use_ckpt, x, memory_mask, False, None)
+            x, _ = run_block(block, recompute, x, memory_mask, causal=False)
         return self.encoder.ln_f(x), memory_mask
 
     def decode(
@@ -259,10 +264,10 @@ class Seq2SeqLM(TransformerLM):
         past_len = past[0][0][0].size(2) if past else 0
         x = self._embed(decoder_input_ids, offset=past_len)
         self_mask = attention_mask(x.size(1), past_len, decoder_padding_mask, None, causal=True, device=x.device)
-        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        recompute = recomputes(self)
         cache: DecoderCache = []
         for i, block in enumerate(self.decoder.h):
-            x, layer_cache = _run(block, use_ckpt, x, self_mask, memory, memory_mask, past[i] if past else None)
+            x, layer_cache = run_block(block, recompute, x, self_mask, memory, memory_mask, past[i] if past else None)
             if use_cache:
                 cache.append(layer_cache)
         return self.decoder.ln_f(x), cache
@@ -338,17 +343,11 @@ class Seq2SeqLM(TransformerLM):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        sampling: SamplingSettings | None = None,
         *,
-        max_length: int,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        num_return_sequences: int = 1,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        **fields: Any,
     ) -> torch.Tensor:
         """Generate targets for a right-padded source batch.
 
@@ -358,16 +357,20 @@ class Seq2SeqLM(TransformerLM):
         The source is encoded once; each step runs the decoder on the new token only (self-attention keys/values
         cached, cross-attention keys/values computed once).
 
+        Args:
+            input_ids: ``[B, S]`` sources; attention_mask: ``[B, S]`` or None.
+            sampling: :class:`~litune.models.generation.SamplingSettings` (``max_length`` counts target tokens), or
+                its fields as keywords.
+            use_cache, generator: see :func:`litune.models.generation.decode`.
+
         Returns:
             ``[B * num_return_sequences, <= max_length]`` target ids (the decoder start token is not included).
         """
-        from litune.models.generation import check_sampling, decode, eval_mode
-
-        check_sampling(max_length, temperature, top_k, top_p, num_return_sequences)
-        check_length(max_length, self.max_seq_len, "generate max_length")
-        input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+        sampling = SamplingSettings.of(sampling, **fields)
+        check_length(sampling.max_length, self.max_seq_len, "generate max_length")
+        input_ids = input_ids.repeat_interleave(sampling.num_return_sequences, dim=0)
         if attention_mask is not None:
-            attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
+            attention_mask = attention_mask.repeat_interleave(sampling.num_return_sequences, dim=0)
         with eval_mode(self):
             memory, memory_mask = self.encode(input_ids, attention_mask)
 
@@ -377,17 +380,5 @@ class Seq2SeqLM(TransformerLM):
                 return logits[:, -1], new_cache
 
             start = torch.full((input_ids.size(0), 1), self.decoder_start_token_id, device=input_ids.device)
-            out = decode(
-                step,
-                start,
-                max_length + 1,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-                use_cache=use_cache,
-                generator=generator,
-            )
+            out = decode(step, start, sampling.max_length + 1, sampling, use_cache=use_cache, generator=generator)
         return out[:, 1:]

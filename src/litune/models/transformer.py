@@ -10,6 +10,7 @@ The blocks defined here (:class:`SelfAttention`, :class:`MLP`, :class:`Block`) a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
@@ -27,12 +27,15 @@ from litune.errors import ConfigError
 from litune.models.chunked_loss import check_chunk_size, chunked_lm_output, use_chunked_loss
 from litune.models.convert import decoder_kwargs_from_gpt2_config, gpt2_to_litune, to_hf_gpt2
 from litune.models.flops import matmul_weights
+from litune.models.generation import SamplingSettings, generate_causal
 from litune.models.output import LMOutput, causal_lm_output, causal_targets
 from litune.models.state_dict import load_strict
 from litune.models.tensor_parallel import heads_of_this_rank
 
 if TYPE_CHECKING:
     from torch.distributed.tensor.parallel import ParallelStyle
+
+log = logging.getLogger(__name__)
 
 FIELD = "model.network.init_args"
 """Where users set a network's arguments in YAML; error messages name fields under it."""
@@ -186,6 +189,62 @@ def attention_mask(
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
+def attention_mask_for_batch(
+    q_len: int,
+    past_len: int,
+    padding_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Causal mask for a decoder call: drop an all-ones padding mask so SDPA can take its fast ``is_causal`` path.
+
+    Under torch.compile the padding mask is kept as it is (reading it would break the graph); :class:`LitLM` looks
+    for padding on the host and passes no mask when there is none, so an unpadded batch gets ``is_causal`` there too.
+    Packed rows whose ``position_ids`` restart get the document mask instead (:func:`attention_mask`).
+    """
+    return attention_mask(q_len, past_len, padding_or_none(padding_mask), position_ids, causal=True, device=device)
+
+
+def padding_or_none(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` (``[batch, keys]``, 1 on real tokens), or None when it has no padding, so attention can skip it.
+
+    Reading the mask is data-dependent: under torch.compile it would break the graph, so there the mask is kept as it
+    is (right for any batch, just not SDPA's fastest path).
+    """
+    if mask is None or torch.compiler.is_compiling() or not bool(mask.all()):
+        return mask
+    return None
+
+
+def layer_norm(config: TransformerConfig) -> nn.LayerNorm:
+    """A LayerNorm over the residual stream, as every block and stack of both networks has."""
+    return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[B, T, heads * head_dim]`` -> ``[B, heads, T, head_dim]`` (``heads``: ``nhead``, or this rank's ``nhead / N``
+    under tensor parallelism)."""
+    return x.view(x.size(0), x.size(1), -1, head_dim).transpose(1, 2)
+
+
+def merge_heads(y: torch.Tensor) -> torch.Tensor:
+    """``[B, heads, T, head_dim]`` -> ``[B, T, heads * head_dim]``."""
+    return y.transpose(1, 2).flatten(2)
+
+
+def recomputes(network: nn.Module) -> bool:
+    """Whether this forward checkpoints its blocks: gradient checkpointing on, training, and a backward to come."""
+    return bool(network.gradient_checkpointing) and network.training and torch.is_grad_enabled()
+
+
+def run_block(block: nn.Module, recompute: bool, *args: Any, **kwargs: Any) -> Any:
+    """``block(*args, **kwargs)``, its activations recomputed in the backward pass when ``recompute``.
+
+    Non-reentrant checkpointing accepts keyword and None arguments and restores the dropout RNG state on recompute.
+    """
+    return checkpoint(block, *args, use_reentrant=False, **kwargs) if recompute else block(*args, **kwargs)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention through :func:`F.scaled_dot_product_attention`, with an optional key/value cache.
 
@@ -200,15 +259,11 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, T, heads * head_dim]`` -> ``[B, heads, T, head_dim]`` (``heads``: ``nhead``, or this rank's
-        ``nhead / N`` under tensor parallelism)."""
-        return x.view(x.size(0), x.size(1), -1, self.head_dim).transpose(1, 2)
-
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
+        *,
         causal: bool,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -226,15 +281,14 @@ class SelfAttention(nn.Module):
         qkv = self.c_attn(x)  # (B, T, 3 * d_model)
         if isinstance(qkv, DTensor):  # tensor parallelism: this rank's heads of q, k and v, (B, T, 3 * d_model / N)
             qkv = heads_of_this_rank(qkv, 3)
-        q, k, v = (self.split_heads(t) for t in qkv.chunk(3, dim=2))  # each (B, nh, T, hs)
+        q, k, v = (split_heads(t, self.head_dim) for t in qkv.chunk(3, dim=2))  # each (B, nh, T, hs)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         is_causal = causal and mask is None and past is None and x.size(1) > 1
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).flatten(2)  # (B, T, nh * hs)
-        return self.resid_dropout(self.c_proj(y)), (k, v)
+        return self.resid_dropout(self.c_proj(merge_heads(y))), (k, v)
 
 
 class MLP(nn.Module):
@@ -252,41 +306,49 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
-def residual(x: torch.Tensor, branch, norm: nn.LayerNorm, norm_first: bool):
-    """Apply a residual branch pre-norm (``x + f(ln(x))``) or post-norm (``ln(x + f(x))``).
+class Sublayers(nn.Module):
+    """Where a block's LayerNorms sit: before each sublayer (pre-norm, GPT-2: ``x = x + f(ln(x))``) or after the
+    residual sum (post-norm, the original Transformer: ``x = ln(x + f(x))``). A block's ``forward`` reads
+    ``x = self.after(x + f(self.before(x, ln)), ln)`` for each sublayer ``f``."""
 
-    ``branch`` may return ``(output, extra)``; the extra value (a key/value cache) is passed through.
-    """
-    out = branch(norm(x) if norm_first else x)
-    out, extra = out if isinstance(out, tuple) else (out, None)
-    x = x + out if norm_first else norm(x + out)
-    return x, extra
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.norm_first = config.norm_first
+
+    def before(self, x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+        """The sublayer's input: ``ln(x)`` pre-norm, ``x`` post-norm."""
+        return ln(x) if self.norm_first else x
+
+    def after(self, x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+        """The residual sum passed on: as is pre-norm, ``ln`` of it post-norm."""
+        return x if self.norm_first else ln(x)
 
 
-class Block(nn.Module):
+class Block(Sublayers):
     """A Transformer block: self-attention then feed-forward, each a residual branch with a LayerNorm.
 
     Used causally by the decoder and bidirectionally by the encoder of the encoder-decoder.
     """
 
     def __init__(self, config: TransformerConfig) -> None:
-        super().__init__()
-        self.norm_first = config.norm_first
-        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        super().__init__(config)
+        self.ln_1 = layer_norm(config)
         self.attn = SelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = layer_norm(config)
         self.mlp = MLP(config)
 
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
+        *,
         causal: bool,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``[B, T, d_model]`` -> ``[B, T, d_model]`` and this layer's ``(key, value)``; see :class:`SelfAttention`."""
-        x, kv = residual(x, lambda h: self.attn(h, mask, causal, past), self.ln_1, self.norm_first)
-        x, _ = residual(x, self.mlp, self.ln_2, self.norm_first)
+        attn, kv = self.attn(self.before(x, self.ln_1), mask, causal=causal, past=past)
+        x = self.after(x + attn, self.ln_1)
+        x = self.after(x + self.mlp(self.before(x, self.ln_2)), self.ln_2)
         return x, kv
 
 
@@ -369,13 +431,13 @@ class DecoderLM(TransformerLM):
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.num_decoder_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.ln_f = layer_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # Two residual branches (attention, MLP) per block add to the stream: GPT-2 scales their init by 1/sqrt(2L).
         init_gpt2_(self, cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_decoder_layers))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        rank_zero_info(
+        log.info(
             f"DecoderLM: n_params={self.num_parameters():,} "
             f"(without embeddings: {self.num_parameters(exclude_embeddings=True):,})"
         )
@@ -473,13 +535,10 @@ class DecoderLM(TransformerLM):
             check_length(int(position_ids.max()) + 1, self.max_seq_len, "position_ids")
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, d_model)
         cache: KVCache = []
+        recompute = recomputes(self)
         for i, block in enumerate(self.h):
             past = past_key_values[i] if past_key_values else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # Non-reentrant checkpointing works with keyword/None arguments and keeps the dropout RNG state.
-                x, kv = checkpoint(block, x, mask, True, past, use_reentrant=False)
-            else:
-                x, kv = block(x, mask, True, past)
+            x, kv = run_block(block, recompute, x, mask, causal=True, past=past)
             if use_cache:  # only then: holding every layer's keys/values would undo checkpointing's saving
                 cache.append(kv)
         return self.ln_f(x), (cache if use_cache else None)
@@ -506,41 +565,27 @@ class DecoderLM(TransformerLM):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        sampling: SamplingSettings | None = None,
         *,
-        max_length: int,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        num_return_sequences: int = 1,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        **fields: Any,
     ) -> torch.Tensor:
         """Continue left-padded prompts; see :func:`litune.models.generation.generate_causal`.
+
+        Args:
+            input_ids: ``[B, T]`` prompts.
+            attention_mask: ``[B, T]``, 0 on left padding, or None.
+            sampling: :class:`~litune.models.generation.SamplingSettings`, or its fields as keywords.
+            use_cache: keep the key/value cache (False re-runs the prefix each step).
+            generator: random generator for sampling.
 
         Returns:
             ``[B * num_return_sequences, <= max_length]`` token ids, prompt included.
         """
-        from litune.models.generation import generate_causal
-
-        check_length(max_length, self.max_seq_len, "generate max_length")
-        return generate_causal(
-            self,
-            input_ids,
-            attention_mask,
-            max_length=max_length,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            num_return_sequences=num_return_sequences,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            use_cache=use_cache,
-            generator=generator,
-        )
+        sampling = SamplingSettings.of(sampling, **fields)
+        check_length(sampling.max_length, self.max_seq_len, "generate max_length")
+        return generate_causal(self, input_ids, attention_mask, sampling, use_cache=use_cache, generator=generator)
 
     def save_pretrained(self, directory: str | Path, **config_overrides: object) -> None:
         """Write a Hugging Face GPT-2 folder (``config.json`` + weights) that ``AutoModelForCausalLM`` loads.
@@ -566,29 +611,3 @@ class DecoderLM(TransformerLM):
         where = f"GPT-2 {source if isinstance(source, str) else ''}"
         load_strict(network, gpt2_to_litune(hf.state_dict()), source=where)
         return network
-
-
-def attention_mask_for_batch(
-    q_len: int,
-    past_len: int,
-    padding_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """Causal mask for a decoder call: drop an all-ones padding mask so SDPA can take its fast ``is_causal`` path.
-
-    Under torch.compile the padding mask is kept as it is (reading it would break the graph); :class:`LitLM` looks
-    for padding on the host and passes no mask when there is none, so packed training still gets ``is_causal``.
-    """
-    return attention_mask(q_len, past_len, padding_or_none(padding_mask), position_ids, causal=True, device=device)
-
-
-def padding_or_none(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """``mask`` (``[batch, keys]``, 1 on real tokens), or None when it has no padding, so attention can skip it.
-
-    Reading the mask is data-dependent: under torch.compile it would break the graph, so there the mask is kept as it
-    is (right for any batch, just not SDPA's fastest path).
-    """
-    if mask is None or torch.compiler.is_compiling() or not bool(mask.all()):
-        return mask
-    return None
