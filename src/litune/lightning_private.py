@@ -73,3 +73,11 @@ def set_process_group_timeout(seconds: float) -> None:
     from torch.distributed.distributed_c10d import _set_pg_timeout
 
     _set_pg_timeout(timedelta(seconds=seconds))
+
+
+def flatten_params(params: Any) -> dict[str, Any]:
+    """Hyperparameters as one flat ``{"a/b": value}`` dict, exactly as Lightning's own loggers flatten them (MLflow's
+    logger needs the flat keys first, to skip those a resumed run logged already); Lightning exports no such helper."""
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+    return _flatten_dict(_convert_params(params))

@@ -35,6 +35,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from litune.errors import ConfigError
+from litune.lightning_private import flatten_params
 from litune.tracking.secrets import REDACTED, scrub
 
 LOGGERS: dict[str, str] = {
@@ -328,9 +329,7 @@ class MLFlowLogger(pl_loggers.MLFlowLogger):
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:  # type: ignore[override]
-        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
-
-        flat = _flatten_dict(_convert_params(_scrubbed(params)))
+        flat = flatten_params(_scrubbed(params))
         logged = self.experiment.get_run(self.run_id).data.params
         fresh = {k: v for k, v in flat.items() if k[:250] not in logged}  # MLflow keys are at most 250 characters
         if fresh:
