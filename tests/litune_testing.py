@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from litune.data.text import TextDataModule
+from litune.data.tokenizer import TrainedBPE
 from litune.models import DeferredHFCausalLM
 from litune.models.hf import HFCausalLM
 from litune.models.output import LMOutput, causal_lm_output
@@ -364,3 +367,29 @@ def _caller() -> str:
                 path = path.split(root)[-1]
             return f"{path}:{frame.name}"
     return "?"
+
+
+# --- tiny data: seeded sentences, a BPE trained on them, a TextDataModule over a file ---------------------------------
+
+WORDS = "the quick brown fox jumps over a lazy dog while cats sit on warm mats and birds sing".split()
+
+
+def sentences(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[str]:
+    """``n`` random sentences of ``lo``..``hi`` words, seeded."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(lo, hi))) for _ in range(n)]
+
+
+def make_tokenizer(tmp: Path, vocab_size: int = 300) -> TrainedBPE:
+    """A byte-level BPE trained on a small local corpus (cached under ``tmp``)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    corpus = tmp / "tok_corpus.txt"
+    if not corpus.exists():
+        corpus.write_text("\n".join(sentences(300, seed=1)))
+    return TrainedBPE(corpus=[str(corpus)], vocab_size=vocab_size, cache_dir=str(tmp / "cache"))
+
+
+def make_dm(tmp: Path, path: str, **kw) -> TextDataModule:
+    kw.setdefault("block_size", 32)
+    kw.setdefault("batch_size", 4)
+    return TextDataModule(make_tokenizer(tmp), path=path, cache_dir=str(tmp / "cache"), **kw)

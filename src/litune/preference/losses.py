@@ -6,10 +6,10 @@ losses ``[P]`` and the implicit rewards logged as ``rewards/chosen`` and ``rewar
 (all micro-batches, all ranks), so one step's update does not depend on how its pairs are split.
 
 The formulas follow TRL's (``DPOTrainer.dpo_loss``, ``CPOTrainer.cpo_loss`` for SimPO, ``ORPOTrainer.odds_ratio_loss``,
-``KTOTrainer.kto_loss``); ``tests/test_preference_losses.py`` checks value and gradients in float64 against golden
-values that TRL's own code computed (``tests/goldens/preference_losses.json`` records the TRL version). They are
-written out here rather than imported because TRL's are methods of its Trainers (they read ``self.beta``,
-``self.accelerator``), which litune does not use.
+``KTOTrainer.kto_loss``); ``tests/preference/test_preference_losses.py`` checks value and gradients in float64
+against golden values that TRL's own code computed (``tests/goldens/preference_losses.json`` records the TRL
+version). They are written out here rather than imported because TRL's are methods of its Trainers (they read
+``self.beta``, ``self.accelerator``), which litune does not use.
 
 Conventions (as TRL's): DPO, IPO and hinge use log-ratios ``log pi(y|x) - log pi_ref(y|x)`` summed over the response
 tokens; IPO and SimPO divide by the response length (IPO as TRL does, so ``beta`` does not depend on length); ORPO

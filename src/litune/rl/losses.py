@@ -7,7 +7,7 @@ step's total weight, so the update does not depend on how the rollouts are split
 :mod:`litune.objective`).
 
 The formulas follow TRL's ``GRPOTrainer`` (``_generate_and_score_completions`` for the advantages, ``_compute_loss``
-for the loss); ``tests/test_rl_losses.py`` checks value and gradients in float64 against golden values that TRL's own
+for the loss); ``tests/rl/test_rl_losses.py`` checks value and gradients in float64 against golden values that TRL's own
 code computed (``tests/goldens/rl_losses.json`` records the TRL version). They are written out here because TRL's are
 Trainer methods reading the Trainer's state (``self.beta``, ``self.accelerator``, accumulation counters).
 

@@ -1,7 +1,7 @@
 """``litune estimate``: the ZeRO paper's model-state accounting, Korthikanti et al.'s activations, and the CLI.
 
 The per-rank measurements that the accounting is checked against come from real 2-process runs: fp32 runs in
-tests/test_strategies.py (every strategy), bf16-mixed runs below (the 16-bytes-per-parameter case, slow).
+tests/strategies/test_strategies.py (every strategy), bf16-mixed runs below (the 16-bytes-per-parameter case, slow).
 """
 
 from __future__ import annotations

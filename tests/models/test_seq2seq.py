@@ -20,7 +20,7 @@ from litune.models.seq2seq import Seq2SeqLM
 
 PAD_ID, EOS_ID = SymbolTokenizer.PAD_ID, SymbolTokenizer.EOS_ID
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 32
 
 

@@ -10,7 +10,7 @@ import yaml
 from litune.strategies import DDPStrategy, FSDP2Strategy
 from litune.strategies.descriptor import Kind, describe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FRAGMENTS = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
 
 

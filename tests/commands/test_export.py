@@ -1,6 +1,6 @@
 """``litune export``: a checkpoint -> a Hugging Face folder that ``from_pretrained`` loads with the trained logits.
 
-DeepSpeed ZeRO-2/3 and DDP checkpoints from 2-process runs are exported in tests/test_strategies.py; here the
+DeepSpeed ZeRO-2/3 and DDP checkpoints from 2-process runs are exported in tests/strategies/test_strategies.py; here the
 single-file checkpoint of the shared 1-process reference run, the command line, and bad input.
 """
 

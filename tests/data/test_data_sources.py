@@ -10,7 +10,7 @@ import pytest
 from litune.data.pipeline import Source
 from litune.data.stream import streaming_splits
 from litune.errors import ConfigError
-from test_data import make_dm, sentences
+from litune_testing import make_dm, sentences
 
 
 def _two_sources(tmp_path: Path) -> tuple[Path, Path]:

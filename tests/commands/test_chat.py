@@ -19,8 +19,7 @@ from litune.data.formats import (
 )
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
-from litune_testing import LITUNE, NETWORK, TINY, check_ok, litune_env
-from test_data import make_tokenizer
+from litune_testing import LITUNE, NETWORK, TINY, check_ok, litune_env, make_tokenizer
 from test_objective import python_fit, tiny_system
 
 # ChatML (Qwen's scheme), once with {% generation %} markers around what the assistant says and once without.

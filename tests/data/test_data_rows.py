@@ -10,7 +10,7 @@ import pytest
 
 from litune.data.rows import chat_messages, locate, row_error
 from litune.errors import ConfigError
-from test_data import make_dm, sentences
+from litune_testing import make_dm, sentences
 
 GOOD_CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
 

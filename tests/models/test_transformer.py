@@ -12,7 +12,7 @@ import torch
 from litune.errors import ConfigError
 from litune.models.transformer import DecoderLM, TransformerConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
 VOCAB = 128
 

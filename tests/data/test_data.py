@@ -4,39 +4,15 @@ validation split, cache, and the bad inputs of issue 4."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from litune.data.text import TextDataModule
-from litune.data.tokenizer import TrainedBPE
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
-
-WORDS = "the quick brown fox jumps over a lazy dog while cats sit on warm mats and birds sing".split()
-
-
-def sentences(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[str]:
-    """``n`` random sentences of ``lo``..``hi`` words, seeded."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choices(WORDS, k=rng.randint(lo, hi))) for _ in range(n)]
-
-
-def make_tokenizer(tmp: Path, vocab_size: int = 300) -> TrainedBPE:
-    """A byte-level BPE trained on a small local corpus (cached under ``tmp``)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    corpus = tmp / "tok_corpus.txt"
-    if not corpus.exists():
-        corpus.write_text("\n".join(sentences(300, seed=1)))
-    return TrainedBPE(corpus=[str(corpus)], vocab_size=vocab_size, cache_dir=str(tmp / "cache"))
-
-
-def make_dm(tmp: Path, path: str, **kw) -> TextDataModule:
-    kw.setdefault("block_size", 32)
-    kw.setdefault("batch_size", 4)
-    return TextDataModule(make_tokenizer(tmp), path=path, cache_dir=str(tmp / "cache"), **kw)
+from litune_testing import make_dm, sentences
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from litune.data.collate import PadCollator
 from litune.data.packing import concat_into_blocks, pack_samples
 from litune.models import HFCausalLM
 from litune.models.transformer import DecoderLM
-from test_data import make_dm, sentences
+from litune_testing import make_dm, sentences
 
 
 def test_pack_samples_never_splits_a_sample_and_fills_rows() -> None:

@@ -29,7 +29,7 @@ from litune.preference.data import PreferenceCollator, PreferenceDataModule
 from litune.preference.logps import token_logps
 from litune.preference.objective import Preference
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 61
 TOLERANCE = 1e-5
 

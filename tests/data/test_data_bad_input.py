@@ -15,7 +15,7 @@ from litune.data import cache
 from litune.data.sources import load_hub
 from litune.data.text import TextDataModule
 from litune.errors import ConfigError
-from test_data import make_dm, make_tokenizer, sentences
+from litune_testing import make_dm, make_tokenizer, sentences
 
 
 def _jsonl_with_bad_line(tmp_path: Path) -> Path:

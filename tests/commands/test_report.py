@@ -19,7 +19,7 @@ from matplotlib.image import imread
 
 from litune.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
 
 

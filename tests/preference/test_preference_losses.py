@@ -17,7 +17,7 @@ import torch
 from litune.errors import ConfigError
 from litune.preference.losses import PreferenceLoss, kto, kto_reference_point, pair_terms
 
-GOLDENS = json.loads((Path(__file__).parent / "goldens" / "preference_losses.json").read_text())
+GOLDENS = json.loads((Path(__file__).parents[1] / "goldens" / "preference_losses.json").read_text())
 SETTINGS = GOLDENS["settings"]
 TOKENS = GOLDENS["tokens"]
 PAIRED = {

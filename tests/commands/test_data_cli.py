@@ -8,7 +8,7 @@ from pathlib import Path
 from litune.cli import main
 from litune.commands.fit import LituneCLI
 
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def _args(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:

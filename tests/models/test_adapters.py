@@ -453,7 +453,7 @@ def test_qlora_without_bitsandbytes_stops_at_start_with_the_fix(tmp_path, corpus
     shim = tmp_path / "no-bitsandbytes"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(
-        "# Simulates a machine without bitsandbytes (tests/test_adapters.py).\n"
+        "# Simulates a machine without bitsandbytes (tests/models/test_adapters.py).\n"
         "import importlib.machinery\n"
         "_find_spec = importlib.machinery.PathFinder.find_spec\n"
         "def _hidden(name, path=None, target=None):\n"

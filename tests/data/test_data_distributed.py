@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_data import sentences
+from litune_testing import sentences
 
 SCRIPT = textwrap.dedent(
     """
@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import Callback
-    from test_data import make_dm
+    from litune_testing import make_dm
     from litune.models.transformer import DecoderLM
     from litune.module import LitLM
 
@@ -59,7 +59,7 @@ def test_rank0_prepares_and_shards_are_disjoint(tmp_path: Path, strategy: str) -
     data = tmp_path / "d.txt"
     data.write_text("\n".join(f"{i} {s}" for i, s in enumerate(sentences(64, seed=9))))  # unique rows
     script = tmp_path / "ddp_fit.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parents[1])))  # tests/: litune_testing.py
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path), str(data), strategy],
         capture_output=True,

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from litune.data.sampler import ResumableSampler
 from litune.models.transformer import DecoderLM
 from litune.module import LitLM
-from test_data import make_dm, sentences
+from litune_testing import make_dm, sentences
 
 
 class BatchRecorder(Callback):

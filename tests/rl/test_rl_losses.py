@@ -22,7 +22,7 @@ from litune.rl.losses import (
     policy_loss_terms,
 )
 
-GOLDENS = json.loads((Path(__file__).parent / "goldens" / "rl_losses.json").read_text())
+GOLDENS = json.loads((Path(__file__).parents[1] / "goldens" / "rl_losses.json").read_text())
 TRL_NORMALIZATION = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
 
 

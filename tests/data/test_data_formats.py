@@ -10,7 +10,7 @@ import pytest
 from litune.data.text import TextDataModule
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
-from test_data import make_dm, make_tokenizer, sentences
+from litune_testing import make_dm, make_tokenizer, sentences
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"

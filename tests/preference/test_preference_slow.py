@@ -3,8 +3,8 @@
 ``litune fit --config configs/dpo.yaml`` with the tiny dropout-free GPT-2 and RPO (DPO plus the token-weighted NLL
 term, so both of the step's counts matter) on standard-library pairs of uneven lengths: 3 optimizer steps of 4 pairs,
 SGD + momentum. One process at micro-batch 4 against 2 processes at micro-batch 1 x accumulation 2: parameters within
-1e-5 and the same logged losses. ``tests/test_preference.py`` shows the same for accumulation on one process and
-that the mean of means would fail it.
+1e-5 and the same logged losses. ``tests/preference/test_preference.py`` shows the same for accumulation on one process
+and that the mean of means would fail it.
 
 The resume test kills a real run with SIGKILL at the end of step 5 (after the step-4 checkpoint), resumes it with
 ``--ckpt_path last`` and compares every micro-batch's loss and the final weights with an uninterrupted run.
