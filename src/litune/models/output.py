@@ -96,7 +96,7 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     if isinstance(logits, DTensor):
         from litune.models.tensor_parallel import vocab_parallel_cross_entropy_sum
 
-        return vocab_parallel_cross_entropy_sum(logits, targets)
+        return vocab_parallel_cross_entropy_sum(logits, targets, IGNORE_INDEX)
     flat = logits.reshape(-1, logits.size(-1)).float()
     return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 

@@ -28,8 +28,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from litune.models.output import IGNORE_INDEX
-
 
 def heads_of_this_rank(fused: DTensor, parts: int = 3) -> torch.Tensor:
     """This rank's heads of each of ``parts`` side-by-side outputs (GPT-2's q|k|v), from a column-parallel projection.
@@ -102,13 +100,14 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
-def vocab_parallel_cross_entropy_sum(logits: DTensor, targets: torch.Tensor) -> torch.Tensor:
+def vocab_parallel_cross_entropy_sum(logits: DTensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Summed cross-entropy of vocabulary-sharded logits, without gathering them.
 
     Args:
         logits: DTensor ``[..., V]`` sharded on the last dim (``Shard(-1)``) over a 1-D tensor-parallel mesh; ``V``
             divisible by the mesh size (checked before launch).
-        targets: ``[...]`` target ids (a plain tensor, the same on every rank), ``IGNORE_INDEX`` where no loss.
+        targets: ``[...]`` target ids (a plain tensor, the same on every rank), ``ignore_index`` where no loss.
+        ignore_index: the target id that takes no loss (``litune.models.output.IGNORE_INDEX``).
 
     Returns:
         Scalar float32, replicated: ``sum_i (logsumexp(logits_i) - logits_i[targets_i])`` over non-ignored ``i``.
@@ -124,11 +123,11 @@ def vocab_parallel_cross_entropy_sum(logits: DTensor, targets: torch.Tensor) -> 
     shifted = local - top[:, None]
     sum_exp = _SumOverRanks.apply(shifted.exp().sum(dim=-1), group)  # [n]
     offset = flat - start
-    mine = (offset >= 0) & (offset < width) & (flat != IGNORE_INDEX)
+    mine = (offset >= 0) & (offset < width) & (flat != ignore_index)
     picked = shifted.gather(-1, offset.clamp(0, width - 1)[:, None]).squeeze(-1) * mine  # [n]: 0 off this shard
     picked = _SumOverRanks.apply(picked, group)
     losses = sum_exp.log() - picked
-    return torch.where(flat != IGNORE_INDEX, losses, torch.zeros_like(losses)).sum()
+    return torch.where(flat != ignore_index, losses, torch.zeros_like(losses)).sum()
 
 
 def tensor_parallel_plan(network: nn.Module) -> dict:
