@@ -229,7 +229,7 @@ class HFCausalLM(nn.Module):
         self.attn_implementation = attn_implementation
         self.hf_config = build_hf_config(pretrained, config, revision, trust_remote_code)
         if config is not None:  # sizes typed by hand; built whole here, or (deferred) sharded: only absurd ones refused
-            check_model_fits(self.hf_config, config, 1e14 if self.deferred else host_memory_bytes())
+            check_model_fits(self.hf_config, config, self._memory_budget())
         if loss_chunk_size is not None:
             _check_plain_head(self.hf_config)
         self._create_weights()
@@ -237,6 +237,10 @@ class HFCausalLM(nn.Module):
     def _create_weights(self) -> None:
         """Make the weights when the network is constructed (:class:`DeferredHFCausalLM` makes them later)."""
         self._build()
+
+    def _memory_budget(self) -> float:
+        """Bytes a model typed by hand may take: it is built whole here, in host memory."""
+        return host_memory_bytes()
 
     def _build(self) -> None:
         """Create ``self.model``: load the pretrained weights or initialise a fresh model from the config."""
@@ -404,6 +408,9 @@ class DeferredHFCausalLM(HFCausalLM):
             class_path: litune.models.DeferredHFCausalLM
             init_args: {pretrained: meta-llama/Llama-3.1-8B, gradient_checkpointing: true}
     """
+
+    def _memory_budget(self) -> float:
+        return 1e14  # built sharded later: only absurd sizes are refused
 
     def _create_weights(self) -> None:
         # No weights yet; one build on the meta device (no memory) makes a config transformers rejects (heads that do
