@@ -56,9 +56,10 @@ fi
 
 # 2. GPT-2 124M, bf16-mixed, flash SDPA: litune vs the hand-written loop vs transformers.Trainer, with and without
 #    torch.compile (litune's model.compile; an untimed warm-up run fills the compile caches first); tokens/s and MFU.
-#    One round (GPU steps are steady; compile time is start-up, excluded).
+#    One round (GPU steps are steady; compile time is start-up, excluded). 10 and 60 steps: on an H200 the 20/120-step
+#    version took 306 s of the script's 8 minutes (2026-12-04).
 step overhead "$PYTHON" "$HERE/bench_overhead.py" --sizes "$SIZE" --device "$DEVICE" --precision "$PRECISION" \
-  --compile --compile-sides litune --rounds 1 --steps 20 120 --threads "$OMP_NUM_THREADS" "${PEAK[@]}" "${QUICK[@]}" \
+  --compile --compile-sides litune --rounds 1 --steps 10 60 --threads "$OMP_NUM_THREADS" "${PEAK[@]}" "${QUICK[@]}" \
   --json "$OUT/overhead.json"
 
 # 3. The chunked loss's memory saving at vocab 50,257 (GPT-2's), for every network family: 8 x 1024 tokens in bf16.
