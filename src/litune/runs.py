@@ -113,9 +113,13 @@ def is_run_of(folder: str, experiment: str) -> bool:
 
 
 def newest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, whatever its name: ``last.ckpt``, a cadence ``step*.ckpt``, or a
-    ``best-step*.ckpt`` (all a run killed before its first cadence save has). Saves in progress have hidden names
-    (:mod:`litune.strategies.atomic`) and are never chosen; on a tie of times ``last.ckpt`` wins."""
+    """The checkpoint a run resumes from: ``last.ckpt`` when it is complete, else the newest complete checkpoint of
+    any name, a cadence ``step*.ckpt`` or a ``best-step*.ckpt`` (all a run killed before its first cadence save has).
+
+    ``last.ckpt`` comes first even when a ``best-step*.ckpt`` is a few milliseconds newer: litune writes it at every
+    cadence, preemption and final save, at the end of an optimizer step, while a best checkpoint is written when a
+    validation ends; resuming from that one re-runs Lightning's loop from another point (a preempted run then lost its
+    last logged step). Saves in progress have hidden names (:mod:`litune.strategies.atomic`) and are never chosen."""
     from litune.strategies.atomic import recover  # start-up time only: strategies imports Lightning
 
     folder = checkpoints_dir(run_dir)
@@ -124,8 +128,10 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
     for hidden in folder.glob(".*.ckpt.old"):  # a folder save killed between its two renames: finish it
         recover(folder / hidden.name[1 : -len(".old")])
     recover(folder / LAST_CHECKPOINT)
+    if _complete(folder / LAST_CHECKPOINT):
+        return folder / LAST_CHECKPOINT
     candidates = [p for p in folder.glob("*.ckpt") if not p.name.startswith(".") and _complete(p)]
-    return max(candidates, key=lambda p: (p.stat().st_mtime, p.name == LAST_CHECKPOINT), default=None)
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def _complete(checkpoint: Path) -> bool:
