@@ -157,6 +157,9 @@ def test_bad_settings_fail_at_construction() -> None:
         ({"layout": "zip"}, "data.init_args.layout"),
         ({"format": "xml"}, "data.init_args.format"),
         ({"batch_size": 0}, "data.init_args.batch_size"),
+        ({"pad_to_multiple_of": 0}, "data.init_args.pad_to_multiple_of"),
+        ({"max_bytes": -1}, "data.init_args.max_bytes"),
+        ({"num_workers": 10**6}, "data.init_args.num_workers"),  # found by the config fuzzing (issue 22)
     ]:
         with pytest.raises(ConfigError) as err:
             TextDataModule("gpt2", path="stdlib", **kw)

@@ -10,6 +10,7 @@ hit the process-group timeout; ``litune prepare`` before ``fit`` takes the work 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,6 +111,18 @@ class TextDataModule(L.LightningDataModule):
             )
         if num_workers < 0:
             raise ConfigError("data.init_args.num_workers", f"{num_workers} is negative", "use 0 or more")
+        if num_workers > 4 * (os.cpu_count() or 1):
+            raise ConfigError(
+                "data.init_args.num_workers",
+                f"{num_workers} worker processes on a machine with {os.cpu_count()} CPUs",
+                f"use at most {4 * (os.cpu_count() or 1)} (0 loads in the training process)",
+            )
+        if pad_to_multiple_of < 1:
+            raise ConfigError(
+                "data.init_args.pad_to_multiple_of", f"{pad_to_multiple_of} is not >= 1", "use 8, or 1 to disable"
+            )
+        if max_bytes is not None and max_bytes < 1:
+            raise ConfigError("data.init_args.max_bytes", f"{max_bytes} is not >= 1", "use null for all of it")
         self.cache_root = Path(cache_dir) if cache_dir else DEFAULT_CACHE
         self.spec = DataSpec(
             sources=sources or [Source(path, name=name, split=split)],
