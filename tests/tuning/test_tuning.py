@@ -149,6 +149,24 @@ def test_gpu_mode_out_of_memory_and_budget_decisions_on_real_child_processes(tmp
     assert judge(64, ok, 8.1, None).fits  # no budget on GPU: only an out-of-memory error is a miss
 
 
+def test_a_childs_peak_memory_is_its_own_not_its_large_parents() -> None:
+    """The peak RSS of a probe is the probe's own, even started from a large process (a test runner, a sweep).
+
+    Teeth: ``wait4`` on a child started straight from this process reports this process's pre-exec size (Linux keeps
+    that high-water mark across ``exec``), which is what made two probes at different batch sizes read the same peak.
+    """
+    parent_ballast = bytearray(600 * 2**20)
+    parent_ballast[::4096] = b"\x01" * len(parent_ballast[::4096])  # touch every page: it is resident
+    allocates_200_mib = "x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096])"
+    small, large = (run_child([sys.executable, "-c", code]) for code in ("pass", allocates_200_mib))
+    assert small.peak_rss_bytes < 150 * 2**20, small.peak_rss_bytes
+    assert 200 * 2**20 < large.peak_rss_bytes < 350 * 2**20, large.peak_rss_bytes
+    direct = subprocess.Popen([sys.executable, "-c", "pass"])
+    _, _, usage = os.wait4(direct.pid, 0)
+    assert usage.ru_maxrss * 1024 > 600 * 2**20  # the measurement this replaces would have read the parent
+    del parent_ballast
+
+
 def test_global_batch_splits_into_the_largest_micro_batch_that_divides_it() -> None:
     assert split_global_batch(64, largest_micro=24, world_size=2) == (16, 2)
     assert split_global_batch(48, largest_micro=100, world_size=1) == (48, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,8 @@ class ChildRun:
 
     Attributes:
         returncode: its exit status (negative: killed by that signal, e.g. -9 by the kernel's OOM killer).
-        peak_rss_bytes: the largest resident set size of the child and the ranks it started (``wait4``'s
-            ``ru_maxrss``: the kernel's own high-water mark, not a sample).
+        peak_rss_bytes: the largest resident set size of the child and the ranks it started (the kernel's own
+            high-water mark, not a sample, read by :mod:`litune.tuning.peak_rss` so the parent's size is not in it).
         output: its stdout and stderr, interleaved.
     """
 
@@ -56,16 +57,17 @@ def run_child(command: list[str], env: dict[str, str] | None = None, log: Path |
     """Run ``command`` to the end in a child process (see :func:`run_fit`) and measure its peak memory."""
     child_env = {**os.environ, **(env or {})}
     child_env.pop(RUN_DIR_ENV, None)  # each child is a run of its own, never the parent's
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env
-    )
-    assert proc.stdout is not None
-    output = proc.stdout.read().decode("utf-8", errors="replace")
-    # wait4 (not Popen.wait) gives this child's own rusage: ru_maxrss is its peak RSS in KiB on Linux, and covers the
-    # other ranks it launched and waited for (DDP on CPU starts rank 1..N-1 as its own children).
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryDirectory(prefix="litune-peak-") as scratch:
+        report = Path(scratch) / "peak_rss_bytes"
+        measured = [sys.executable, "-m", "litune.tuning.peak_rss", str(report), "--", *command]
+        proc = subprocess.Popen(
+            measured, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env
+        )
+        assert proc.stdout is not None
+        output = proc.stdout.read().decode("utf-8", errors="replace")
+        proc.wait()
+        peak_rss_bytes = int(report.read_text()) if report.exists() else 0
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(output)
-    return ChildRun(returncode=proc.returncode, peak_rss_bytes=usage.ru_maxrss * 1024, output=output)
+    return ChildRun(returncode=proc.returncode, peak_rss_bytes=peak_rss_bytes, output=output)
