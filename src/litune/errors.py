@@ -8,6 +8,7 @@ before any process is spawned or any file is written.
 from __future__ import annotations
 
 import argparse
+import collections
 import difflib
 import re
 from typing import NoReturn
@@ -25,11 +26,17 @@ class ConfigError(ValueError):
         fix: what to change.
     """
 
+    recently_raised: collections.deque[ConfigError] = collections.deque(maxlen=32)
+    """The last ConfigErrors made in this process, newest last: jsonargparse keeps only the *first* subtype's error as
+    the cause when a Union (``str | Strategy``) fails, so one raised in a class's ``__init__`` reaches the CLI only as
+    text inside a ValueError; :func:`find_config_error` finds it here by that text."""
+
     def __init__(self, field: str, problem: str, fix: str) -> None:
         self.field = field
         self.problem = problem
         self.fix = fix
         super().__init__(f"{field}: {problem.rstrip('.')}. Fix: {fix}")
+        ConfigError.recently_raised.append(self)
 
 
 class TrainingStopped(RuntimeError):
@@ -155,15 +162,14 @@ def error_chain(err: BaseException) -> list[BaseException]:
 
 
 def find_config_error(err: BaseException) -> ConfigError | None:
-    """The ConfigError behind ``err``: jsonargparse wraps errors raised while instantiating classes in a ValueError."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ConfigError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    """The ConfigError behind ``err``: in its chain (jsonargparse wraps what a class's ``__init__`` raised in a
+    ValueError), or quoted in the text of an error in it (a Union's subtypes' errors are kept only as text)."""
+    chain = error_chain(err)
+    if in_chain := next((link for link in chain if isinstance(link, ConfigError)), None):
+        return in_chain
+    texts = [str(link) for link in chain]
+    quoted = (raised for raised in reversed(ConfigError.recently_raised) if any(str(raised) in text for text in texts))
+    return next(quoted, None)
 
 
 def as_config_error(err: BaseException) -> ConfigError | None:
