@@ -132,6 +132,8 @@ CONFIG_CASES = {
     "zero-width validation interval": (["--trainer.val_check_interval=0.0"], "trainer.val_check_interval"),
     "negative sanity steps": (["--trainer.num_sanity_val_steps=-2"], "trainer.num_sanity_val_steps"),
     "zero nodes": (["--trainer.num_nodes=0"], "trainer.num_nodes"),
+    "two nodes without a launcher": (["--trainer.num_nodes=2"], "trainer.num_nodes", "launcher"),
+    "a billion nodes without a launcher": (["--trainer.num_nodes=1000000000"], "trainer.num_nodes", "launcher"),
     "zero devices": (["--trainer.devices=0"], "trainer.devices"),
     "zero global batch": (["--global_batch_size=0"], "global_batch_size"),
     "negative dist timeout": (["--dist_timeout=-5"], "dist_timeout"),
@@ -169,6 +171,9 @@ CONFIG_CASES = {
                                    "--model.network.init_args.config=null"], "model.network.init_args.pretrained"),
     "pretrained folder without a model": (["--model.network.init_args.pretrained={tmp}",
                                            "--model.network.init_args.config=null"], "model.network.init_args"),
+    "eos id outside the vocabulary": ([HF + "{model_type: gpt2, vocab_size: 512, n_embd: 32, n_head: 2, n_layer: 1, "
+                                        "eos_token_id: 1000000000000}"],
+                                       "model.network.init_args.config.eos_token_id", "[0, 512)"),
     "unknown model type": ([HF + "{model_type: gpt9}"], "model.network.init_args.config", "gpt9"),
     "heads do not divide width: HF gpt2": ([HF + "{model_type: gpt2, vocab_size: 512, n_embd: 32, n_head: 3}"],
                                            "model.network.init_args", "divisible"),

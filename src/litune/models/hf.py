@@ -68,7 +68,9 @@ def build_hf_config(
         raise ConfigError("model.network.init_args.config", "`model_type` is missing", "add model_type: gpt2")
     _check_dimensions(kwargs)
     with transformers_errors("model.network.init_args.config"):
-        return AutoConfig.for_model(model_type, **kwargs)
+        hf_config = AutoConfig.for_model(model_type, **kwargs)
+    _check_token_ids(kwargs, getattr(hf_config, "vocab_size", None))
+    return hf_config
 
 
 _DIMENSION = re.compile(r"^(n_|num_)|(_size|_dim|_positions|_layers|_heads|_inner)$")
@@ -86,6 +88,22 @@ def _check_dimensions(config: dict[str, Any]) -> None:
             raise ConfigError(field, f"{key}={value} is not a token id", "use an id in [0, vocab_size)")
         if _DIMENSION.search(key) and not key.endswith("_token_id") and value < 1:
             raise ConfigError(field, f"{key}={value} is not a size", f"set {key} to 1 or more")
+
+
+def _check_token_ids(config: dict[str, Any], vocab_size: int | None) -> None:
+    """A special token id the config sets must index the embedding (``[0, vocab_size)``): a larger one fails only
+    when generation first emits or pads with it (an index error deep inside the embedding), long after training."""
+    if not isinstance(vocab_size, int):
+        return
+    for key, value in config.items():
+        ids = value if isinstance(value, list) else [value]
+        bad = [i for i in ids if key.endswith("_token_id") and isinstance(i, int) and not isinstance(i, bool)]
+        if any(i >= vocab_size for i in bad):
+            raise ConfigError(
+                f"model.network.init_args.config.{key}",
+                f"{key}={value} is not a token id of a vocabulary of {vocab_size}",
+                f"use an id in [0, {vocab_size}) (the tokenizer's, e.g. its <|endoftext|>), or raise vocab_size",
+            )
 
 
 def check_model_fits(hf_config: PretrainedConfig, config: dict[str, Any] | None, budget_bytes: float) -> None:

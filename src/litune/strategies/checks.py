@@ -130,6 +130,34 @@ def check_run(
         check_deepspeed_installed()
 
 
+MULTI_NODE_ENVS = (
+    "NODE_RANK", "MASTER_ADDR", "WORLD_SIZE", "GROUP_RANK",  # set by hand (Lightning's general cluster) or by torchrun
+    "RANK", "SLURM_PROCID", "TORCHELASTIC_RUN_ID",  # a launched rank (litune.runs.is_launched; not imported: a cycle)
+    "SLURM_NNODES", "SLURM_JOB_NUM_NODES",  # a SLURM allocation
+    "LSB_JOBID", "OMPI_COMM_WORLD_SIZE",  # LSF, MPI
+)  # fmt: skip
+"""Environment variables that show a launcher (or a user) has told the nodes of a multi-node run how to meet."""
+
+
+def check_nodes(num_nodes: object) -> None:
+    """Refuse ``num_nodes > 1`` where nothing tells the nodes how to meet.
+
+    Without a launcher (srun, torchrun, the DeepSpeed launcher) or ``MASTER_ADDR``/``NODE_RANK`` set by hand, Lightning
+    starts node 0 and waits for the other nodes at the rendezvous for as long as the collective timeout (30 min by
+    default), printing nothing: a silent hang, not an error.
+    """
+    if not isinstance(num_nodes, int) or num_nodes <= 1:
+        return
+    if not any(var in os.environ for var in MULTI_NODE_ENVS):
+        raise ConfigError(
+            "trainer.num_nodes",
+            f"num_nodes={num_nodes} but this process was not started by a multi-node launcher and no MASTER_ADDR / "
+            "NODE_RANK is set, so it would wait forever for the other nodes",
+            "use 1 on one machine; across machines start the run with launch/slurm.sbatch, "
+            "launch/torchrun_multinode.sh or launch/deepspeed.sh (they set num_nodes)",
+        )
+
+
 def _getter(trainer: Mapping[str, Any]) -> Any:
     return trainer.get if hasattr(trainer, "get") else lambda key, default=None: getattr(trainer, key, default)
 
@@ -162,6 +190,7 @@ def check_trainer_config(trainer: Mapping[str, Any]) -> None:
             "ModelParallelStrategy)",
             "use `--config configs/precision/bf16-mixed.yaml` (bf16 compute, fp32 gradient reduction), or 32-true",
         )
+    check_nodes(get("num_nodes", 1))
     check_run(accelerator, processes, get("precision", None), deepspeed=spec.deepspeed)
 
 
