@@ -4,8 +4,10 @@ on 2 processes."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -113,6 +115,61 @@ def test_litune_eval_of_a_run_folder_and_of_its_export_agree(reference: Path, tm
     for key, value in from_run.items():
         assert from_export[key] == pytest.approx(value, rel=1e-6), key
     assert "| litune_python_mc | acc |" in (out / "eval_results.md").read_text()
+
+
+DECODER = {"class_path": "litune.models.transformer.DecoderLM",
+           "init_args": {"d_model": 32, "nhead": 2, "num_decoder_layers": 2, "vocab_size": 512, "max_seq_len": 64,
+                         "dropout": 0.0}}  # fmt: skip
+TASKS = "litune_python_mc,litune_heldout_python"
+
+
+def test_eval_of_a_custom_decoder_run_logs_to_its_loggers_and_matches_its_gpt2_export(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
+    """litune's own DecoderLM, trained 2 steps with the default loggers (CSV + TensorBoard): `litune eval` on the run
+    folder (the harness runs DecoderLM through litune.evaluation.HarnessView) gives the numbers of its `litune export`
+    (a transformers GPT2LMHeadModel, run by the harness directly), and logs them once, at the run's last step, to
+    both loggers: metrics.csv and the TensorBoard events read back hold the JSON results' values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from litune.cli import main
+    from litune.commands.generate import load_for_generation
+
+    runs = tmp_path / "runs"
+    fit = [
+        "fit", "--config", str(TINY), f"--model.tokenizer={tokenizer_dir}", f"--model.network={json.dumps(DECODER)}",
+        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}", f"--runs_dir={runs}", "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
+    ]  # fmt: skip
+    try:
+        assert main(fit) == 0
+    finally:
+        os.environ.pop("LITUNE_RUN_DIR", None)
+    (run,) = runs.iterdir()
+    assert main(["eval", "--checkpoint", str(run), "--tasks", TASKS]) == 0
+    hf, hf_out = tmp_path / "hf", tmp_path / "hf-results"
+    assert main(["export", "--checkpoint", str(run), "--output", str(hf)]) == 0
+    assert json.loads((hf / "config.json").read_text())["model_type"] == "gpt2"
+    assert main(["eval", "--checkpoint", str(hf), "--tasks", TASKS, "--output", str(hf_out)]) == 0
+
+    record = json.loads((run / "eval" / "eval_results.json").read_text())
+    from_run, from_export = record["metrics"], json.loads((hf_out / "eval_results.json").read_text())["metrics"]
+    assert record["step"] == 2 and len(from_run) == 5 and from_run.keys() == from_export.keys()
+    for key, value in from_run.items():
+        assert from_export[key] == pytest.approx(value, rel=1e-6), key
+    network, tok = load_for_generation(str(hf))  # teeth: the harness's context (the model's 64 positions) matters
+    shorter = metrics(evaluate(network, tok, ["litune_heldout_python"], max_length=32))
+    key = "eval/litune_heldout_python/byte_perplexity"
+    assert shorter[key] != pytest.approx(from_run[key], rel=1e-3)
+
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    for key, value in from_run.items():  # once each, at step 1: Lightning's index of the 2nd optimizer step
+        assert [(int(r["step"]), float(r[key])) for r in rows if r.get(key)] == [(1, value)], key
+        ((step, logged),) = [(e.step, e.value) for e in events.Scalars(key)]
+        assert step == 1 and logged == pytest.approx(value, rel=1e-6), key  # TensorBoard stores float32
 
 
 TASKS_2P = ["litune_python_mc", "litune_heldout_python"]

@@ -49,7 +49,9 @@ def harness_model(network: torch.nn.Module) -> torch.nn.Module:
             inner = getattr(net, "model", None)
             config = getattr(getattr(inner, "base_model", inner), "config", None) or getattr(inner, "config", None)
             if config is None and getattr(net, "max_seq_len", None) and getattr(net, "vocab_size", None):
-                config = GPT2Config(n_positions=net.max_seq_len, vocab_size=net.vocab_size)
+                config = GPT2Config(
+                    n_positions=net.max_seq_len, vocab_size=net.vocab_size, bos_token_id=None, eos_token_id=None
+                )
             if config is None or getattr(net, "is_encoder_decoder", False):
                 raise ConfigError(
                     "--checkpoint",

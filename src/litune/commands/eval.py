@@ -5,9 +5,11 @@ a Hugging Face folder) and handed to the harness in memory, adapters on. litune'
 ``configs/eval/`` (``litune_heldout_python``: held-out perplexity; ``litune_python_mc``: multiple choice); harness
 registry tasks (``hellaswag``, ``arc_easy``...) need the hub for their datasets.
 
-Results go to ``RUN/eval/`` for a run folder or a checkpoint inside one (and into the run's ``metrics.csv`` at the
-checkpoint's step, so ``litune report`` shows them), else to ``--output``: ``eval_results.json`` and
-``eval_results.md``.
+Results go to ``RUN/eval/`` for a run folder or a checkpoint inside one, else to ``./eval`` (or ``--output``):
+``eval_results.json`` and ``eval_results.md``. For a run folder or a checkpoint inside one, the metrics are also
+logged once, at the checkpoint's step, to the loggers the run trained with (its ``config.yaml``: CSV ``metrics.csv``,
+so ``litune report`` shows them; TensorBoard; the same MLflow run; wandb, offline unless keyed); a bare checkpoint
+or a Hugging Face folder outside a run folder has no loggers: its results are only the two files.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from litune.errors import CommandParser, ConfigError
+from litune.runs import CONFIG_FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-fewshot", type=int, default=None, help="Few-shot examples per prompt.")
     parser.add_argument("--batch-size", type=int, default=8, help="Documents per forward pass.")
     parser.add_argument("--include", action="append", default=[], help="A folder of extra task YAML (repeatable).")
-    parser.add_argument("--output", default=None, help="Results folder (default: RUN/eval, else ./eval).")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="Results folder (default: RUN/eval, else ./eval). A run folder's loggers get the metrics too; a bare "
+        "checkpoint or Hugging Face folder outside a run folder: the files only.",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available).")
     return parser
 
@@ -100,12 +108,27 @@ def main(argv: list[str]) -> int:
     )
     step = checkpoint_step(args.checkpoint)
     path = write_results(folder, results, step)
-    if run is not None and step is not None and (run / "metrics.csv").is_file():
-        from litune.loggers import CSVLogger
-
-        logger = CSVLogger(save_dir=str(run))
-        logger.log_metrics(metrics(results), step=max(step - 1, 0))  # Lightning logs step k at k - 1
-        logger.save()
     print(markdown_table(results))
     print(f"results written to {path} and {path.with_suffix('.md')}")
+    if run is not None and step is not None and (run / CONFIG_FILE).is_file():
+        names = log_to_run(run, args.checkpoint, metrics(results), step)
+        print(f"logged at step {max(step - 1, 0)} to the run's loggers: {', '.join(names) or 'none configured'}")
     return 0
+
+
+def log_to_run(run: Path, checkpoint: str, values: dict[str, float], step: int) -> list[str]:
+    """Log ``values`` once to the loggers ``run`` trained with (its ``config.yaml``: CSV, TensorBoard, MLflow,
+    wandb), built as ``litune fit`` builds them, at the checkpoint's step; returns the loggers' class names.
+
+    Lightning logs the metrics of optimizer step ``k`` at step ``k - 1`` (the batch index), so a checkpoint saved
+    after ``k`` steps logs at ``k - 1``: the results sit on the last point of the training curves.
+    """
+    from litune.commands.fit import run_loggers
+    from litune.runs import resolve_checkpoint
+
+    loggers = run_loggers(run, resolve_checkpoint(Path(checkpoint)))
+    for logger in loggers:
+        logger.log_metrics(values, step=max(step - 1, 0))
+        logger.save()
+        logger.finalize("success")  # MLflow: the run's eval results uploaded, the run marked finished again
+    return [type(logger).__name__ for logger in loggers]

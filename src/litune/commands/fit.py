@@ -18,13 +18,14 @@ import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchmetrics import Metric
 
 from litune.callbacks.checkpointing import BestCheckpoints, Checkpointing
 from litune.callbacks.preemption import CollectiveTimeout, Preempted
 from litune.callbacks.run_info import log_once
-from litune.commands.wiring import add_tracking, add_tracking_arguments
+from litune.commands.wiring import _as_list, add_loggers, add_tracking, add_tracking_arguments
 from litune.errors import ConfigError, as_config_error, from_parse_error
 from litune.host_memory import keep_freed_host_memory
 from litune.limits import check_limits
@@ -485,6 +486,47 @@ def _loggers_in(run_dir: Path, logger: Any) -> Any:
                 args.name = args.get("name") if args.get("name") not in (None, "lightning_logs") else ""
                 args.version = args.get("version") if args.get("version") is not None else ""
     return logger
+
+
+def run_loggers(run_dir: Path, ckpt_path: str | Path | None = None) -> list[Logger]:
+    """The loggers a run folder's training logged to, built again from its ``config.yaml`` the way ``litune fit``
+    builds them (:func:`add_loggers`, :func:`_loggers_in`, jsonargparse), so that what is logged later (``litune
+    eval``) joins the training's curves: the same ``metrics.csv``, TensorBoard folder, MLflow run (its
+    ``mlflow_run_id``) and wandb run (the id stored in ``ckpt_path``), as a resumed training would.
+
+    The folder may have moved since the training: a ``save_dir`` that was the run folder then is the run folder now.
+    Secrets were saved as ``<redacted>``; those fields are left to their defaults (the environment supplies keys).
+
+    Raises:
+        ConfigError: the run's ``config.yaml`` does not parse.
+    """
+    from jsonargparse import ArgumentParser
+
+    from litune.tracking.secrets import REDACTED
+
+    saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    for key in ("ckpt_path", "weights_only"):  # the fit subcommand's own arguments, not the config's
+        saved.pop(key, None)
+    cfg = parse_config(["--config", yaml.safe_dump(saved)])
+    cfg.ckpt_path = str(ckpt_path) if ckpt_path is not None else None
+    recorded = cfg.trainer.get("default_root_dir")
+    add_loggers(cfg)
+    for entry in _as_list(cfg.trainer.logger):
+        args = entry.get("init_args") if isinstance(entry, Namespace) else None
+        if not isinstance(args, Namespace):
+            continue
+        for key, value in list(args.as_dict().items()):
+            if value == REDACTED:
+                del args[key]
+        if recorded is not None and args.get("save_dir") == recorded:
+            args.save_dir = None  # _loggers_in points it at the run folder as it is now
+    entries = _loggers_in(run_dir, cfg.trainer.logger)
+    if entries is False:
+        return []
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--loggers", type=list[Logger])
+    built = parser.instantiate_classes(parser.parse_object({"loggers": [e.as_dict() for e in _as_list(entries)]}))
+    return list(built.loggers)
 
 
 def parse_config(argv: list[str]) -> Namespace:

@@ -62,19 +62,10 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list) else [value]
 
 
-def add_tracking(cfg: Namespace) -> None:
-    """Complete a parsed ``fit`` config before its classes are built; call from ``before_instantiate_classes``
-    *before* the CLI points the loggers at the run folder.
-
-    * ``--loggers`` names become logger entries (an unknown name raises a ConfigError listing the valid ones);
-    * a wandb logger resuming from ``ckpt_path`` gets the wandb run id stored in that checkpoint;
-    * the tracking callbacks (throughput/MFU, memory, gradient norm, environment, learning rate, the wandb id keeper)
-      and the progress bar are appended to ``trainer.callbacks`` unless already listed there, and so are the
-      callbacks that make runs survive kills (:class:`~litune.callbacks.ExactResume`,
-      :class:`~litune.callbacks.Preemption`);
-    * checkpoint files are written atomically (:class:`~litune.strategies.atomic.AtomicCheckpointIO` in
-      ``trainer.plugins``) unless a ``CheckpointIO`` is configured there.
-    """
+def add_loggers(cfg: Namespace) -> None:
+    """The logger part of :func:`add_tracking` (also used by ``litune eval`` to rebuild a run's loggers): ``--loggers``
+    names become ``trainer.logger`` entries (an unknown name raises a ConfigError listing the valid ones), and a
+    wandb logger continuing from ``ckpt_path`` gets the wandb run id stored in that checkpoint."""
     trainer = cfg.trainer
     if cfg.get("loggers") is not None:
         configured = _as_list(trainer.logger)
@@ -91,6 +82,22 @@ def add_tracking(cfg: Namespace) -> None:
             if run_id and entry.init_args.get("id") is None:
                 entry.init_args.id = run_id
 
+
+def add_tracking(cfg: Namespace) -> None:
+    """Complete a parsed ``fit`` config before its classes are built; call from ``before_instantiate_classes``
+    *before* the CLI points the loggers at the run folder.
+
+    * ``--loggers`` names become logger entries (an unknown name raises a ConfigError listing the valid ones);
+    * a wandb logger resuming from ``ckpt_path`` gets the wandb run id stored in that checkpoint;
+    * the tracking callbacks (throughput/MFU, memory, gradient norm, environment, learning rate, the wandb id keeper)
+      and the progress bar are appended to ``trainer.callbacks`` unless already listed there, and so are the
+      callbacks that make runs survive kills (:class:`~litune.callbacks.ExactResume`,
+      :class:`~litune.callbacks.Preemption`);
+    * checkpoint files are written atomically (:class:`~litune.strategies.atomic.AtomicCheckpointIO` in
+      ``trainer.plugins``) unless a ``CheckpointIO`` is configured there.
+    """
+    add_loggers(cfg)
+    trainer = cfg.trainer
     callbacks = _as_list(trainer.get("callbacks"))
     present = {_class_name(c) for c in callbacks}
     wanted = list(_TRACKING_CALLBACKS) + list(_RESILIENCE_CALLBACKS)
