@@ -126,27 +126,34 @@ TASKS = "litune_python_mc,litune_heldout_python"
 def test_eval_of_a_custom_decoder_run_logs_to_its_loggers_and_matches_its_gpt2_export(
     tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
 ) -> None:
-    """litune's own DecoderLM, trained 2 steps with the default loggers (CSV + TensorBoard): `litune eval` on the run
+    """litune's own DecoderLM, trained 2 steps with CSV, TensorBoard and wandb (offline): `litune eval` on the run
     folder (the harness runs DecoderLM through litune.evaluation.HarnessView) gives the numbers of its `litune export`
     (a transformers GPT2LMHeadModel, run by the harness directly), and logs them once, at the run's last step, to
-    both loggers: metrics.csv and the TensorBoard events read back hold the JSON results' values."""
+    the three loggers: metrics.csv, the TensorBoard events and the wandb run (the same run id as the training's) read
+    back hold the JSON results' values. The run folder is moved before `litune eval`: its loggers go with it."""
+    import wandb
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from litune.cli import main
     from litune.commands.generate import load_for_generation
+    from test_tracking_loggers import finished_wandb_records, wandb_history, wandb_runs
 
     runs = tmp_path / "runs"
     fit = [
         "fit", "--config", str(TINY), f"--model.tokenizer={tokenizer_dir}", f"--model.network={json.dumps(DECODER)}",
         f"--data.init_args.path={corpus_dir / 'docs.jsonl'}", f"--runs_dir={runs}", "--trainer.max_steps=2",
-        "--trainer.limit_val_batches=0",
+        "--trainer.limit_val_batches=0", "--loggers=[csv,tensorboard,wandb]",
     ]  # fmt: skip
-    try:
+    try:  # a real `litune fit` / `litune eval` is one process, whose exit closes its wandb run
         assert main(fit) == 0
-    finally:
+        wandb.finish()
         os.environ.pop("LITUNE_RUN_DIR", None)
-    (run,) = runs.iterdir()
-    assert main(["eval", "--checkpoint", str(run), "--tasks", TASKS]) == 0
+        (trained,) = runs.iterdir()
+        run = trained.rename(tmp_path / "moved-run")  # its config.yaml names the folder it had: the loggers follow
+        assert main(["eval", "--checkpoint", str(run), "--tasks", TASKS]) == 0
+    finally:
+        wandb.finish()
+        os.environ.pop("LITUNE_RUN_DIR", None)
     hf, hf_out = tmp_path / "hf", tmp_path / "hf-results"
     assert main(["export", "--checkpoint", str(run), "--output", str(hf)]) == 0
     assert json.loads((hf / "config.json").read_text())["model_type"] == "gpt2"
@@ -170,6 +177,12 @@ def test_eval_of_a_custom_decoder_run_logs_to_its_loggers_and_matches_its_gpt2_e
         assert [(int(r["step"]), float(r[key])) for r in rows if r.get(key)] == [(1, value)], key
         ((step, logged),) = [(e.step, e.value) for e in events.Scalars(key)]
         assert step == 1 and logged == pytest.approx(value, rel=1e-6), key  # TensorBoard stores float32
+    training, evaluation = wandb_runs(run)  # two offline legs of one wandb run, as a resume makes
+    assert training.name == evaluation.name, "the eval continued the training's wandb run"
+    records = finished_wandb_records(evaluation)
+    assert {key: wandb_history(records, key) for key in from_run} == {key: {1: v} for key, v in from_run.items()}
+    assert wandb_history(finished_wandb_records(training), "train/loss").keys() == {0, 1}
+    assert not runs.exists() or not any(runs.iterdir()), "nothing logged at the folder's old place"
 
 
 TASKS_2P = ["litune_python_mc", "litune_heldout_python"]

@@ -80,6 +80,9 @@ def test_params_metrics_artifacts_and_resume_on_a_live_server(
         run_id = (run / MLFLOW_RUN_ID_FILE).read_text().strip()
         os.environ.pop("LITUNE_RUN_DIR", None)
         assert main([*args, "--trainer.max_steps=4", "--ckpt_path=last"]) == 0
+        os.environ.pop("LITUNE_RUN_DIR", None)
+        # `litune eval` of the run folder logs into the same MLflow run, at the last step (Lightning's index 3)
+        assert main(["eval", "--checkpoint", str(run), "--tasks", "litune_python_mc", "--limit", "4"]) == 0
     finally:
         os.environ.pop("LITUNE_RUN_DIR", None)
     assert list(runs_dir.iterdir()) == [run]
@@ -96,6 +99,11 @@ def test_params_metrics_artifacts_and_resume_on_a_live_server(
     losses = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in losses) == [0, 1, 2, 3], "metrics of both legs, each logged once"
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "report"} <= artifacts
+    assert {"config.yaml", "report", "eval"} <= artifacts
+    evaluated = json.loads((run / "eval" / "eval_results.json").read_text())["metrics"]
+    for key, value in evaluated.items():
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, key)] == [(3, value)], key
+    assert "eval/eval_results.json" in {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert client.get_run(run_id).info.status == "FINISHED"
     plots = {a.path for a in client.list_artifacts(run_id, "report")}
     assert "report/loss.png" in plots

@@ -77,11 +77,10 @@ def checkpoint_step(checkpoint: str) -> int | None:
         ckpt = resolve_checkpoint(path)
     except ConfigError:
         return None
-    if ckpt.is_file():
-        import torch
+    from litune.strategies.safe_load import checkpoint_meta
 
-        return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
-    return None
+    step = checkpoint_meta(ckpt, "--checkpoint").get("global_step")  # a .ckpt file, a DeepSpeed or FSDP2 folder
+    return int(step) if step is not None else None
 
 
 def main(argv: list[str]) -> int:

@@ -494,8 +494,9 @@ def run_loggers(run_dir: Path, ckpt_path: str | Path | None = None) -> list[Logg
     eval``) joins the training's curves: the same ``metrics.csv``, TensorBoard folder, MLflow run (its
     ``mlflow_run_id``) and wandb run (the id stored in ``ckpt_path``), as a resumed training would.
 
-    The folder may have moved since the training: a ``save_dir`` that was the run folder then is the run folder now.
-    Secrets were saved as ``<redacted>``; those fields are left to their defaults (the environment supplies keys).
+    A ``save_dir`` that is not a folder (any more) is the run folder now: the folder moved since the training, or its
+    saved name has ``<redacted>`` for a secret in the experiment name. Fields saved as ``<redacted>`` are left to their
+    defaults (the environment supplies keys).
 
     Raises:
         ConfigError: the run's ``config.yaml`` does not parse.
@@ -509,7 +510,6 @@ def run_loggers(run_dir: Path, ckpt_path: str | Path | None = None) -> list[Logg
         saved.pop(key, None)
     cfg = parse_config(["--config", yaml.safe_dump(saved)])
     cfg.ckpt_path = str(ckpt_path) if ckpt_path is not None else None
-    recorded = cfg.trainer.get("default_root_dir")
     add_loggers(cfg)
     for entry in _as_list(cfg.trainer.logger):
         args = entry.get("init_args") if isinstance(entry, Namespace) else None
@@ -518,7 +518,7 @@ def run_loggers(run_dir: Path, ckpt_path: str | Path | None = None) -> list[Logg
         for key, value in list(args.as_dict().items()):
             if value == REDACTED:
                 del args[key]
-        if recorded is not None and args.get("save_dir") == recorded:
+        if args.get("save_dir") and not Path(args.save_dir).is_dir():
             args.save_dir = None  # _loggers_in points it at the run folder as it is now
     entries = _loggers_in(run_dir, cfg.trainer.logger)
     if entries is False:

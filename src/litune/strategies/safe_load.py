@@ -104,14 +104,23 @@ def checkpoint_hparams(path: str | Path, field: str = "ckpt_path") -> dict[str, 
     Reading them loads (memory-maps) the whole pickle, so a truncated or foreign file is reported here, before
     anything is built or written.
     """
+    return dict(checkpoint_meta(path, field).get("hyper_parameters") or {})
+
+
+def checkpoint_meta(path: str | Path, field: str = "ckpt_path") -> dict[str, Any]:
+    """The top-level entries Lightning saved in a checkpoint (``global_step``, ``hyper_parameters``, loop and callback
+    states), of a ``.ckpt`` file, a DeepSpeed directory or an FSDP2 (DCP) directory; weights memory-mapped, not read.
+
+    Raises:
+        ConfigError: the path is a truncated or foreign file, or a folder that is no checkpoint.
+    """
     path = Path(path)
     if path.is_dir() and (path / "meta.pt").is_file():  # FSDP2 (DCP): Lightning's loop state and hparams
         allow_litune_classes()
         try:
-            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+            return dict(torch.load(path / "meta.pt", map_location="cpu", weights_only=True))
         except CORRUPT as err:
             raise not_a_checkpoint(path / "meta.pt", field, err) from None
-        return dict(meta.get("hyper_parameters") or {})
     if path.is_dir():  # DeepSpeed: Lightning's client state (hparams included) is in rank 0's model-states file
         verify_deepspeed_checkpoint(path, field)
         tag = (path / "latest").read_text().strip()
@@ -120,11 +129,10 @@ def checkpoint_hparams(path: str | Path, field: str = "ckpt_path") -> dict[str, 
             raise ConfigError(field, f"{path} is a folder but not a DeepSpeed checkpoint", "give a .ckpt path")
         try:
             allow_litune_classes()
-            state = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
+            return dict(torch.load(files[0], map_location="cpu", weights_only=True, mmap=True))
         except CORRUPT as err:
             raise not_a_checkpoint(files[0], field, err) from None
-        return dict(state.get("hyper_parameters") or {})
-    return dict(load_checkpoint_file(path, field, mmap=True).get("hyper_parameters") or {})
+    return dict(load_checkpoint_file(path, field, mmap=True))
 
 
 DEEPSPEED_GLOBALS = frozenset(
