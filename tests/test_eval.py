@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from litune.data.tokenizer import load_tokenizer
 from litune.evaluation import EVAL_TASKS_DIR, evaluate, metrics
@@ -124,13 +125,14 @@ TASKS = "litune_python_mc,litune_heldout_python"
 
 
 def test_eval_of_a_custom_decoder_run_logs_to_its_loggers_and_matches_its_gpt2_export(
-    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """litune's own DecoderLM, trained 2 steps with CSV, TensorBoard and wandb (offline): `litune eval` on the run
     folder (the harness runs DecoderLM through litune.evaluation.HarnessView) gives the numbers of its `litune export`
     (a transformers GPT2LMHeadModel, run by the harness directly), and logs them once, at the run's last step, to
     the three loggers: metrics.csv, the TensorBoard events and the wandb run (the same run id as the training's) read
-    back hold the JSON results' values. The run folder is moved before `litune eval`: its loggers go with it."""
+    back hold the JSON results' values. The run folder is moved before `litune eval`: its loggers go with it. A
+    broken saved logger entry is refused before the model loads, with nothing written."""
     import wandb
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -150,6 +152,9 @@ def test_eval_of_a_custom_decoder_run_logs_to_its_loggers_and_matches_its_gpt2_e
         os.environ.pop("LITUNE_RUN_DIR", None)
         (trained,) = runs.iterdir()
         run = trained.rename(tmp_path / "moved-run")  # its config.yaml names the folder it had: the loggers follow
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        saved["trainer"]["callbacks"].append({"class_path": "only_on_the_training_machine.Callback"})
+        (run / "config.yaml").write_text(yaml.safe_dump(saved))  # the eval reads only the config's logger part
         assert main(["eval", "--checkpoint", str(run), "--tasks", TASKS]) == 0
     finally:
         wandb.finish()
@@ -183,6 +188,14 @@ def test_eval_of_a_custom_decoder_run_logs_to_its_loggers_and_matches_its_gpt2_e
     assert {key: wandb_history(records, key) for key in from_run} == {key: {1: v} for key, v in from_run.items()}
     assert wandb_history(finished_wandb_records(training), "train/loss").keys() == {0, 1}
     assert not runs.exists() or not any(runs.iterdir()), "nothing logged at the folder's old place"
+
+    saved["trainer"]["logger"][0]["class_path"] = "litune.loggers.NoSuchLogger"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    assert main(["eval", "--checkpoint", str(run), "--tasks", TASKS]) == 2  # refused before the model loads
+    err = capsys.readouterr().err
+    assert "litune: configuration error:" in err and "trainer.logger" in err and "Traceback" not in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before, "nothing written"
 
 
 TASKS_2P = ["litune_python_mc", "litune_heldout_python"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from litune.errors import CommandParser, ConfigError
 from litune.runs import CONFIG_FILE
@@ -93,6 +94,10 @@ def main(argv: list[str]) -> int:
 
     task_manager(tasks, args.include)  # unknown tasks refused before the model loads
     folder, run = results_folder(args.checkpoint, args.output)
+    step = checkpoint_step(args.checkpoint)
+    loggers = None
+    if run is not None and step is not None and (run / CONFIG_FILE).is_file():
+        loggers = run_loggers_of(run, args.checkpoint)  # built, nothing written: bad saved entries refused first
     network, tokenizer = load_for_generation(args.checkpoint)
     network.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
@@ -105,29 +110,32 @@ def main(argv: list[str]) -> int:
         batch_size=args.batch_size,
         include=args.include,
     )
-    step = checkpoint_step(args.checkpoint)
     path = write_results(folder, results, step)
     print(markdown_table(results))
     print(f"results written to {path} and {path.with_suffix('.md')}")
-    if run is not None and step is not None and (run / CONFIG_FILE).is_file():
-        names = log_to_run(run, args.checkpoint, metrics(results), step)
-        print(f"logged at step {max(step - 1, 0)} to the run's loggers: {', '.join(names) or 'none configured'}")
+    if loggers is not None and step is not None:
+        log_once(loggers, metrics(results), step)
+        names = ", ".join(type(logger).__name__ for logger in loggers) or "none configured"
+        print(f"logged at step {max(step - 1, 0)} to the run's loggers: {names}")
     return 0
 
 
-def log_to_run(run: Path, checkpoint: str, values: dict[str, float], step: int) -> list[str]:
-    """Log ``values`` once to the loggers ``run`` trained with (its ``config.yaml``: CSV, TensorBoard, MLflow,
-    wandb), built as ``litune fit`` builds them, at the checkpoint's step; returns the loggers' class names.
-
-    Lightning logs the metrics of optimizer step ``k`` at step ``k - 1`` (the batch index), so a checkpoint saved
-    after ``k`` steps logs at ``k - 1``: the results sit on the last point of the training curves.
-    """
+def run_loggers_of(run: Path, checkpoint: str) -> list[Any]:
+    """The loggers ``run`` trained with (its ``config.yaml``: CSV, TensorBoard, MLflow, wandb), built as ``litune
+    fit`` builds them, continuing from ``checkpoint`` (the wandb run id it keeps)."""
     from litune.commands.fit import run_loggers
     from litune.runs import resolve_checkpoint
 
-    loggers = run_loggers(run, resolve_checkpoint(Path(checkpoint)))
+    return run_loggers(run, resolve_checkpoint(Path(checkpoint)))
+
+
+def log_once(loggers: list[Any], values: dict[str, float], step: int) -> None:
+    """Log ``values`` once to each logger at the step of a checkpoint saved after ``step`` optimizer steps.
+
+    Lightning logs the metrics of optimizer step ``k`` at step ``k - 1`` (the batch index), so the results sit on the
+    last point of the training curves up to that checkpoint.
+    """
     for logger in loggers:
         logger.log_metrics(values, step=max(step - 1, 0))
         logger.save()
         logger.finalize("success")  # MLflow: the run's eval results uploaded, the run marked finished again
-    return [type(logger).__name__ for logger in loggers]

@@ -498,18 +498,32 @@ def run_loggers(run_dir: Path, ckpt_path: str | Path | None = None) -> list[Logg
     saved name has ``<redacted>`` for a secret in the experiment name. Fields saved as ``<redacted>`` are left to their
     defaults (the environment supplies keys).
 
+    Only the logger part of ``config.yaml`` (``trainer.logger``, ``loggers``) is read: the rest (a callback or a data
+    module whose code is not importable here) cannot stop the metrics from being logged.
+
     Raises:
-        ConfigError: the run's ``config.yaml`` does not parse.
+        ConfigError: the run's saved logger entries do not parse.
     """
     from jsonargparse import ArgumentParser
 
     from litune.tracking.secrets import REDACTED
 
-    saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-    for key in ("ckpt_path", "weights_only"):  # the fit subcommand's own arguments, not the config's
-        saved.pop(key, None)
-    cfg = parse_config(["--config", yaml.safe_dump(saved)])
-    cfg.ckpt_path = str(ckpt_path) if ckpt_path is not None else None
+    saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--logger", type=list[Logger] | bool | None, default=True)  # trainer.logger's types
+    parser.add_argument("--loggers", type=list[str] | None, default=None)
+    saved_logger = (saved.get("trainer") or {}).get("logger", True)
+    try:
+        parsed = parser.parse_object({"logger": saved_logger, "loggers": saved.get("loggers")})
+    except ArgumentError as err:
+        lines = [line.strip(" -") for line in str(err).splitlines()]
+        noise = ("Does not validate", "Subtypes", "Errors:", "Expected a", "Given value")  # the Union's other members
+        reason = " ".join(line for line in lines[1:] if line and not line.startswith(noise)) or lines[0]
+        raise ConfigError(
+            "trainer.logger", f"{run_dir / CONFIG_FILE}: {reason}", "correct or remove that logger entry there"
+        ) from None
+    ckpt = str(ckpt_path) if ckpt_path is not None else None
+    cfg = Namespace(trainer=Namespace(logger=parsed.logger), loggers=parsed.loggers, ckpt_path=ckpt)
     add_loggers(cfg)
     for entry in _as_list(cfg.trainer.logger):
         args = entry.get("init_args") if isinstance(entry, Namespace) else None
@@ -523,10 +537,8 @@ def run_loggers(run_dir: Path, ckpt_path: str | Path | None = None) -> list[Logg
     entries = _loggers_in(run_dir, cfg.trainer.logger)
     if entries is False:
         return []
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--loggers", type=list[Logger])
-    built = parser.instantiate_classes(parser.parse_object({"loggers": [e.as_dict() for e in _as_list(entries)]}))
-    return list(built.loggers)
+    built = parser.instantiate_classes(Namespace(logger=_as_list(entries), loggers=None))
+    return list(built.logger)
 
 
 def parse_config(argv: list[str]) -> Namespace:
