@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
 from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
 """Bumped whenever the on-disk layout or the processing changes meaning, to invalidate old caches."""
@@ -92,3 +96,52 @@ def save(folder: Path, data: datasets.DatasetDict, key: dict, stats: dict) -> No
 def load(folder: Path) -> datasets.DatasetDict:
     """Memory-map a saved dataset."""
     return datasets.load_from_disk(str(folder))
+
+
+def prepare(root: str | Path, key: dict, build: Callable[[], tuple[datasets.DatasetDict, dict]], what: str) -> bool:
+    """Tokenize once: run ``build`` (``() -> (data, stats)``) and save its result under ``root`` unless a complete
+    build for ``key`` is already there. The data modules' ``prepare_data`` (local rank 0 under Lightning).
+
+    Args:
+        root: the cache root.
+        key: the full key (:func:`cache_key`).
+        build: makes the processed splits and their statistics.
+        what: the data's name in the log line.
+
+    Returns:
+        Whether the cache was hit (nothing was built).
+    """
+    folder = cache_folder(root, key)
+    if lookup(folder, key) is not None:
+        return True
+    data, stats = build()
+    save(folder, data, key, stats)
+    log.info("tokenized %s saved to %s", what, folder)
+    return False
+
+
+def open_prepared(
+    root: str | Path, key: dict, prepare_here: Callable[[], object], distributed: bool
+) -> tuple[datasets.DatasetDict, dict, bool]:
+    """The prepared splits for ``key``, memory-mapped (the data modules' ``setup``, every rank).
+
+    Args:
+        root: the cache root.
+        key: the full key (:func:`cache_key`).
+        prepare_here: the data module's ``prepare_data``, run when nothing is prepared and there is one process
+            (used outside a Trainer).
+        distributed: more than one process: a missing build is an error (``prepare_data`` did not run on this node).
+
+    Returns:
+        ``(data, stats, found)``: the splits, the stored statistics plus ``cache_folder``, and whether a complete
+        build was already there (prepared earlier, or by local rank 0 while this process waited).
+    """
+    folder = cache_folder(root, key)
+    stats = lookup(folder, key)
+    found = stats is not None
+    if not found:
+        if distributed:
+            raise RuntimeError(f"no prepared data at {folder}: prepare_data did not run on this node")
+        prepare_here()
+        stats = lookup(folder, key)
+    return load(folder), {**(stats or {}), "cache_folder": str(folder)}, found

@@ -184,15 +184,7 @@ class TextDataModule(L.LightningDataModule):
         """Tokenize into the cache unless an identical build is there (local rank 0 only, under Lightning)."""
         if self.spec.streaming:
             return
-        key = self._key()
-        folder = cache.cache_folder(self.cache_root, key)
-        if cache.lookup(folder, key) is not None:
-            self.cache_hit = True
-            return
-        self.cache_hit = False
-        data, counts = build(self.spec, self.tokenizer)
-        cache.save(folder, data, key, counts)
-        log.info("tokenized data saved to %s", folder)
+        self.cache_hit = cache.prepare(self.cache_root, self._key(), lambda: build(self.spec, self.tokenizer), "data")
 
     def setup(self, stage: str | None = None) -> None:
         """Load the cached rows (every rank), or wire the streaming pipeline."""
@@ -202,18 +194,10 @@ class TextDataModule(L.LightningDataModule):
             rank, world = self._rank_world()
             self.train_set, self.val_set = streaming_splits(self.spec, self.tokenizer, rank, world)
             return
-        key = self._key()
-        folder = cache.cache_folder(self.cache_root, key)
-        stats = cache.lookup(folder, key)
-        if stats is not None and self.cache_hit is None:
+        world = getattr(getattr(self, "trainer", None), "world_size", 1)
+        data, self.stats, found = cache.open_prepared(self.cache_root, self._key(), self.prepare_data, world > 1)
+        if found and self.cache_hit is None:
             self.cache_hit = True  # prepared earlier, or by rank 0 while this process waited
-        if stats is None:
-            if getattr(getattr(self, "trainer", None), "world_size", 1) > 1:
-                raise RuntimeError(f"no prepared data at {folder}: prepare_data did not run on this node")
-            self.prepare_data()  # used outside a Trainer: prepare here
-            stats = cache.lookup(folder, key)
-        data = cache.load(folder)
-        self.stats = {**(stats or {}), "cache_folder": str(folder)}
         # Row statistics depend on the batch size (padding), which is not part of the cache key: computed here.
         for split, rows in data.items():
             self.stats[split] = count_stats(rows, self.block_size, self.batch_size, self.pad_to_multiple_of)

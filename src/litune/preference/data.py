@@ -360,31 +360,17 @@ class PreferenceDataModule(TextDataModule):
         return self._cache_key
 
     def prepare_data(self) -> None:
-        key = self._key()
-        folder = cache.cache_folder(self.cache_root, key)
-        if cache.lookup(folder, key) is not None:
-            self.cache_hit = True
-            return
-        self.cache_hit = False
-        data, counts = build(self.spec, self.tokenizer)
-        cache.save(folder, data, key, counts)
-        log.info("tokenized preference data saved to %s", folder)
+        self.cache_hit = cache.prepare(
+            self.cache_root, self._key(), lambda: build(self.spec, self.tokenizer), "preference data"
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        key = self._key()
-        folder = cache.cache_folder(self.cache_root, key)
-        stats = cache.lookup(folder, key)
-        if stats is None:
-            if self._rank_world()[1] > 1:
-                raise RuntimeError(f"no prepared data at {folder}: prepare_data did not run on this node")
-            self.prepare_data()
-            stats = cache.lookup(folder, key)
-        elif self.cache_hit is None:
+        distributed = self._rank_world()[1] > 1
+        data, self.stats, found = cache.open_prepared(self.cache_root, self._key(), self.prepare_data, distributed)
+        if found and self.cache_hit is None:
             self.cache_hit = True
-        data = cache.load(folder)
-        self.stats = {**(stats or {}), "cache_folder": str(folder)}
         self.train_set = data["train"]
         self.val_set = data["validation"] if "validation" in data else None
 
