@@ -102,9 +102,9 @@ def test_losses_and_gradients_are_finite_at_extreme_logps(loss_type: str) -> Non
     [
         ({"beta": 0.0}, "model.preference.beta"),
         ({"beta": -0.1}, "model.preference.beta"),
-        ({"type": "dpo2"}, "model.preference.loss"),
+        ({"loss": "dpo2"}, "model.preference.loss"),
         ({"label_smoothing": 0.5}, "model.preference.label_smoothing"),
-        ({"type": "hinge", "label_smoothing": 0.1}, "model.preference.label_smoothing"),
+        ({"loss": "hinge", "label_smoothing": 0.1}, "model.preference.label_smoothing"),
         ({"nll_weight": -1.0}, "model.preference.nll_weight"),
     ],
 )

@@ -37,10 +37,11 @@ FIELD = "model.preference"
 
 @dataclass(frozen=True)
 class PreferenceLoss:
-    """Which preference loss, and its settings (the loss fields of ``model.preference`` in a config).
+    """Which preference loss, and its settings: the loss fields of ``model.preference`` in a config (their one
+    definition: :class:`litune.preference.objective.Preference` adds the reference and log-prob settings).
 
     Args:
-        type: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``simpo`` (reference-free, length-normalised, margin ``gamma``),
+        loss: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``simpo`` (reference-free, length-normalised, margin ``gamma``),
             ``orpo`` (reference-free: NLL on chosen plus ``beta`` times the log odds-ratio term) or ``kto``
             (unpaired desirable/undesirable examples).
         beta: the inverse temperature (DPO, hinge, SimPO, KTO), IPO's regularisation ``tau``, ORPO's ``lambda``.
@@ -55,7 +56,7 @@ class PreferenceLoss:
             rewards at 0 (Eisenstein et al. 2023).
     """
 
-    type: LossType = "sigmoid"
+    loss: LossType = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     gamma: float = 0.5
@@ -65,9 +66,14 @@ class PreferenceLoss:
     margin: float = 0.0
     center_rewards_coefficient: float | None = None
 
+    @property
+    def type(self) -> str:
+        """The loss type (``loss``)."""
+        return self.loss
+
     def __post_init__(self) -> None:
-        if self.type not in LOSS_TYPES:
-            raise ConfigError(f"{FIELD}.loss", f"{self.type!r} is not a preference loss", f"use one of {LOSS_TYPES}")
+        if self.loss not in LOSS_TYPES:
+            raise ConfigError(f"{FIELD}.loss", f"{self.loss!r} is not a preference loss", f"use one of {LOSS_TYPES}")
         if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(
                 f"{FIELD}.beta", f"beta={self.beta!r} must be a positive number", "use e.g. beta: 0.1 (DPO)"

@@ -22,7 +22,7 @@ and ranks divided by the step's pair count: exact, not means of means.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -49,20 +49,14 @@ _STATS = ("pair_loss", "nll", "chosen_reward", "rejected_reward", "correct", "ma
 
 
 @dataclass(frozen=True)
-class Preference:
+class Preference(PreferenceLoss):
     """``model.preference``: train on preference data with this loss (``configs/dpo.yaml``, ``configs/preference/``).
 
+    The loss fields (``loss``, ``beta``, ``label_smoothing``, ``gamma``, ``nll_weight``, ``desirable_weight``,
+    ``undesirable_weight``, ``margin``, ``center_rewards_coefficient``) and their checks are
+    :class:`litune.preference.losses.PreferenceLoss`'s; this class adds how the reference and the log-probs are made.
+
     Args:
-        loss: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``simpo``, ``orpo`` or ``kto`` (see
-            :mod:`litune.preference.losses`).
-        beta: the loss's inverse temperature (IPO's ``tau``, ORPO's ``lambda``); > 0.
-        label_smoothing: conservative DPO / SimPO, in ``[0, 0.5)``.
-        gamma: SimPO's target margin.
-        nll_weight: weight of an NLL term on the chosen responses (RPO); ORPO's SFT term (default 1 there).
-        desirable_weight: KTO's weight of desirable examples.
-        undesirable_weight: KTO's weight of undesirable examples.
-        margin: ``bradley_terry`` (reward models, :class:`litune.models.reward.HFRewardModel`): the score margin.
-        center_rewards_coefficient: ``bradley_terry``: weight of ``(r_chosen + r_rejected)^2``.
         reference: ``auto`` (``adapters`` when the model trains adapters, else ``copy``; ``none`` for SimPO/ORPO),
             ``copy`` (a frozen copy of the initial policy), ``adapters`` (the policy with adapters disabled),
             ``precomputed`` (one pass over the data before training, cached beside the tokenized data) or ``none``.
@@ -71,21 +65,12 @@ class Preference:
         disable_dropout: set the policy's dropout to 0 (as TRL does), so policy and reference agree at the start.
     """
 
-    loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto", "bradley_terry"] = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    gamma: float = 0.5
-    nll_weight: float | None = None
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
-    margin: float = 0.0
-    center_rewards_coefficient: float | None = None
     reference: ReferenceMode = "auto"
     logps_chunk_size: int | None = 1024
     disable_dropout: bool = True
 
     def __post_init__(self) -> None:
-        self.loss_config()  # validates the loss settings
+        super().__post_init__()  # the loss settings
         if self.reference not in ("auto", "copy", "adapters", "precomputed", "none"):
             raise ConfigError(
                 f"{FIELD}.reference", f"{self.reference!r} is not a reference", "use auto, copy, adapters, precomputed"
@@ -105,10 +90,6 @@ class Preference:
         chunk = self.logps_chunk_size
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ConfigError(f"{FIELD}.logps_chunk_size", f"{chunk!r} is not a positive int", "use e.g. 1024, or null")
-
-    def loss_config(self) -> PreferenceLoss:
-        names = {f.name for f in fields(PreferenceLoss)} - {"type"}
-        return PreferenceLoss(type=self.loss, **{n: getattr(self, n) for n in names})
 
     def reference_mode(self, has_adapters: bool) -> str:
         """The resolved reference: ``copy``, ``adapters``, ``precomputed`` or ``none``."""
@@ -157,7 +138,7 @@ class PreferenceObjective:
 
     def __init__(self, config: Preference, network: nn.Module, has_adapters: bool) -> None:
         self.config = config
-        self.loss = config.loss_config()
+        self.loss: PreferenceLoss = config
         self.mode = config.reference_mode(has_adapters)
         self.reference: nn.Module | None = None
         self.reference_fingerprint: str | None = None
