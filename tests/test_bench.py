@@ -7,7 +7,9 @@ and writes its JSON, and that litune and the hand-written loop, fed the same bat
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +42,27 @@ def test_overhead_quick_mode_litune_and_the_loop_train_the_same(tmp_path: Path) 
     assert [s for s, _ in tiny["litune"]["losses"]] == [s for s, _ in tiny["loop"]["losses"]] == list(range(6))
     for (_, mine), (_, theirs) in zip(tiny["litune"]["losses"], tiny["loop"]["losses"], strict=True):
         assert abs(mine - theirs) < 1e-5
+
+
+@pytest.mark.slow
+def test_dpo_quick_mode_runs_litune_and_trl_side_by_side(tmp_path: Path) -> None:
+    """``bench_dpo.py --quick`` (not in gpu.sh's dry run; ~37 s on the loaded 2-core machine, hence slow): both sides
+    time every step, the ratio is their medians', and one DPO step from policy == reference gives ln 2 on the plain
+    and on the chunked log-prob path."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    cmd = [sys.executable, str(REPO / "bench" / "bench_dpo.py"), "--quick", "--json", str(tmp_path / "d.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "| median step (s) |" in proc.stdout and "| peak (MiB) |" in proc.stdout
+    report = json.loads((tmp_path / "d.json").read_text())
+    steps, warmup = report["args"]["steps"], report["args"]["warmup"]
+    times = report["step_time_s"]
+    assert {side: len(t) for side, t in times["all"].items()} == {"litune": steps, "trl": steps}
+    medians = {side: statistics.median(t[warmup:]) for side, t in times["all"].items()}
+    assert medians == times["median"] and times["ratio_litune_over_trl"] == medians["litune"] / medians["trl"]
+    for path in ("plain", "chunked"):
+        assert abs(report["memory"][path]["loss"] - math.log(2)) < 1e-6, path
+        assert report["memory"][path]["peak"] > 0
 
 
 def check_outputs(out: Path) -> None:
