@@ -7,6 +7,7 @@ weights; Adam would hide a constant factor). Nothing is mocked.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from functools import partial
@@ -216,17 +217,56 @@ def test_precomputed_reference_trains_what_the_live_one_trains_and_is_cached(pai
 
 
 # ---------------------------------------------------------------------------------------------- KTO
+def _hand_logp(network: torch.nn.Module, prompt: list[int], response: list[int]) -> float:
+    """float64 ``sum_t log p(response_t | prompt, response_<t)`` of one unpadded row, from the network's logits."""
+    ids = torch.tensor([prompt + response])
+    logps = network(ids).logits[0].double().log_softmax(-1)  # position t predicts token t + 1
+    return sum(float(logps[len(prompt) + t - 1, tok]) for t, tok in enumerate(response))
+
+
 def test_kto_trains_on_unpaired_examples() -> None:
+    """The logged KTO loss and ``z0`` of a step whose policy differs from the reference equal a float64 hand
+    computation of Ethayarajh et al.'s eq. 7 (TRL's ``kto_loss``) from the networks' own logits: ``z0`` is the mean
+    log-ratio of each prompt with the next example's completion, clamped at 0 (positive here, so the clamp is not what
+    holds), and each example's loss is ``w_d (1 - s(b (r - z0)))`` or ``w_u (1 - s(b (z0 - r)))``. A KTO without
+    ``z0``, or with the weights swapped, is shown to miss the logged value."""
     g = torch.Generator().manual_seed(0)
     rows = [{"prompt_ids": torch.randint(1, VOCAB, (3,), generator=g).tolist(),
              "completion_ids": torch.randint(1, VOCAB, (1 + i % 5,), generator=g).tolist(), "desirable": i % 3 != 0}
             for i in range(8)]  # fmt: skip
-    module = system(Preference(loss="kto", beta=0.5, logps_chunk_size=16))
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+    beta, w_d, w_u = 0.5, 1.0, 1.7
+    module = system(Preference(loss="kto", beta=beta, undesirable_weight=w_u, logps_chunk_size=16))
+    with torch.no_grad():  # move the frozen reference copy away from the policy (noise makes it worse: z0 > 0)
+        for p in module.preference.reference.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    policy, reference = copy.deepcopy(module.network).double(), copy.deepcopy(module.preference.reference).double()
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)  # fmt: skip
-    trainer.fit(module, DataLoader(rows, batch_size=4, collate_fn=PreferenceCollator(0, unpaired=True, max_length=64)))
-    metrics = trainer.callback_metrics
-    assert math.isfinite(float(metrics["train/loss"])) and float(metrics["train/kl"]) >= 0
+    trainer.fit(module, DataLoader(rows, batch_size=8, collate_fn=PreferenceCollator(0, unpaired=True, max_length=64)))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    def ratio(prompt: list[int], response: list[int]) -> float:
+        return _hand_logp(policy, prompt, response) - _hand_logp(reference, prompt, response)
+
+    with torch.no_grad():
+        mismatched = [ratio(r["prompt_ids"], rows[(i + 1) % 8]["completion_ids"]) for i, r in enumerate(rows)]
+        ratios = [ratio(r["prompt_ids"], r["completion_ids"]) for r in rows]
+    z0 = max(sum(mismatched) / 8, 0.0)
+    assert z0 > 0.05  # the clamp is not what holds
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+
+    def kto_mean(z: float, good_w: float, bad_w: float) -> float:
+        return sum(good_w * (1 - sig(beta * (r - z))) if row["desirable"] else bad_w * (1 - sig(beta * (z - r)))
+                   for r, row in zip(ratios, rows, strict=True)) / 8  # fmt: skip
+
+    assert abs(metrics["train/kl"] - z0) < 1e-4 * max(1.0, z0)
+    assert abs(metrics["train/loss"] - kto_mean(z0, w_d, w_u)) < 1e-5
+    desirable = [r["desirable"] for r in rows]
+    rewards = [beta * r for r in ratios]
+    chosen = sum(x for x, d in zip(rewards, desirable, strict=True) if d) / 8
+    assert abs(metrics["train/rewards/chosen"] - chosen) < 1e-5
+    for wrong in (kto_mean(0.0, w_d, w_u), kto_mean(z0, w_u, w_d), kto_mean(-z0, w_d, w_u)):  # teeth
+        assert abs(metrics["train/loss"] - wrong) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- data
