@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader
 
 from litune.data.text import TextDataModule
 from litune.data.tokenizer import TrainedBPE
@@ -393,3 +394,31 @@ def make_dm(tmp: Path, path: str, **kw) -> TextDataModule:
     kw.setdefault("block_size", 32)
     kw.setdefault("batch_size", 4)
     return TextDataModule(make_tokenizer(tmp), path=path, cache_dir=str(tmp / "cache"), **kw)
+
+
+# --- in-process training on random token rows (the LightningModule and adapter tests) --------------------------------
+
+
+def random_batches(vocab_size: int, n: int = 16, seq: int = 12) -> DataLoader:
+    """``n`` seeded rows of ``seq`` random tokens in batches of 4: ``input_ids``/``labels`` ``[4, seq]``, no padding."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (n, seq), generator=g)
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in ids]
+    return DataLoader(rows, batch_size=4)
+
+
+def fit_in_process(system: LightningModule, steps: int, vocab_size: int, precision: str = "32-true") -> Trainer:
+    """Train ``system`` for ``steps`` optimizer steps on ``random_batches(vocab_size)`` with a bare CPU Trainer."""
+    trainer = Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(system, random_batches(vocab_size))
+    return trainer

@@ -16,6 +16,7 @@ from litune.models.hf import HFCausalLM
 from litune.models.output import IGNORE_INDEX, causal_lm_output
 from litune.module import LitLM
 from litune.optim import LRSchedule, param_groups
+from litune_testing import fit_in_process, random_batches
 
 VOCAB = 300
 
@@ -25,26 +26,12 @@ def tiny_network(seed: int = 0) -> HFCausalLM:
     return HFCausalLM(config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": VOCAB})
 
 
-def batches(n: int = 16, seq: int = 12) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (n, seq), generator=g)
-    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in ids]
-    return DataLoader(rows, batch_size=4)
+def batches() -> DataLoader:
+    return random_batches(VOCAB)
 
 
 def fit(system: LitLM, steps: int) -> L.Trainer:
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(system, batches())
-    return trainer
+    return fit_in_process(system, steps, VOCAB)
 
 
 OPTIMIZERS = {

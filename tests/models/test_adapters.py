@@ -14,7 +14,6 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -36,9 +35,11 @@ from litune_testing import (
     TINY,
     assert_matches,
     fit_args,
+    fit_in_process,
     litune_env,
     probe,
     probe_input_ids,
+    random_batches,
     run_litune,
     the_run,
 )
@@ -49,25 +50,12 @@ LORA = str(REPO / "configs" / "peft" / "lora.yaml")
 LORA_PARAMS = 2 * 8 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
 
 
-def batches(n: int = 16, seq: int = 12) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (n, seq), generator=g)
-    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in ids]
-    return DataLoader(rows, batch_size=4)
+def batches() -> DataLoader:
+    return random_batches(VOCAB)
 
 
 def fit(system: LitLM, steps: int, precision: str = "32-true") -> None:
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(system, batches())
+    fit_in_process(system, steps, VOCAB, precision)
 
 
 def networks(tiny_gpt2_dir: Path) -> dict[str, callable]:
