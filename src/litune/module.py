@@ -214,10 +214,26 @@ class LitLM(L.LightningModule):
             if self.preference is not None:  # pairs, chosen tokens and all response tokens
                 count = units_counter(self.network, self.preference.loss.unpaired)
             install_look_ahead(self.trainer, count)
+        if self.preference is not None:
+            self._check_preference_layout()
         if self.preference is not None and self.preference.mode == "precomputed":
             self._precompute_reference()
         if self._adapters_only() and describe(self.trainer.strategy).excludes_frozen_parameters:
             self.trainer.strategy.exclude_frozen_parameters = True  # DeepSpeed writes its module states: no base
+
+    def _check_preference_layout(self) -> None:
+        """Refuse preference batches laid out for the other kind of network: an encoder-decoder fed prompt+response
+        as one source would train on the wrong log-probs (and a decoder fed seq2seq batches would see no prompt)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batches = getattr(datamodule, "encoder_decoder", None)
+        network = getattr(self.network, "targets_from_labels", None) is not None  # Seq2SeqLM: unshifted targets
+        if batches is not None and bool(batches) != network:
+            kind = "an encoder-decoder" if network else "a decoder-only"
+            raise ConfigError(
+                "data.init_args.encoder_decoder",
+                f"encoder_decoder={bool(batches)}, but the model is {kind} network",
+                f"set data.init_args.encoder_decoder: {str(network).lower()}",
+            )
 
     def _precompute_reference(self) -> None:
         """``reference: precomputed``: one pass of the frozen reference over the data, cached beside it; the copy is

@@ -17,6 +17,10 @@ are never dropped silently.
 Batches (:class:`PreferenceCollator`): ``input_ids``/``attention_mask``/``labels`` of ``2P`` rows, the ``P`` chosen
 sequences first and then the ``P`` rejected ones (labels ``-100`` on prompts and padding); KTO batches have one row
 per example, ``desirable`` and the ``kl_*`` rows pairing each prompt with the next example's completion.
+
+For an encoder-decoder (litune's :class:`~litune.models.seq2seq.Seq2SeqLM`, ``encoder_decoder: true``) the same rows
+collate as seq2seq batches: the prompt is the encoder's source (``input_ids``/``attention_mask``) and the response the
+decoder's target (``labels``, ``-100`` on padding), so the per-sequence log-probs are the decoder's over the response.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from litune.data import cache, sources
-from litune.data.collate import PadCollator
+from litune.data.collate import PadCollator, Seq2SeqCollator
 from litune.data.formats import DEFAULT_CHAT_TURN_TEMPLATE
 from litune.data.rows import locate, row_error
 from litune.data.text import TextDataModule
@@ -250,14 +254,19 @@ class PreferenceCollator:
         unpaired: KTO examples instead of pairs.
         max_length: KTO's mismatched ``kl_*`` rows are cut to this many tokens.
         pad_to_multiple_of: round the padded length up to this.
+        encoder_decoder: prompt -> source ``input_ids [B, S]``, response -> target ``labels [B, T]`` (seq2seq
+            batches) instead of one ``[B, T]`` sequence with ``-100`` on the prompt.
     """
 
     pad_token_id: int
     unpaired: bool = False
     max_length: int | None = None
     pad_to_multiple_of: int = 8
+    encoder_decoder: bool = False
 
     def _pad(self, seqs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        if self.encoder_decoder:
+            return Seq2SeqCollator(self.pad_token_id)([{"input_ids": p, "labels": r} for p, r in seqs])
         rows = [{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r} for p, r in seqs]
         return PadCollator(self.pad_token_id, self.pad_to_multiple_of)(rows)
 
@@ -306,6 +315,8 @@ class PreferenceDataModule(TextDataModule):
         shuffle: shuffle training rows every epoch.
         pad_to_multiple_of: pad batches to a multiple of this.
         cache_dir: cache root (default ``$LITUNE_CACHE`` or ``~/.cache/litune``).
+        encoder_decoder: batches for an encoder-decoder (``Seq2SeqLM``): prompts as the encoder's source, responses
+            as the decoder's targets (the tokenized rows and their cache are the same).
     """
 
     def __init__(
@@ -328,6 +339,7 @@ class PreferenceDataModule(TextDataModule):
         shuffle: bool = True,
         pad_to_multiple_of: int = 8,
         cache_dir: str | None = None,
+        encoder_decoder: bool = False,
     ) -> None:
         L.LightningDataModule.__init__(self)
         if batch_size < 1:
@@ -353,6 +365,7 @@ class PreferenceDataModule(TextDataModule):
         self._resume = None
         self._cache_key: dict | None = None
         self._reference_attached: str | None = None
+        self.encoder_decoder = encoder_decoder
 
     def _key(self) -> dict:
         if self._cache_key is None:
@@ -376,7 +389,11 @@ class PreferenceDataModule(TextDataModule):
 
     def collator(self) -> PreferenceCollator:
         return PreferenceCollator(
-            self.tokenizer.pad_token_id, self.spec.format == "unpaired", self.spec.max_length, self.pad_to_multiple_of
+            self.tokenizer.pad_token_id,
+            self.spec.format == "unpaired",
+            self.spec.max_length,
+            self.pad_to_multiple_of,
+            self.encoder_decoder,
         )
 
     def attach_reference_logps(self, compute, fingerprint: str) -> None:
