@@ -144,6 +144,17 @@ def run_litune(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return proc
 
 
+def tiny_args(corpus_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
+    """``tests/configs/tiny.yaml`` on the ``corpus_dir`` documents with the ``tokenizer_dir`` tokenizer, then ``extra``
+    (no subcommand): the arguments every tiny ``litune`` run starts from."""
+    return [
+        "--config", str(TINY),
+        f"--model.tokenizer={tokenizer_dir}",
+        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}",
+        *extra,
+    ]  # fmt: skip
+
+
 def fit_args(root: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str, steps: int = FIRST) -> list[str]:
     """``litune fit`` arguments for the tiny run under ``root`` (no subcommand): global batch 8, fp32, clipped, probed.
 
@@ -159,18 +170,16 @@ def fit_args(root: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str, ste
         # A made-up peak (the CPU has none), so that MFU is logged and can be checked under every strategy.
         {"class_path": "litune.callbacks.ThroughputMonitor", "init_args": {"peak_flops": PEAK_FLOPS}},
     ]
-    return [
-        "--config", str(TINY),
-        f"--model.tokenizer={tokenizer_dir}",
+    return tiny_args(
+        corpus_dir, tokenizer_dir,
         f"--model.network.init_args.config={json.dumps(NETWORK)}",
-        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}",
         "--data.init_args.batch_size=4", "--global_batch_size=8",
         f"--runs_dir={root / 'runs'}",
         f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.precision=32-true",
         "--trainer.gradient_clip_val=0.1",  # small enough to clip every step: clipping must agree across strategies
         f"--trainer.callbacks={json.dumps(callbacks)}",
         *extra,
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 def the_run(root: Path) -> Path:

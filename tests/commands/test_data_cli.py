@@ -7,18 +7,11 @@ from pathlib import Path
 
 from litune.cli import main
 from litune.commands.fit import LituneCLI
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+from litune_testing import tiny_args
 
 
 def _args(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(TINY),
-        f"--model.tokenizer={tokenizer_dir}",
-        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}",
-        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
-        *extra,
-    ]  # fmt: skip
+    return tiny_args(corpus_dir, tokenizer_dir, f"--data.init_args.cache_dir={tmp_path / 'cache'}", *extra)
 
 
 def test_prepare_prints_stats_and_fit_reuses_the_cache(tmp_path, corpus_dir, tokenizer_dir, capsys) -> None:

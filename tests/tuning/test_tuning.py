@@ -15,6 +15,7 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
+import litune_testing
 from litune.cli import main as litune_main
 from litune.errors import ConfigError
 from litune.tuning.batch_size import Probe, _cuda_peak_gib, find_largest, judge, run_probe, split_global_batch
@@ -23,13 +24,7 @@ from litune_testing import LITUNE, TINY, litune_env, run_litune
 
 
 def tiny_args(corpus_dir: Path, tokenizer_dir: Path, runs: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(TINY),
-        f"--model.tokenizer={tokenizer_dir}",
-        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}",
-        f"--runs_dir={runs}",
-        *extra,
-    ]  # fmt: skip
+    return litune_testing.tiny_args(corpus_dir, tokenizer_dir, f"--runs_dir={runs}", *extra)
 
 
 # ---------------------------------------------------------------------------------------------- learning-rate finder
