@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from litune.cli import main
+from litune.commands.fit import check_preference_reference_strategy, parse_config
 from litune.errors import ConfigError
 from litune.models.adapters import Adapters
 from litune.models.hf import HFCausalLM
@@ -407,6 +408,21 @@ def test_bad_preference_settings_name_the_field_and_the_fix(settings, field, wor
     assert err.value.field == field and err.value.fix
     for word in words:
         assert word in str(err.value)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_zero3"])
+def test_a_frozen_reference_copy_is_refused_under_zero3_and_fsdp2(strategy, tokenizer_dir, tmp_path, capsys) -> None:
+    """The copy is not sharded with the policy: refused before any process starts (exit 2, nothing written)."""
+    args = ["fit", "--config", str(REPO / "configs" / "dpo.yaml"), "--config",
+            str(REPO / "configs" / "strategy" / f"{strategy}.yaml"), f"--model.tokenizer={tokenizer_dir}",
+            f"--runs_dir={tmp_path / 'runs'}"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "model.preference.reference" in err and "not sharded" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    # A reference-free loss keeps no copy: not refused.
+    simpo = parse_config([*args[1:], "--config", str(REPO / "configs" / "preference" / "simpo.yaml")])
+    check_preference_reference_strategy(simpo)
 
 
 def test_the_cli_refuses_a_bad_preference_config_before_training(tokenizer_dir, tmp_path, capsys) -> None:

@@ -402,6 +402,7 @@ def check_config(cfg: Namespace) -> None:
     check_trainer_config(cfg.trainer)  # fp16 on CPU, devices > cores, ...
     check_compile(cfg)
     check_adapters_strategy(cfg)
+    check_preference_reference_strategy(cfg)
     check_parallel_layout(cfg)
 
 
@@ -411,6 +412,36 @@ def check_adapters_strategy(cfg: Namespace) -> None:
         return
     if describe_trainer(cfg.trainer).fsdp2:
         raise adapters_unsupported()
+
+
+def check_preference_reference_strategy(cfg: Namespace) -> None:
+    """Refuse a frozen reference copy (``reference: copy``/``precomputed``, or ``auto`` without adapters) under
+    DeepSpeed ZeRO-3 or FSDP2, before any process is spawned: the copy is made by ``copy.deepcopy`` of the policy,
+    which is not sharded like it (held whole on every rank, or copied from ZeRO-3's parameter placeholders), and
+    neither strategy is tested with it. Reference-free losses and ZeRO-3 with adapters (the base with adapters
+    disabled) keep no copy and are not refused."""
+    preference = cfg.model.get("preference") if cfg.get("model") else None
+    if preference is None:
+        return
+    spec = describe_trainer(cfg.trainer)
+    if not (spec.fsdp2 or (spec.deepspeed and spec.stage == 3)):
+        return
+    from litune.preference.losses import REFERENCE_FREE
+
+    loss, reference = getattr(preference, "loss", "sigmoid"), getattr(preference, "reference", "auto")
+    if loss in REFERENCE_FREE:
+        return
+    mode = ("adapters" if cfg.model.get("adapters") is not None else "copy") if reference == "auto" else reference
+    if mode not in ("copy", "precomputed"):
+        return
+    strategy = "FSDP2" if spec.fsdp2 else "DeepSpeed ZeRO-3"
+    raise ConfigError(
+        "model.preference.reference",
+        f"reference={reference} ({mode}) keeps a frozen copy of the policy, which is not sharded under {strategy} "
+        "(it would be held whole on every rank, or copied from partitioned parameters)",
+        "use DDP or DeepSpeed ZeRO-1/2 (configs/strategy/deepspeed_zero2.yaml), a reference-free loss (simpo, orpo), "
+        "or under ZeRO-3 train adapters (model.adapters: the reference is the base with adapters disabled)",
+    )
 
 
 def check_parallel_layout(cfg: Namespace) -> None:
