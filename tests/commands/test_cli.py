@@ -1,4 +1,4 @@
-"""The ``litune`` command end to end, as a user runs it: fit, resume, generate, and the errors for bad input."""
+"""The ``litune`` command end to end, as a user runs it: fit, resume, generate (bad input: tests/test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,14 @@ import pytest
 import torch
 import yaml
 
+import litune_testing
 from litune.cli import SUBCOMMANDS, main
 from litune.commands.generate import build_parser, generate_texts, load_for_generation
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
+from litune_testing import REPO
 
 
 def tiny_args(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--config", TINY,
-        f"--model.tokenizer={tokenizer_dir}",
-        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}",
-        f"--runs_dir={tmp_path / 'runs'}",
-        *extra,
-    ]  # fmt: skip
+    return litune_testing.tiny_args(corpus_dir, tokenizer_dir, f"--runs_dir={tmp_path / 'runs'}", *extra)
 
 
 @pytest.fixture(autouse=True)
@@ -152,47 +145,6 @@ def test_bare_litune_lists_every_subcommand(capsys) -> None:
     assert all(name in out for name in SUBCOMMANDS)  # every subcommand, read from the one list
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "litune.cli", *args], capture_output=True, text=True, timeout=300,
-        env={**os.environ, "LITUNE_RUN_DIR": ""},
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    ("override", "expected"),
-    [
-        (["--model.optimizer.init_args.lr=-0.01"], "learning rate"),
-        (["--model.optimizer.init_args.lr=0"], "learning rate"),
-        (["--data.init_args.block_size=4096"], "block_size=4096 is longer than the model's context of 64"),
-        (["--data.init_args.path=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
-        (["--data.init_args.text_column=body"], "body"),
-    ],
-)
-def test_bad_config_fails_before_training_with_one_paragraph_and_no_traceback(
-    tmp_path, corpus_dir, tokenizer_dir, override, expected
-) -> None:
-    result = run_cli("fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir, *override))
-    assert result.returncode != 0
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not list((tmp_path / "runs").glob("*/checkpoints")), "nothing trained"
-
-
-def test_unknown_optimizer_name_is_rejected_naming_the_field(tmp_path, corpus_dir, tokenizer_dir) -> None:
-    result = run_cli("fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir, "--model.optimizer=torch.optim.AdamX"))
-    assert result.returncode != 0
-    assert "optimizer" in result.stderr and "AdamX" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_empty_dataset_is_rejected(tmp_path, corpus_dir, tokenizer_dir) -> None:
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    result = run_cli("fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir, f"--data.init_args.path={empty}"))
-    assert result.returncode != 0 and "empty" in result.stderr.lower() and "Traceback" not in result.stderr
-
-
 def remote_code_folder(root: Path, side_effect: Path) -> Path:
     """A local model folder whose config.json asks for its own code (``auto_map``), code that leaves ``side_effect``."""
     folder = root / "remote-code-model"
@@ -219,8 +171,7 @@ def test_a_model_folder_that_asks_for_remote_code_is_refused_and_its_code_never_
     side_effect = tmp_path / "remote-code-ran"
     folder = remote_code_folder(tmp_path, side_effect)
     argv = [
-        "fit", "--config", str(TINY), f"--model.tokenizer={tokenizer_dir}",
-        f"--data.init_args.path={corpus_dir / 'docs.jsonl'}", f"--runs_dir={tmp_path / 'runs'}",
+        "fit", *tiny_args(tmp_path, corpus_dir, tokenizer_dir),
         f"--model.network.init_args.pretrained={folder}", "--model.network.init_args.config=null",
     ]  # fmt: skip
     assert main(argv) == 2

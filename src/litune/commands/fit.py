@@ -7,6 +7,7 @@ only when one of these subcommands runs, so ``litune --help`` and the light subc
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
@@ -298,8 +299,9 @@ class LituneCLI(LightningCLI):
         except ConfigError:
             raise
         except (MisconfigurationException, ValueError, TypeError, KeyError) as err:
+            message = _first_lines(err)
             raise ConfigError(
-                "trainer", _first_lines(err), "fix the trainer setting it names (`litune fit --help` lists them)"
+                _trainer_field(message), message, "fix the trainer setting it names (`litune fit --help` lists them)"
             ) from None
 
     def before_fit(self) -> None:
@@ -386,6 +388,14 @@ def _set_dist_timeout(trainer: Trainer | None, seconds: float | None) -> None:
 
 def _first_lines(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def _trainer_field(message: str) -> str:
+    """``trainer.X`` for the first Trainer argument a constructor error quotes as ``X=`` (Lightning's
+    ``strategy='foo'``), else ``trainer``."""
+    arguments = inspect.signature(Trainer).parameters
+    named = [name for name in re.findall(r"(\w+)=", message) if name in arguments]
+    return f"trainer.{named[0]}" if named else "trainer"
 
 
 def _option_names(parser: Any) -> list[str]:
