@@ -13,17 +13,14 @@ import math
 import sys
 
 from litune.errors import CommandParser, ConfigError
+from litune.serving import add_checkpoint_argument
 
 HELP = "litune chat: type a message and press Enter; /reset starts over, /exit quits."
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="litune chat", description=__doc__)
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="A run folder, .ckpt, Hugging Face model folder or hub id, merged export, or adapter folder.",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument("--max-tokens", type=int, default=256, help="Most tokens per reply.")
     parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy (always the likeliest token).")
     parser.add_argument("--top-p", type=float, default=1.0)

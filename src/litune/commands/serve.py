@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from litune.errors import CommandParser, ConfigError
+from litune.serving import add_checkpoint_argument
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 """The addresses LitServe binds to: local only (the default), or every IPv4 / IPv6 interface."""
@@ -17,11 +18,7 @@ HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="litune serve", description=__doc__)
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="A run folder, .ckpt, Hugging Face model folder or hub id, merged export, or adapter folder.",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (this machine only), 0.0.0.0 or ::.")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=8, help="Most requests decoded together.")
