@@ -179,7 +179,7 @@ CONFIG_CASES = {
                                        "model.network.init_args.config.eos_token_id", "[0, 512)"),
     "unknown model type": ([HF + "{model_type: gpt9}"], "model.network.init_args.config", "gpt9"),
     "heads do not divide width: HF gpt2": ([HF + "{model_type: gpt2, vocab_size: 512, n_embd: 32, n_head: 3}"],
-                                           "model.network.init_args", "divisible"),
+                                           "model.network.init_args.config", "divisible"),
     "heads do not divide width: HF llama": ([HF + "{model_type: llama, vocab_size: 512, hidden_size: 32, "
                                              "num_attention_heads: 3, num_hidden_layers: 1, intermediate_size: 64}"],
                                             "model.network.init_args.config", "multiple"),

@@ -262,7 +262,7 @@ class HFCausalLM(nn.Module):
 
     def _build(self) -> None:
         """Create ``self.model``: load the pretrained weights or initialise a fresh model from the config."""
-        field = "model.network.init_args.pretrained" if self.pretrained else "model.network.init_args"
+        field = "model.network.init_args.pretrained" if self.pretrained else "model.network.init_args.config"
         with transformers_errors(field):
             if self.pretrained is not None:
                 self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
