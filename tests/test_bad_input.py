@@ -177,6 +177,8 @@ CONFIG_CASES = {
     "eos id outside the vocabulary": ([HF + "{model_type: gpt2, vocab_size: 512, n_embd: 32, n_head: 2, n_layer: 1, "
                                         "eos_token_id: 1000000000000}"],
                                        "model.network.init_args.config.eos_token_id", "[0, 512)"),
+    "unknown attention implementation": (["--model.network.init_args.attn_implementation=no-such-kernel"],
+                                         "model.network.init_args.attn_implementation", "sdpa"),
     "unknown model type": ([HF + "{model_type: gpt9}"], "model.network.init_args.config", "gpt9"),
     "heads do not divide width: HF gpt2": ([HF + "{model_type: gpt2, vocab_size: 512, n_embd: 32, n_head: 3}"],
                                            "model.network.init_args.config", "divisible"),

@@ -14,7 +14,7 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from litune.errors import ConfigError
+from litune.errors import NETWORK_FIELD, ConfigError
 from litune.models.chunked_loss import check_chunk_size, chunked_lm_output, use_chunked_loss
 from litune.models.flops import matmul_weights
 from litune.models.generation import SamplingSettings
@@ -152,6 +152,8 @@ def transformers_errors(field: str) -> Iterator[None]:
     except (ValueError, KeyError, OSError, TypeError, AttributeError, StrictDataclassError) as err:
         # huggingface_hub's strict-dataclass validation (transformers 5 configs) chains the ValueError as its cause.
         message = " ".join(str(err.__cause__ or err).split()) or type(err).__name__
+        if "attn_implementation" in message:  # an argument of the network itself, not a key of its config
+            field = f"{NETWORK_FIELD}.init_args.attn_implementation"
         raise ConfigError(
             field,
             f"transformers cannot build this model: {message}",
