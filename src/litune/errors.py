@@ -11,6 +11,7 @@ import argparse
 import collections
 import difflib
 import re
+from collections.abc import Iterable
 from typing import NoReturn
 
 NETWORK_FIELD = "model.network"
@@ -54,6 +55,14 @@ _NOISE = (
     "Does not validate against any", "Subtypes:", "Errors:", "Given value type:", "Given value:",
     "Expected a <class 'NoneType'>",
 )  # fmt: skip
+
+
+def quoted_argument(message: str, names: Iterable[str]) -> str | None:
+    """The first of ``names`` that a library's error ``message`` quotes as an argument (``name=...``), else None: how
+    litune names the field behind an error it did not raise (Lightning's ``strategy='foo'``, transformers'
+    ``attn_implementation="x"``)."""
+    known = set(names)
+    return next((name for name in re.findall(r"(\w+)=", message) if name in known), None)
 
 
 def from_parse_error(message: str, known_keys: list[str]) -> ConfigError:

@@ -27,7 +27,7 @@ from litune.callbacks.checkpointing import BestCheckpoints, Checkpointing
 from litune.callbacks.preemption import CollectiveTimeout, Preempted
 from litune.callbacks.run_info import log_once
 from litune.commands.wiring import _as_list, add_loggers, add_tracking, add_tracking_arguments
-from litune.errors import ConfigError, as_config_error, from_parse_error
+from litune.errors import ConfigError, as_config_error, from_parse_error, quoted_argument
 from litune.host_memory import keep_freed_host_memory
 from litune.limits import check_limits
 from litune.module import LitLM
@@ -393,9 +393,8 @@ def _first_lines(err: BaseException) -> str:
 def _trainer_field(message: str) -> str:
     """``trainer.X`` for the first Trainer argument a constructor error quotes as ``X=`` (Lightning's
     ``strategy='foo'``), else ``trainer``."""
-    arguments = inspect.signature(Trainer).parameters
-    named = [name for name in re.findall(r"(\w+)=", message) if name in arguments]
-    return f"trainer.{named[0]}" if named else "trainer"
+    named = quoted_argument(message, inspect.signature(Trainer).parameters)
+    return f"trainer.{named}" if named else "trainer"
 
 
 def _option_names(parser: Any) -> list[str]:

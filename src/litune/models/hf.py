@@ -14,7 +14,7 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from litune.errors import NETWORK_FIELD, ConfigError
+from litune.errors import NETWORK_FIELD, ConfigError, quoted_argument
 from litune.models.chunked_loss import check_chunk_size, chunked_lm_output, use_chunked_loss
 from litune.models.flops import matmul_weights
 from litune.models.generation import SamplingSettings
@@ -72,6 +72,10 @@ def build_hf_config(
     _check_token_ids(kwargs, getattr(hf_config, "vocab_size", None))
     return hf_config
 
+
+NETWORK_ARGUMENTS = ("attn_implementation",)
+"""Arguments of the HF networks that transformers quotes in its errors under the same name (``attn_implementation="x"``
+is not supported): such an error is about that argument, ``model.network.init_args.<it>``, not a key of the config."""
 
 _DIMENSION = re.compile(r"^(n_|num_)|(_size|_dim|_positions|_layers|_heads|_inner)$")
 """Config keys that are sizes (``n_embd``, ``hidden_size``, ``num_hidden_layers``, ``n_positions``...)."""
@@ -152,8 +156,8 @@ def transformers_errors(field: str) -> Iterator[None]:
     except (ValueError, KeyError, OSError, TypeError, AttributeError, StrictDataclassError) as err:
         # huggingface_hub's strict-dataclass validation (transformers 5 configs) chains the ValueError as its cause.
         message = " ".join(str(err.__cause__ or err).split()) or type(err).__name__
-        if "attn_implementation" in message:  # an argument of the network itself, not a key of its config
-            field = f"{NETWORK_FIELD}.init_args.attn_implementation"
+        if argument := quoted_argument(message, NETWORK_ARGUMENTS):  # the network's own argument, not a config key
+            field = f"{NETWORK_FIELD}.init_args.{argument}"
         raise ConfigError(
             field,
             f"transformers cannot build this model: {message}",
