@@ -90,6 +90,35 @@ def test_schedule_warms_up_then_decays_per_optimizer_step(name: str) -> None:
     assert lrs[-1] == pytest.approx(end)
 
 
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize(("warmup", "total", "min_ratio"), [(0, 7, 0.0), (3, 10, 0.1), (5, 6, 0.25)])
+def test_schedule_equals_transformers_schedule_functions_exactly(
+    name: str, warmup: int, total: int, min_ratio: float
+) -> None:
+    """litune writes the three schedules out (importing transformers.optimization costs every process ~1 s of
+    start-up); they are transformers' schedules, bit for bit, at every step, past the end too."""
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_with_min_lr_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    reference = {
+        "cosine": partial(get_cosine_with_min_lr_schedule_with_warmup, min_lr_rate=min_ratio),
+        "linear": get_linear_schedule_with_warmup,
+        "constant": lambda optimizer, warmup, _total: get_constant_schedule_with_warmup(optimizer, warmup),
+    }[name]
+    ours = LRSchedule(name=name, warmup_steps=warmup, min_lr_ratio=min_ratio)
+    theirs_optimizer, ours_optimizer = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3) for _ in "ab")
+    theirs_schedule = reference(theirs_optimizer, warmup, total)
+    ours_schedule = ours.build(ours_optimizer, total_steps=total)
+    for _ in range(total + 3):
+        assert ours_optimizer.param_groups[0]["lr"] == theirs_optimizer.param_groups[0]["lr"]
+        for optimizer, schedule in ((theirs_optimizer, theirs_schedule), (ours_optimizer, ours_schedule)):
+            optimizer.step()
+            schedule.step()
+
+
 def test_schedule_is_stepped_by_the_trainer_once_per_optimizer_step() -> None:
     system = LitLM(
         tiny_network(), optimizer=partial(torch.optim.SGD, lr=1.0), lr_schedule=LRSchedule("linear", warmup_steps=2)

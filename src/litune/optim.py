@@ -1,22 +1,18 @@
 """Optimizer parameter groups and learning-rate schedules.
 
 The optimizer class itself is chosen in the config (``class_path: torch.optim.AdamW``); this module only decides which
-parameters get weight decay and builds the warmup + decay schedule from transformers' schedule functions.
+parameters get weight decay and builds the warmup + decay schedule.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import (
-    get_constant_schedule_with_warmup,
-    get_cosine_with_min_lr_schedule_with_warmup,
-    get_linear_schedule_with_warmup,
-)
 
 from litune.errors import ConfigError
 
@@ -67,7 +63,7 @@ class LRSchedule:
     def build(self, optimizer: torch.optim.Optimizer, total_steps: int | float) -> torch.optim.lr_scheduler.LambdaLR:
         """Build the scheduler for a run of ``total_steps`` optimizer steps."""
         if self.name == "constant":
-            return get_constant_schedule_with_warmup(optimizer, self.warmup_steps)
+            return _lambda_lr(optimizer, self.name, self.warmup_steps, total_steps=1, min_lr_ratio=1.0)
         if not math.isfinite(total_steps):
             raise ConfigError(
                 "trainer.max_steps",
@@ -80,8 +76,36 @@ class LRSchedule:
                 f"{self.warmup_steps} warmup steps for a run of {int(total_steps)} optimizer steps",
                 "use fewer warmup steps than trainer.max_steps",
             )
-        if self.name == "linear":
-            return get_linear_schedule_with_warmup(optimizer, self.warmup_steps, int(total_steps))
-        return get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, self.warmup_steps, int(total_steps), min_lr_rate=self.min_lr_ratio
-        )
+        return _lambda_lr(optimizer, self.name, self.warmup_steps, int(total_steps), self.min_lr_ratio)
+
+
+def _lambda_lr(
+    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` whose multiplier is :func:`lr_multiplier`.
+
+    Written out instead of calling transformers' ``get_*_schedule_with_warmup``: importing
+    ``transformers.optimization`` imports ``trainer_utils``, which imports peft and bitsandbytes, about 1 s of every
+    litune process's start on CPU. The formulas are transformers' (``tests/test_module.py`` checks them against
+    transformers' functions step by step). A ``partial`` of a module-level function, as transformers uses: its
+    arguments are not saved with the scheduler's state, so a resumed run follows the schedule of its own config.
+    """
+    multiplier = partial(
+        lr_multiplier, name=name, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def lr_multiplier(step: int, *, name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """The learning rate at optimizer step ``step`` as a fraction of the peak: linear warmup from 0 over
+    ``warmup_steps``, then constant, linear decay to 0 at ``total_steps``, or cosine decay to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
+    if name == "constant":
+        return 1.0
+    decay_steps = float(max(1, total_steps - warmup_steps))
+    if name == "linear":
+        return max(0.0, float(total_steps - step) / decay_steps)
+    progress = float(step - warmup_steps) / decay_steps
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, cosine * (1 - min_lr_ratio) + min_lr_ratio)
