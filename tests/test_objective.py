@@ -223,6 +223,7 @@ def val_metrics(root: Path) -> dict[str, float]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_validation_on_two_processes_equals_one_process(tmp_path, instructions, tokenizer_dir) -> None:
     """7 held-out rows of uneven target counts on 2 ranks: 4 rows each, the 8th a copy that must weigh nothing."""
     held_out = write_instructions(tmp_path / "held-out.jsonl", rows=7)

@@ -187,6 +187,7 @@ def uninterrupted(slurm, tmp_path_factory, corpus_dir, tokenizer_dir) -> tuple[P
     return root, job
 
 
+@pytest.mark.slow
 def test_sbatch_trains_to_completion(uninterrupted, tmp_path_factory, corpus_dir, tokenizer_dir) -> None:
     root, job = uninterrupted
     run = the_run(root, job)  # both tasks wrote into one run folder
@@ -202,6 +203,7 @@ def test_sbatch_trains_to_completion(uninterrupted, tmp_path_factory, corpus_dir
     assert_matches(root, reference, FIRST)
 
 
+@pytest.mark.slow
 def test_preempted_job_saves_requeues_and_resumes_exactly(slurm, uninterrupted, tmp_path, corpus_dir, tokenizer_dir):
     """SIGUSR1 to the job's tasks: save at the next step boundary, `scontrol requeue`, the same job id resumes."""
     job = submit(slurm, tmp_path, corpus_dir, tokenizer_dir, hold=True)

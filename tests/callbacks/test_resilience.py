@@ -211,7 +211,8 @@ DEAD_RANK_TIMEOUT = 5.0  # --dist_timeout of the dead-rank tests, seconds
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("how", ["SIGKILL", pytest.param("SIGSTOP", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 def test_a_dead_rank_ends_the_run_with_an_error_then_it_resumes(how, tmp_path, corpus_dir, tokenizer_dir) -> None:
     """Rank 1 dies (SIGKILL: its sockets close) or hangs like a vanished node (SIGSTOP: they stay open) at step 5:
     rank 0 must exit with an error instead of waiting forever, within ``--dist_timeout``, and the run resumes."""

@@ -290,14 +290,8 @@ def two_process_run(root: Path, strategy: str, corpus_dir, tokenizer_dir, tiny_g
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "strategy",
-    [
-        "deepspeed_zero2",
-        pytest.param("ddp", marks=pytest.mark.slow),
-        pytest.param("deepspeed_zero3", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "ddp", "deepspeed_zero3"])
 def test_two_process_adapters_match_one_process(
     strategy, lora_run, tmp_path, corpus_dir, tokenizer_dir, tiny_gpt2_dir
 ) -> None:

@@ -220,6 +220,7 @@ def last_step(run_dir: Path) -> int:
         return max(int(row["step"]) for row in csv.DictReader(handle) if row.get("step"))
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_trial_prunes_a_bad_one_sorts_the_table_and_restarts_to_nothing(
     tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
