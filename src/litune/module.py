@@ -49,6 +49,7 @@ from litune.objective import (
 )
 from litune.optim import LRSchedule, default_optimizer, param_groups
 from litune.preference.objective import Preference, PreferenceObjective, units_counter
+from litune.rl.objective import RL, GRPOObjective
 from litune.strategies.batch import batch_replicas
 from litune.strategies.checkpoint import world_size_changed
 from litune.strategies.descriptor import describe
@@ -108,6 +109,10 @@ class LitLM(L.LightningModule):
         preference: train on preference pairs (DPO, IPO, hinge, SimPO, ORPO) or KTO examples with this loss instead
             of the SFT loss, with a reference model (``configs/dpo.yaml``; :mod:`litune.preference.objective`). The
             data module must give preference batches (:class:`litune.preference.data.PreferenceDataModule`).
+        rl: train with online RL (GRPO) instead: sample completions of the data's prompts inside the training loop,
+            score them with reward functions and push the policy toward the better ones (``configs/grpo.yaml``;
+            :mod:`litune.rl.objective`). The data module must give prompt batches
+            (:class:`litune.rl.data.PromptDataModule`).
     """
 
     def __init__(
@@ -120,6 +125,7 @@ class LitLM(L.LightningModule):
         adapters: Adapters | None = None,
         compile: bool = False,
         preference: Preference | None = None,
+        rl: RL | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in ("skip", "stop"):
@@ -155,6 +161,9 @@ class LitLM(L.LightningModule):
         # The preference objective (None: the SFT loss); its frozen reference copy is no registered child of this
         # module, so it is never trained, checkpointed or exported.
         self.preference = PreferenceObjective(preference, network, adapters is not None) if preference else None
+        if rl is not None and preference is not None:
+            raise ConfigError("model.rl", "model.rl and model.preference are both set", "set one objective")
+        self.rl = GRPOObjective(rl, network, adapters is not None) if rl is not None else None
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule or LRSchedule()
         self.compile_network = compile
@@ -213,7 +222,11 @@ class LitLM(L.LightningModule):
             count = targets_counter(self.network)
             if self.preference is not None:  # pairs, chosen tokens and all response tokens
                 count = units_counter(self.network, self.preference.loss.unpaired)
+            if self.rl is not None:  # counted once the step's rollouts exist (litune.rl.objective)
+                count = lambda batch: 0  # noqa: E731
             install_look_ahead(self.trainer, count)
+        if self.rl is not None:
+            self.rl.setup(self)
         if self.preference is not None:
             self._check_preference_layout()
         if self.preference is not None and self.preference.mode == "precomputed":
@@ -285,6 +298,8 @@ class LitLM(L.LightningModule):
         """One micro-batch's share of the step objective ``sum of token losses / N`` (see :mod:`litune.objective`)."""
         if self.preference is not None:
             return self.preference.training_step(self, batch, batch_idx)
+        if self.rl is not None:
+            return self.rl.training_step(self, batch, batch_idx)
         batch = dict(batch)
         tag = batch.pop(BATCH_TAG, None)
         epoch = self.trainer.current_epoch
@@ -473,24 +488,31 @@ class LitLM(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput | None:
         if self.preference is not None:
             return self.preference.eval_step(self, batch)
+        if self.rl is not None:
+            return self.rl.eval_step(self, batch)
         return self._eval_step(batch, "val", self.val_ppl)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput | None:
         if self.preference is not None:
             return self.preference.eval_step(self, batch)
+        if self.rl is not None:
+            return self.rl.eval_step(self, batch)
         return self._eval_step(batch, "test", self.test_ppl)
 
     def on_validation_epoch_start(self) -> None:
-        if self.preference is not None:
-            self.preference.on_eval_epoch_start()
+        for objective in (self.preference, self.rl):
+            if objective is not None:
+                objective.on_eval_epoch_start()
 
     def on_test_epoch_start(self) -> None:
-        if self.preference is not None:
-            self.preference.on_eval_epoch_start()
+        for objective in (self.preference, self.rl):
+            if objective is not None:
+                objective.on_eval_epoch_start()
 
     def on_test_epoch_end(self) -> None:
-        if self.preference is not None:
-            self.preference.on_eval_epoch_end(self, "test")
+        for objective in (self.preference, self.rl):
+            if objective is not None:
+                objective.on_eval_epoch_end(self, "test")
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, ppl: Perplexity) -> LMOutput:
         out = self.network(**self._network_inputs(batch))
@@ -503,8 +525,9 @@ class LitLM(L.LightningModule):
         return out
 
     def on_validation_epoch_end(self) -> None:
-        if self.preference is not None:
-            self.preference.on_eval_epoch_end(self, "val")
+        for objective in (self.preference, self.rl):
+            if objective is not None:
+                objective.on_eval_epoch_end(self, "val")
         self._last_val_step = self.global_step  # lets the CLI skip a redundant final validation
 
     def configure_model(self) -> None:
@@ -520,8 +543,9 @@ class LitLM(L.LightningModule):
                 build()
             if self.adapters is not None and peft_model_of(self.network) is None:
                 add_adapters(self.network, self.adapters)
-            if self.preference is not None:
-                self.preference.prepare_reference(self.network)
+            for objective in (self.preference, self.rl):
+                if objective is not None:
+                    objective.prepare_reference(self.network)
         if self.compile_network and getattr(self.network, "_compiled_call_impl", None) is None:
             # In place: the module (and its state_dict keys) stays the same object; only its __call__ is compiled.
             self.network.compile()

@@ -83,6 +83,8 @@ class LookAhead:
         self._ahead: deque = deque()
         self._counts: dict[int, int] = {}
         self._pulled = 0
+        self.keep_batches = False  # also hold the batches of the current step (online RL generates for all of them)
+        self._kept: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]  # TypeError for a stream, as for the loader itself
@@ -97,6 +99,7 @@ class LookAhead:
         self._iterator = iter(self.loader)
         self._ahead.clear()
         self._counts.clear()
+        self._kept.clear()
         self._pulled = 0
         return self._batches(self._pass)
 
@@ -108,6 +111,8 @@ class LookAhead:
         except StopIteration:
             return False
         self._counts[self._pulled] = self.count(batch)
+        if self.keep_batches:
+            self._kept[self._pulled] = batch
         self._ahead.append(batch)
         self._pulled += 1
         return True
@@ -136,6 +141,16 @@ class LookAhead:
         for old in [i for i in self._counts if i < start]:  # batches already trained on
             del self._counts[old]
         return sum(self._counts.get(i, 0) for i in range(start, start + length))
+
+    def batches_ahead(self, tag: tuple[int, int], length: int) -> list[Any]:
+        """The host batches of the ``length`` micro-batches from the tagged one on (``keep_batches`` must be set
+        before the pass starts): the step's prompts, for an objective that generates before the step's first
+        backward. Batches before the tagged one are forgotten."""
+        self.targets_ahead(tag, length)
+        start = tag[1]
+        for old in [i for i in self._kept if i < start]:
+            del self._kept[old]
+        return [self._kept[i] for i in range(start, start + length) if i in self._kept]
 
 
 def check_window_has_targets(local_targets: int, batch_idx: int, length: int) -> None:

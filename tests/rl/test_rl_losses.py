@@ -138,11 +138,11 @@ def test_kl_estimate_is_zero_at_the_reference_and_positive_elsewhere() -> None:
 @pytest.mark.parametrize(
     ("settings", "field"),
     [
-        ({"epsilon_low": 0.0}, "model.loss.epsilon_low"),
-        ({"epsilon_low": 1.0}, "model.loss.epsilon_low"),
-        ({"epsilon_high": -0.1}, "model.loss.epsilon_high"),
-        ({"beta": -0.01}, "model.loss.beta"),
-        ({"normalization": "mean"}, "model.loss.normalization"),
+        ({"epsilon_low": 0.0}, "model.rl.epsilon_low"),
+        ({"epsilon_low": 1.0}, "model.rl.epsilon_low"),
+        ({"epsilon_high": -0.1}, "model.rl.epsilon_high"),
+        ({"beta": -0.01}, "model.rl.beta"),
+        ({"normalization": "mean"}, "model.rl.normalization"),
     ],
 )
 def test_bad_settings_name_the_field(settings: dict, field: str) -> None:

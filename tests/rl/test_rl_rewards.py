@@ -73,7 +73,7 @@ def test_a_misbehaving_reward_function_is_named(user_rewards: str, name: str, me
     rewards = resolve([RewardSpec("litune.rl.rewards:parses_as_python"), RewardSpec(f"{user_rewards}:{name}")])
     with pytest.raises(ConfigError) as error:
         score(rewards, ["x = ", "y = "], ["1", "2"], {})
-    assert error.value.field == "model.rewards[1].function"
+    assert error.value.field == "model.rl.rewards[1].function"
     assert message in str(error.value)
 
 
@@ -89,7 +89,7 @@ def test_a_misbehaving_reward_function_is_named(user_rewards: str, name: str, me
 def test_bad_import_paths_are_refused_before_training(user_rewards: str, path: str, problem: str) -> None:
     with pytest.raises(ConfigError) as error:
         resolve([RewardSpec("litune.rl.rewards:exact_match"), RewardSpec(path)])
-    assert error.value.field == "model.rewards[1].function" and problem in str(error.value)
+    assert error.value.field == "model.rl.rewards[1].function" and problem in str(error.value)
 
 
 def test_no_rewards_and_infinite_weights_are_refused() -> None:
@@ -97,7 +97,7 @@ def test_no_rewards_and_infinite_weights_are_refused() -> None:
         resolve([])
     with pytest.raises(ConfigError) as error:
         resolve([RewardSpec("litune.rl.rewards:exact_match", weight=math.inf)])
-    assert error.value.field == "model.rewards[0].weight"
+    assert error.value.field == "model.rl.rewards[0].weight"
 
 
 def test_built_in_rules() -> None:

@@ -412,6 +412,7 @@ def check_config(cfg: Namespace) -> None:
     check_compile(cfg)
     check_adapters_strategy(cfg)
     check_preference_reference_strategy(cfg)
+    check_rl_config(cfg)
     check_parallel_layout(cfg)
 
 
@@ -451,6 +452,41 @@ def check_preference_reference_strategy(cfg: Namespace) -> None:
         "use DDP or DeepSpeed ZeRO-1/2 (configs/strategy/deepspeed_zero2.yaml), a reference-free loss (simpo, orpo), "
         "or under ZeRO-3 train adapters (model.adapters: the reference is the base with adapters disabled)",
     )
+
+
+def check_rl_config(cfg: Namespace) -> None:
+    """Refuse online RL (``model.rl``) without a prompt data module, or under a strategy that shards the weights,
+    before any process is spawned. Generation runs the network's plain forward with its key/value cache, which
+    needs whole weights on every rank: ZeRO-3 and FSDP2 would need their parameters gathered around every decoding
+    step (not done yet), and a tensor-parallel group would sample different completions for the same rows."""
+    rl = cfg.model.get("rl") if cfg.get("model") else None
+    if rl is None:
+        return
+    if cfg.model.get("preference") is not None:
+        raise ConfigError("model.rl", "model.rl and model.preference are both set", "set one objective")
+    data = cfg.get("data")
+    class_path = data.get("class_path") if isinstance(data, Namespace) else None
+    if class_path is not None and class_path.rpartition(".")[2] != "PromptDataModule":
+        raise ConfigError(
+            "data.class_path",
+            f"model.rl needs prompt batches, but the data module is {class_path}",
+            "use data.class_path: litune.rl.data.PromptDataModule (see configs/grpo.yaml)",
+        )
+    spec = describe_trainer(cfg.trainer)
+    if spec.fsdp2 or (spec.deepspeed and spec.stage == 3):
+        strategy = "FSDP2" if spec.fsdp2 else "DeepSpeed ZeRO-3"
+        raise ConfigError(
+            "model.rl",
+            f"GRPO generates its rollouts with the whole weights on every rank, but {strategy} shards them (gathering "
+            "them for generation is not implemented)",
+            "use DDP or DeepSpeed ZeRO-1/2 (configs/strategy/deepspeed_zero2.yaml) for model.rl",
+        )
+    if spec.tensor_parallel_size > 1:
+        raise ConfigError(
+            "trainer.strategy.init_args.tensor_parallel_size",
+            "GRPO samples each rank's completions on its own, which a tensor-parallel group cannot share",
+            "use tensor_parallel_size: 1 for model.rl",
+        )
 
 
 def check_parallel_layout(cfg: Namespace) -> None:

@@ -30,6 +30,7 @@ PLOTS: dict[str, tuple[str, list[str]]] = {
     "tokens_per_sec": ("tokens/s (all devices)", ["perf/tokens_per_sec"]),
     "rewards": ("reward accuracy (preference runs)", ["train/rewards/accuracy", "val/rewards/accuracy"]),
     "reward_margin": ("reward margin (preference runs)", ["train/rewards/margin", "val/rewards/margin"]),
+    "reward": ("reward (GRPO runs)", ["train/reward", "val/reward"]),
 }
 """Plot file stem -> (y label, metric keys)."""
 
@@ -162,6 +163,10 @@ def summary_rows(run: Run) -> dict[str, float | None]:
         "peak memory (GiB)": _max(m.get("memory/peak_gib")),
         "wall time": elapsed if elapsed is not None else run.wall_time_s,
         **{f"final {key}": run.last(key) for key in PREFERENCE_METRICS},
+        **{f"final {key}": run.last(key) for key in RL_METRICS},
+        # GRPO's step time split: the mean seconds of a step spent generating the rollouts.
+        "mean generation time (s)": _mean(m.get("train/generation_s")),
+        **{f"final {key}": run.last(key) for key in sorted(m) if key.startswith("val/rewards/") and key[-4:] == "mean"},
         # Benchmark results (the eval callback's, `litune eval`'s): the last measured value of each.
         **{f"final {key}": run.last(key) for key in sorted(m) if key.startswith("eval/")},
     }
@@ -172,6 +177,12 @@ PREFERENCE_METRICS = (
     "val/logps/rejected", "train/rewards/accuracy", "train/rewards/margin",
 )  # fmt: skip
 """Rows of preference runs (``model.preference``), shown when some run logged them."""
+
+RL_METRICS = (
+    "val/reward", "val/reward_std", "train/reward", "train/reward_std", "train/completion_length",
+    "train/clip_ratio", "train/kl", "train/entropy",
+)  # fmt: skip
+"""Rows of online RL runs (``model.rl``), shown when some run logged them; per-function rewards are added below."""
 
 
 def format_value(key: str, value: float | None) -> str:
@@ -192,7 +203,8 @@ def summary_table(runs: list[Run]) -> str:
     rows = [summary_rows(r) for r in runs]
     lines = ["| metric | " + " | ".join(r.name for r in runs) + " |", "|---|" + "---|" * len(runs)]
     for key in dict.fromkeys(k for row in rows for k in row):  # every run's keys, in order (eval tasks differ)
-        if key.removeprefix("final ") in PREFERENCE_METRICS and all(row.get(key) is None for row in rows):
+        optional = (*PREFERENCE_METRICS, *RL_METRICS, "mean generation time (s)")
+        if key.removeprefix("final ") in optional and all(row.get(key) is None for row in rows):
             continue
         lines.append(f"| {key} | " + " | ".join(format_value(key, row.get(key)) for row in rows) + " |")
     return "\n".join(lines)

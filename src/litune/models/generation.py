@@ -127,7 +127,7 @@ def decode(
     sampling: SamplingSettings | None = None,
     *,
     use_cache: bool = True,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     **fields: Any,
 ) -> torch.Tensor:
     """Extend ``tokens`` one token at a time until ``total_length`` or until every row has produced EOS.
@@ -139,7 +139,9 @@ def decode(
         sampling: how tokens are chosen and when rows stop (or its fields as keywords; ``max_length`` defaults to
             ``total_length``); ``max_length`` and ``num_return_sequences`` are the caller's business.
         use_cache: keep the step's key/value cache; False re-runs the whole prefix every step.
-        generator: random generator for sampling (reproducible samples).
+        generator: random generator for sampling (reproducible samples); or a list of ``K`` generators, one for
+            each of ``K`` equal blocks of consecutive rows (a block's samples then do not depend on which other rows
+            share the batch: GRPO seeds each prompt's group of completions on its own).
 
     Returns:
         ``[N, <= total_length]`` token ids.
@@ -157,7 +159,7 @@ def decode(
         cache = new_cache if use_cache else None
         scores = warp(tokens, logits.float())
         if sampling.do_sample:
-            nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+            nxt = _sample(torch.softmax(scores, dim=-1), generator)
         else:
             nxt = scores.argmax(dim=-1)
         if stops:
@@ -169,6 +171,16 @@ def decode(
     return tokens
 
 
+def _sample(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """``[N]`` one token per row of ``probs [N, vocab]``, drawn with one generator or one per block of rows."""
+    if not isinstance(generator, list):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if probs.size(0) % len(generator):
+        raise ValueError(f"{probs.size(0)} rows do not split into {len(generator)} blocks, one per generator")
+    blocks = probs.chunk(len(generator))
+    return torch.cat([torch.multinomial(b, 1, generator=g) for b, g in zip(blocks, generator, strict=True)]).squeeze(1)
+
+
 def generate_causal(
     network: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -176,7 +188,7 @@ def generate_causal(
     sampling: SamplingSettings,
     *,
     use_cache: bool = True,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Generate with a decoder-only network whose forward takes ``past_key_values`` / ``use_cache``.
 

@@ -568,7 +568,7 @@ class DecoderLM(TransformerLM):
         sampling: SamplingSettings | None = None,
         *,
         use_cache: bool = True,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         **fields: Any,
     ) -> torch.Tensor:
         """Continue left-padded prompts; see :func:`litune.models.generation.generate_causal`.
@@ -578,7 +578,7 @@ class DecoderLM(TransformerLM):
             attention_mask: ``[B, T]``, 0 on left padding, or None.
             sampling: :class:`~litune.models.generation.SamplingSettings`, or its fields as keywords.
             use_cache: keep the key/value cache (False re-runs the prefix each step).
-            generator: random generator for sampling.
+            generator: random generator for sampling, or one per prompt (see :func:`litune.models.generation.decode`).
 
         Returns:
             ``[B * num_return_sequences, <= max_length]`` token ids, prompt included.

@@ -35,12 +35,12 @@ from litune.errors import ConfigError
 
 Normalization = Literal["sequence", "token", "constant"]
 NORMALIZATIONS: tuple[str, ...] = ("sequence", "token", "constant")
-FIELD = "model.loss"
+FIELD = "model.rl"
 
 
 @dataclass(frozen=True)
 class GRPOLoss:
-    """GRPO's loss settings (``model.loss`` of a GRPO config).
+    """GRPO's loss settings (the loss fields of ``model.rl``, :class:`litune.rl.objective.RL`).
 
     Args:
         epsilon_low: lower clip range of the importance ratio, ``1 - epsilon_low``.
