@@ -80,10 +80,17 @@ def rl_config(**overrides) -> RL:
     return RL(**settings)
 
 
-def system(tokenizer_dir: Path, rl: RL) -> LitLM:
+def system(tokenizer_dir: Path, rl: RL, eos_prone: bool = False) -> LitLM:
+    """A seeded tiny decoder; ``eos_prone``: EOS gets ~20% of every next-token distribution (the final norm's bias
+    points along EOS's tied embedding), so completions end at uneven lengths."""
     torch.manual_seed(0)
     network = DecoderLM(d_model=16, nhead=2, num_decoder_layers=1, vocab_size=VOCAB, max_seq_len=64, dropout=0.0)
-    return LitLM(network, tokenizer=str(tokenizer_dir), optimizer=partial(torch.optim.SGD, lr=LR), rl=rl)
+    module = LitLM(network, tokenizer=str(tokenizer_dir), optimizer=partial(torch.optim.SGD, lr=LR), rl=rl)
+    if eos_prone:
+        with torch.no_grad():
+            network.ln_f.bias.fill_(0.5)
+            network.wte.weight[module.tokenizer.eos_token_id] = 0.6  # EOS logit 16 x 0.5 x 0.6 = 4.8
+    return module
 
 
 def data(tokenizer_dir: Path, prompts_file: Path, cache: Path, batch_size: int) -> PromptDataModule:
@@ -114,11 +121,11 @@ def test_a_step_is_the_hand_reinforce_update_and_exact_across_accumulation(token
     rl = rl_config(normalization="token")
     trained = {}
     for micro in (4, 2, 1):
-        module = system(tokenizer_dir, rl)
+        module = system(tokenizer_dir, rl, eos_prone=True)
         fit(module, data(tokenizer_dir, prompts_file, tmp_path, micro), 4 // micro, steps=1)
         trained[micro] = params(module)
     # By hand: the same prompts, the same per-prompt seeds (step 0), REINFORCE with group baselines.
-    module = system(tokenizer_dir, rl)
+    module = system(tokenizer_dir, rl, eos_prone=True)
     initial = params(module)
     objective = GRPOObjective(rl, module.network, False)
     objective.tokenizer = module.tokenizer
@@ -126,6 +133,7 @@ def test_a_step_is_the_hand_reinforce_update_and_exact_across_accumulation(token
     rollouts = objective.rollouts(module.network, batch, step=0)
     logps, mask = token_logps(module.network, rollouts.inputs, None)
     assert rollouts.advantages.abs().sum() > 0, "the rollouts' rewards differ within a group"
+    assert len(set(rollouts.lengths.tolist())) > 2, "completions of uneven lengths"
     loss = -(rollouts.advantages[:, None] * logps * mask).sum() / mask.sum()
     loss.backward()
     expected = {f"{k}": initial[k] - LR * p.grad for k, p in module.network.named_parameters()}
@@ -133,12 +141,23 @@ def test_a_step_is_the_hand_reinforce_update_and_exact_across_accumulation(token
     assert max_diff({k: trained[4][k] for k in expected}, expected) < 1e-5
     for micro in (2, 1):
         assert max_diff(trained[micro], trained[4]) < 1e-5, f"micro-batch {micro} x accumulation {4 // micro}"
+    # Teeth: each micro-batch normalized by its own tokens (TRL's per-micro-batch mean) would move them elsewhere.
+    module.network.zero_grad()
+    logps, mask = token_logps(module.network, rollouts.inputs, None)
+    halves = torch.arange(len(mask)) < len(mask) // 2
+    per_half = [-(rollouts.advantages[h, None] * logps[h] * mask[h]).sum() / mask[h].sum() for h in (halves, ~halves)]
+    (sum(per_half) / 2).backward()
+    mean_of_means = {k: initial[k] - LR * p.grad for k, p in module.network.named_parameters()}
+    assert max_diff(mean_of_means, expected) > 1e-4
 
 
 def test_num_iterations_reuses_the_rollouts_with_the_importance_ratio(tokenizer_dir, prompts_file, tmp_path):
     """``num_iterations=2``: the second step trains on the first step's prompts and completions (the data module
-    repeats the step's batches), and its ratio is no longer 1 (the policy moved): the loss is not 0 any more."""
-    module = system(tokenizer_dir, rl_config(num_iterations=2))
+    repeats the step's batches), and its ratio is no longer 1 (the policy moved): the loss is not 0 any more. With
+    ``beta > 0`` the KL to the frozen reference copy is logged: 0 at the start, positive once the policy moved; the
+    copy is never trained."""
+    module = system(tokenizer_dir, rl_config(num_iterations=2, beta=0.1))
+    reference = {k: v.clone() for k, v in module.rl.reference.state_dict().items()}
     dm = data(tokenizer_dir, prompts_file, tmp_path, 2)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, limit_val_batches=0, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)  # fmt: skip
@@ -153,6 +172,8 @@ def test_num_iterations_reuses_the_rollouts_with_the_importance_ratio(tokenizer_
     trainer.fit(module, dm)
     assert module.rl._uses == 2 and module.rl._rollouts[0].old_logps is not None
     assert abs(losses[0]) < 1e-6 < abs(losses[1]), losses  # mean advantage 0 at ratio 1; not after the update
+    assert trainer.callback_metrics["train/kl"] > 0
+    assert max_diff({k: v for k, v in module.rl.reference.state_dict().items()}, reference) == 0
 
 
 # ---------------------------------------------------------------------------------------------- the CLI

@@ -177,6 +177,7 @@ class GRPOObjective:
         self._rollouts: list[Rollouts] = []
         self._uses = 0  # optimizer steps taken on the current rollouts
         self._step_weight = torch.ones((), dtype=torch.float64)
+        self._step_tokens = torch.zeros((), dtype=torch.long)
         self._window_stats: torch.Tensor | None = None
         self._eval_stats: torch.Tensor | None = None
         self._generation_s = 0.0
@@ -327,8 +328,11 @@ class GRPOObjective:
             self._generation_s = time.perf_counter() - started
             self._uses = 0
         self._uses += 1
-        local = torch.tensor(sum(r.weight for r in self._rollouts), dtype=torch.float64, device=module.device)
-        self._step_weight = trainer.strategy.reduce(local, reduce_op="sum")
+        # The step's divisor and completion tokens over all ranks: one all-reduce per optimizer step.
+        local = [sum(r.weight for r in self._rollouts), float(sum(int(r.lengths.sum()) for r in self._rollouts))]
+        local_counts = torch.tensor(local, dtype=torch.float64, device=module.device)
+        counts = trainer.strategy.reduce(local_counts, reduce_op="sum")
+        self._step_weight, self._step_tokens = counts[0], counts[1].long()
         module._window = (trainer.current_epoch, batch_idx, batch_idx + length)
         self._window_stats = None
 
@@ -350,10 +354,8 @@ class GRPOObjective:
         module._window_loss = self._window_stats[0]  # read by the non-finite check
 
     def _end_window(self, module: LitLM) -> None:
-        tokens = int(sum(r.lengths.sum() for r in self._rollouts))
         pending = module._tokens_pending
-        step_tokens = torch.tensor(tokens, device=module.device)
-        module._tokens_pending = step_tokens if pending is None else pending + step_tokens
+        module._tokens_pending = self._step_tokens if pending is None else pending + self._step_tokens
         module._window_checked = True
         if not should_update_logs(module.trainer):
             return
