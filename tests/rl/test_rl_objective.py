@@ -208,7 +208,7 @@ def test_the_quickstart_raises_the_held_out_reward(tokenizer_dir, prompts_file, 
              "--model.rl.num_generations=4", "--data.init_args.batch_size=4", "--data.init_args.val_fraction=0.25",
              "--model.optimizer.init_args.lr=1e-2", "--trainer.max_steps=30", "--trainer.val_check_interval=30",
              "--trainer.check_val_every_n_epoch=null", "--trainer.log_every_n_steps=10",
-             "--trainer.enable_progress_bar=false"]  # fmt: skip
+             "--trainer.enable_progress_bar=false", "--model.rl.log_completions_every_n_steps=30"]  # fmt: skip
     assert main(grpo_args(tokenizer_dir, prompts_file, tmp_path, *extra)) == 0
     (metrics,) = (tmp_path / "runs").glob("*/metrics.csv")
     val = [float(r["val/reward"]) for r in csv.DictReader(metrics.open()) if r.get("val/reward")]
@@ -221,3 +221,51 @@ def test_the_quickstart_raises_the_held_out_reward(tokenizer_dir, prompts_file, 
                 "mean generation time (s)"):  # fmt: skip
         assert f"| {row} |" in summary, summary
     assert (tmp_path / "report" / "reward.png").is_file()
+    # The table of sample completions reached TensorBoard at step 30.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tables = []
+    for events in metrics.parent.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0})
+        accumulator.Reload()
+        if "train/completions/text_summary" in accumulator.Tags()["tensors"]:
+            tables += accumulator.Tensors("train/completions/text_summary")
+    assert [t.step for t in tables] == [29]
+    assert b"| step | prompt | completion |" in tables[0].tensor_proto.string_val[0]
+
+
+# ---------------------------------------------------------------------------------------------- rollouts and data
+@pytest.mark.parametrize("family", ["decoder", "hf-gpt2"])
+def test_a_prompts_completions_do_not_depend_on_the_batch_it_shares(family, tokenizer_dir, prompts_file, tmp_path):
+    """Per-prompt seeds: a prompt's group is the same generated alone or beside another (left-padded) prompt, with
+    litune's batched generation (one generator per prompt) and with Hugging Face's loop (prompt by prompt)."""
+    from litune.models.hf import HFCausalLM
+
+    torch.manual_seed(0)
+    if family == "decoder":
+        network = DecoderLM(d_model=16, nhead=2, num_decoder_layers=1, vocab_size=VOCAB, max_seq_len=64, dropout=0.0)
+    else:
+        network = HFCausalLM(config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2,
+                                     "vocab_size": VOCAB, "n_positions": 64})  # fmt: skip
+    objective = GRPOObjective(rl_config(), network, False)
+    dm = data(tokenizer_dir, prompts_file, tmp_path, 2)
+    objective.tokenizer = dm.tokenizer
+    dm.setup("fit")
+    collate = dm.collator()
+    rows = [dm.train_set[i] for i in (1, 3)]  # prompts of 2 and 4 words: the first is left-padded beside the second
+    together = objective.generate(network, collate(rows), step=7)
+    alone = objective.generate(network, collate(rows[:1]), step=7)
+    g = objective.config.num_generations
+    width = min(alone.size(1), together.size(1))
+    assert torch.equal(together[:g, :width], alone[:, :width])
+    assert not torch.equal(objective.generate(network, collate(rows[:1]), step=8)[:, :width], alone[:, :width])
+
+
+def test_a_row_without_a_prompt_is_refused_with_file_row_and_field(tokenizer_dir, tmp_path) -> None:
+    from litune.errors import ConfigError
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "def f():"}) + "\n" + json.dumps({"prompt": 5}) + "\n")
+    with pytest.raises(ConfigError) as err:
+        data(tokenizer_dir, path, tmp_path / "cache", 2).setup("fit")
+    assert err.value.field == "data.init_args.prompt_column" and "row 2" in str(err.value) and err.value.fix

@@ -70,7 +70,8 @@ class RL(GRPOLoss):
         logps_chunk_size: rows of logits computed at once for the log-probs; ``null`` for the plain path.
         disable_dropout: set the policy's dropout to 0, so sampling and training see the same policy.
         log_completions_every_n_steps: every this many optimizer steps, log a table of sample completions (prompt,
-            completion, reward) to the run's loggers that take tables (and as text to the log); 0: never.
+            completion, reward per function) to the run's loggers that take tables or text (Weights & Biases,
+            TensorBoard); 0: never.
     """
 
     rewards: list[RewardSpec] = field(default_factory=list)
@@ -357,6 +358,9 @@ class GRPOObjective:
         pending = module._tokens_pending
         module._tokens_pending = self._step_tokens if pending is None else pending + self._step_tokens
         module._window_checked = True
+        every = self.config.log_completions_every_n_steps
+        if every and (module.trainer.global_step + 1) % every == 0 and module.trainer.is_global_zero:
+            log_completions(module, self._rollouts, self.names)
         if not should_update_logs(module.trainer):
             return
         assert self._window_stats is not None
@@ -366,9 +370,6 @@ class GRPOObjective:
         module.log("train/generation_s", self._generation_s if self._uses == 1 else 0.0, on_step=True, on_epoch=False)
         tokens_seen = torch.tensor(float(module.tokens_seen), dtype=torch.float64, device=module.device)
         module.log("train/tokens_seen", tokens_seen, on_step=True, on_epoch=False)
-        every = self.config.log_completions_every_n_steps
-        if every and module.trainer.global_step % every == 0 and module.trainer.is_global_zero:
-            log_completions(module, self._rollouts, self.names)
 
     def metrics(self, stats: list[float], weight: float | None = None) -> dict[str, float]:
         """Logged metrics from the summed statistics of a step (or an evaluation epoch: no loss)."""
