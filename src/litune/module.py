@@ -33,7 +33,9 @@ from litune.models.adapters import (
     is_quantized,
     peft_model_of,
     save_adapters,
+    trainable_adapter_state,
 )
+from litune.models.hf import builds_later
 from litune.models.output import IGNORE_INDEX, LMOutput
 from litune.objective import (
     BATCH_TAG,
@@ -69,6 +71,17 @@ def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _full_adapter_state(network: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The adapter weights gathered whole when FSDP2 shards them (a collective: call on every rank), else None (peft
+    reads them from the model itself)."""
+    from torch.distributed.tensor import DTensor
+
+    state = trainable_adapter_state(network)
+    if not any(isinstance(v, DTensor) for v in state.values()):
+        return None
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
 
 
 def host_to_device(value: int, device: torch.device) -> torch.Tensor:
@@ -150,7 +163,7 @@ class LitLM(L.LightningModule):
                 "add adapters, e.g. --config configs/peft/qlora.yaml (or set model.adapters)",
             )
         if adapters is not None:
-            if not getattr(network, "deferred", False):  # a DeferredHFCausalLM gets them in configure_model
+            if not builds_later(network):  # a DeferredHFCausalLM gets them in configure_model
                 add_adapters(network, adapters)
             # Checkpoints without the frozen base do not hold every key; on_load_checkpoint checks the ones they must.
             self.strict_loading = False
@@ -537,7 +550,9 @@ class LitLM(L.LightningModule):
         if callable(build):
             # A sharding strategy (FSDP2) lends its sharding so that a pretrained model is loaded into shards.
             strategy = self._trainer.strategy if self._trainer is not None else None
-            if strategy is not None and describe(strategy).shards_network:
+            # With adapters the network is built whole and sharded by the strategy after peft has added its layers:
+            # a layer added to a block that is already sharded would be left out of the block's sharded group.
+            if strategy is not None and describe(strategy).shards_network and self.adapters is None:
                 build(shard=strategy.shard_network)
             else:
                 build()
@@ -568,10 +583,11 @@ class LitLM(L.LightningModule):
     def _save_adapters(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["adapters_only"] = self._adapters_only()
         # The run's adapter folder, refreshed at every checkpoint: what `peft.PeftModel.from_pretrained` loads. Under
-        # ZeRO-3 every rank holds a shard of each adapter weight: all ranks gather them, rank 0 writes.
+        # ZeRO-3 and FSDP2 every rank holds a shard of each adapter weight: all ranks gather them, rank 0 writes.
         with _gathered([p for p in self.network.parameters() if p.requires_grad]):
+            state = _full_adapter_state(self.network)
             if self.trainer.is_global_zero:
-                save_adapters(self.network, Path(self.trainer.default_root_dir) / "adapter")
+                save_adapters(self.network, Path(self.trainer.default_root_dir) / "adapter", state)
 
     def _check_adapter_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The adapter weights of this config are all in the checkpoint, and (adapters-only) nothing else is."""

@@ -269,24 +269,35 @@ def test_merge_without_adapters_and_generate_on_a_litune_adapter_folder_say_how(
         load_for_generation(str(folder))
 
 
+@pytest.fixture(scope="module")
+def lora_straight(tmp_path_factory, corpus_dir, tokenizer_dir, tiny_gpt2_dir) -> Path:
+    """One process, ``SECOND`` steps without a break: what every resumed adapter run must compute."""
+    root = tmp_path_factory.mktemp("lora-straight")
+    lora = ("--trainer.devices=1", *lora_args(tiny_gpt2_dir))
+    run_litune("fit", *fit_args(root, corpus_dir, tokenizer_dir, *lora, steps=SECOND))
+    return root
+
+
 @pytest.mark.slow
-def test_resume_is_exact(tmp_path, corpus_dir, tokenizer_dir, tiny_gpt2_dir) -> None:
+def test_resume_is_exact(tmp_path, lora_straight, corpus_dir, tokenizer_dir, tiny_gpt2_dir) -> None:
     """``--ckpt_path=last`` from the adapter-only checkpoint continues as an uninterrupted run of ``SECOND`` steps."""
     lora = ("--trainer.devices=1", *lora_args(tiny_gpt2_dir))
-    legs, straight = tmp_path / "legs", tmp_path / "straight"
+    legs = tmp_path / "legs"
     run_litune("fit", *fit_args(legs, corpus_dir, tokenizer_dir, *lora, steps=2))
     run_litune("fit", *fit_args(legs, corpus_dir, tokenizer_dir, *lora, "--ckpt_path=last", steps=SECOND))
-    run_litune("fit", *fit_args(straight, corpus_dir, tokenizer_dir, *lora, steps=SECOND))
-    resumed, uninterrupted = probe(legs, SECOND), probe(straight, SECOND)
+    resumed, uninterrupted = probe(legs, SECOND), probe(lora_straight, SECOND)
     torch.testing.assert_close(resumed["logits"], uninterrupted["logits"], atol=1e-6, rtol=1e-6)
     assert (resumed["logits"] - probe(legs, 1)["logits"]).abs().max() > 1e-3  # the second leg did train
 
 
-def two_process_run(root: Path, strategy: str, corpus_dir, tokenizer_dir, tiny_gpt2_dir, *extra: str) -> None:
+def two_process_run(
+    root: Path, strategy: str, corpus_dir, tokenizer_dir, tiny_gpt2_dir, *extra: str, steps: int = FIRST
+) -> None:
     fragment = str(REPO / "configs" / "strategy" / f"{strategy}.yaml")
     args = ("--config", fragment, "--trainer.devices=2", "--model.network.init_args.gradient_checkpointing=true")
+    lora = lora_args(tiny_gpt2_dir)
     # 2 processes on a loaded 2-core machine: allow more than the default 300 s.
-    run_litune("fit", *fit_args(root, corpus_dir, tokenizer_dir, *lora_args(tiny_gpt2_dir), *args, *extra), timeout=900)
+    run_litune("fit", *fit_args(root, corpus_dir, tokenizer_dir, *lora, *args, *extra, steps=steps), timeout=900)
 
 
 @pytest.mark.distributed
@@ -297,22 +308,60 @@ def test_two_process_adapters_match_one_process(
 ) -> None:
     """2 processes x micro-batch 4 with gradient checkpointing = 1 process x 4 x 2 accumulation, with adapters; the
     checkpoint (a DeepSpeed directory under ZeRO-2/3) holds no frozen weight and exports merged to the trained logits.
-    Under ZeRO-3 the adapter weights are partitioned too: the ranks gather them to write the adapter folder."""
+    Under ZeRO-3 the adapter weights are partitioned too: the ranks gather them to write the adapter folder. (FSDP2:
+    the next test.)"""
     two_process_run(tmp_path, strategy, corpus_dir, tokenizer_dir, tiny_gpt2_dir)
+    check_adapter_run(tmp_path, lora_run, tiny_gpt2_dir)
+
+
+def check_adapter_run(tmp_path: Path, lora_run: Path, tiny_gpt2_dir: Path) -> None:
+    """The 2-process adapter run under ``tmp_path`` computed the 1-process one; its adapter folder is its model, its
+    sharded checkpoint holds no frozen weight, and its merged export gives its logits."""
     assert_matches(tmp_path, lora_run, FIRST)
     run = the_run(tmp_path)
     torch.testing.assert_close(peft_logits(tiny_gpt2_dir, run / "adapter"), probe(tmp_path, FIRST)["logits"])
     last = run / "checkpoints" / "last.ckpt"
-    if last.is_dir():  # DeepSpeed: the module states it wrote itself leave the frozen base out
-        states = sorted(last.rglob("*model_states.pt"))  # one per rank under ZeRO-3
-        assert states
-        for path in states:
-            module = torch.load(path, weights_only=False)["module"]
-            assert module and all("lora_" in k for k in module)
+    if last.is_dir():  # DeepSpeed and FSDP2 write the module states themselves: the frozen base is left out
+        keys = sharded_checkpoint_module_keys(last)
+        assert keys and all("lora_" in k for k in keys), keys
     merged = export(run, tmp_path / "merged", merge_adapters=True)
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(merged)(probe_input_ids(VOCAB)).logits
     assert (logits - probe(tmp_path, FIRST)["logits"]).abs().max() < 1e-4
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_adapters_match_one_process_resume_exactly_and_export(
+    lora_run, lora_straight, tmp_path, corpus_dir, tokenizer_dir, tiny_gpt2_dir
+) -> None:
+    """FSDP2 with LoRA: the adapters are sharded with their blocks (the frozen base too) and train what 1 process
+    trains; the DCP checkpoint holds only the adapters and their optimizer state, exports merged, and resumes on 2
+    processes to what 1 process computes in ``SECOND`` steps straight; the adapter folder written at the end equals
+    the resumed model."""
+    deferred = "--model.network.class_path=litune.models.DeferredHFCausalLM"
+    two_process_run(tmp_path, "fsdp2", corpus_dir, tokenizer_dir, tiny_gpt2_dir, deferred)
+    check_adapter_run(tmp_path, lora_run, tiny_gpt2_dir)
+    assert (the_run(tmp_path) / "checkpoints" / "last.ckpt").is_dir()  # a DCP folder: its keys were checked
+    two_process_run(
+        tmp_path, "fsdp2", corpus_dir, tokenizer_dir, tiny_gpt2_dir, deferred, "--ckpt_path=last", steps=SECOND
+    )
+    assert_matches(tmp_path, lora_straight, SECOND)
+    assert (probe(tmp_path, SECOND)["logits"] - probe(tmp_path, FIRST)["logits"]).abs().max() > 1e-3  # it trained
+    adapter = the_run(tmp_path) / "adapter"
+    torch.testing.assert_close(peft_logits(tiny_gpt2_dir, adapter), probe(tmp_path, SECOND)["logits"])
+
+
+def sharded_checkpoint_module_keys(folder: Path) -> list[str]:
+    """The module weights a DeepSpeed checkpoint folder (every rank's ``*model_states.pt``) or an FSDP2 DCP folder
+    (its ``.metadata``) holds."""
+    states = sorted(folder.rglob("*model_states.pt"))  # one per rank under ZeRO-3
+    if states:
+        return [k for path in states for k in torch.load(path, weights_only=False)["module"]]
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return [k.removeprefix("state_dict.") for k in saved if k.startswith("state_dict.")]
 
 
 @pytest.mark.gpu

@@ -433,3 +433,24 @@ def test_the_cli_refuses_a_bad_preference_config_before_training(tokenizer_dir, 
     err = capsys.readouterr().err
     assert "model.preference.reference" in err and "reference-free" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_deferred_network_gets_its_adapters_and_reference_copy_when_it_is_built(tiny_gpt2_dir: Path) -> None:
+    """A ``DeferredHFCausalLM`` creates its weights in ``configure_model``: its adapters and its frozen reference copy
+    are made then. (Made from the unbuilt network, the adapters found no layer and the copy was never built.)"""
+    from litune.models.adapters import peft_model_of
+    from litune.models.hf import DeferredHFCausalLM
+
+    with_adapters = LitLM(
+        DeferredHFCausalLM(pretrained=str(tiny_gpt2_dir)), preference=Preference(), adapters=Adapters()
+    )
+    with_copy = LitLM(DeferredHFCausalLM(pretrained=str(tiny_gpt2_dir)), preference=Preference(reference="copy"))
+    assert peft_model_of(with_adapters.network) is None and with_copy.preference.reference is None
+    for module in (with_adapters, with_copy):
+        module.configure_model()
+    assert peft_model_of(with_adapters.network) is not None and with_adapters.preference.mode == "adapters"
+    reference = with_copy.preference.reference
+    assert reference is not None and reference.is_built and reference is not with_copy.network
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(input_ids=ids).logits, with_copy.network(input_ids=ids).logits)

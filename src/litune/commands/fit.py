@@ -52,7 +52,7 @@ from litune.runs import (
 from litune.strategies import apply_global_batch_size, check_trainer_config
 from litune.strategies.checks import describe_trainer, processes_per_node, resolve_accelerator
 from litune.strategies.descriptor import describe
-from litune.strategies.fsdp2 import adapters_unsupported
+from litune.strategies.fsdp2 import check_adapters
 from litune.strategies.safe_load import allow_litune_classes, checkpoint_hparams, load_checkpoint_file
 
 
@@ -417,11 +417,15 @@ def check_config(cfg: Namespace) -> None:
 
 
 def check_adapters_strategy(cfg: Namespace) -> None:
-    """Refuse adapters under FSDP2 before any process is spawned (the strategy would refuse them only in setup)."""
+    """Refuse adapters that FSDP2 does not shard (tensor parallelism, a 4-bit base) before any process is spawned
+    (the strategy would refuse them only in setup)."""
     if not cfg.get("model") or cfg.model.get("adapters") is None:
         return
-    if describe_trainer(cfg.trainer).fsdp2:
-        raise adapters_unsupported()
+    spec = describe_trainer(cfg.trainer)
+    if spec.fsdp2:
+        network = cfg.model.get("network")
+        init_args = (network.get("init_args") if hasattr(network, "get") else None) or {}
+        check_adapters(spec.tensor_parallel_size, init_args.get("quantize") is not None)
 
 
 def check_preference_reference_strategy(cfg: Namespace) -> None:

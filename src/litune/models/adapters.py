@@ -282,13 +282,28 @@ def count_parameters(network: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def save_adapters(network: nn.Module, directory: str | Path) -> Path:
-    """Write the adapter folder: ``adapter_model.safetensors`` and ``adapter_config.json`` (peft's format)."""
+def trainable_adapter_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of the peft model's ``state_dict`` that it trains (adapter weights, ``modules_to_save`` copies),
+    under the keys ``save_pretrained(state_dict=...)`` expects; sharded (``DTensor``) where FSDP2 shards them."""
+    peft_model = peft_model_of(network)
+    if peft_model is None:
+        return {}
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in peft_model.state_dict().items() if k in trainable}
+
+
+def save_adapters(network: nn.Module, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter folder: ``adapter_model.safetensors`` and ``adapter_config.json`` (peft's format).
+
+    Args:
+        state: the adapter weights to write (:func:`trainable_adapter_state`, gathered whole where they were sharded);
+            None: peft reads them from the model.
+    """
     peft_model = peft_model_of(network)
     if peft_model is None:
         raise ConfigError("--checkpoint", "this network has no adapters", "train with model.adapters set")
     directory = Path(directory)
-    peft_model.save_pretrained(directory)
+    peft_model.save_pretrained(directory, state_dict=state)
     return directory
 
 

@@ -415,6 +415,12 @@ class HFCausalLM(nn.Module):
         self.model.save_pretrained(directory)
 
 
+def builds_later(network: nn.Module) -> bool:
+    """Whether ``network`` creates its weights later, in ``LitLM.configure_model`` (a :class:`DeferredHFCausalLM` not
+    built yet): its adapters and its preference reference are made then, not when the config is parsed."""
+    return isinstance(network, HFCausalLM) and not network.is_built
+
+
 class DeferredHFCausalLM(HFCausalLM):
     """An :class:`HFCausalLM` whose weights are created in ``LitLM.configure_model``, not when the config is parsed.
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from litune.errors import ConfigError
 from litune.lightning_private import should_update_logs
+from litune.models.hf import builds_later
 from litune.models.output import IGNORE_INDEX, causal_targets
 from litune.objective import BATCH_TAG, gradient_divisor, steps_left_in_window, train_look_ahead
 from litune.preference.logps import sequence_logps
@@ -145,7 +146,7 @@ class PreferenceObjective:
         self._step_counts = torch.zeros(3, dtype=torch.long)
         self._window_stats: torch.Tensor | None = None
         self._eval_stats: torch.Tensor | None = None
-        if not getattr(network, "deferred", False):
+        if not builds_later(network):  # a DeferredHFCausalLM's reference is made in configure_model
             self.prepare_reference(network)
 
     def prepare_reference(self, network: nn.Module) -> None:

@@ -87,14 +87,27 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def adapters_unsupported() -> ConfigError:
-    """The error for adapters under FSDP2: the CLI raises it before spawning, :meth:`FSDP2Strategy.setup` as a guard."""
-    return ConfigError(
-        "model.adapters",
-        "adapters (LoRA/DoRA/QLoRA) are not wired into litune's FSDP2 strategy (adapter-only checkpoints and "
-        "the frozen base's state-dict filtering are tested with DDP and DeepSpeed only)",
-        "use configs/strategy/ddp.yaml or a deepspeed_zero*.yaml fragment with adapters",
-    )
+def check_adapters(tensor_parallel_size: int, quantized: bool) -> None:
+    """Refuse the adapter layouts FSDP2 does not shard: the CLI calls it before spawning, :meth:`FSDP2Strategy.setup`
+    as a guard.
+
+    LoRA/DoRA on a full-precision base are sharded with the blocks they sit in (``fully_shard`` keeps the frozen and
+    the trainable parameters of a block in one group; only the trainable ones get gradients and optimizer state).
+    Tensor parallelism would have to split each adapter's ``A``/``B`` with its base layer (peft's layers are not in
+    the networks' plans), and a 4-bit base's packed weights cannot be split on dim 0.
+    """
+    if tensor_parallel_size > 1:
+        raise ConfigError(
+            "model.adapters",
+            "adapters are not split by tensor parallelism (peft's layers are not in the networks' plans)",
+            "use tensor_parallel_size: 1 (FSDP2 shards the adapters with their blocks), or drop model.adapters",
+        )
+    if quantized:
+        raise ConfigError(
+            "model.adapters",
+            "FSDP2 cannot shard a 4-bit (QLoRA) base: its packed weights do not split row by row",
+            "use LoRA on a full-precision base under FSDP2, or QLoRA with configs/strategy/ddp.yaml",
+        )
 
 
 def check_tensor_parallel_size(size: object, sharding: str = "full") -> None:
@@ -284,7 +297,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         if network is None:
             raise ConfigError("model", f"{type(module).__name__} has no `network` to shard", "use litune.module.LitLM")
         if getattr(module, "adapters", None) is not None:
-            raise adapters_unsupported()
+            from litune.models.adapters import is_quantized
+
+            check_adapters(self.tensor_parallel_size, is_quantized(network))
         # LitLM.configure_model has built any deferred network (sharding it itself when it loads weights shard by
         # shard); the rest are sharded here, before Lightning materializes, converts and moves the module.
         self.shard_network(network)
