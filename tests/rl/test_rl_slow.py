@@ -74,15 +74,16 @@ def one_process(tmp_path_factory, prompts, tokenizer_dir) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_train_what_one_process_trains(tmp_path, prompts, tokenizer_dir, one_process) -> None:
-    fragment = str(REPO / "configs" / "strategy" / "ddp.yaml")
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2"])
+def test_two_processes_train_what_one_process_trains(strategy, tmp_path, prompts, tokenizer_dir, one_process) -> None:
+    fragment = str(REPO / "configs" / "strategy" / f"{strategy}.yaml")
     run_litune("fit", *grpo_args(tmp_path, prompts, tokenizer_dir, 1, "--config", fragment, "--trainer.devices=2"),
                timeout=900)  # fmt: skip
     got = torch.load(tmp_path / "record" / "record.pt")
     assert got["world_size"] == 2
     moved = max((one_process["params"][k]).abs().max().item() for k in one_process["params"])
     diff = max((got["params"][k] - one_process["params"][k]).abs().max().item() for k in one_process["params"])
-    print(f"\nDDP: 2 processes x micro 1 x accumulation 2 vs 1 process micro 4: max parameter diff {diff:.3g}")
+    print(f"\n{strategy}: 2 processes x micro 1 x accumulation 2 vs 1 process micro 4: max parameter diff {diff:.3g}")
     assert moved > 0 and diff < TOLERANCE
     for step, metrics in one_process["steps"].items():
         # At ratio 1 the loss is the mean advantage: 0 up to float noise, so compared absolutely.
