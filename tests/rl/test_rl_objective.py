@@ -269,3 +269,12 @@ def test_a_row_without_a_prompt_is_refused_with_file_row_and_field(tokenizer_dir
     with pytest.raises(ConfigError) as err:
         data(tokenizer_dir, path, tmp_path / "cache", 2).setup("fit")
     assert err.value.field == "data.init_args.prompt_column" and "row 2" in str(err.value) and err.value.fix
+
+
+def test_repeated_windows_yield_each_steps_batches_num_iterations_times() -> None:
+    """5 batches, 2 per optimizer step, 2 iterations: each step's pair twice; the incomplete last pair is dropped."""
+    from litune.rl.data import RepeatedWindows
+
+    batches = list(RepeatedWindows(range(10), batch_size=2, window=2, repeats=2))
+    assert batches == [[0, 1], [2, 3], [0, 1], [2, 3], [4, 5], [6, 7], [4, 5], [6, 7]]
+    assert len(RepeatedWindows(range(10), batch_size=2, window=2, repeats=2)) == len(batches)

@@ -175,6 +175,9 @@ class RepeatedWindows(Sampler[list[int]]):
     """Batches of ``sampler``'s indices, each run of ``window`` consecutive batches (one optimizer step's
     micro-batches) yielded ``repeats`` times in a row (``model.rl.num_iterations``).
 
+    An epoch's last, incomplete run of batches is dropped (when there is a complete one): repeated, it would not line
+    up with Lightning's accumulation windows, which restart at every epoch.
+
     Args:
         sampler: the row sampler (this rank's rows, in order).
         batch_size: rows per batch.
@@ -185,15 +188,20 @@ class RepeatedWindows(Sampler[list[int]]):
     def __init__(self, sampler: Sampler[int], batch_size: int, window: int, repeats: int) -> None:
         self.sampler, self.batch_size, self.window, self.repeats = sampler, batch_size, window, repeats
 
+    def _batches(self) -> int:
+        n = math.ceil(len(self.sampler) / self.batch_size)  # type: ignore[arg-type]
+        return n - n % self.window if n >= self.window else n
+
     def __iter__(self) -> Iterator[list[int]]:
         indices = list(self.sampler)
         batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        batches = batches[: self._batches()]
         for start in range(0, len(batches), self.window):
             for _ in range(self.repeats):
                 yield from batches[start : start + self.window]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size) * self.repeats  # type: ignore[arg-type]
+        return self._batches() * self.repeats
 
 
 class PromptDataModule(TextDataModule):
