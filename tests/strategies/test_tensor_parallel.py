@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import socket
 import subprocess
 
@@ -142,11 +143,14 @@ def test_tensor_parallel_refuses_sizes_the_ranks_cannot_split() -> None:
 def test_tensor_parallel_fit_matches_one_process_resumes_and_exports(tmp_path, corpus_dir, tokenizer_dir) -> None:
     """``litune fit`` with configs/strategy/fsdp2_tp2.yaml on 2 processes (a 1 x 2 data x tensor mesh: both ranks read
     the same rows, accumulation 2 as on one process) trains litune's decoder as one process does; its DCP checkpoint
-    resumes exactly and exports a Hugging Face folder with the trained logits."""
+    resumes exactly, on the same layout and on another one (TP2 -> DP2: 2 data-parallel ranks, accumulation 1, each
+    parameter resharded from the tensor-parallel split to FSDP2's row split), and exports a Hugging Face folder with
+    the trained logits."""
     from test_fsdp2 import FRAGMENTS, assert_export_matches, decoder_args
 
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, other_layout = tmp_path / "one", tmp_path / "two", tmp_path / "other-layout"
     tp = ("--config", str(FRAGMENTS / "fsdp2_tp2.yaml"), "--trainer.devices=2")
+    dp = ("--config", str(FRAGMENTS / "fsdp2.yaml"), "--trainer.devices=2")
     run_litune("fit", *decoder_args(one, corpus_dir, tokenizer_dir, "--trainer.devices=1"))
     run_litune("fit", *decoder_args(two, corpus_dir, tokenizer_dir, *tp))
     assert_matches(two, one, FIRST)
@@ -154,11 +158,13 @@ def test_tensor_parallel_fit_matches_one_process_resumes_and_exports(tmp_path, c
     assert (probe(one, FIRST)["logits"] - probe(one, 1)["logits"]).abs().max() > 1e-2
     last = the_run(two) / "checkpoints" / "last.ckpt"
     assert is_fsdp2_checkpoint(last)
-    for root, extra in ((one, ("--trainer.devices=1",)), (two, tp)):
+    shutil.copytree(two, other_layout)  # the TP2 run at FIRST steps, resumed below as DP2
+    for root, extra in ((one, ("--trainer.devices=1",)), (two, tp), (other_layout, dp)):
         run_litune(
             "fit", *decoder_args(root, corpus_dir, tokenizer_dir, *extra, "--ckpt_path=last"), "--trainer.max_steps=5"
         )
     assert_matches(two, one, SECOND)
+    assert_matches(other_layout, one, SECOND)
     assert_export_matches(two, SECOND)
 
 
