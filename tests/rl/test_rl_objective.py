@@ -191,6 +191,7 @@ def grpo_args(tokenizer_dir: Path, prompts_file: Path, tmp_path: Path, *extra: s
         (["--model.rl.rewards=[{function: no_such_module:reward}]"], "model.rl.rewards[0].function", "cannot import"),
         (["--data=litune.data.text.TextDataModule", "--data.init_args.path=x.txt"], "data.class_path", "prompt"),
         (["--config", str(REPO / "configs" / "strategy" / "fsdp2.yaml")], "model.rl", "FSDP2"),
+        (["--model.rl.max_completion_length=100"], "model.rl.max_completion_length", "context of 128 tokens"),
     ],
 )
 def test_bad_rl_configs_exit_2_naming_the_field_before_anything_is_written(

@@ -267,6 +267,16 @@ class LituneCLI(LightningCLI):
                 f"block_size={block_size} is longer than the model's context of {max_len} tokens",
                 f"set data.init_args.block_size to at most {max_len}",
             )
+        rl = getattr(self.model, "rl", None)  # GRPO: a prompt and its completion must fit the context
+        completion = getattr(getattr(rl, "config", None), "max_completion_length", 0)
+        if rl is not None and block_size is not None and max_len is not None and block_size + completion > max_len:
+            raise ConfigError(
+                "model.rl.max_completion_length",
+                f"max_prompt_length={block_size} plus max_completion_length={completion} tokens is longer than the "
+                f"model's context of {max_len} tokens",
+                f"set model.rl.max_completion_length to at most {max_len - block_size}, or lower "
+                "data.init_args.max_prompt_length",
+            )
 
     def _run_subcommand(self, subcommand: str) -> None:
         self.preflight()
