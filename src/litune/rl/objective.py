@@ -37,6 +37,7 @@ from torch import nn
 from litune.errors import ConfigError
 from litune.lightning_private import should_update_logs
 from litune.models.generation import SamplingSettings, eval_mode
+from litune.models.hf import builds_later
 from litune.models.output import IGNORE_INDEX
 from litune.objective import BATCH_TAG, gradient_divisor, steps_left_in_window, train_look_ahead
 from litune.preference.logps import token_logps
@@ -182,7 +183,7 @@ class GRPOObjective:
         self._window_stats: torch.Tensor | None = None
         self._eval_stats: torch.Tensor | None = None
         self._generation_s = 0.0
-        if not getattr(network, "deferred", False):
+        if not builds_later(network):  # a DeferredHFCausalLM's reference is made in configure_model
             self.prepare_reference(network)
 
     def prepare_reference(self, network: nn.Module) -> None:
