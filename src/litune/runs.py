@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from litune.errors import ConfigError
+from litune.launcher_env import LAUNCHED_ENVS, RANK_ENVS, TORCHRUN_RUN_ID_ENV
 
 CHECKPOINTS_DIR = "checkpoints"
 """Sub-folder of a run folder holding its checkpoints."""
@@ -41,11 +42,8 @@ RUN_DIR_ENV = "LITUNE_RUN_DIR"
 RUN_ID_ENV = "LITUNE_RUN_ID"
 """A job id for launchers that have none of their own (``launch/deepspeed.sh`` sets it)."""
 
-JOB_ID_ENVS = (RUN_ID_ENV, "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
+JOB_ID_ENVS = (RUN_ID_ENV, "SLURM_JOB_ID", TORCHRUN_RUN_ID_ENV)
 """Where a job's id is read from, first found wins."""
-
-RANK_ENVS = ("RANK", "SLURM_PROCID", "LOCAL_RANK")
-"""Where a launched process's rank is read from, first found wins."""
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -88,7 +86,7 @@ def slurm_requeue_id() -> str | None:
 
 def is_launched() -> bool:
     """Whether a launcher (torchrun, SLURM) started this process: then it owns the rendezvous port."""
-    return any(var in os.environ for var in (*RANK_ENVS, "TORCHELASTIC_RUN_ID"))
+    return any(var in os.environ for var in LAUNCHED_ENVS)
 
 
 def is_launched_rank() -> bool:

@@ -26,7 +26,7 @@ from torchmetrics import Metric
 from litune.callbacks.checkpointing import BestCheckpoints, Checkpointing
 from litune.callbacks.preemption import CollectiveTimeout, Preempted
 from litune.callbacks.run_info import log_once
-from litune.commands.wiring import _as_list, add_loggers, add_tracking, add_tracking_arguments
+from litune.commands.wiring import add_loggers, add_tracking, add_tracking_arguments, as_list
 from litune.errors import ConfigError, as_config_error, from_parse_error, quoted_argument
 from litune.host_memory import keep_freed_host_memory
 from litune.limits import check_limits
@@ -615,7 +615,7 @@ def run_loggers(run_dir: Path, ckpt_path: str | Path | None = None) -> list[Logg
     ckpt = str(ckpt_path) if ckpt_path is not None else None
     cfg = Namespace(trainer=Namespace(logger=parsed.logger), loggers=parsed.loggers, ckpt_path=ckpt)
     add_loggers(cfg)
-    for entry in _as_list(cfg.trainer.logger):
+    for entry in as_list(cfg.trainer.logger):
         args = entry.get("init_args") if isinstance(entry, Namespace) else None
         if not isinstance(args, Namespace):
             continue
@@ -627,7 +627,7 @@ def run_loggers(run_dir: Path, ckpt_path: str | Path | None = None) -> list[Logg
     entries = _loggers_in(run_dir, cfg.trainer.logger)
     if entries is False:
         return []
-    built = parser.instantiate_classes(Namespace(logger=_as_list(entries), loggers=None))
+    built = parser.instantiate_classes(Namespace(logger=as_list(entries), loggers=None))
     return list(built.logger)
 
 

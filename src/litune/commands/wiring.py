@@ -56,7 +56,8 @@ def _class_name(entry: Any) -> str:
     return type(entry).__name__
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """A config entry that is one item, a list or unset (``None``, or a bool as in ``logger: false``) as a list."""
     if value in (None, True, False):
         return []
     return list(value) if isinstance(value, list) else [value]
@@ -68,11 +69,11 @@ def add_loggers(cfg: Namespace) -> None:
     wandb logger continuing from ``ckpt_path`` gets the wandb run id stored in that checkpoint."""
     trainer = cfg.trainer
     if cfg.get("loggers") is not None:
-        configured = _as_list(trainer.logger)
+        configured = as_list(trainer.logger)
         present = {_class_name(e) for e in configured}
         combined = configured + [e for e in logger_entries(cfg.loggers) if _class_name(e) not in present]
         trainer.logger = combined or False
-    loggers = _as_list(trainer.logger)
+    loggers = as_list(trainer.logger)
     wandb_entries = [e for e in loggers if isinstance(e, Namespace) and "Wandb" in _class_name(e)]
     if wandb_entries and cfg.get("ckpt_path"):
         run_id = resume_wandb_id(cfg.ckpt_path)
@@ -98,7 +99,7 @@ def add_tracking(cfg: Namespace) -> None:
     """
     add_loggers(cfg)
     trainer = cfg.trainer
-    callbacks = _as_list(trainer.get("callbacks"))
+    callbacks = as_list(trainer.get("callbacks"))
     present = {_class_name(c) for c in callbacks}
     wanted = list(_TRACKING_CALLBACKS) + list(_RESILIENCE_CALLBACKS)
     if trainer.logger is False or trainer.logger == []:  # LearningRateMonitor refuses to run without a logger
@@ -112,6 +113,6 @@ def add_tracking(cfg: Namespace) -> None:
         if class_path.rsplit(".", 1)[-1] not in present:
             callbacks.append(Namespace(class_path=class_path, init_args=Namespace(**init_args)))
     trainer.callbacks = callbacks
-    plugins = _as_list(trainer.get("plugins"))
+    plugins = as_list(trainer.get("plugins"))
     if not any("CheckpointIO" in _class_name(p) for p in plugins):  # a user's own CheckpointIO (e.g. async) wins
         trainer.plugins = [*plugins, Namespace(class_path=_ATOMIC_IO, init_args=Namespace())]

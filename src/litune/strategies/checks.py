@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from litune.errors import ConfigError
+from litune.launcher_env import LAUNCHED_ENVS
 from litune.strategies.descriptor import StrategySpec, describe
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
@@ -132,7 +133,7 @@ def check_run(
 
 MULTI_NODE_ENVS = (
     "NODE_RANK", "MASTER_ADDR", "WORLD_SIZE", "GROUP_RANK",  # set by hand (Lightning's general cluster) or by torchrun
-    "RANK", "SLURM_PROCID", "TORCHELASTIC_RUN_ID",  # a launched rank (litune.runs.is_launched; not imported: a cycle)
+    *LAUNCHED_ENVS,  # a launched process (litune.runs.is_launched reads the same list)
     "SLURM_NNODES", "SLURM_JOB_NUM_NODES",  # a SLURM allocation
     "LSB_JOBID", "OMPI_COMM_WORLD_SIZE",  # LSF, MPI
 )  # fmt: skip
