@@ -15,7 +15,10 @@ from collections.abc import Iterable
 from typing import NoReturn
 
 NETWORK_FIELD = "model.network"
-"""The config field of the network; its arguments are ``model.network.init_args.<name>``."""
+"""The config field of the network; its arguments are ``model.network.init_args.<name>`` (:data:`NETWORK_ARGS`)."""
+
+NETWORK_ARGS = f"{NETWORK_FIELD}.init_args"
+"""Where users set a network's arguments in YAML; error messages name fields under it."""
 
 
 class ConfigError(ValueError):

@@ -23,7 +23,7 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from litune.data.tokenizer import TokenizerSource, load_tokenizer
-from litune.errors import ConfigError, TrainingStopped
+from litune.errors import NETWORK_ARGS, ConfigError, TrainingStopped
 from litune.lightning_private import should_update_logs
 from litune.models.adapters import (
     Adapters,
@@ -184,7 +184,7 @@ class LitLM(L.LightningModule):
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
         if self.tokenizer is not None and hasattr(network, "vocab_size") and len(self.tokenizer) > network.vocab_size:
             raise ConfigError(
-                "model.network.init_args.vocab_size",
+                f"{NETWORK_ARGS}.vocab_size",
                 f"the tokenizer has {len(self.tokenizer)} tokens but the network's vocabulary has {network.vocab_size}",
                 f"set the network's vocab_size to at least {len(self.tokenizer)} or use the matching tokenizer",
             )

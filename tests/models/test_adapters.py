@@ -23,7 +23,7 @@ from litune.cli import main
 from litune.commands.export import export
 from litune.errors import ConfigError
 from litune.models.adapters import Adapters, add_adapters, count_parameters, peft_model_of
-from litune.models.hf import HFCausalLM
+from litune.models.hf import DeferredHFCausalLM, HFCausalLM
 from litune.models.seq2seq import Seq2SeqLM
 from litune.models.transformer import DecoderLM
 from litune.module import LitLM
@@ -119,6 +119,15 @@ def test_presets_and_names_resolve_to_peft_targets(tiny_gpt2_dir) -> None:
         "decoder.h.0.crossattention.q_attn.lora_A.default.weight",
         "decoder.h.0.crossattention.q_attn.lora_B.default.weight",
     ]
+
+
+def test_a_deferred_network_gets_its_adapters_once_its_weights_exist(tiny_gpt2_dir) -> None:
+    """LitLM adds adapters to a DeferredHFCausalLM in configure_model, not at construction (no layer exists then:
+    before the fix LitLM asked for a removed `deferred` flag and the all-linear preset found no layer)."""
+    system = LitLM(DeferredHFCausalLM(pretrained=str(tiny_gpt2_dir)), adapters=Adapters())
+    assert peft_model_of(system.network) is None
+    system.configure_model()
+    assert sorted(peft_model_of(system.network).peft_config["default"].target_modules) == ["c_attn", "c_fc", "c_proj"]
 
 
 def test_bad_adapter_settings_are_config_errors(tiny_gpt2_dir) -> None:

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from litune.errors import ConfigError
-from litune.models.convert import gpt2_to_litune, litune_to_gpt2, to_hf_gpt2
+from litune.models.convert import from_gpt2, gpt2_to_litune, litune_to_gpt2, save_pretrained, to_hf_gpt2
 from litune.models.state_dict import load_strict
 from litune.models.transformer import DecoderLM
 
@@ -29,7 +29,7 @@ def batch(seed: int = 1, b: int = 3, t: int = 24) -> torch.Tensor:
 @pytest.mark.parametrize("tied", [True, False])
 def test_hf_gpt2_weights_give_the_same_logits_and_loss(tied: bool) -> None:
     hf = tiny_hf(tie_word_embeddings=tied)
-    ours = DecoderLM.from_pretrained(hf).eval()
+    ours = from_gpt2(hf).eval()
     assert ours.config.tie_embeddings is tied
     x = batch()
     labels = x.clone()
@@ -66,21 +66,21 @@ def test_trained_decoder_exports_to_a_folder_that_from_pretrained_loads(tmp_path
         loss.backward()
         opt.step()
     net.eval()
-    net.save_pretrained(tmp_path / "export")
+    save_pretrained(net, tmp_path / "export")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     assert type(hf).__name__ == "GPT2LMHeadModel"
     x = batch(seed=9)
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, net(x).logits, rtol=1e-5, atol=1e-5)
     # ... and back into litune from the folder.
-    again = DecoderLM.from_pretrained(tmp_path / "export").eval()
+    again = from_gpt2(tmp_path / "export").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, net(x).logits, rtol=0, atol=0)
 
 
 def test_export_keeps_the_network_dtype(tmp_path) -> None:
     net = DecoderLM(d_model=32, nhead=2, num_decoder_layers=1, vocab_size=VOCAB, max_seq_len=32).to(torch.bfloat16)
-    net.save_pretrained(tmp_path / "bf16")
+    save_pretrained(net, tmp_path / "bf16")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
     assert hf.dtype == torch.bfloat16
     assert torch.equal(hf.transformer.wte.weight, net.wte.weight)

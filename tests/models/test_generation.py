@@ -7,6 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from litune.errors import ConfigError
+from litune.models.convert import from_gpt2
 from litune.models.generation import decode
 from litune.models.seq2seq import Seq2SeqLM
 from litune.models.transformer import DecoderLM
@@ -74,7 +75,7 @@ def test_decoder_greedy_generation_matches_hugging_face_generate() -> None:
     hf = GPT2LMHeadModel(config).eval()
     x = prompts()
     ref = hf.generate(x, attention_mask=torch.ones_like(x), max_length=30, do_sample=False, pad_token_id=0)
-    assert torch.equal(DecoderLM.from_pretrained(hf).generate(x, max_length=30), ref)
+    assert torch.equal(from_gpt2(hf).generate(x, max_length=30), ref)
 
 
 def test_seq2seq_cached_and_uncached_greedy_generation_give_the_same_tokens() -> None:

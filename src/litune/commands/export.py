@@ -1,9 +1,10 @@
 """``litune export --checkpoint C --output DIR``: a checkpoint of any strategy -> a Hugging Face model folder.
 
 DDP checkpoints load directly; DeepSpeed ZeRO-1/2/3 checkpoints (directories of per-rank shards) are first consolidated
-from the fp32 master weights. The network writes itself with its own ``save_pretrained`` (``config.json``,
-``model.safetensors``) and the tokenizer the run trained with (the run folder's saved files) is saved beside it, with
-its bos/eos/pad ids written into ``config.json`` and ``generation_config.json``, so
+from the fp32 master weights. :func:`litune.models.convert.save_pretrained` writes the network (``config.json``,
+``model.safetensors``: the custom decoder as GPT-2, a Hugging Face network by its own ``save_pretrained``) and the
+tokenizer the run trained with (the run folder's saved files) is saved beside it, with its bos/eos/pad ids written
+into ``config.json`` and ``generation_config.json``, so
 ``AutoModelForCausalLM.from_pretrained(DIR)``, ``AutoTokenizer.from_pretrained(DIR)`` and ``model.generate`` work on
 the result as they are.
 
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from litune.errors import CommandParser, ConfigError
-from litune.models import adapters
+from litune.models import adapters, convert
 from litune.resume import load_system
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,7 +69,7 @@ def export(
         if system.tokenizer is not None:
             save_tokenizer(system.tokenizer, output)
         return output
-    if not hasattr(network, "save_pretrained"):
+    if not convert.has_hf_format(network):
         raise ConfigError(
             "--checkpoint",
             f"the network {type(network).__name__} has no Hugging Face equivalent to export to",
@@ -76,7 +77,7 @@ def export(
         )
     network.to(DTYPES[dtype])
     output.mkdir(parents=True, exist_ok=True)
-    network.save_pretrained(output)
+    convert.save_pretrained(network, output)
     if system.tokenizer is not None:
         save_tokenizer(system.tokenizer, output)
         write_special_token_ids(output, system.tokenizer)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from litune.data.collate import Seq2SeqCollator
 from litune.data.sampler import data_rank_world, even_eval_shards
 from litune.data.tokenizer import SymbolTokenizer, TokenizerSource
-from litune.errors import ConfigError
+from litune.errors import NETWORK_ARGS, ConfigError
 
 TASKS = {
     "reverse": lambda x: x.flip(0),
@@ -117,7 +117,7 @@ class SyntheticSeq2SeqDataModule(L.LightningDataModule):
         network = getattr(self.trainer.lightning_module, "network", None) if self.trainer is not None else None
         if network is not None and getattr(network, "vocab_size", self.vocab_size) < self.vocab_size:
             raise ConfigError(
-                "model.network.init_args.vocab_size",
+                f"{NETWORK_ARGS}.vocab_size",
                 f"the synthetic task uses {self.vocab_size} token ids but the network's vocab_size is "
                 f"{network.vocab_size}",
                 f"set vocab_size >= {self.vocab_size} (4 special ids + num_symbols)",

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from litune.errors import ConfigError
+from litune.errors import NETWORK_ARGS, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def nf4_config(compute_dtype: torch.dtype = torch.bfloat16) -> object:
     """
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
-            "model.network.init_args.quantize",
+            f"{NETWORK_ARGS}.quantize",
             "4-bit loading needs the bitsandbytes package, which is not installed",
             "pip install 'bitsandbytes>=0.50' (or drop quantize for plain LoRA)",
         )
@@ -355,7 +355,7 @@ def nf4_config(compute_dtype: torch.dtype = torch.bfloat16) -> object:
 
     if not torch.cuda.is_available() and Version(bitsandbytes.__version__) < Version("0.50"):
         raise ConfigError(
-            "model.network.init_args.quantize",
+            f"{NETWORK_ARGS}.quantize",
             f"bitsandbytes {bitsandbytes.__version__} runs 4-bit only on CUDA and this machine has no GPU",
             "pip install 'bitsandbytes>=0.50' (4-bit on CPU too), run on a GPU, or drop quantize",
         )

@@ -10,23 +10,21 @@ The two share parameter names, so conversion is a one-to-one renaming with two e
 Loading is strict: a state dict with missing or unexpected keys (or wrong shapes) raises a :class:`ConfigError`
 that lists them, instead of silently leaving random weights in place.
 
-This module is the GPT-2 *format* (names, shapes, config fields), below the network: :class:`DecoderLM` imports it
-for ``from_pretrained``/``save_pretrained``, and nothing here imports a network class, so there is no import cycle.
+This module is the layer above the network: :class:`DecoderLM` knows nothing of GPT-2 checkpoints, and this module
+reads and writes them (:func:`from_gpt2`, :func:`save_pretrained`), as ``litune export`` does for every network.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from litune.errors import NETWORK_FIELD, ConfigError
+from litune.errors import NETWORK_ARGS, NETWORK_FIELD, ConfigError
 from litune.models.state_dict import load_strict
-
-if TYPE_CHECKING:  # only for annotations: DecoderLM imports this module, which knows no network class
-    from litune.models.transformer import DecoderLM
+from litune.models.transformer import DecoderLM
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 """Weights that Hugging Face GPT-2 keeps as ``Conv1D`` ``[in, out]`` and we keep as ``nn.Linear`` ``[out, in]``."""
@@ -107,7 +105,7 @@ def to_hf_gpt2(network: DecoderLM, **config_overrides: object) -> nn.Module:
     cfg = network.config
     if not cfg.norm_first:
         raise ConfigError(
-            "model.network.init_args.norm_first",
+            f"{NETWORK_ARGS}.norm_first",
             "a post-norm network (norm_first=False) has no GPT-2 equivalent",
             "train with norm_first=True to export to Hugging Face",
         )
@@ -139,3 +137,42 @@ def to_hf_gpt2(network: DecoderLM, **config_overrides: object) -> nn.Module:
                 state[name] = torch.zeros_like(value)
     load_strict(hf, litune_to_gpt2(state), source=f"{type(network).__name__}")
     return hf
+
+
+def from_gpt2(source: str | Path | nn.Module, gradient_checkpointing: bool = False) -> DecoderLM:
+    """Build a :class:`DecoderLM` with the weights of a Hugging Face GPT-2.
+
+    Args:
+        source: a ``GPT2LMHeadModel`` instance, or a local folder / hub id that ``from_pretrained`` loads.
+        gradient_checkpointing: passed to the new network.
+    """
+    from transformers import GPT2LMHeadModel  # only here: building a network needs no transformers import
+
+    hf = source if isinstance(source, nn.Module) else GPT2LMHeadModel.from_pretrained(source)
+    network = DecoderLM(**decoder_kwargs_from_gpt2_config(hf.config), gradient_checkpointing=gradient_checkpointing)
+    where = f"GPT-2 {source if isinstance(source, str) else ''}"
+    load_strict(network, gpt2_to_litune(hf.state_dict()), source=where)
+    return network
+
+
+def has_hf_format(network: nn.Module) -> bool:
+    """Whether :func:`save_pretrained` can write ``network`` as a Hugging Face folder."""
+    return isinstance(network, DecoderLM) or hasattr(network, "save_pretrained")
+
+
+def save_pretrained(network: nn.Module, directory: str | Path, **config_overrides: object) -> None:
+    """Write ``network`` as a folder that ``AutoModelForCausalLM.from_pretrained`` loads (``config.json`` + weights).
+
+    A :class:`DecoderLM` is written as GPT-2 (:func:`to_hf_gpt2`); a network that wraps a Hugging Face model writes
+    itself (its own ``save_pretrained``).
+
+    Args:
+        network: the network; :func:`has_hf_format` must hold.
+        directory: output folder.
+        **config_overrides: for a :class:`DecoderLM`, extra ``GPT2Config`` fields, e.g. the tokenizer's
+            ``bos_token_id``/``eos_token_id``.
+    """
+    if isinstance(network, DecoderLM):
+        to_hf_gpt2(network, **config_overrides).save_pretrained(directory)
+    else:
+        network.save_pretrained(directory)

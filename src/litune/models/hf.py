@@ -7,14 +7,14 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from litune.errors import NETWORK_FIELD, ConfigError, quoted_argument
+from litune.errors import NETWORK_ARGS, ConfigError, quoted_argument
 from litune.models.chunked_loss import check_chunk_size, chunked_lm_output, use_chunked_loss
 from litune.models.flops import matmul_weights
 from litune.models.generation import SamplingSettings
@@ -30,7 +30,7 @@ def _check_plain_head(hf_config: PretrainedConfig) -> None:
         value = getattr(hf_config, name, None)
         if value not in (None, 1, 1.0):
             raise ConfigError(
-                "model.network.init_args.loss_chunk_size",
+                f"{NETWORK_ARGS}.loss_chunk_size",
                 f"{hf_config.model_type} applies {name}={value} to its logits after the output layer, which the "
                 "chunked loss (it calls the output layer itself) would skip",
                 "remove loss_chunk_size for this model",
@@ -50,24 +50,22 @@ def build_hf_config(
     """
     if (pretrained is None) == (config is None):
         raise ConfigError(
-            "model.network.init_args",
+            NETWORK_ARGS,
             "give exactly one of `pretrained` and `config`",
             "set `pretrained: gpt2` (or a local folder) to fine-tune, or `config: {model_type: gpt2, ...}` "
             "to train from scratch",
         )
     if pretrained is not None:
         if pretrained.startswith((".", "/", "~")) and not Path(pretrained).expanduser().exists():
-            raise ConfigError(
-                "model.network.init_args.pretrained", f"folder {pretrained} does not exist", "fix the path"
-            )
-        with transformers_errors("model.network.init_args.pretrained"):
+            raise ConfigError(f"{NETWORK_ARGS}.pretrained", f"folder {pretrained} does not exist", "fix the path")
+        with transformers_errors(f"{NETWORK_ARGS}.pretrained"):
             return AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
     kwargs = dict(config)
     model_type = kwargs.pop("model_type", None)
     if model_type is None:
-        raise ConfigError("model.network.init_args.config", "`model_type` is missing", "add model_type: gpt2")
+        raise ConfigError(f"{NETWORK_ARGS}.config", "`model_type` is missing", "add model_type: gpt2")
     _check_dimensions(kwargs)
-    with transformers_errors("model.network.init_args.config"):
+    with transformers_errors(f"{NETWORK_ARGS}.config"):
         hf_config = AutoConfig.for_model(model_type, **kwargs)
     _check_token_ids(kwargs, getattr(hf_config, "vocab_size", None))
     return hf_config
@@ -87,7 +85,7 @@ def _check_dimensions(config: dict[str, Any]) -> None:
     for key, value in config.items():
         if isinstance(value, bool) or not isinstance(value, int):
             continue
-        field = f"model.network.init_args.config.{key}"
+        field = f"{NETWORK_ARGS}.config.{key}"
         if key.endswith("_token_id") and value < 0:
             raise ConfigError(field, f"{key}={value} is not a token id", "use an id in [0, vocab_size)")
         if _DIMENSION.search(key) and not key.endswith("_token_id") and value < 1:
@@ -104,7 +102,7 @@ def _check_token_ids(config: dict[str, Any], vocab_size: int | None) -> None:
         bad = [i for i in ids if key.endswith("_token_id") and isinstance(i, int) and not isinstance(i, bool)]
         if any(i >= vocab_size for i in bad):
             raise ConfigError(
-                f"model.network.init_args.config.{key}",
+                f"{NETWORK_ARGS}.config.{key}",
                 f"{key}={value} is not a token id of a vocabulary of {vocab_size}",
                 f"use an id in [0, {vocab_size}) (the tokenizer's, e.g. its <|endoftext|>), or raise vocab_size",
             )
@@ -129,7 +127,7 @@ def check_model_fits(hf_config: PretrainedConfig, config: dict[str, Any] | None,
     sizes = {k: v for k, v in (config or {}).items() if isinstance(v, int) and _DIMENSION.search(k)}
     key = max(sizes, key=sizes.get) if sizes else "model_type"
     raise ConfigError(
-        f"model.network.init_args.config.{key}" if sizes else "model.network.init_args.config",
+        f"{NETWORK_ARGS}.config.{key}" if sizes else f"{NETWORK_ARGS}.config",
         f"{key}={sizes.get(key)}: a model of these sizes has about {params:.3g} parameters ({params * 4 / 2**30:.3g} "
         f"GiB in fp32), more than the {budget_bytes / 2**30:.0f} GiB this process could hold",
         "reduce the sizes; `litune estimate --config ...` shows the memory per device under each strategy",
@@ -157,7 +155,7 @@ def transformers_errors(field: str) -> Iterator[None]:
         # huggingface_hub's strict-dataclass validation (transformers 5 configs) chains the ValueError as its cause.
         message = " ".join(str(err.__cause__ or err).split()) or type(err).__name__
         if argument := quoted_argument(message, NETWORK_ARGUMENTS):  # the network's own argument, not a config key
-            field = f"{NETWORK_FIELD}.init_args.{argument}"
+            field = f"{NETWORK_ARGS}.{argument}"
         raise ConfigError(
             field,
             f"transformers cannot build this model: {message}",
@@ -202,6 +200,42 @@ def context_length(hf_config: PretrainedConfig) -> int:
     return 2**31 - 1
 
 
+def model_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+) -> dict[str, torch.Tensor | None]:
+    """The Hugging Face model's inputs: with ``position_ids`` (packed rows) no 2-D mask, so that transformers builds
+    the block-diagonal causal mask from the restarting positions and attention never crosses documents."""
+    if position_ids is not None:
+        attention_mask = None
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+class BuildNow:
+    """When :class:`HFCausalLM` makes its weights: when it is constructed, whole, in host memory."""
+
+    def memory_budget(self) -> float:
+        """Bytes a model typed by hand may take: it is built whole here, in host memory."""
+        return host_memory_bytes()
+
+    def at_construction(self, network: HFCausalLM) -> None:
+        network.build()
+
+
+class BuildInConfigureModel:
+    """When :class:`DeferredHFCausalLM` makes its weights: in ``configure_model``, inside the strategy's sharded
+    context; at construction only ``config.json`` is read."""
+
+    def memory_budget(self) -> float:
+        """Built sharded later: only absurd sizes are refused."""
+        return 1e14
+
+    def at_construction(self, network: HFCausalLM) -> None:
+        # No weights yet; one build on the meta device (no memory) makes a config transformers rejects (heads that do
+        # not divide the width, ...) fail now, before processes spawn, not in configure_model on every rank.
+        with transformers_errors(f"{NETWORK_ARGS}.config"), torch.device("meta"):
+            AutoModelForCausalLM.from_config(network.hf_config, trust_remote_code=network.trust_remote_code)
+
+
 class HFCausalLM(nn.Module):
     """Any ``AutoModelForCausalLM``: pretrained (hub id or local folder) or built from a config for scratch training.
 
@@ -225,6 +259,9 @@ class HFCausalLM(nn.Module):
             scaling after the head).
     """
 
+    weight_timing: ClassVar[BuildNow | BuildInConfigureModel] = BuildNow()
+    """When the weights are made (a part, not an override: :class:`DeferredHFCausalLM` has the other one)."""
+
     def __init__(
         self,
         pretrained: str | None = None,
@@ -239,11 +276,11 @@ class HFCausalLM(nn.Module):
         super().__init__()
         if quantize is not None and pretrained is None:
             raise ConfigError(
-                "model.network.init_args.quantize",
+                f"{NETWORK_ARGS}.quantize",
                 "4-bit quantization needs pretrained weights to quantize, but the network is built from `config`",
                 "set `pretrained` (a hub id or local folder), or drop quantize",
             )
-        check_chunk_size(loss_chunk_size, "model.network.init_args.loss_chunk_size")
+        check_chunk_size(loss_chunk_size, f"{NETWORK_ARGS}.loss_chunk_size")
         self.loss_chunk_size = loss_chunk_size
         self.pretrained = pretrained
         self.quantize = quantize
@@ -253,22 +290,14 @@ class HFCausalLM(nn.Module):
         self.attn_implementation = attn_implementation
         self.hf_config = build_hf_config(pretrained, config, revision, trust_remote_code)
         if config is not None:  # sizes typed by hand; built whole here, or (deferred) sharded: only absurd ones refused
-            check_model_fits(self.hf_config, config, self._memory_budget())
+            check_model_fits(self.hf_config, config, self.weight_timing.memory_budget())
         if loss_chunk_size is not None:
             _check_plain_head(self.hf_config)
-        self._create_weights()
+        self.weight_timing.at_construction(self)
 
-    def _create_weights(self) -> None:
-        """Make the weights when the network is constructed (:class:`DeferredHFCausalLM` makes them later)."""
-        self._build()
-
-    def _memory_budget(self) -> float:
-        """Bytes a model typed by hand may take: it is built whole here, in host memory."""
-        return host_memory_bytes()
-
-    def _build(self) -> None:
+    def build(self) -> None:
         """Create ``self.model``: load the pretrained weights or initialise a fresh model from the config."""
-        field = "model.network.init_args.pretrained" if self.pretrained else "model.network.init_args.config"
+        field = f"{NETWORK_ARGS}.pretrained" if self.pretrained else f"{NETWORK_ARGS}.config"
         with transformers_errors(field):
             if self.pretrained is not None:
                 self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
@@ -359,10 +388,7 @@ class HFCausalLM(nn.Module):
         if use_chunked_loss(self.loss_chunk_size, labels):
             hidden, head, targets = self.output_features(input_ids, attention_mask, labels, position_ids)
             return chunked_lm_output(hidden, head, targets, self.loss_chunk_size)
-        if position_ids is not None:
-            attention_mask = None
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        out = self.model(**inputs, use_cache=False)
+        out = self.model(**model_inputs(input_ids, attention_mask, position_ids), use_cache=False)
         return causal_lm_output(out.logits, labels)
 
     def output_features(
@@ -379,10 +405,8 @@ class HFCausalLM(nn.Module):
         Returns:
             ``(hidden [B, T, d_model], lm_head, targets [B, T] or None)``.
         """
-        if position_ids is not None:
-            attention_mask = None
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
+        hidden = self.model.base_model(**model_inputs(input_ids, attention_mask, position_ids), use_cache=False)
+        hidden = hidden.last_hidden_state
         return hidden, self.model.get_output_embeddings(), None if labels is None else causal_targets(labels)
 
     @torch.no_grad()
@@ -439,14 +463,7 @@ class DeferredHFCausalLM(HFCausalLM):
             init_args: {pretrained: meta-llama/Llama-3.1-8B, gradient_checkpointing: true}
     """
 
-    def _memory_budget(self) -> float:
-        return 1e14  # built sharded later: only absurd sizes are refused
-
-    def _create_weights(self) -> None:
-        # No weights yet; one build on the meta device (no memory) makes a config transformers rejects (heads that do
-        # not divide the width, ...) fail now, before processes spawn, not in configure_model on every rank.
-        with transformers_errors("model.network.init_args.config"), torch.device("meta"):
-            AutoModelForCausalLM.from_config(self.hf_config, trust_remote_code=self.trust_remote_code)
+    weight_timing = BuildInConfigureModel()
 
     def configure_model(self, shard: Callable[[nn.Module], object] | None = None) -> None:
         """Build the Hugging Face model (once; Lightning may call this again, e.g. when loading a checkpoint).
@@ -459,7 +476,7 @@ class DeferredHFCausalLM(HFCausalLM):
         if self.is_built:
             return
         if shard is None or self.pretrained is None or self.quantize is not None:
-            self._build()
+            self.build()
             return
         from litune.models.sharded_load import load_safetensors_into, parameters_on_meta, safetensors_files
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
+from litune.errors import NETWORK_ARGS
 from litune.models.hf import build_hf_config, transformers_errors
 
 
@@ -59,7 +60,7 @@ class HFRewardModel(nn.Module):
         hf_config.num_labels = 1
         if pad_token_id is not None:
             hf_config.pad_token_id = pad_token_id
-        with transformers_errors("model.network.init_args"):
+        with transformers_errors(NETWORK_ARGS):
             if pretrained is not None:
                 self.model = AutoModelForSequenceClassification.from_pretrained(
                     pretrained, config=hf_config, trust_remote_code=trust_remote_code, dtype=torch.float32

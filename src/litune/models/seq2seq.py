@@ -13,7 +13,6 @@ inside (``decoder_start_token_id`` first), and the loss covers target tokens onl
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,24 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litune.errors import ConfigError
+from litune.errors import NETWORK_ARGS, ConfigError
 from litune.models.chunked_loss import chunked_lm_output, use_chunked_loss
 from litune.models.flops import matmul_weights
 from litune.models.generation import SamplingSettings, decode, eval_mode
 from litune.models.output import IGNORE_INDEX, LMOutput, lm_output
 from litune.models.transformer import (
-    FIELD,
-    MLP,
     Block,
-    SelfAttention,
-    Sublayers,
     TransformerConfig,
     TransformerLM,
+    attend,
     attention_mask,
     check_length,
-    init_gpt2_,
     layer_norm,
-    merge_heads,
     padding_or_none,
     recomputes,
     run_block,
@@ -89,27 +83,16 @@ class CrossAttention(nn.Module):
         """
         if kv is None:
             kv = tuple(split_heads(t, self.head_dim) for t in self.c_attn(memory).split(x.size(-1), dim=2))
-        y = F.scaled_dot_product_attention(
-            split_heads(self.q_attn(x), self.head_dim),
-            kv[0],
-            kv[1],
-            attn_mask=memory_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.resid_dropout(self.c_proj(merge_heads(y))), kv
+        q = split_heads(self.q_attn(x), self.head_dim)  # (B, nh, T, hs)
+        y = attend(q, kv[0], kv[1], memory_mask, self.dropout if self.training else 0.0)  # (B, T, d)
+        return self.resid_dropout(self.c_proj(y)), kv
 
 
-class DecoderBlock(Sublayers):
+class DecoderBlock(Block):
     """Causal self-attention, cross-attention to the encoder output, feed-forward; each a residual branch."""
 
     def __init__(self, config: TransformerConfig) -> None:
-        super().__init__(config)
-        self.ln_1 = layer_norm(config)
-        self.attn = SelfAttention(config)
-        self.ln_cross_attn = layer_norm(config)
-        self.crossattention = CrossAttention(config)
-        self.ln_2 = layer_norm(config)
-        self.mlp = MLP(config)
+        super().__init__(config, cross_attention=CrossAttention)
 
     def forward(
         self,
@@ -156,43 +139,29 @@ class Seq2SeqLM(TransformerLM):
         return labels
 
     def __init__(self, pad_token_id: int = 0, decoder_start_token_id: int = 1, **config: Any) -> None:
-        super().__init__()
-        self.pad_token_id = pad_token_id
-        self.decoder_start_token_id = decoder_start_token_id
         # The arguments are declared once, by Seq2SeqConfig (TransformerConfig with this network's defaults):
         # LightningCLI reads them through this **config, and constructing it validates them.
         cfg = Seq2SeqConfig(**config)
         if cfg.num_encoder_layers < 1:
             raise ConfigError(
-                f"{FIELD}.num_encoder_layers",
+                f"{NETWORK_ARGS}.num_encoder_layers",
                 f"num_encoder_layers={cfg.num_encoder_layers}: an encoder-decoder needs at least one encoder layer",
                 "set num_encoder_layers >= 1 or use litune.models.transformer.DecoderLM",
             )
-        for name in ("pad_token_id", "decoder_start_token_id"):
-            if not 0 <= getattr(self, name) < cfg.vocab_size:
+        for name, value in (("pad_token_id", pad_token_id), ("decoder_start_token_id", decoder_start_token_id)):
+            if not 0 <= value < cfg.vocab_size:
                 raise ConfigError(
-                    f"{FIELD}.{name}",
-                    f"{name}={getattr(self, name)} is outside the vocabulary [0, {cfg.vocab_size})",
+                    f"{NETWORK_ARGS}.{name}",
+                    f"{name}={value} is outside the vocabulary [0, {cfg.vocab_size})",
                     "use the tokenizer's pad / bos token id",
                 )
-        self.config = cfg
-        self.vocab_size, self.max_seq_len = cfg.vocab_size, cfg.max_seq_len
-        self.gradient_checkpointing = cfg.gradient_checkpointing
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        super().__init__(cfg)
+        self.pad_token_id = pad_token_id
+        self.decoder_start_token_id = decoder_start_token_id
         self.encoder = Stack([Block(cfg) for _ in range(cfg.num_encoder_layers)], cfg)
         self.decoder = Stack([DecoderBlock(cfg) for _ in range(cfg.num_decoder_layers)], cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # GPT-2's scaled init, generalised: scale residual projections by 1/sqrt(number of residual branches).
-        branches = 2 * cfg.num_encoder_layers + 3 * cfg.num_decoder_layers
-        init_gpt2_(self, cfg.init_std, cfg.init_std / math.sqrt(branches))
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
-        log.info(
-            f"Seq2SeqLM: n_params={self.num_parameters():,} "
-            f"(without embeddings: {self.num_parameters(exclude_embeddings=True):,})"
-        )
+        # GPT-2's scaled init, generalised: attention and MLP per encoder block, and cross-attention per decoder block.
+        self.add_head(residual_branches=2 * cfg.num_encoder_layers + 3 * cfg.num_decoder_layers)
 
     def sharding_units(self) -> list[nn.Module]:
         """Encoder then decoder blocks, sharded one by one under FSDP2 (embeddings and norms stay with the root)."""
@@ -231,7 +200,7 @@ class Seq2SeqLM(TransformerLM):
             x, _ = run_block(block, recompute, x, memory_mask, causal=False)
         return self.encoder.ln_f(x), memory_mask
 
-    def decode(
+    def decoder_states(
         self,
         decoder_input_ids: torch.Tensor,
         memory: torch.Tensor,
@@ -243,24 +212,10 @@ class Seq2SeqLM(TransformerLM):
         """Run the decoder on ``decoder_input_ids [B, T]`` (only the uncached ones when ``past`` is given).
 
         Returns:
-            logits ``[B, T, vocab_size]`` and the updated cache (empty unless ``use_cache``: holding every layer's
-            keys/values during training would undo gradient checkpointing's saving).
+            the final hidden states ``[B, T, d_model]`` (``lm_head`` of them are the logits) and the updated cache
+            (empty unless ``use_cache``: holding every layer's keys/values during training would undo gradient
+            checkpointing's saving).
         """
-        hidden, cache = self.decoder_states(
-            decoder_input_ids, memory, memory_mask, decoder_padding_mask, past, use_cache
-        )
-        return self.lm_head(hidden), cache
-
-    def decoder_states(
-        self,
-        decoder_input_ids: torch.Tensor,
-        memory: torch.Tensor,
-        memory_mask: torch.Tensor | None,
-        decoder_padding_mask: torch.Tensor | None = None,
-        past: DecoderCache | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, DecoderCache]:
-        """:meth:`decode` without the output layer: the final hidden states ``[B, T, d_model]`` and the cache."""
         past_len = past[0][0][0].size(2) if past else 0
         x = self._embed(decoder_input_ids, offset=past_len)
         self_mask = attention_mask(x.size(1), past_len, decoder_padding_mask, None, causal=True, device=x.device)
@@ -297,13 +252,10 @@ class Seq2SeqLM(TransformerLM):
         Returns:
             :class:`LMOutput` with ``logits [B, T, vocab_size]`` and ``targets = labels``.
         """
+        hidden, head, targets = self.output_features(input_ids, attention_mask, labels, decoder_input_ids)
         if use_chunked_loss(self.config.loss_chunk_size, labels):
-            hidden, head, targets = self.output_features(input_ids, attention_mask, labels, decoder_input_ids)
             return chunked_lm_output(hidden, head, targets, self.config.loss_chunk_size)
-        decoder_input_ids, decoder_padding = self._decoder_inputs(labels, decoder_input_ids)
-        memory, memory_mask = self.encode(input_ids, attention_mask)
-        logits, _ = self.decode(decoder_input_ids, memory, memory_mask, decoder_padding)
-        return lm_output(logits, labels)
+        return lm_output(head(hidden), labels)
 
     def _decoder_inputs(
         self, labels: torch.Tensor | None, decoder_input_ids: torch.Tensor | None
@@ -376,8 +328,10 @@ class Seq2SeqLM(TransformerLM):
 
             def step(tokens: torch.Tensor, cache: DecoderCache | None) -> tuple[torch.Tensor, DecoderCache]:
                 past_len = cache[0][0][0].size(2) if cache else 0
-                logits, new_cache = self.decode(tokens[:, past_len:], memory, memory_mask, past=cache, use_cache=True)
-                return logits[:, -1], new_cache
+                hidden, new_cache = self.decoder_states(
+                    tokens[:, past_len:], memory, memory_mask, past=cache, use_cache=True
+                )
+                return self.lm_head(hidden)[:, -1], new_cache
 
             start = torch.full((input_ids.size(0), 1), self.decoder_start_token_id, device=input_ids.device)
             out = decode(step, start, sampling.max_length + 1, sampling, use_cache=use_cache, generator=generator)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from litune.errors import ConfigError
+from litune.errors import NETWORK_ARGS, ConfigError
 
 
 @contextmanager
@@ -57,7 +57,7 @@ def safetensors_files(pretrained: str, revision: str | None = None) -> list[Path
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
     raise ConfigError(
-        "model.network.init_args.pretrained",
+        f"{NETWORK_ARGS}.pretrained",
         f"{pretrained} has no safetensors weights (model.safetensors or an index), which FSDP2 loads shard by shard",
         "convert it once: AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst), and point pretrained at dst",
     )
@@ -104,7 +104,7 @@ def load_safetensors_into(model: nn.Module, files: list[Path], prefix: str = "")
                 shape = weights.get_slice(key).get_shape()
                 if list(shape) != list(target.shape):
                     raise ConfigError(
-                        "model.network.init_args.pretrained",
+                        f"{NETWORK_ARGS}.pretrained",
                         f"checkpoint tensor {key} has shape {list(shape)}, the model's {name} {list(target.shape)}",
                         "check that config.json belongs to these weights",
                     )
@@ -113,7 +113,7 @@ def load_safetensors_into(model: nn.Module, files: list[Path], prefix: str = "")
     missing = sorted(name for name, p in model.named_parameters() if id(p) not in loaded)
     if missing:
         raise ConfigError(
-            "model.network.init_args.pretrained",
+            f"{NETWORK_ARGS}.pretrained",
             f"the checkpoint has no weights for {len(missing)} parameters, e.g. {missing[:3]}",
             "use a checkpoint of this architecture, or HFCausalLM (which lets transformers initialize missing weights)",
         )

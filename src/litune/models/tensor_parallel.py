@@ -28,6 +28,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from litune.errors import NETWORK_ARGS, ConfigError
+
 
 def heads_of_this_rank(fused: DTensor, parts: int = 3) -> torch.Tensor:
     """This rank's heads of each of ``parts`` side-by-side outputs (GPT-2's q|k|v), from a column-parallel projection.
@@ -148,10 +150,8 @@ def tensor_parallel_plan(network: nn.Module) -> dict:
     return hook()
 
 
-def check_divisible(sizes: dict[str, int], tensor_parallel_size: int, field: str = "model.network.init_args") -> None:
+def check_divisible(sizes: dict[str, int], tensor_parallel_size: int, field: str = NETWORK_ARGS) -> None:
     """Raise a :class:`ConfigError` naming the first size (heads, hidden units, vocabulary) the ranks cannot split."""
-    from litune.errors import ConfigError
-
     for name, size in sizes.items():
         if size % tensor_parallel_size:
             raise ConfigError(

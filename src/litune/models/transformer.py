@@ -1,8 +1,9 @@
 """litune's own decoder-only Transformer: GPT-2's architecture and parameter names, readable top to bottom.
 
 Parameter names follow Hugging Face GPT-2 (``wte``, ``wpe``, ``h.N.ln_1``, ``h.N.attn.c_attn``, ``h.N.attn.c_proj``,
-``h.N.ln_2``, ``h.N.mlp.c_fc``, ``h.N.mlp.c_proj``, ``ln_f``), so :mod:`litune.models.convert` maps weights one to one
-in both directions (only GPT-2's ``Conv1D`` ``[in, out]`` weights are transposed to ``nn.Linear``'s ``[out, in]``).
+``h.N.ln_2``, ``h.N.mlp.c_fc``, ``h.N.mlp.c_proj``, ``ln_f``), so :mod:`litune.models.convert` (the layer above this
+module) maps weights one to one in both directions (only GPT-2's ``Conv1D`` ``[in, out]`` weights are transposed to
+``nn.Linear``'s ``[out, in]``).
 
 The blocks defined here (:class:`SelfAttention`, :class:`MLP`, :class:`Block`) are reused by the encoder-decoder in
 :mod:`litune.models.seq2seq`, and :class:`TransformerConfig` configures both networks.
@@ -14,7 +15,6 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -23,22 +23,17 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from litune.errors import ConfigError
+from litune.errors import NETWORK_ARGS, ConfigError
 from litune.models.chunked_loss import check_chunk_size, chunked_lm_output, use_chunked_loss
-from litune.models.convert import decoder_kwargs_from_gpt2_config, gpt2_to_litune, to_hf_gpt2
 from litune.models.flops import matmul_weights
 from litune.models.generation import SamplingSettings, generate_causal
 from litune.models.output import LMOutput, causal_lm_output, causal_targets
-from litune.models.state_dict import load_strict
 from litune.models.tensor_parallel import heads_of_this_rank
 
 if TYPE_CHECKING:
     from torch.distributed.tensor.parallel import ParallelStyle
 
 log = logging.getLogger(__name__)
-
-FIELD = "model.network.init_args"
-"""Where users set a network's arguments in YAML; error messages name fields under it."""
 
 Activation = Literal["gelu_tanh", "gelu", "relu"]
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -101,18 +96,22 @@ class TransformerConfig:
     loss_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
-        check_chunk_size(self.loss_chunk_size, f"{FIELD}.loss_chunk_size")
+        check_chunk_size(self.loss_chunk_size, f"{NETWORK_ARGS}.loss_chunk_size")
         for name in ("d_model", "nhead", "num_decoder_layers", "vocab_size", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{FIELD}.{name}", f"{name}={value!r} must be a positive integer", f"set {name} >= 1")
+                raise ConfigError(
+                    f"{NETWORK_ARGS}.{name}", f"{name}={value!r} must be a positive integer", f"set {name} >= 1"
+                )
         if self.num_encoder_layers < 0:
             raise ConfigError(
-                f"{FIELD}.num_encoder_layers", f"num_encoder_layers={self.num_encoder_layers} is negative", "use >= 0"
+                f"{NETWORK_ARGS}.num_encoder_layers",
+                f"num_encoder_layers={self.num_encoder_layers} is negative",
+                "use >= 0",
             )
         if self.d_model % self.nhead:
             raise ConfigError(
-                f"{FIELD}.nhead",
+                f"{NETWORK_ARGS}.nhead",
                 f"d_model={self.d_model} is not divisible by nhead={self.nhead}: "
                 f"per-head dim would be {self.d_model / self.nhead:g}",
                 f"choose nhead in {{{', '.join(map(str, _divisors(self.d_model)))}}} or change d_model",
@@ -121,13 +120,19 @@ class TransformerConfig:
             self.dim_feedforward = 4 * self.d_model
         if self.dim_feedforward < 1:
             raise ConfigError(
-                f"{FIELD}.dim_feedforward", f"dim_feedforward={self.dim_feedforward} must be positive", "e.g. 4*d_model"
+                f"{NETWORK_ARGS}.dim_feedforward",
+                f"dim_feedforward={self.dim_feedforward} must be positive",
+                "e.g. 4*d_model",
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{FIELD}.dropout", f"dropout={self.dropout} is outside [0, 1)", "use e.g. 0.0 or 0.1")
+            raise ConfigError(
+                f"{NETWORK_ARGS}.dropout", f"dropout={self.dropout} is outside [0, 1)", "use e.g. 0.0 or 0.1"
+            )
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
-                f"{FIELD}.activation", f"unknown activation {self.activation!r}", f"use one of {sorted(ACTIVATIONS)}"
+                f"{NETWORK_ARGS}.activation",
+                f"unknown activation {self.activation!r}",
+                f"use one of {sorted(ACTIVATIONS)}",
             )
 
     @property
@@ -232,6 +237,30 @@ def merge_heads(y: torch.Tensor) -> torch.Tensor:
     return y.transpose(1, 2).flatten(2)
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """Attention of every head through :func:`F.scaled_dot_product_attention`, heads merged.
+
+    Args:
+        q: ``[B, heads, T, head_dim]``; k, v: ``[B, heads, S, head_dim]``.
+        mask: bool, broadcast to ``[B, heads, T, S]`` (True: may attend), or None.
+        dropout_p: dropout on the attention weights (0 outside training).
+        is_causal: SDPA's own causal mask (only with ``mask=None``).
+
+    Returns:
+        ``[B, T, heads * head_dim]``.
+    """
+    return merge_heads(
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    )
+
+
 def recomputes(network: nn.Module) -> bool:
     """Whether this forward checkpoints its blocks: gradient checkpointing on, training, and a backward to come."""
     return bool(network.gradient_checkpointing) and network.training and torch.is_grad_enabled()
@@ -285,10 +314,8 @@ class SelfAttention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         is_causal = causal and mask is None and past is None and x.size(1) > 1
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-        )  # (B, nh, T, hs)
-        return self.resid_dropout(self.c_proj(merge_heads(y))), (k, v)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0, is_causal)  # (B, T, d_model)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
 class MLP(nn.Module):
@@ -330,10 +357,21 @@ class Block(Sublayers):
     Used causally by the decoder and bidirectionally by the encoder of the encoder-decoder.
     """
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(
+        self, config: TransformerConfig, cross_attention: Callable[[TransformerConfig], nn.Module] | None = None
+    ) -> None:
+        """
+        Args:
+            config: the network's configuration.
+            cross_attention: builds a third sublayer between the two, ``ln_cross_attn`` + ``crossattention`` (the
+                encoder-decoder's decoder blocks, :class:`litune.models.seq2seq.DecoderBlock`), or None.
+        """
         super().__init__(config)
         self.ln_1 = layer_norm(config)
         self.attn = SelfAttention(config)
+        if cross_attention is not None:
+            self.ln_cross_attn = layer_norm(config)
+            self.crossattention = cross_attention(config)
         self.ln_2 = layer_norm(config)
         self.mlp = MLP(config)
 
@@ -373,7 +411,7 @@ def check_length(total: int, max_seq_len: int, what: str = "sequence") -> None:
     """Raise a :class:`ConfigError` naming both numbers when a sequence does not fit the learned positions."""
     if total > max_seq_len:
         raise ConfigError(
-            f"{FIELD}.max_seq_len",
+            f"{NETWORK_ARGS}.max_seq_len",
             f"the {what} has {total} tokens but the network has max_seq_len={max_seq_len} positions",
             f"shorten the input to <= {max_seq_len} tokens (data block_size / generate max_length) "
             f"or build the network with max_seq_len >= {total}",
@@ -381,11 +419,34 @@ def check_length(total: int, max_seq_len: int, what: str = "sequence") -> None:
 
 
 class TransformerLM(nn.Module):
-    """What litune's two Transformers share beyond their blocks: ``wte``, ``wpe`` and ``lm_head``, and counting."""
+    """What litune's two Transformers share beyond their blocks: the embeddings ``wte``, ``wpe`` (made first), the
+    output head ``lm_head`` and GPT-2's initialisation (:meth:`add_head`, once the blocks exist), and counting.
 
-    wte: nn.Embedding
-    wpe: nn.Embedding
-    lm_head: nn.Linear
+    Args:
+        cfg: the validated configuration.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.vocab_size, self.max_seq_len = cfg.vocab_size, cfg.max_seq_len
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def add_head(self, residual_branches: int) -> None:
+        """Add ``lm_head`` after the blocks, initialise every weight as GPT-2 does (the residual projections scaled by
+        ``1/sqrt(residual_branches)``, so the stream's variance does not grow with depth) and tie the head."""
+        cfg = self.config
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_gpt2_(self, cfg.init_std, cfg.init_std / math.sqrt(residual_branches))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        log.info(
+            f"{type(self).__name__}: n_params={self.num_parameters():,} "
+            f"(without embeddings: {self.num_parameters(exclude_embeddings=True):,})"
+        )
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters (tied weights counted once).
@@ -414,33 +475,19 @@ class DecoderLM(TransformerLM):
             **config: the fields of :class:`TransformerConfig` (``d_model``, ``nhead``, ``num_decoder_layers``, ...),
                 flat, as in YAML ``init_args``; ``num_encoder_layers`` must stay 0.
         """
-        super().__init__()
         # The only declaration of the arguments is TransformerConfig: jsonargparse/LightningCLI reads its fields (types,
         # defaults, docs) through this **config, and constructing it validates them once.
         cfg = TransformerConfig(**config)
         if cfg.num_encoder_layers:
             raise ConfigError(
-                f"{FIELD}.num_encoder_layers",
+                f"{NETWORK_ARGS}.num_encoder_layers",
                 f"a decoder-only network has no encoder, got num_encoder_layers={cfg.num_encoder_layers}",
                 "set it to 0 or use litune.models.seq2seq.Seq2SeqLM",
             )
-        self.config = cfg
-        self.vocab_size, self.max_seq_len = cfg.vocab_size, cfg.max_seq_len
-        self.gradient_checkpointing = cfg.gradient_checkpointing
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        super().__init__(cfg)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.num_decoder_layers))
         self.ln_f = layer_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # Two residual branches (attention, MLP) per block add to the stream: GPT-2 scales their init by 1/sqrt(2L).
-        init_gpt2_(self, cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_decoder_layers))
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
-        log.info(
-            f"DecoderLM: n_params={self.num_parameters():,} "
-            f"(without embeddings: {self.num_parameters(exclude_embeddings=True):,})"
-        )
+        self.add_head(residual_branches=2 * cfg.num_decoder_layers)  # attention and MLP per block
 
     def sharding_units(self) -> list[nn.Module]:
         """The blocks, sharded one by one under FSDP2 (embeddings, final norm and the tied head stay with the root)."""
@@ -586,28 +633,3 @@ class DecoderLM(TransformerLM):
         sampling = SamplingSettings.of(sampling, **fields)
         check_length(sampling.max_length, self.max_seq_len, "generate max_length")
         return generate_causal(self, input_ids, attention_mask, sampling, use_cache=use_cache, generator=generator)
-
-    def save_pretrained(self, directory: str | Path, **config_overrides: object) -> None:
-        """Write a Hugging Face GPT-2 folder (``config.json`` + weights) that ``AutoModelForCausalLM`` loads.
-
-        Args:
-            directory: output folder.
-            **config_overrides: extra ``GPT2Config`` fields, e.g. ``bos_token_id``/``eos_token_id`` of the tokenizer.
-        """
-        to_hf_gpt2(self, **config_overrides).save_pretrained(directory)
-
-    @classmethod
-    def from_pretrained(cls, source: str | Path | nn.Module, gradient_checkpointing: bool = False) -> DecoderLM:
-        """Build a :class:`DecoderLM` with the weights of a Hugging Face GPT-2.
-
-        Args:
-            source: a ``GPT2LMHeadModel`` instance, or a local folder / hub id that ``from_pretrained`` loads.
-            gradient_checkpointing: passed to the new network.
-        """
-        from transformers import GPT2LMHeadModel  # only here: building a network needs no transformers import
-
-        hf = source if isinstance(source, nn.Module) else GPT2LMHeadModel.from_pretrained(source)
-        network = cls(**decoder_kwargs_from_gpt2_config(hf.config), gradient_checkpointing=gradient_checkpointing)
-        where = f"GPT-2 {source if isinstance(source, str) else ''}"
-        load_strict(network, gpt2_to_litune(hf.state_dict()), source=where)
-        return network
