@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 
@@ -149,16 +150,9 @@ def generate_texts(network: torch.nn.Module, tokenizer: object, args: argparse.N
     check_lengths(network, ids.shape[1], args.max_length)
     torch.manual_seed(args.seed)
     network.eval().to(args.device)
-    sampling = SamplingSettings(
-        max_length=args.max_length,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        num_return_sequences=args.num_return_sequences,
-        eos_token_id=stops,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    # The command-line options carry SamplingSettings' own field names (--max-length -> max_length, ...).
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingSettings) if hasattr(args, f.name)}
+    sampling = SamplingSettings(**options, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     tokens = network.generate(ids.to(args.device), sampling=sampling)
     if chat:  # the assistant's reply only
         tokens = tokens[:, ids.shape[1] :] if not getattr(network, "is_encoder_decoder", False) else tokens
