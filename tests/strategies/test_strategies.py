@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from litune.errors import ConfigError
-from litune.memory_model import ModelShape, RunShape, StrategyShape, estimate
+from litune.memory_model import ModelShape, RunShape, estimate
 from litune.strategies import accumulation_steps, checks
 from litune.strategies.checks import cpu_cores
+from litune.strategies.descriptor import Kind, StrategySpec, describe
 from litune_testing import (
     FIRST,
     LITUNE,
@@ -38,16 +40,19 @@ from litune_testing import (
     the_run,
 )
 
-STRATEGIES = ["ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"]
-OFFLOAD = ["deepspeed_zero2_offload", "deepspeed_zero3_offload"]
-SHAPES = {
-    "ddp": StrategyShape(),
-    "deepspeed_zero1": StrategyShape(stage=1, deepspeed=True),
-    "deepspeed_zero2": StrategyShape(stage=2, deepspeed=True),
-    "deepspeed_zero3": StrategyShape(stage=3, deepspeed=True),
-    "deepspeed_zero2_offload": StrategyShape(stage=2, deepspeed=True, offload_optimizer=True),
-    "deepspeed_zero3_offload": StrategyShape(stage=3, deepspeed=True, offload_optimizer=True, offload_params=True),
-}
+
+def fragment_specs() -> dict[str, StrategySpec]:
+    """What each ``configs/strategy/*.yaml`` fragment sets ``trainer.strategy`` to, by the one descriptor."""
+    fragments = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
+    return {f.stem: describe(yaml.safe_load(f.read_text())["trainer"]["strategy"]) for f in fragments}
+
+
+SPECS = fragment_specs()
+# This file runs DDP and DeepSpeed (FSDP2 has tests/strategies/test_fsdp2.py); offloading ones train only briefly.
+RUN_HERE = {name: spec for name, spec in SPECS.items() if spec.kind in (Kind.DDP, Kind.ZERO)}
+STRATEGIES = [name for name, spec in RUN_HERE.items() if not spec.offload_optimizer]
+OFFLOAD = [name for name, spec in RUN_HERE.items() if spec.offload_optimizer]
+SHAPES = {name: spec.memory_shape() for name, spec in RUN_HERE.items()}
 
 
 def strategy_args(strategy: str) -> tuple[str, ...]:
