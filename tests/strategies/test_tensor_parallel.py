@@ -10,6 +10,7 @@ and the teeth: GPT-2's fused q|k|v projection sharded as a plain column-parallel
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import socket
@@ -116,6 +117,62 @@ def check_rank(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
+LLAMA = {
+    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 64, "max_position_embeddings": 32,
+}  # fmt: skip
+
+
+def check_hf_rank(rank: int, port: int) -> None:
+    """One rank of 2: a Hugging Face Llama (grouped-query attention) split by transformers' own plan computes the
+    1-process logits, loss and gradients, on padded and packed batches."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    from litune.models.hf import HFCausalLM
+    from litune.models.tensor_parallel import apply_tensor_parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",))
+        torch.manual_seed(0)
+        reference = HFCausalLM(config=LLAMA).double()
+        sharded = apply_tensor_parallel(copy.deepcopy(reference), mesh)
+        attention = sharded.model.model.layers[0].self_attn
+        assert attention.q_proj.weight.to_local().shape == (16, 32) and attention.k_proj.weight.to_local().shape == (
+            8,
+            32,
+        )
+        for name, batch in batches().items():
+            for net in (reference, sharded):
+                net.zero_grad()
+            want, got = reference(**batch), sharded(**batch)
+            want.loss_sum.backward()
+            got.loss_sum.backward()
+            torch.testing.assert_close(got.loss_sum, want.loss_sum, **TOL, msg=f"{name} loss")
+            torch.testing.assert_close(got.logits, want.logits, **TOL, msg=f"{name} logits")
+            for key, grad in grads(reference).items():
+                torch.testing.assert_close(grads(sharded)[key], grad, **TOL, msg=f"{name} grad {key}")
+
+        # Teeth: the row-parallel outputs left as per-rank partial sums (no all-reduce) change the logits.
+        wrong = copy.deepcopy(reference)
+        plan = wrong.tensor_parallel_plan()
+        partial = {
+            k: RowwiseParallel(output_layouts=Partial()) for k, v in plan.items() if isinstance(v, RowwiseParallel)
+        }
+        wrong.tensor_parallel_plan = lambda: {**plan, **partial}
+        wrong = apply_tensor_parallel(wrong, mesh)
+        batch = batches()["padded"]
+        gap = (wrong(**batch).logits - reference(**batch).logits).abs().max()
+        assert gap > 1e-3, gap
+    finally:
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -126,6 +183,49 @@ def free_port() -> int:
 @pytest.mark.slow  # ~25 s of CPU for 2 ranks (about a minute on the shared machine)
 def test_tensor_parallel_decoder_equals_one_process() -> None:
     mp.spawn(check_rank, args=(free_port(),), nprocs=2)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_tensor_parallel_hf_llama_equals_one_process() -> None:
+    mp.spawn(check_hf_rank, args=(free_port(),), nprocs=2)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_tensor_parallel_fit_of_a_hf_llama_matches_one_process(tmp_path, corpus_dir, tokenizer_dir) -> None:
+    """``litune fit`` of an ``HFCausalLM`` Llama under configs/strategy/fsdp2_tp2.yaml (transformers' plan, 1 x 2 mesh)
+    trains what one process trains."""
+    from test_fsdp2 import FRAGMENTS
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    llama = {**LLAMA, "vocab_size": 512, "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 0}
+    network = f"--model.network.init_args.config={json.dumps(llama)}"
+    tp = ("--config", str(FRAGMENTS / "fsdp2_tp2.yaml"), "--trainer.devices=2")
+    run_litune("fit", *fit_args(one, corpus_dir, tokenizer_dir, "--trainer.devices=1"), network)
+    run_litune("fit", *fit_args(two, corpus_dir, tokenizer_dir, *tp), network)
+    assert_matches(two, one, FIRST)
+    assert (probe(one, FIRST)["logits"] - probe(one, 1)["logits"]).abs().max() > 1e-2  # teeth: it trained
+
+
+def test_hf_families_take_transformers_plan_or_are_refused() -> None:
+    """Llama's plan comes from transformers (q/k/v/gate/up column-, o/down row-parallel, every layer); GPT-2 has none
+    and a grouped-query Llama whose key/value heads do not split is refused, both naming what to change."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from litune.models.hf import HFCausalLM
+    from litune.models.tensor_parallel import check_divisible
+
+    llama = HFCausalLM(config=LLAMA)
+    plan = llama.tensor_parallel_plan()
+    assert len(plan) == 2 * 7 and isinstance(plan["model.model.layers.1.self_attn.k_proj"], ColwiseParallel)
+    assert isinstance(plan["model.model.layers.0.mlp.down_proj"], RowwiseParallel)
+    kv_heads = r"init_args.config.num_key_value_heads: config.num_key_value_heads=2 does not split evenly over .*=4"
+    with pytest.raises(ConfigError, match=kv_heads):
+        check_divisible(llama.tensor_parallel_sizes(), 4)
+    gpt2 = HFCausalLM(config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 64})
+    with pytest.raises(ConfigError, match=r"model.network: transformers' gpt2 declares no tensor-parallel plan"):
+        gpt2.tensor_parallel_plan()
 
 
 def test_tensor_parallel_refuses_sizes_the_ranks_cannot_split() -> None:

@@ -530,13 +530,35 @@ def check_parallel_layout(cfg: Namespace) -> None:
     network = cfg.model.get("network") if cfg.get("model") else None
     network = network.as_dict() if hasattr(network, "as_dict") else network
     class_path = network.get("class_path", "") if isinstance(network, dict) else ""
-    if not class_path.endswith("DecoderLM"):  # the network families that declare a tensor_parallel_plan()
+    init_args = (network.get("init_args") if isinstance(network, dict) else None) or {}
+    # The network families that declare a tensor_parallel_plan(): litune's decoder, and Hugging Face families whose
+    # transformers config has a column/row-wise plan (built whole: a DeferredHFCausalLM's meta weights are not split).
+    if class_path.endswith("DecoderLM"):
+        check_divisible(TransformerConfig(**init_args).tensor_parallel_sizes(), tp)
+    elif class_path.rpartition(".")[2] == "HFCausalLM":
+        from litune.models.hf import build_hf_config, tensor_parallel_layout, tensor_parallel_sizes_of
+
+        hf_config = build_hf_config(
+            init_args.get("pretrained"),
+            init_args.get("config"),
+            init_args.get("revision"),
+            bool(init_args.get("trust_remote_code", False)),
+        )
+        tensor_parallel_layout(hf_config)
+        check_divisible(tensor_parallel_sizes_of(hf_config), tp)
+    elif class_path.rpartition(".")[2] == "DeferredHFCausalLM":
+        raise ConfigError(
+            "model.network.class_path",
+            "a DeferredHFCausalLM creates its weights on the meta device, which tensor parallelism does not load yet",
+            "use litune.models.HFCausalLM (built whole, then split), or tensor_parallel_size: 1 (FSDP2 alone)",
+        )
+    else:
         raise ConfigError(
             "model.network",
-            f"{class_path or 'this network'} declares no tensor-parallel plan (litune's DecoderLM does)",
-            "use litune.models.transformer.DecoderLM, or tensor_parallel_size: 1 (FSDP2 alone)",
+            f"{class_path or 'this network'} declares no tensor-parallel plan (litune's DecoderLM and HFCausalLM of "
+            "Llama-style families do)",
+            "use litune.models.transformer.DecoderLM or litune.models.HFCausalLM, or tensor_parallel_size: 1",
         )
-    check_divisible(TransformerConfig(**(network.get("init_args") or {})).tensor_parallel_sizes(), tp)
 
 
 def check_compile(cfg: Namespace) -> None:

@@ -192,6 +192,41 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+TENSOR_PARALLEL_STYLES = ("colwise", "rowwise")
+"""The styles of transformers' plans litune applies: a family whose plan uses others (packed, gathered, expert) is
+refused before launch."""
+
+
+def tensor_parallel_layout(hf_config: PretrainedConfig) -> dict[str, str]:
+    """transformers' own tensor-parallel plan of the family's base model (``base_model_tp_plan``), e.g. Llama's
+    ``{"layers.*.self_attn.q_proj": "colwise", ..., "layers.*.mlp.down_proj": "rowwise"}``.
+
+    Read from transformers, not written per family here: Llama, Mistral, Qwen2/3, Gemma and the other families whose
+    config declares one get the same Megatron layout transformers uses for ``from_pretrained(tp_plan="auto")``.
+
+    Raises:
+        ConfigError: the family declares no plan (GPT-2's fused ``Conv1D`` projections, for one) or one with other
+            styles than column/row-wise.
+    """
+    layout = dict(getattr(hf_config, "base_model_tp_plan", None) or {})
+    others = sorted({style for style in layout.values() if style not in TENSOR_PARALLEL_STYLES})
+    if not layout or others:
+        why = f"uses the styles {others}" if others else "declares no tensor-parallel plan"
+        raise ConfigError(
+            "model.network",
+            f"transformers' {hf_config.model_type} {why} (litune applies column/row-wise plans: Llama, Mistral, Qwen2 "
+            "and other families whose config has base_model_tp_plan)",
+            "use a Llama-style family or litune.models.transformer.DecoderLM, or tensor_parallel_size: 1 (FSDP2 alone)",
+        )
+    return layout
+
+
+def tensor_parallel_sizes_of(hf_config: PretrainedConfig) -> dict[str, int]:
+    """The sizes a column/row-wise plan splits, by config key (each must divide by the tensor-parallel size)."""
+    keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    return {f"config.{key}": int(getattr(hf_config, key)) for key in keys if getattr(hf_config, key, None)}
+
+
 def context_length(hf_config: PretrainedConfig) -> int:
     """The longest sequence a Hugging Face model's position table allows (no limit for rotary/relative positions)."""
     for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
@@ -357,6 +392,31 @@ class HFCausalLM(nn.Module):
         """
         names = set(getattr(self.model, "_no_split_modules", None) or ())
         return [module for module in self.model.modules() if type(module).__name__ in names]
+
+    def tensor_parallel_plan(self) -> dict[str, Any]:
+        """How tensor parallelism splits the network (``parallelize_module``'s plan, see
+        :mod:`litune.models.tensor_parallel`): transformers' plan of the family (:func:`tensor_parallel_layout`), each
+        block's q/k/v and MLP up/gate projections column-parallel (``heads/N`` heads and ``intermediate/N`` hidden units
+        per rank; the attention reshapes to ``-1`` heads, so it runs on the local ones), the attention output and MLP
+        down projections row-parallel. Embeddings, norms and the output head are replicated (the logits are whole)."""
+        import fnmatch
+
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        base = f"model.{self.model.base_model_prefix}."
+        names = [
+            name.removeprefix(base) for name, _ in self.model.named_modules(prefix="model") if name.startswith(base)
+        ]
+        return {
+            base + name: styles[style]()
+            for pattern, style in tensor_parallel_layout(self.model.config).items()
+            for name in fnmatch.filter(names, pattern)
+        }
+
+    def tensor_parallel_sizes(self) -> dict[str, int]:
+        """The sizes tensor parallelism splits (see :func:`tensor_parallel_sizes_of`)."""
+        return tensor_parallel_sizes_of(self.hf_config)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: ``6 N`` for the ``N`` matmul weights plus ``12 L d T`` for attention (PaLM,
