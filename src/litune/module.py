@@ -456,6 +456,8 @@ class LitLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["litune_objective"] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
         checkpoint["litune_world_size"] = self.trainer.world_size
+        if self.rl is not None:
+            checkpoint["litune_rl"] = self.rl.state_dict(self)
         if self.adapters is not None:
             self._save_adapters(checkpoint)
 
@@ -464,6 +466,8 @@ class LitLM(L.LightningModule):
         state = checkpoint.get("litune_objective", {})
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self.rl is not None and self._trainer is not None:
+            self.rl.load_state_dict(checkpoint.get("litune_rl", {}), self)
 
     def check_checkpoint(self, checkpoint: dict[str, Any], world_size: int | None) -> None:
         """Every refusal of loading ``checkpoint`` into this system, in one place.

@@ -279,3 +279,6 @@ def test_repeated_windows_yield_each_steps_batches_num_iterations_times() -> Non
     batches = list(RepeatedWindows(range(10), batch_size=2, window=2, repeats=2))
     assert batches == [[0, 1], [2, 3], [0, 1], [2, 3], [4, 5], [6, 7], [4, 5], [6, 7]]
     assert len(RepeatedWindows(range(10), batch_size=2, window=2, repeats=2)) == len(batches)
+    # Resumed after 1 of the first window's 2 steps: its second repeat, then on as before.
+    resumed = RepeatedWindows(range(10), batch_size=2, window=2, repeats=2, done=1)
+    assert len(resumed) == 6 and list(resumed) == batches[2:]

@@ -7,9 +7,10 @@ micro-batch 1 x accumulation 2 generate the same rollouts as 1 process at micro-
 all-reduced, take the same step. ``tests/rl/test_rl_objective.py`` shows the same for accumulation on one process and
 that the update is the hand-written REINFORCE one.
 
-The resume test kills a real run with SIGKILL at the end of step 5 (after the step-4 checkpoint), resumes it with
-``--ckpt_path last`` and compares every micro-batch's loss (the same rollouts give the same losses) and the final
-weights with an uninterrupted run.
+The resume test trains with ``num_iterations=2`` (each batch of rollouts makes 2 optimizer steps), kills the run with
+SIGKILL at the end of step 5, resumes it with ``--ckpt_path last`` from the step-3 checkpoint (taken between the 2
+steps of one batch of rollouts: the checkpoint holds them) and compares every micro-batch's loss (the same rollouts
+give the same losses) and the final weights with an uninterrupted run; steps 5-6 are generated after the resume.
 """
 
 from __future__ import annotations
@@ -93,11 +94,13 @@ def test_two_processes_train_what_one_process_trains(strategy, tmp_path, prompts
 
 @pytest.mark.slow
 def test_sigkill_then_resume_continues_the_same_rollouts(tmp_path, prompts, tokenizer_dir) -> None:
-    """6 steps, micro-batch 2 x accumulation 2, a checkpoint every 2 steps; killed (SIGKILL) at the end of step 5."""
+    """6 steps, micro-batch 2 x accumulation 2, 2 iterations, a checkpoint every 3 steps; SIGKILL at the end of
+    step 5."""
 
     def run(root: Path, *extra: str, callbacks=(), expect: int | None = 0) -> subprocess.CompletedProcess:
         losses = {"class_path": "resume_testing.StepLosses", "init_args": {"directory": str(root / "losses")}}
-        args = grpo_args(root, prompts, tokenizer_dir, 2, "--checkpoint.every_n_train_steps=2", *extra,
+        args = grpo_args(root, prompts, tokenizer_dir, 2, "--checkpoint.every_n_train_steps=3",
+                         "--model.rl.num_iterations=2", *extra,
                          callbacks=[losses, *callbacks], steps=6)  # fmt: skip
         proc = subprocess.run([LITUNE, "fit", *args], env=litune_env(), capture_output=True, text=True, timeout=900,
                               start_new_session=True)  # fmt: skip

@@ -185,8 +185,9 @@ class RepeatedWindows(Sampler[list[int]]):
         repeats: how many optimizer steps use each window's rollouts.
     """
 
-    def __init__(self, sampler: Sampler[int], batch_size: int, window: int, repeats: int) -> None:
+    def __init__(self, sampler: Sampler[int], batch_size: int, window: int, repeats: int, done: int = 0) -> None:
         self.sampler, self.batch_size, self.window, self.repeats = sampler, batch_size, window, repeats
+        self.done = done  # repeats of the first window already trained on (a resume in the middle of them)
 
     def _batches(self) -> int:
         n = math.ceil(len(self.sampler) / self.batch_size)  # type: ignore[arg-type]
@@ -196,12 +197,13 @@ class RepeatedWindows(Sampler[list[int]]):
         indices = list(self.sampler)
         batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         batches = batches[: self._batches()]
+        done, self.done = self.done, 0  # only the first pass after a resume skips them
         for start in range(0, len(batches), self.window):
-            for _ in range(self.repeats):
+            for _ in range(self.repeats - (done if start == 0 else 0)):
                 yield from batches[start : start + self.window]
 
     def __len__(self) -> int:
-        return self._batches() * self.repeats
+        return self._batches() * self.repeats - self.done * min(self.window, self._batches())
 
 
 class PromptDataModule(TextDataModule):
@@ -258,6 +260,7 @@ class PromptDataModule(TextDataModule):
         self._resume = None
         self._cache_key: dict | None = None
         self.rollout_reuse: tuple[int, int] = (1, 1)  # (micro-batches per optimizer step, num_iterations)
+        self._repeats_done = 0  # a resume in the middle of a window's repeats: how many were trained on
 
     def _key(self) -> dict:
         if self._cache_key is None:
@@ -286,17 +289,23 @@ class PromptDataModule(TextDataModule):
         window, repeats = self.rollout_reuse
         if repeats == 1:
             return loader
-        batches = RepeatedWindows(loader.sampler, self.batch_size, window, repeats)
+        done, self._repeats_done = self._repeats_done, 0
+        batches = RepeatedWindows(loader.sampler, self.batch_size, window, repeats, done)
         return DataLoader(self.train_set, batch_sampler=batches, collate_fn=loader.collate_fn,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        """As :meth:`TextDataModule.state_dict`, counting each repeated window's rows once."""
+        """As :meth:`TextDataModule.state_dict`, counting each repeated window's rows once: ``rows_consumed`` stops at
+        the current window, and ``repeats_done`` says how many of its repeats were trained on."""
         state = super().state_dict()
         window, repeats = self.rollout_reuse
         if state and repeats > 1:
             processed = state["rows_consumed"] // (self.batch_size * self._rank_world()[1])
             cycles, rest = divmod(processed, window * repeats)
-            distinct = cycles * window + min(rest, window)
-            state["rows_consumed"] = distinct * self.batch_size * self._rank_world()[1]
+            state["rows_consumed"] = cycles * window * self.batch_size * self._rank_world()[1]
+            state["repeats_done"] = rest // window
         return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._repeats_done = int(state_dict.get("repeats_done", 0)) if state_dict else 0

@@ -17,7 +17,9 @@ Set ``model.rl`` (``configs/grpo.yaml``) with a :class:`litune.rl.data.PromptDat
 ``num_iterations = k > 1``: the data module yields each step's micro-batches ``k`` times
 (:class:`litune.rl.data.RepeatedWindows`) and the objective reuses the step's rollouts for ``k`` optimizer steps; the
 log-probs of the sampling policy (computed once, at generation) make the importance ratio of the later steps. With
-``k = 1`` the ratio is exactly 1 and the gradient is REINFORCE's with group baselines.
+``k = 1`` the ratio is exactly 1 and the gradient is REINFORCE's with group baselines. A checkpoint taken between two
+of those ``k`` steps holds every rank's current rollouts (:meth:`GRPOObjective.state_dict`), so a resumed run
+continues with them exactly.
 
 The KL penalty (``beta > 0``) is against a frozen copy of the initial policy, or the base with adapters disabled when
 the model trains adapters (:mod:`litune.preference.reference`); with ``beta = 0`` (the default) there is no reference.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -212,6 +214,30 @@ class GRPOObjective:
         datamodule.rollout_reuse = (trainer.accumulate_grad_batches, self.config.num_iterations)
         look_ahead_keeps_batches(trainer)
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, module: LitLM) -> dict[str, Any]:
+        """The current rollouts of every rank and how many optimizer steps used them: with ``num_iterations > 1`` a
+        checkpoint taken between two of their steps resumes with the same rollouts (the sampling policy that made
+        them is gone). Every rank's go into the checkpoint (one object all-gather)."""
+        if self.config.num_iterations == 1 or self._uses % self.config.num_iterations == 0:
+            return {}
+        # Plain dicts of tensors and strings: litune loads checkpoints with torch.load(weights_only=True).
+        mine = [{f.name: getattr(_to_cpu(r), f.name) for f in fields(Rollouts)} for r in self._rollouts]
+        world = module.trainer.world_size
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, mine)
+        else:
+            gathered = [mine]
+        return {"uses": self._uses, "rollouts": gathered}
+
+    def load_state_dict(self, state: dict[str, Any], module: LitLM) -> None:
+        if not state:
+            return
+        device = module.device
+        self._rollouts = [_to_device(Rollouts(**r), device) for r in state["rollouts"][module.trainer.global_rank]]
+        self._uses = int(state["uses"])
+
     # ------------------------------------------------------------------ rollouts
     def _eos_pad(self) -> tuple[int | None, int]:
         eos = self.tokenizer.eos_token_id
@@ -320,7 +346,10 @@ class GRPOObjective:
         trainer = module.trainer
         length = steps_left_in_window(trainer, batch_idx)
         look_ahead = train_look_ahead(trainer)
-        if self._uses % self.config.num_iterations == 0 or len(self._rollouts) != length:
+        # New rollouts every num_iterations steps, or when the step's prompts are not the held rollouts' (a resume
+        # from a checkpoint without them, an epoch's shorter last step).
+        stale = len(self._rollouts) != length or self._rollouts[0].rows != batch["row"].tolist()
+        if self._uses % self.config.num_iterations == 0 or stale:
             batches = [batch]
             if tag is not None and look_ahead is not None and length > 1:
                 batches = look_ahead.batches_ahead(tag, length)
@@ -416,6 +445,16 @@ class GRPOObjective:
         for name, value in self.metrics(stats).items():
             module.log(f"{stage}/{name}", value, prog_bar=stage == "val" and name == "reward")
         self._eval_stats = None
+
+
+def _to_device(r: Rollouts, device: torch.device | str) -> Rollouts:
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return Rollouts({k: move(v) for k, v in r.inputs.items()}, move(r.advantages), r.rewards, r.lengths,
+                    move(r.old_logps), move(r.ref_logps), r.weight, r.rows, r.texts)  # fmt: skip
+
+
+def _to_cpu(r: Rollouts) -> Rollouts:
+    return _to_device(r, "cpu")
 
 
 def _std(s: float, sq: float, n: float) -> float:
