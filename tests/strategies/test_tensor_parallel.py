@@ -55,6 +55,24 @@ def grads(network: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: full(p.grad) for name, p in network.named_parameters()}
 
 
+def assert_same_forward_and_backward(
+    reference: torch.nn.Module, sharded: torch.nn.Module, label: str, logits: bool = True
+) -> None:
+    """On the padded and the packed batch: the sharded network's summed loss, logits (when ``logits``) and every
+    gradient equal the reference's within ``TOL``."""
+    for name, batch in batches().items():
+        for net in (reference, sharded):
+            net.zero_grad()
+        want, got = reference(**batch), sharded(**batch)
+        want.loss_sum.backward()
+        got.loss_sum.backward()
+        torch.testing.assert_close(got.loss_sum, want.loss_sum, **TOL, msg=f"{name} loss, {label}")
+        if logits:
+            torch.testing.assert_close(got.logits, want.logits, **TOL, msg=f"{name} logits, {label}")
+        for key, grad in grads(reference).items():
+            torch.testing.assert_close(grads(sharded)[key], grad, **TOL, msg=f"{name} grad {key}, {label}")
+
+
 def check_rank(rank: int, port: int) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -73,17 +91,7 @@ def check_rank(rank: int, port: int) -> None:
             sharded = apply_tensor_parallel(copy.deepcopy(reference), mesh)
             assert sharded.lm_head.weight is sharded.wte.weight  # still tied, one shard for both
             assert sharded.h[0].attn.c_attn.weight.to_local().shape == (48, 32)  # rows 48 r .. 48 (r + 1) of q|k|v
-            for name, batch in batches().items():
-                for net in (reference, sharded):
-                    net.zero_grad()
-                want, got = reference(**batch), sharded(**batch)
-                want.loss_sum.backward()
-                got.loss_sum.backward()
-                torch.testing.assert_close(got.loss_sum, want.loss_sum, **TOL, msg=f"{name} loss, chunk {chunk}")
-                if chunk is None:
-                    torch.testing.assert_close(got.logits, want.logits, **TOL, msg=f"{name} logits")
-                for key, grad in grads(reference).items():
-                    torch.testing.assert_close(grads(sharded)[key], grad, **TOL, msg=f"{name} grad {key}")
+            assert_same_forward_and_backward(reference, sharded, f"chunk {chunk}", logits=chunk is None)
 
         # A few optimizer steps with clipping (the norm over DTensor shards and replicated parameters): same weights.
         # SGD, not Adam: Adam's normalized update turns float32 round-off on a near-zero gradient into a full step.
@@ -143,20 +151,9 @@ def check_hf_rank(rank: int, port: int) -> None:
         reference = HFCausalLM(config=LLAMA).double()
         sharded = apply_tensor_parallel(copy.deepcopy(reference), mesh)
         attention = sharded.model.model.layers[0].self_attn
-        assert attention.q_proj.weight.to_local().shape == (16, 32) and attention.k_proj.weight.to_local().shape == (
-            8,
-            32,
-        )
-        for name, batch in batches().items():
-            for net in (reference, sharded):
-                net.zero_grad()
-            want, got = reference(**batch), sharded(**batch)
-            want.loss_sum.backward()
-            got.loss_sum.backward()
-            torch.testing.assert_close(got.loss_sum, want.loss_sum, **TOL, msg=f"{name} loss")
-            torch.testing.assert_close(got.logits, want.logits, **TOL, msg=f"{name} logits")
-            for key, grad in grads(reference).items():
-                torch.testing.assert_close(grads(sharded)[key], grad, **TOL, msg=f"{name} grad {key}")
+        local_shapes = (attention.q_proj.weight.to_local().shape, attention.k_proj.weight.to_local().shape)
+        assert local_shapes == ((16, 32), (8, 32))  # 2 of 4 query heads, 1 of 2 key/value heads
+        assert_same_forward_and_backward(reference, sharded, "llama")
 
         # Teeth: the row-parallel outputs left as per-rank partial sums (no all-reduce) change the logits.
         wrong = copy.deepcopy(reference)
