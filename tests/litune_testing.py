@@ -230,7 +230,8 @@ class StepRecorder(Callback):
     """Record, at every optimizer step, the logged ``train/loss``, ``train/grad_norm`` and ``train/tokens_seen``, and
     at the end of training the network's parameters; rank 0 saves both to ``<directory>/record.pt``.
 
-    Under ZeRO-1/2 every rank holds the whole model, so the parameters are read as they are.
+    Under ZeRO-1/2 every rank holds the whole model, so the parameters are read as they are; under ZeRO-3 and FSDP2
+    they are gathered at the end (:func:`whole_state_dict`).
 
     Args:
         directory: output folder.
@@ -280,11 +281,65 @@ class StepRecorder(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flush(trainer)
         self.directory.mkdir(parents=True, exist_ok=True)
-        params = {k: v.detach().cpu().clone() for k, v in pl_module.network.state_dict().items()}
+        params = whole_state_dict(pl_module.network)
         record = {"steps": self.steps, "params": params, "world_size": trainer.world_size}
         record.update(params_at=self.params_at, optimizer_at=self.optimizer_at)
         name = "record.pt" if trainer.is_global_zero else f"record-rank{trainer.global_rank}.pt"
         torch.save(record, self.directory / name)
+
+
+def whole_state_dict(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``network``'s state dict with whole tensors on the CPU, on every rank (a collective under ZeRO-3 and FSDP2:
+    ZeRO-3's partitioned parameters are gathered, FSDP2's DTensor shards assembled)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(network.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+        for k, v in network.state_dict().items()
+    }
+
+
+class LiveReference(Callback):
+    """The wrong reference of a preference run, for the teeth of its equivalence tests: the live policy itself, not
+    its frozen copy (what a sharded reference that aliased the policy's parameters would compute)."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.preference.reference = pl_module.network
+
+
+class ReferenceShards(Callback):
+    """Write, per rank, how many elements of the preference reference's parameters the rank holds, of how many, and
+    whether any of them requires or holds a gradient, to ``<directory>/reference-rank<r>.json`` at the end of training.
+
+    Args:
+        directory: output folder.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from torch.distributed.tensor import DTensor
+
+        held = total = 0
+        grads = False
+        for p in pl_module.preference.reference.parameters():
+            if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition, or all of a persistent (small) parameter
+                held += p.ds_numel if p.ds_persist else p.ds_tensor.numel()
+                total += p.ds_numel
+            else:
+                held += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+                total += p.numel()
+            grads = grads or p.requires_grad or p.grad is not None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        report = {"held": held, "total": total, "grads": grads}
+        (self.directory / f"reference-rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
 class NaNAtStep(HFCausalLM):

@@ -516,12 +516,19 @@ class LitLM(L.LightningModule):
             return self.rl.eval_step(self, batch)
         return self._eval_step(batch, "test", self.test_ppl)
 
+    def _shard_preference_reference(self) -> None:
+        # After the strategy's setup (the policy is partitioned by then): the reference copy is sharded like it.
+        if self.preference is not None:
+            self.preference.shard_reference(self.trainer.strategy)
+
     def on_validation_epoch_start(self) -> None:
+        self._shard_preference_reference()
         for objective in (self.preference, self.rl):
             if objective is not None:
                 objective.on_eval_epoch_start()
 
     def on_test_epoch_start(self) -> None:
+        self._shard_preference_reference()
         for objective in (self.preference, self.rl):
             if objective is not None:
                 objective.on_eval_epoch_start()
@@ -570,6 +577,7 @@ class LitLM(L.LightningModule):
             self.network.compile()
 
     def on_fit_start(self) -> None:
+        self._shard_preference_reference()
         if self.adapters is not None:
             trainable, total = count_parameters(self.network)
             for logger in self.loggers:

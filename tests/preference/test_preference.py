@@ -411,16 +411,25 @@ def test_bad_preference_settings_name_the_field_and_the_fix(settings, field, wor
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_zero3"])
-def test_a_frozen_reference_copy_is_refused_under_zero3_and_fsdp2(strategy, tokenizer_dir, tmp_path, capsys) -> None:
-    """The copy is not sharded with the policy: refused before any process starts (exit 2, nothing written)."""
+def test_what_zero3_and_fsdp2_cannot_serve_is_refused_before_any_process_starts(
+    strategy, tokenizer_dir, tmp_path, capsys
+) -> None:
+    """A copy of a network loaded straight into shards (DeferredHFCausalLM), and precomputed log-probs: exit 2,
+    nothing written. The frozen copy of a network built whole is sharded with the policy (tests/preference/
+    test_preference_slow.py trains it on 2 processes), and a reference-free loss keeps no copy: both accepted."""
     args = ["fit", "--config", str(REPO / "configs" / "dpo.yaml"), "--config",
             str(REPO / "configs" / "strategy" / f"{strategy}.yaml"), f"--model.tokenizer={tokenizer_dir}",
             f"--runs_dir={tmp_path / 'runs'}"]  # fmt: skip
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert "model.preference.reference" in err and "not sharded" in err and "Traceback" not in err
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
-    # A reference-free loss keeps no copy: not refused.
+    refused = {
+        "--model.network.class_path=litune.models.DeferredHFCausalLM": "loads its weights straight into shards",
+        "--model.preference.reference=precomputed": "not wired into",
+    }
+    for extra, words in refused.items():
+        assert main([*args, extra]) == 2
+        err = capsys.readouterr().err
+        assert "model.preference.reference" in err and words in err and "Traceback" not in err
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    check_preference_reference_strategy(parse_config(args[1:]))  # the copy: sharded like the policy
     simpo = parse_config([*args[1:], "--config", str(REPO / "configs" / "preference" / "simpo.yaml")])
     check_preference_reference_strategy(simpo)
 

@@ -1,10 +1,11 @@
-"""Slow preference runs: 2 real processes (DDP, DeepSpeed ZeRO-2) train what 1 process trains; SIGKILL and resume.
+"""Slow preference runs: 2 real processes (DDP, ZeRO-2, ZeRO-3, FSDP2) train what 1 process trains; SIGKILL, resume.
 
 ``litune fit --config configs/dpo.yaml`` with the tiny dropout-free GPT-2 and RPO (DPO plus the token-weighted NLL
 term, so both of the step's counts matter) on standard-library pairs of uneven lengths: 3 optimizer steps of 4 pairs,
 SGD + momentum. One process at micro-batch 4 against 2 processes at micro-batch 1 x accumulation 2: parameters within
-1e-5 and the same logged losses. ``tests/preference/test_preference.py`` shows the same for accumulation on one process
-and that the mean of means would fail it.
+1e-5 and the same logged losses. Under ZeRO-3 and FSDP2 the frozen reference copy is sharded like the policy; a run
+whose reference is the live policy fails the comparison. ``tests/preference/test_preference.py`` shows the same for
+accumulation on one process and that the mean of means would fail it.
 
 The resume test kills a real run with SIGKILL at the end of step 5 (after the step-4 checkpoint), resumes it with
 ``--ckpt_path last`` and compares every micro-batch's loss and the final weights with an uninterrupted run.
@@ -68,11 +69,23 @@ def one_process(tmp_path_factory, pairs, tokenizer_dir) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"])
 def test_two_processes_train_what_one_process_trains(strategy, tmp_path, pairs, tokenizer_dir, one_process) -> None:
+    """Under ZeRO-3 and FSDP2 the frozen reference copy is sharded like the policy (litune.preference.reference
+    .shard_reference); ``test_a_live_reference_fails_the_comparison`` shows a wrong reference fails this check."""
     fragment = str(REPO / "configs" / "strategy" / f"{strategy}.yaml")
-    run_litune("fit", *dpo_args(tmp_path, pairs, tokenizer_dir, 1, "--config", fragment, "--trainer.devices=2"),
-               timeout=900)  # fmt: skip
+    shards = [{"class_path": "litune_testing.ReferenceShards", "init_args": {"directory": str(tmp_path / "ref")}}]
+    # ZeRO-3 keeps parameters under 1e5 elements whole on every rank by default (all of this tiny model's): none here.
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+             "zero_allow_untested_optimizer": True}  # fmt: skip
+    whole = [f"--trainer.strategy.init_args.config={json.dumps(zero3)}"] if strategy == "deepspeed_zero3" else []
+    args = dpo_args(tmp_path, pairs, tokenizer_dir, 1, "--config", fragment, "--trainer.devices=2", *whole,
+                    callbacks=shards)  # fmt: skip
+    run_litune("fit", *args, timeout=900)
+    reports = [json.loads((tmp_path / "ref" / f"reference-rank{r}.json").read_text()) for r in (0, 1)]
+    sharded = strategy in ("deepspeed_zero3", "fsdp2")  # each rank holds about half of the frozen copy
+    assert all(r["held"] < 0.6 * r["total"] if sharded else r["held"] == r["total"] for r in reports), reports
+    assert not any(r["grads"] for r in reports)
     got = torch.load(tmp_path / "record" / "record.pt")
     assert got["world_size"] == 2
     diff = max((got["params"][k] - one_process["params"][k]).abs().max().item() for k in one_process["params"])
@@ -81,6 +94,46 @@ def test_two_processes_train_what_one_process_trains(strategy, tmp_path, pairs, 
     for step, metrics in one_process["steps"].items():
         assert got["steps"][step]["train/loss"] == pytest.approx(metrics["train/loss"], rel=1e-5)
         assert got["steps"][step]["train/tokens_seen"] == metrics["train/tokens_seen"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("strategy", "fragment"), [("fsdp2", "preference/simpo.yaml"), ("deepspeed_zero3", "peft/lora.yaml")]
+)
+def test_sharded_runs_without_a_copy_train_what_one_process_trains(
+    strategy, fragment, tmp_path, pairs, tokenizer_dir
+) -> None:
+    """No frozen copy: SimPO (reference-free) under FSDP2, whose policy log-probs run inside FSDP2's root hooks, and
+    DPO with adapters as the reference (the partitioned base with its adapters disabled) under ZeRO-3."""
+    config = ("--config", str(REPO / "configs" / fragment))
+    try:
+        assert main(["fit", *dpo_args(tmp_path / "one", pairs, tokenizer_dir, 4, *config)]) == 0
+    finally:
+        os.environ.pop("LITUNE_RUN_DIR", None)
+    strategy_config = ("--config", str(REPO / "configs" / "strategy" / f"{strategy}.yaml"), "--trainer.devices=2")
+    run_litune("fit", *dpo_args(tmp_path / "two", pairs, tokenizer_dir, 1, *config, *strategy_config), timeout=900)
+    want, got = (torch.load(tmp_path / run / "record" / "record.pt") for run in ("one", "two"))
+    diff = max((got["params"][k] - want["params"][k]).abs().max().item() for k in want["params"])
+    print(f"\n{fragment} under {strategy}: 2 processes vs 1 process: max parameter diff {diff:.3g}")
+    assert got["world_size"] == 2 and diff < TOLERANCE
+    lora_b = [v for k, v in got["params"].items() if "lora_B" in k]  # zero at the start: the adapters did train
+    assert strategy != "deepspeed_zero3" or (lora_b and max(v.abs().max().item() for v in lora_b) > 1e-3)
+
+
+@pytest.mark.slow
+def test_a_live_reference_fails_the_comparison(tmp_path, pairs, tokenizer_dir, one_process) -> None:
+    """Teeth of the equivalences above (ZeRO-3 and FSDP2 above all, whose reference is a sharded module): the same
+    1-process run with the live policy as its reference instead of the frozen copy ends far outside the tolerance."""
+    live = {"class_path": "litune_testing.LiveReference"}
+    try:
+        assert main(["fit", *dpo_args(tmp_path, pairs, tokenizer_dir, 4, callbacks=[live])]) == 0
+    finally:
+        os.environ.pop("LITUNE_RUN_DIR", None)
+    got = torch.load(tmp_path / "record" / "record.pt")
+    diff = max((got["params"][k] - one_process["params"][k]).abs().max().item() for k in one_process["params"])
+    print(f"\nlive policy as reference vs frozen copy: max parameter diff {diff:.3g}")
+    assert diff > 10 * TOLERANCE
 
 
 @pytest.mark.slow

@@ -439,11 +439,13 @@ def check_adapters_strategy(cfg: Namespace) -> None:
 
 
 def check_preference_reference_strategy(cfg: Namespace) -> None:
-    """Refuse a frozen reference copy (``reference: copy``/``precomputed``, or ``auto`` without adapters) under
-    DeepSpeed ZeRO-3 or FSDP2, before any process is spawned: the copy is made by ``copy.deepcopy`` of the policy,
-    which is not sharded like it (held whole on every rank, or copied from ZeRO-3's parameter placeholders), and
-    neither strategy is tested with it. Reference-free losses and ZeRO-3 with adapters (the base with adapters
-    disabled) keep no copy and are not refused."""
+    """Refuse, before any process is spawned, the reference modes DeepSpeed ZeRO-3 and FSDP2 cannot serve.
+
+    A frozen copy (``reference: copy``, or ``auto`` without adapters) is sharded like the policy
+    (:func:`litune.preference.reference.shard_reference`), but it is taken from the policy as built: a network that
+    loads its weights straight into shards (``DeferredHFCausalLM``) has no whole copy on any rank, so it is refused.
+    ``precomputed`` (its one pass runs the copy whole before training) is not wired into these strategies yet.
+    Reference-free losses and adapters (the base with adapters disabled) keep no copy and are not refused."""
     preference = cfg.model.get("preference") if cfg.get("model") else None
     if preference is None:
         return
@@ -456,16 +458,23 @@ def check_preference_reference_strategy(cfg: Namespace) -> None:
     if loss in REFERENCE_FREE:
         return
     mode = ("adapters" if cfg.model.get("adapters") is not None else "copy") if reference == "auto" else reference
-    if mode not in ("copy", "precomputed"):
-        return
     strategy = "FSDP2" if spec.fsdp2 else "DeepSpeed ZeRO-3"
-    raise ConfigError(
-        "model.preference.reference",
-        f"reference={reference} ({mode}) keeps a frozen copy of the policy, which is not sharded under {strategy} "
-        "(it would be held whole on every rank, or copied from partitioned parameters)",
-        "use DDP or DeepSpeed ZeRO-1/2 (configs/strategy/deepspeed_zero2.yaml), a reference-free loss (simpo, orpo), "
-        "or under ZeRO-3 train adapters (model.adapters: the reference is the base with adapters disabled)",
-    )
+    network = cfg.model.get("network")
+    class_path = network.get("class_path") if isinstance(network, Namespace) else None
+    if mode == "copy" and class_path is not None and class_path.rpartition(".")[2] == "DeferredHFCausalLM":
+        raise ConfigError(
+            "model.preference.reference",
+            f"reference={reference} (copy) copies the policy, but under {strategy} DeferredHFCausalLM loads its "
+            "weights straight into shards: no rank holds a whole copy to take",
+            "use litune.models.HFCausalLM (built whole, then sharded with its reference), train adapters "
+            "(reference: adapters), or use a reference-free loss (simpo, orpo)",
+        )
+    if mode == "precomputed":
+        raise ConfigError(
+            "model.preference.reference",
+            f"reference=precomputed is not wired into {strategy} yet (its one pass runs a whole copy before training)",
+            "use reference: copy (sharded like the policy), or DDP / DeepSpeed ZeRO-1/2 for precomputed log-probs",
+        )
 
 
 def check_rl_config(cfg: Namespace) -> None:

@@ -46,6 +46,12 @@ def chunked_token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Te
         ``[B, T]`` float32 log-probs, 0 at ignored positions.
     """
     rows, flat = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+    n = rows.size(0)
+    chunks = _chunks_on_every_rank(head, -(-n // chunk_size), rows.device)
+    if (chunks - 1) * chunk_size >= n:  # this rank has fewer rows than another: ignored zero rows fill its chunks
+        pad = (chunks - 1) * chunk_size + 1 - n
+        rows = torch.cat([rows, rows.new_zeros(pad, rows.size(1))])
+        flat = torch.cat([flat, flat.new_full((pad,), IGNORE_INDEX)])
     needs_grad = torch.is_grad_enabled() and rows.requires_grad
     parts = []
     for start in range(0, rows.size(0), chunk_size):
@@ -53,7 +59,18 @@ def chunked_token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Te
         parts.append(
             checkpoint(_chunk_logps, head, h, t, use_reentrant=False) if needs_grad else _chunk_logps(head, h, t)
         )
-    return torch.cat(parts).view_as(targets)
+    return torch.cat(parts)[:n].view_as(targets)
+
+
+def _chunks_on_every_rank(head: nn.Module, chunks: int, device: torch.device) -> int:
+    """The number of head calls, the same on every rank under DeepSpeed ZeRO-3: each call of a partitioned head
+    all-gathers its weight (forward, and again in the checkpointed recomputation), so ranks whose padded preference
+    batches hold different numbers of rows would issue different collectives and hang. Elsewhere: ``chunks``."""
+    if not (torch.distributed.is_initialized() and any(hasattr(p, "ds_id") for p in head.parameters())):
+        return chunks
+    most = torch.tensor([chunks], device=device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most.item())
 
 
 def token_logps(
@@ -71,6 +88,34 @@ def token_logps(
         ``(logps [B, T] float32, mask [B, T] bool)``, aligned with the network's targets (shifted for a causal LM);
         ``logps`` is 0 where ``mask`` is False.
     """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(network, FSDPModule):
+        return _fsdp_method(network)(batch, chunk_size)
+    return _token_logps(network, batch, chunk_size)
+
+
+def _fsdp_method(network: nn.Module):
+    """``network``'s :func:`token_logps` as a method FSDP2 treats like ``forward``. The chunked path runs
+    ``output_features`` and then the output layer, outside the network's forward, so FSDP2's root hooks would never
+    gather the root's parameters (embeddings, final norm, head) nor reduce their gradients; registered once on the
+    instance with ``register_fsdp_forward_method``, the whole computation runs between the root's pre- and
+    post-forward hooks."""
+    method = getattr(network, "_litune_token_logps", None)
+    if method is None:
+        import types
+
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        network._litune_token_logps = types.MethodType(_token_logps, network)
+        register_fsdp_forward_method(network, "_litune_token_logps")
+        method = network._litune_token_logps
+    return method
+
+
+def _token_logps(
+    network: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     inputs = {k: v for k, v in batch.items() if k in NETWORK_INPUTS}
     features = getattr(network, "output_features", None)
     if chunk_size is not None and callable(features):

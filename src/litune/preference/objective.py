@@ -35,7 +35,15 @@ from litune.models.output import IGNORE_INDEX, causal_targets
 from litune.objective import BATCH_TAG, gradient_divisor, steps_left_in_window, train_look_ahead
 from litune.preference.logps import sequence_logps
 from litune.preference.losses import FIELD, REFERENCE_FREE, PreferenceLoss, bradley_terry, kto, pair_terms
-from litune.preference.reference import adapters_disabled, disable_dropout, frozen_copy, weights_fingerprint
+from litune.preference.reference import (
+    ReferenceLogps,
+    adapters_disabled,
+    disable_dropout,
+    frozen_copy,
+    is_partitioned,
+    shard_reference,
+    weights_fingerprint,
+)
 
 if TYPE_CHECKING:
     from litune.module import LitLM
@@ -143,6 +151,7 @@ class PreferenceObjective:
         self.mode = config.reference_mode(has_adapters)
         self.reference: nn.Module | None = None
         self.reference_fingerprint: str | None = None
+        self._sharded_reference: nn.Module | None = None  # ZeRO-3 engine / FSDP2 module over the copy (shard_reference)
         self._step_counts = torch.zeros(3, dtype=torch.long)
         self._window_stats: torch.Tensor | None = None
         self._eval_stats: torch.Tensor | None = None
@@ -155,7 +164,25 @@ class PreferenceObjective:
         if self.config.disable_dropout:
             disable_dropout(network)
         if self.mode in ("copy", "precomputed") and self.reference is None:
+            if is_partitioned(network):
+                raise ConfigError(
+                    f"{FIELD}.reference",
+                    f"reference={self.config.reference} ({self.mode}) copies the policy, but its weights were loaded "
+                    "straight into shards (a deferred network under ZeRO-3/FSDP2): no rank holds a whole copy to take",
+                    "build the network whole (litune.models.HFCausalLM, not DeferredHFCausalLM), train adapters "
+                    "(reference: adapters), or use a reference-free loss (simpo, orpo)",
+                )
             self.reference = frozen_copy(network)
+
+    def shard_reference(self, strategy: object) -> None:
+        """Once the strategy has partitioned the policy (``LitLM.on_fit_start``, on every rank): shard the ``copy``
+        reference like it under ZeRO-3 or FSDP2 (:func:`litune.preference.reference.shard_reference`); idempotent."""
+        if self.mode != "copy" or self.reference is None or self._sharded_reference is not None:
+            return
+        # None under a strategy that does not shard the policy: the copy stays whole (_reference_on moves it).
+        self._sharded_reference = shard_reference(
+            ReferenceLogps(self.reference, self.config.logps_chunk_size), strategy
+        )
 
     # ------------------------------------------------------------------ log-probs
     def _reference_on(self, like: nn.Module) -> nn.Module:
@@ -178,6 +205,8 @@ class PreferenceObjective:
             if self.mode == "adapters":
                 with adapters_disabled(network):
                     return sequence_logps(network, batch, chunk).logps
+            if self._sharded_reference is not None:  # a collective: every rank runs it on its own rows
+                return self._sharded_reference(batch).float()
             if self.reference is None:
                 raise RuntimeError("reference=precomputed, but the batch has no precomputed reference log-probs")
             return sequence_logps(self._reference_on(network), batch, chunk).logps
