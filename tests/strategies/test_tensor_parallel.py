@@ -73,6 +73,19 @@ def assert_same_forward_and_backward(
             torch.testing.assert_close(grads(sharded)[key], grad, **TOL, msg=f"{name} grad {key}, {label}")
 
 
+def assert_a_wrong_plan_changes_the_logits(reference: torch.nn.Module, overrides: dict, mesh) -> None:  # noqa: ANN001
+    """Teeth: ``reference``'s plan with ``overrides`` applied to a copy gives other logits on the padded batch."""
+    from litune.models.tensor_parallel import apply_tensor_parallel
+
+    wrong = copy.deepcopy(reference)
+    plan = wrong.tensor_parallel_plan()
+    wrong.tensor_parallel_plan = lambda: {**plan, **overrides}
+    wrong = apply_tensor_parallel(wrong, mesh)
+    batch = batches()["padded"]
+    gap = (wrong(**batch).logits - reference(**batch).logits).abs().max()
+    assert gap > 1e-3, gap
+
+
 def check_rank(rank: int, port: int) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -114,13 +127,9 @@ def check_rank(rank: int, port: int) -> None:
         # Teeth: the fused q|k|v weight split as one plain column-parallel layer mixes q and k heads on rank 0.
         torch.manual_seed(0)
         reference = DecoderLM(**NETWORK).double()
-        wrong = copy.deepcopy(reference)
-        plan = wrong.tensor_parallel_plan()
-        wrong.tensor_parallel_plan = lambda: {**plan, **{f"h.{i}.attn.c_attn": ColwiseParallel() for i in range(2)}}
-        wrong = apply_tensor_parallel(wrong, mesh)
-        batch = batches()["padded"]
-        gap = (wrong(**batch).logits - reference(**batch).logits).abs().max()
-        assert gap > 1e-3, gap
+        assert_a_wrong_plan_changes_the_logits(
+            reference, {f"h.{i}.attn.c_attn": ColwiseParallel() for i in range(2)}, mesh
+        )
     finally:
         dist.destroy_process_group()
 
@@ -156,16 +165,10 @@ def check_hf_rank(rank: int, port: int) -> None:
         assert_same_forward_and_backward(reference, sharded, "llama")
 
         # Teeth: the row-parallel outputs left as per-rank partial sums (no all-reduce) change the logits.
-        wrong = copy.deepcopy(reference)
-        plan = wrong.tensor_parallel_plan()
-        partial = {
-            k: RowwiseParallel(output_layouts=Partial()) for k, v in plan.items() if isinstance(v, RowwiseParallel)
-        }
-        wrong.tensor_parallel_plan = lambda: {**plan, **partial}
-        wrong = apply_tensor_parallel(wrong, mesh)
-        batch = batches()["padded"]
-        gap = (wrong(**batch).logits - reference(**batch).logits).abs().max()
-        assert gap > 1e-3, gap
+        rows = [k for k, v in reference.tensor_parallel_plan().items() if isinstance(v, RowwiseParallel)]
+        assert_a_wrong_plan_changes_the_logits(
+            reference, {k: RowwiseParallel(output_layouts=Partial()) for k in rows}, mesh
+        )
     finally:
         dist.destroy_process_group()
 
