@@ -414,21 +414,22 @@ def test_bad_preference_settings_name_the_field_and_the_fix(settings, field, wor
 def test_what_zero3_and_fsdp2_cannot_serve_is_refused_before_any_process_starts(
     strategy, tokenizer_dir, tmp_path, capsys
 ) -> None:
-    """A copy of a network loaded straight into shards (DeferredHFCausalLM), and precomputed log-probs: exit 2,
+    """A copy (or precomputed log-probs) of a network loaded straight into shards (DeferredHFCausalLM): exit 2,
     nothing written. The frozen copy of a network built whole is sharded with the policy (tests/preference/
     test_preference_slow.py trains it on 2 processes), and a reference-free loss keeps no copy: both accepted."""
     args = ["fit", "--config", str(REPO / "configs" / "dpo.yaml"), "--config",
             str(REPO / "configs" / "strategy" / f"{strategy}.yaml"), f"--model.tokenizer={tokenizer_dir}",
             f"--runs_dir={tmp_path / 'runs'}"]  # fmt: skip
-    assert main([*args, "--model.preference.reference=precomputed"]) == 2
+    deferred = "--model.network.class_path=litune.models.DeferredHFCausalLM"
+    assert main([*args, deferred, "--model.preference.reference=precomputed"]) == 2
     err = capsys.readouterr().err
-    assert "model.preference.reference" in err and "not wired into" in err and "Traceback" not in err
+    assert "model.preference.reference" in err and "straight into shards" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
-    deferred = parse_config([*args[1:], "--model.network.class_path=litune.models.DeferredHFCausalLM"])
     with pytest.raises(ConfigError, match="straight into shards") as refused:
-        check_preference_reference_strategy(deferred)
+        check_preference_reference_strategy(parse_config([*args[1:], deferred]))
     assert refused.value.field == "model.preference.reference" and "HFCausalLM" in refused.value.fix
-    check_preference_reference_strategy(parse_config(args[1:]))  # the copy: sharded like the policy
+    for accepted in ("copy", "precomputed"):  # the copy sharded like the policy; precomputed: whole, then dropped
+        check_preference_reference_strategy(parse_config([*args[1:], f"--model.preference.reference={accepted}"]))
     simpo = parse_config([*args[1:], "--config", str(REPO / "configs" / "preference" / "simpo.yaml")])
     check_preference_reference_strategy(simpo)
 

@@ -99,21 +99,31 @@ def test_two_processes_train_what_one_process_trains(strategy, tmp_path, pairs, 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    ("strategy", "fragment"), [("fsdp2", "preference/simpo.yaml"), ("deepspeed_zero3", "peft/lora.yaml")]
+    ("strategy", "fragment"),
+    [
+        ("fsdp2", "preference/simpo.yaml"),
+        ("deepspeed_zero3", "peft/lora.yaml"),
+        ("fsdp2", "preference/precomputed.yaml"),
+    ],
 )
 def test_sharded_runs_without_a_copy_train_what_one_process_trains(
-    strategy, fragment, tmp_path, pairs, tokenizer_dir
+    strategy, fragment, tmp_path, pairs, tokenizer_dir, one_process
 ) -> None:
-    """No frozen copy: SimPO (reference-free) under FSDP2, whose policy log-probs run inside FSDP2's root hooks, and
-    DPO with adapters as the reference (the partitioned base with its adapters disabled) under ZeRO-3."""
+    """No frozen copy during training: SimPO (reference-free) under FSDP2, whose policy log-probs run inside FSDP2's
+    root hooks; DPO with adapters as the reference (the partitioned base with its adapters disabled) under ZeRO-3;
+    DPO with precomputed reference log-probs under FSDP2 (the whole copy's one pass before the policy is sharded)."""
     config = ("--config", str(REPO / "configs" / fragment))
-    try:
-        assert main(["fit", *dpo_args(tmp_path / "one", pairs, tokenizer_dir, 4, *config)]) == 0
-    finally:
-        os.environ.pop("LITUNE_RUN_DIR", None)
     strategy_config = ("--config", str(REPO / "configs" / "strategy" / f"{strategy}.yaml"), "--trainer.devices=2")
     run_litune("fit", *dpo_args(tmp_path / "two", pairs, tokenizer_dir, 1, *config, *strategy_config), timeout=900)
-    want, got = (torch.load(tmp_path / run / "record" / "record.pt") for run in ("one", "two"))
+    got = torch.load(tmp_path / "two" / "record" / "record.pt")
+    if fragment == "preference/precomputed.yaml":  # equals the live copy: the 1-process copy run (no cached logps)
+        want = one_process
+    else:
+        try:
+            assert main(["fit", *dpo_args(tmp_path / "one", pairs, tokenizer_dir, 4, *config)]) == 0
+        finally:
+            os.environ.pop("LITUNE_RUN_DIR", None)
+        want = torch.load(tmp_path / "one" / "record" / "record.pt")
     diff = max((got["params"][k] - want["params"][k]).abs().max().item() for k in want["params"])
     print(f"\n{fragment} under {strategy}: 2 processes vs 1 process: max parameter diff {diff:.3g}")
     assert got["world_size"] == 2 and diff < TOLERANCE

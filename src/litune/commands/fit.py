@@ -442,9 +442,9 @@ def check_preference_reference_strategy(cfg: Namespace) -> None:
     """Refuse, before any process is spawned, the reference modes DeepSpeed ZeRO-3 and FSDP2 cannot serve.
 
     A frozen copy (``reference: copy``, or ``auto`` without adapters) is sharded like the policy
-    (:func:`litune.preference.reference.shard_reference`), but it is taken from the policy as built: a network that
-    loads its weights straight into shards (``DeferredHFCausalLM``) has no whole copy on any rank, so it is refused.
-    ``precomputed`` (its one pass runs the copy whole before training) is not wired into these strategies yet.
+    (:func:`litune.preference.reference.shard_reference`), and ``precomputed`` runs the copy whole in its one pass
+    before the policy is partitioned, then drops it; both take the copy from the policy as built, so a network that
+    loads its weights straight into shards (``DeferredHFCausalLM``) is refused: no rank has a whole copy to take.
     Reference-free losses and adapters (the base with adapters disabled) keep no copy and are not refused."""
     preference = cfg.model.get("preference") if cfg.get("model") else None
     if preference is None:
@@ -461,19 +461,14 @@ def check_preference_reference_strategy(cfg: Namespace) -> None:
     strategy = "FSDP2" if spec.fsdp2 else "DeepSpeed ZeRO-3"
     network = cfg.model.get("network")
     class_path = network.get("class_path") if isinstance(network, Namespace) else None
-    if mode == "copy" and class_path is not None and class_path.rpartition(".")[2] == "DeferredHFCausalLM":
+    deferred = class_path is not None and class_path.rpartition(".")[2] == "DeferredHFCausalLM"
+    if mode in ("copy", "precomputed") and deferred:
         raise ConfigError(
             "model.preference.reference",
-            f"reference={reference} (copy) copies the policy, but under {strategy} DeferredHFCausalLM loads its "
+            f"reference={reference} ({mode}) copies the policy, but under {strategy} DeferredHFCausalLM loads its "
             "weights straight into shards: no rank holds a whole copy to take",
             "use litune.models.HFCausalLM (built whole, then sharded with its reference), train adapters "
             "(reference: adapters), or use a reference-free loss (simpo, orpo)",
-        )
-    if mode == "precomputed":
-        raise ConfigError(
-            "model.preference.reference",
-            f"reference=precomputed is not wired into {strategy} yet (its one pass runs a whole copy before training)",
-            "use reference: copy (sharded like the policy), or DDP / DeepSpeed ZeRO-1/2 for precomputed log-probs",
         )
 
 
