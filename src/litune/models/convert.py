@@ -32,6 +32,20 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 HF_PREFIX = "transformer."
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old GPT-2 checkpoints, not weights
 
+GPT2_CONFIG_FIELDS = {
+    "d_model": "n_embd",
+    "nhead": "n_head",
+    "num_decoder_layers": "n_layer",
+    "dim_feedforward": "n_inner",
+    "dropout": "resid_pdrop",
+    "vocab_size": "vocab_size",
+    "max_seq_len": "n_positions",
+    "layer_norm_eps": "layer_norm_epsilon",
+    "init_std": "initializer_range",
+    "tie_embeddings": "tie_word_embeddings",
+}
+""":class:`TransformerConfig` field -> the ``GPT2Config`` field holding the same value (read in both directions)."""
+
 ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
@@ -79,19 +93,10 @@ def decoder_kwargs_from_gpt2_config(config: object) -> dict[str, object]:
             "this GPT-2 config scales attention differently from litune",
             "use default attention scaling",
         )
-    return dict(
-        d_model=config.n_embd,
-        nhead=config.n_head,
-        num_decoder_layers=config.n_layer,
-        dim_feedforward=config.n_inner or 4 * config.n_embd,
-        dropout=config.resid_pdrop,
-        activation=ACTIVATION_FROM_HF[activation],
-        vocab_size=config.vocab_size,
-        max_seq_len=config.n_positions,
-        layer_norm_eps=config.layer_norm_epsilon,
-        init_std=config.initializer_range,
-        tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
-    )
+    kwargs: dict[str, object] = {ours: getattr(config, theirs, None) for ours, theirs in GPT2_CONFIG_FIELDS.items()}
+    kwargs["dim_feedforward"] = config.n_inner or 4 * config.n_embd  # GPT-2's None: 4 x the width
+    kwargs["tie_embeddings"] = kwargs["tie_embeddings"] is not False  # tied unless the config says otherwise
+    return {**kwargs, "activation": ACTIVATION_FROM_HF[activation]}
 
 
 def to_hf_gpt2(network: DecoderLM, **config_overrides: object) -> nn.Module:
@@ -111,19 +116,10 @@ def to_hf_gpt2(network: DecoderLM, **config_overrides: object) -> nn.Module:
         )
     special = {} if cfg.vocab_size > 50256 else {"bos_token_id": None, "eos_token_id": None}
     hf_config = GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_seq_len,
-        n_embd=cfg.d_model,
-        n_layer=cfg.num_decoder_layers,
-        n_head=cfg.nhead,
-        n_inner=cfg.dim_feedforward,
-        activation_function=ACTIVATION_TO_HF[cfg.activation],
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
+        **{theirs: getattr(cfg, ours) for ours, theirs in GPT2_CONFIG_FIELDS.items()},
+        embd_pdrop=cfg.dropout,  # one dropout rate in litune, three in GPT-2
         attn_pdrop=cfg.dropout,
-        layer_norm_epsilon=cfg.layer_norm_eps,
-        initializer_range=cfg.init_std,
-        tie_word_embeddings=cfg.tie_embeddings,
+        activation_function=ACTIVATION_TO_HF[cfg.activation],
         **{**special, **config_overrides},
     )
     # Same dtype as the network, so `litune export --dtype bfloat16` (which casts the network first) writes bf16.
