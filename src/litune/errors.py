@@ -21,6 +21,13 @@ NETWORK_ARGS = f"{NETWORK_FIELD}.init_args"
 """Where users set a network's arguments in YAML; error messages name fields under it."""
 
 
+def check_at_least_one(section: str, sizes: dict[str, int], fix: str) -> None:
+    """Refuse the first of ``sizes`` (argument name -> value) below 1, naming ``<section>.<name>``."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ConfigError(f"{section}.{name}", f"{name}={value} must be >= 1", fix)
+
+
 class ConfigError(ValueError):
     """A user-facing configuration or input error.
 

@@ -20,7 +20,7 @@ from litune.data.formats import tokenize_pairs
 from litune.data.sampler import data_rank_world, even_eval_shards
 from litune.data.sources import load_local, resolve_local_files
 from litune.data.tokenizer import TokenizerSource, load_tokenizer
-from litune.errors import ConfigError
+from litune.errors import ConfigError, check_at_least_one
 
 __all__ = ["Seq2SeqDataModule"]
 
@@ -61,14 +61,12 @@ class Seq2SeqDataModule(L.LightningDataModule):
             raise ConfigError("model.tokenizer", "Seq2SeqDataModule needs a tokenizer", "set model.tokenizer")
         if not 0.0 < val_fraction < 1.0 and validation_path is None:
             raise ConfigError("data.init_args.val_fraction", f"{val_fraction} is outside (0, 1)", "use e.g. 0.05")
-        sizes = {
+        sizes = {  # every one >= 1
             "max_source_length": max_source_length,
             "max_target_length": max_target_length,
             "batch_size": batch_size,
         }
-        for name, value in sizes.items():
-            if value < 1:
-                raise ConfigError(f"data.init_args.{name}", f"{name}={value} must be >= 1", "use e.g. 128")
+        check_at_least_one("data.init_args", sizes, "use e.g. 128")
         self.tokenizer_source = tokenizer
         self.path, self.validation_path = path, validation_path
         self.source_column, self.target_column = source_column, target_column

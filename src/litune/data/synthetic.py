@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from litune.data.collate import Seq2SeqCollator
 from litune.data.sampler import data_rank_world, even_eval_shards
 from litune.data.tokenizer import SymbolTokenizer, TokenizerSource
-from litune.errors import NETWORK_ARGS, ConfigError
+from litune.errors import NETWORK_ARGS, ConfigError, check_at_least_one
 
 TASKS = {
     "reverse": lambda x: x.flip(0),
@@ -80,16 +80,14 @@ class SyntheticSeq2SeqDataModule(L.LightningDataModule):
         super().__init__()
         if task not in TASKS:
             raise ConfigError("data.init_args.task", f"unknown task {task!r}", f"use one of {sorted(TASKS)}")
-        sizes = {
+        sizes = {  # every one >= 1
             "num_symbols": num_symbols,
             "min_length": min_length,
             "num_train": num_train,
             "num_val": num_val,
             "batch_size": batch_size,
         }
-        for name, value in sizes.items():
-            if value < 1:
-                raise ConfigError(f"data.init_args.{name}", f"{name}={value} must be >= 1", "use a positive number")
+        check_at_least_one("data.init_args", sizes, "use a positive number")
         if max_length < min_length:
             raise ConfigError(
                 "data.init_args.max_length", f"max_length={max_length} < min_length={min_length}", "raise max_length"
