@@ -23,7 +23,7 @@ from typing import Any
 from litune.errors import NETWORK_FIELD, ConfigError
 from litune.module import LitLM
 from litune.runs import TOKENIZER_DIR, resolve_checkpoint, run_dir_of, run_tokenizer
-from litune.strategies.checkpoint import as_single_file, check_resume_world_size, checkpoint_kind
+from litune.strategies.checkpoint import KIND_LABELS, as_single_file, check_resume_world_size, checkpoint_kind
 from litune.strategies.descriptor import StrategySpec
 from litune.strategies.safe_load import allow_litune_classes, load_checkpoint_file
 
@@ -175,9 +175,6 @@ def use_run_tokenizer(cfg: Any, run_dir: Path | None) -> None:
         data_args.tokenizer = str(folder)
 
 
-KIND_NAMES = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2 (DCP)", "file": "single-file (DDP / one device)"}
-
-
 def check_strategy_matches(checkpoint: str | Path, strategy: StrategySpec) -> None:
     """A sharded checkpoint resumes only under the strategy that wrote it (DeepSpeed: also on as many processes), and
     a single-file checkpoint not under DeepSpeed; otherwise the strategy fails deep inside its loader.
@@ -188,12 +185,12 @@ def check_strategy_matches(checkpoint: str | Path, strategy: StrategySpec) -> No
     """
     kind = checkpoint_kind(checkpoint)
     if strategy.loads(kind):
-        if kind == "deepspeed" and strategy.world_size is not None:
+        if strategy.world_size is not None:  # only ZeRO shards are bound to their number of ranks
             check_resume_world_size(checkpoint, strategy.world_size)
         return
     raise ConfigError(
         "trainer.strategy",
-        f"{checkpoint} is a {KIND_NAMES[kind]} checkpoint but this run uses {strategy.label}; one strategy's "
+        f"{checkpoint} is a {KIND_LABELS[kind]} checkpoint but this run uses {strategy.label}; one strategy's "
         "checkpoint (its sharded optimizer state) cannot be loaded by another",
         "resume with the strategy the checkpoint was written with, or " + _new_run_fix(checkpoint),
     )

@@ -22,6 +22,10 @@ from litune.strategies.fsdp2 import is_fsdp2_checkpoint
 _OPTIM_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
+KIND_LABELS = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2 (DCP)", "file": "single-file (DDP / one device)"}
+"""Each :func:`checkpoint_kind`, named for messages."""
+
+
 def checkpoint_kind(path: str | Path) -> str:
     """``"deepspeed"`` (a folder of ZeRO shards), ``"fsdp2"`` (a DCP folder) or ``"file"`` (one ``.ckpt`` file, or
     a folder that is neither: :func:`litune.runs.resolve_checkpoint` refuses it)."""
