@@ -307,3 +307,71 @@ class TextDataModule(L.LightningDataModule):
                 "resuming with seed %s instead of %s: the batch order will differ", self.seed, state_dict.get("seed")
             )
         self._resume = {"epoch": state_dict["epoch"], "rows_consumed": state_dict["rows_consumed"]}
+
+
+class PreparedRowsDataModule(TextDataModule):
+    """Base of the data modules whose rows are not text blocks (preference pairs, prompts): TextDataModule's
+    tokenizer, loaders, resumable sampling and state, with the subclass's own rows, tokenized once and cached the same
+    way (:func:`litune.data.cache.prepare` / :func:`~litune.data.cache.open_prepared`).
+
+    A subclass calls :meth:`_init_rows` from its ``__init__`` and implements :meth:`build_rows`.
+
+    Attributes:
+        cached_what: what the rows are, in the cache's messages.
+        cache_namespace: when set, the spec's cache key is wrapped in it (keeps the rows apart from another kind whose
+            spec has the same fields).
+    """
+
+    cached_what = "rows"
+    cache_namespace: str | None = None
+
+    def _init_rows(
+        self, spec: Any, tokenizer: TokenizerSource, *, block_size: int, batch_size: int, batch_size_fix: str,
+        num_workers: int, seed: int, shuffle: bool, pad_to_multiple_of: int, cache_dir: str | None,
+    ) -> None:  # fmt: skip
+        """Set what TextDataModule's loaders and state read (its own ``__init__`` takes text-data arguments)."""
+        L.LightningDataModule.__init__(self)
+        if batch_size < 1:
+            raise ConfigError("data.init_args.batch_size", f"{batch_size} is not >= 1", batch_size_fix)
+        self.spec = spec
+        self.cache_root = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+        self.tokenizer_source = tokenizer
+        self.block_size = block_size  # checked against the network's context by the CLI
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group_by_length = False
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self._tokenizer = None
+        self.train_set = None
+        self.val_set = None
+        self.stats: dict[str, Any] = {}
+        self.cache_hit: bool | None = None
+        self._resume = None
+        self._cache_key: dict | None = None
+
+    def build_rows(self) -> tuple[datasets.DatasetDict, dict]:
+        """Tokenize the spec's rows: ``(splits, stats)``, as :func:`litune.data.cache.prepare` stores them."""
+        raise NotImplementedError
+
+    def _key(self) -> dict:
+        if self._cache_key is None:
+            identity = self.spec.key()
+            if self.cache_namespace is not None:
+                identity = {self.cache_namespace: identity}
+            self._cache_key = cache.cache_key(identity, self.tokenizer)
+        return self._cache_key
+
+    def prepare_data(self) -> None:
+        self.cache_hit = cache.prepare(self.cache_root, self._key(), self.build_rows, self.cached_what)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        distributed = self._rank_world()[1] > 1
+        data, self.stats, found = cache.open_prepared(self.cache_root, self._key(), self.prepare_data, distributed)
+        if found and self.cache_hit is None:
+            self.cache_hit = True
+        self.train_set = data["train"]
+        self.val_set = data["validation"] if "validation" in data else None

@@ -34,15 +34,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
-import lightning as L
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from litune.data import cache, sources
+from litune.data import sources
 from litune.data.collate import PadCollator, Seq2SeqCollator
 from litune.data.formats import DEFAULT_CHAT_TURN_TEMPLATE
 from litune.data.rows import locate, row_error
-from litune.data.text import TextDataModule
+from litune.data.text import PreparedRowsDataModule
 from litune.data.tokenizer import DEFAULT_CACHE, TokenizerSource
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
@@ -291,7 +290,7 @@ class PreferenceCollator:
         return batch
 
 
-class PreferenceDataModule(TextDataModule):
+class PreferenceDataModule(PreparedRowsDataModule):
     """Preference pairs (or KTO examples) from local files, tokenized once and cached, with resumable sampling.
 
     Args:
@@ -341,51 +340,23 @@ class PreferenceDataModule(TextDataModule):
         cache_dir: str | None = None,
         encoder_decoder: bool = False,
     ) -> None:
-        L.LightningDataModule.__init__(self)
-        if batch_size < 1:
-            raise ConfigError(f"{FIELD}.batch_size", f"{batch_size} is not >= 1", "use a positive micro batch size")
-        self.spec = PreferenceSpec(
+        spec = PreferenceSpec(
             path, validation_path, format, prompt_column, chosen_column, rejected_column, completion_column,
             label_column, max_prompt_length, max_length, val_fraction, seed,
         )  # fmt: skip
-        self.cache_root = Path(cache_dir) if cache_dir else DEFAULT_CACHE
-        self.tokenizer_source = tokenizer
-        self.block_size = max_length  # checked against the network's context by the CLI
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.shuffle = shuffle
-        self.group_by_length = False
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self._tokenizer = None
-        self.train_set = None
-        self.val_set = None
-        self.stats: dict[str, Any] = {}
-        self.cache_hit: bool | None = None
-        self._resume = None
-        self._cache_key: dict | None = None
+        self._init_rows(
+            spec, tokenizer, block_size=max_length, batch_size=batch_size,
+            batch_size_fix="use a positive micro batch size", num_workers=num_workers, seed=seed, shuffle=shuffle,
+            pad_to_multiple_of=pad_to_multiple_of, cache_dir=cache_dir,
+        )  # fmt: skip
         self._reference_attached: str | None = None
         self.encoder_decoder = encoder_decoder
 
-    def _key(self) -> dict:
-        if self._cache_key is None:
-            self._cache_key = cache.cache_key({"preference": self.spec.key()}, self.tokenizer)
-        return self._cache_key
+    cached_what = "preference data"
+    cache_namespace = "preference"
 
-    def prepare_data(self) -> None:
-        self.cache_hit = cache.prepare(
-            self.cache_root, self._key(), lambda: build(self.spec, self.tokenizer), "preference data"
-        )
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        distributed = self._rank_world()[1] > 1
-        data, self.stats, found = cache.open_prepared(self.cache_root, self._key(), self.prepare_data, distributed)
-        if found and self.cache_hit is None:
-            self.cache_hit = True
-        self.train_set = data["train"]
-        self.val_set = data["validation"] if "validation" in data else None
+    def build_rows(self) -> tuple[datasets.DatasetDict, dict]:
+        return build(self.spec, self.tokenizer)
 
     def collator(self) -> PreferenceCollator:
         return PreferenceCollator(

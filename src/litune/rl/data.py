@@ -26,15 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from litune.data import cache, sources
+from litune.data import sources
 from litune.data.formats import DEFAULT_CHAT_TURN_TEMPLATE
 from litune.data.rows import locate, row_error
-from litune.data.text import TextDataModule
+from litune.data.text import PreparedRowsDataModule
 from litune.data.tokenizer import DEFAULT_CACHE, TokenizerSource
 from litune.errors import ConfigError
 from litune.preference.stdlib_pairs import STDLIB_PAIRS, stdlib_pairs_file
@@ -206,7 +205,7 @@ class RepeatedWindows(Sampler[list[int]]):
         return self._batches() * self.repeats - self.done * min(self.window, self._batches())
 
 
-class PromptDataModule(TextDataModule):
+class PromptDataModule(PreparedRowsDataModule):
     """Prompts (and reward columns) from local files, tokenized once and cached, with resumable sampling.
 
     Args:
@@ -239,47 +238,19 @@ class PromptDataModule(TextDataModule):
         shuffle: bool = True,
         cache_dir: str | None = None,
     ) -> None:
-        L.LightningDataModule.__init__(self)
-        if batch_size < 1:
-            raise ConfigError(f"{FIELD}.batch_size", f"{batch_size} is not >= 1", "use a positive number of prompts")
-        self.spec = PromptSpec(path, validation_path, prompt_column, max_prompt_length, val_fraction, seed)
-        self.cache_root = Path(cache_dir) if cache_dir else DEFAULT_CACHE
-        self.tokenizer_source = tokenizer
-        self.block_size = max_prompt_length  # checked against the network's context by the CLI
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.shuffle = shuffle
-        self.group_by_length = False
-        self.pad_to_multiple_of = 1
-        self._tokenizer = None
-        self.train_set = None
-        self.val_set = None
-        self.stats: dict[str, Any] = {}
-        self.cache_hit: bool | None = None
-        self._resume = None
-        self._cache_key: dict | None = None
+        spec = PromptSpec(path, validation_path, prompt_column, max_prompt_length, val_fraction, seed)
+        self._init_rows(
+            spec, tokenizer, block_size=max_prompt_length, batch_size=batch_size,
+            batch_size_fix="use a positive number of prompts", num_workers=num_workers, seed=seed, shuffle=shuffle,
+            pad_to_multiple_of=1, cache_dir=cache_dir,
+        )  # fmt: skip
         self.rollout_reuse: tuple[int, int] = (1, 1)  # (micro-batches per optimizer step, num_iterations)
         self._repeats_done = 0  # a resume in the middle of a window's repeats: how many were trained on
 
-    def _key(self) -> dict:
-        if self._cache_key is None:
-            self._cache_key = cache.cache_key(self.spec.key(), self.tokenizer)
-        return self._cache_key
+    cached_what = "prompts"
 
-    def prepare_data(self) -> None:
-        make = lambda: build(self.spec, self.tokenizer)  # noqa: E731
-        self.cache_hit = cache.prepare(self.cache_root, self._key(), make, "prompts")
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        distributed = self._rank_world()[1] > 1
-        data, self.stats, found = cache.open_prepared(self.cache_root, self._key(), self.prepare_data, distributed)
-        if found and self.cache_hit is None:
-            self.cache_hit = True
-        self.train_set = data["train"]
-        self.val_set = data["validation"] if "validation" in data else None
+    def build_rows(self) -> tuple[datasets.DatasetDict, dict]:
+        return build(self.spec, self.tokenizer)
 
     def collator(self) -> PromptCollator:
         return PromptCollator(self.tokenizer.pad_token_id, self.spec.prompt_column)
