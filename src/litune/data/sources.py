@@ -270,3 +270,36 @@ def write_pairs(path: str | Path, pairs: list[tuple[str, str]], source: str = "s
     with open(path, "w", encoding="utf-8") as fh:
         for s, t in pairs:
             fh.write(json.dumps({source: s, target: t}) + "\n")
+
+
+ROW_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+"""The ``datasets`` builder of each file type that holds rows (preference pairs, prompts)."""
+
+
+def local_row_files(path: str, field: str) -> list[Path]:
+    """The local row files ``path`` names (a file, folder or glob), each of a type in :data:`ROW_FILE_BUILDERS`.
+
+    Raises:
+        ConfigError: naming ``field``, when ``path`` names no local file or one of another type.
+    """
+    files = resolve_local_files(path, field)
+    if files is None:
+        raise ConfigError(field, f"{path!r} is not a local file, folder or glob", "give local files")
+    for f in files:
+        if f.suffix not in ROW_FILE_BUILDERS:
+            raise ConfigError(field, f"{f} is not a .jsonl/.json/.csv/.parquet file", "convert it to JSON Lines")
+    return files
+
+
+def train_validation_splits(
+    tokenize: Callable[[str], datasets.Dataset], path: str, validation_path: str | None, val_fraction: float, seed: int
+) -> dict[str, datasets.Dataset]:
+    """``train``: ``tokenize(path)``'s rows; ``validation``: ``tokenize(validation_path)``'s, or else ``val_fraction``
+    of the training rows held out (deterministic by ``seed``), or none."""
+    train = tokenize(path)
+    if validation_path is not None:
+        return {"train": train, "validation": tokenize(validation_path)}
+    if val_fraction > 0 and len(train) > 1:
+        split = train.train_test_split(test_size=max(1, round(len(train) * val_fraction)), seed=seed)
+        return {"train": split["train"], "validation": split["test"]}
+    return {"train": train}

@@ -51,7 +51,6 @@ from litune.preference.stdlib_pairs import STDLIB_PAIRS, stdlib_pairs_file
 log = logging.getLogger(__name__)
 
 FIELD = "data.init_args"
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
@@ -93,15 +92,7 @@ class PreferenceSpec:
     def files(self, path: str, name: str = "path") -> list[Path]:
         if path == STDLIB_PAIRS:
             return [stdlib_pairs_file(DEFAULT_CACHE, unpaired=self.format == "unpaired")]
-        files = sources.resolve_local_files(path, f"{FIELD}.{name}")
-        if files is None:
-            raise ConfigError(f"{FIELD}.{name}", f"{path!r} is not a local file, folder or glob", "give local files")
-        for f in files:
-            if f.suffix not in _BUILDERS:
-                raise ConfigError(
-                    f"{FIELD}.{name}", f"{f} is not a .jsonl/.json/.csv/.parquet file", "convert it to JSON Lines"
-                )
-        return files
+        return sources.local_row_files(path, f"{FIELD}.{name}")
 
     def columns(self) -> dict[str, str]:
         """Row field -> config field naming it."""
@@ -217,7 +208,7 @@ def tokenize_files(spec: PreferenceSpec, files: list[Path], tokenizer: PreTraine
     tokenize_row = RowTokenizer(spec, tokenizer)
     parts = []
     for file in files:
-        raw = datasets.load_dataset(_BUILDERS[file.suffix], data_files=str(file), split="train")
+        raw = datasets.load_dataset(sources.ROW_FILE_BUILDERS[file.suffix], data_files=str(file), split="train")
         missing = [c for c in spec.columns() if c not in raw.column_names]
         if missing:
             config = spec.columns()[missing[0]]
@@ -232,14 +223,10 @@ def tokenize_files(spec: PreferenceSpec, files: list[Path], tokenizer: PreTraine
 
 def build(spec: PreferenceSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.DatasetDict, dict]:
     """Tokenized ``train`` (and ``validation``) splits and their counts."""
-    train = tokenize_files(spec, spec.files(spec.path), tokenizer)
-    if spec.validation_path is not None:
-        out = {"train": train, "validation": tokenize_files(spec, spec.files(spec.validation_path), tokenizer)}
-    elif spec.val_fraction > 0 and len(train) > 1:
-        split = train.train_test_split(test_size=max(1, round(len(train) * spec.val_fraction)), seed=spec.seed)
-        out = {"train": split["train"], "validation": split["test"]}
-    else:
-        out = {"train": train}
+    out = sources.train_validation_splits(
+        lambda path: tokenize_files(spec, spec.files(path), tokenizer),
+        spec.path, spec.validation_path, spec.val_fraction, spec.seed,
+    )  # fmt: skip
     counts = {"rows": {k: len(v) for k, v in out.items()}, "truncated": sum(sum(v["truncated"]) for v in out.values())}
     return datasets.DatasetDict(out), counts
 

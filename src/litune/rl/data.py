@@ -39,7 +39,6 @@ from litune.errors import ConfigError
 from litune.preference.stdlib_pairs import STDLIB_PAIRS, stdlib_pairs_file
 
 FIELD = "data.init_args"
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROW = "_row"
 """Column of each prompt's row id (its position in the tokenized rows of its split)."""
 
@@ -68,15 +67,7 @@ class PromptSpec:
     def files(self, path: str, name: str = "path") -> list[Path]:
         if path == STDLIB_PAIRS:  # the preference quickstart's rows: a few lines of standard-library code each
             return [stdlib_pairs_file(DEFAULT_CACHE)]
-        files = sources.resolve_local_files(path, f"{FIELD}.{name}")
-        if files is None:
-            raise ConfigError(f"{FIELD}.{name}", f"{path!r} is not a local file, folder or glob", "give local files")
-        for f in files:
-            if f.suffix not in _BUILDERS:
-                raise ConfigError(
-                    f"{FIELD}.{name}", f"{f} is not a .jsonl/.json/.csv/.parquet file", "convert it to JSON Lines"
-                )
-        return files
+        return sources.local_row_files(path, f"{FIELD}.{name}")
 
     def key(self) -> dict:
         key = {"prompts": asdict(self), "files": sources.files_fingerprint(self.files(self.path))}
@@ -105,7 +96,7 @@ def tokenize_files(spec: PromptSpec, files: list[Path], tokenizer: PreTrainedTok
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     rows = []
     for file in files:
-        raw = datasets.load_dataset(_BUILDERS[file.suffix], data_files=str(file), split="train")
+        raw = datasets.load_dataset(sources.ROW_FILE_BUILDERS[file.suffix], data_files=str(file), split="train")
         if spec.prompt_column not in raw.column_names:
             raise ConfigError(
                 f"{FIELD}.prompt_column",
@@ -127,14 +118,10 @@ def tokenize_files(spec: PromptSpec, files: list[Path], tokenizer: PreTrainedTok
 
 def build(spec: PromptSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.DatasetDict, dict]:
     """Tokenized ``train`` (and ``validation``) prompts, each with its row id, and their counts."""
-    train = tokenize_files(spec, spec.files(spec.path), tokenizer)
-    if spec.validation_path is not None:
-        out = {"train": train, "validation": tokenize_files(spec, spec.files(spec.validation_path), tokenizer)}
-    elif spec.val_fraction > 0 and len(train) > 1:
-        split = train.train_test_split(test_size=max(1, round(len(train) * spec.val_fraction)), seed=spec.seed)
-        out = {"train": split["train"], "validation": split["test"]}
-    else:
-        out = {"train": train}
+    out = sources.train_validation_splits(
+        lambda path: tokenize_files(spec, spec.files(path), tokenizer),
+        spec.path, spec.validation_path, spec.val_fraction, spec.seed,
+    )  # fmt: skip
     out = {name: rows.add_column(ROW, list(range(len(rows)))) for name, rows in out.items()}
     return datasets.DatasetDict(out), {"rows": {k: len(v) for k, v in out.items()}}
 
