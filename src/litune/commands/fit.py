@@ -495,8 +495,9 @@ def check_rl_config(cfg: Namespace) -> None:
         strategy = "FSDP2" if spec.fsdp2 else "DeepSpeed ZeRO-3"
         raise ConfigError(
             "model.rl",
-            f"GRPO generates its rollouts with the whole weights on every rank, but {strategy} shards them (gathering "
-            "them for generation is not implemented)",
+            f"GRPO generates its rollouts with the whole weights on every rank, but {strategy} shards them: each "
+            "forward would gather the weights collectively, so every rank would have to take the same number of "
+            "generation steps, while litune's generation stops each rank's rows at their own EOS (not implemented)",
             "use DDP or DeepSpeed ZeRO-1/2 (configs/strategy/deepspeed_zero2.yaml) for model.rl",
         )
     if spec.tensor_parallel_size > 1:
