@@ -67,6 +67,23 @@ def one_process(tmp_path_factory, pairs, tokenizer_dir) -> dict:
     return torch.load(root / "record" / "record.pt")
 
 
+def assert_checkpoint_holds_the_policy_only(last: Path, strategy: str) -> None:
+    """The sharded reference is in no checkpoint: ZeRO-3's folder holds the policy engine's files only (no second
+    engine's), and every saved module key (DeepSpeed's module states, FSDP2's DCP entries) is the policy's."""
+    if strategy == "deepspeed_zero3":
+        files = sorted(p.name for p in (last / "checkpoint").iterdir())
+        assert files == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+        keys = torch.load(last / "checkpoint" / files[0], weights_only=False, map_location="cpu")["module"].keys()
+    else:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = [
+            k for k in FileSystemReader(str(last)).read_metadata().state_dict_metadata if k.startswith("state_dict.")
+        ]
+        keys = [k.removeprefix("state_dict.") for k in keys]
+    assert keys and all(k.startswith("network.") for k in keys), sorted(keys)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"])
@@ -86,6 +103,8 @@ def test_two_processes_train_what_one_process_trains(strategy, tmp_path, pairs, 
     sharded = strategy in ("deepspeed_zero3", "fsdp2")  # each rank holds about half of the frozen copy
     assert all(r["held"] < 0.6 * r["total"] if sharded else r["held"] == r["total"] for r in reports), reports
     assert not any(r["grads"] for r in reports)
+    if sharded:
+        assert_checkpoint_holds_the_policy_only(next((tmp_path / "runs").glob("*/checkpoints/last.ckpt")), strategy)
     got = torch.load(tmp_path / "record" / "record.pt")
     assert got["world_size"] == 2
     diff = max((got["params"][k] - one_process["params"][k]).abs().max().item() for k in one_process["params"])
