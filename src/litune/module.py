@@ -503,18 +503,18 @@ class LitLM(L.LightningModule):
         raise world_size_changed(ckpt_path or "being resumed", saved, now)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput | None:
-        if self.preference is not None:
-            return self.preference.eval_step(self, batch)
-        if self.rl is not None:
-            return self.rl.eval_step(self, batch)
-        return self._eval_step(batch, "val", self.val_ppl)
+        return self._evaluate(batch, "val", self.val_ppl)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> LMOutput | None:
+        return self._evaluate(batch, "test", self.test_ppl)
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, ppl: Perplexity) -> LMOutput | None:
+        """One evaluation batch: the preference or GRPO objective's own, else the token loss of ``stage``."""
         if self.preference is not None:
             return self.preference.eval_step(self, batch)
         if self.rl is not None:
             return self.rl.eval_step(self, batch)
-        return self._eval_step(batch, "test", self.test_ppl)
+        return self._eval_step(batch, stage, ppl)
 
     def _shard_preference_reference(self) -> None:
         # After the strategy's setup (the policy is partitioned by then): the reference copy is sharded like it.
