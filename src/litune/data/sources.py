@@ -303,3 +303,15 @@ def train_validation_splits(
         split = train.train_test_split(test_size=max(1, round(len(train) * val_fraction)), seed=seed)
         return {"train": split["train"], "validation": split["test"]}
     return {"train": train}
+
+
+def check_row_split_fields(
+    files: Callable[[str, str], list[Path]], path: str, validation_path: str | None, val_fraction: float
+) -> None:
+    """What every row spec (preference pairs, prompts) checks when it is made: ``val_fraction`` in [0, 1), and
+    ``path`` and ``validation_path`` name row files (``files(path, field name)`` raises naming the field)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError("data.init_args.val_fraction", f"{val_fraction} is not in [0, 1)", "use e.g. 0.05")
+    for name, value in (("path", path), ("validation_path", validation_path)):
+        if value is not None:
+            files(value, name)

@@ -83,11 +83,7 @@ class PreferenceSpec:
                 f"max_length={self.max_length}",
                 "use a max_prompt_length below max_length (or null to keep whole prompts)",
             )
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"{FIELD}.val_fraction", f"{self.val_fraction} is not in [0, 1)", "use e.g. 0.05")
-        for name, path in (("path", self.path), ("validation_path", self.validation_path)):
-            if path is not None:
-                self.files(path, name)
+        sources.check_row_split_fields(self.files, self.path, self.validation_path, self.val_fraction)
 
     def files(self, path: str, name: str = "path") -> list[Path]:
         if path == STDLIB_PAIRS:

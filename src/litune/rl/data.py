@@ -58,11 +58,7 @@ class PromptSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.max_prompt_length, int) or self.max_prompt_length < 1:
             raise ConfigError(f"{FIELD}.max_prompt_length", f"{self.max_prompt_length!r} is not >= 1", "use e.g. 128")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"{FIELD}.val_fraction", f"{self.val_fraction} is not in [0, 1)", "use e.g. 0.05")
-        for name, path in (("path", self.path), ("validation_path", self.validation_path)):
-            if path is not None:
-                self.files(path, name)
+        sources.check_row_split_fields(self.files, self.path, self.validation_path, self.val_fraction)
 
     def files(self, path: str, name: str = "path") -> list[Path]:
         if path == STDLIB_PAIRS:  # the preference quickstart's rows: a few lines of standard-library code each
