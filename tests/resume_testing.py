@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,37 @@ def read_losses(directory: Path, rank: int = 0) -> dict[tuple[int, int], float]:
         r = json.loads(line)
         out[(r["step"], r["epoch"] * 10**6 + r["batch"])] = r["loss"]
     return out
+
+
+def killed_run_resumes_like_the_whole_run(
+    tmp_path: Path, fit_args: Callable[[Path, list[dict]], list[str]], kill_step: int
+) -> dict[tuple[int, int], float]:
+    """Run ``litune fit`` whole, and again killed by SIGKILL at the end of step ``kill_step`` then resumed with
+    ``--ckpt_path=last``; ``fit_args(root, callbacks)`` gives a run's arguments (with a ``StepRecorder`` writing
+    ``root / "record"``). Checks that the resumed run logged the whole run's micro-batch losses and ends with its
+    parameters (both within 1e-6), and returns the whole run's losses."""
+    import subprocess
+
+    import torch
+
+    from litune_testing import LITUNE, litune_env
+
+    def run(root: Path, *extra: str, callbacks=(), expect: int | None = 0) -> subprocess.CompletedProcess:
+        losses = {"class_path": "resume_testing.StepLosses", "init_args": {"directory": str(root / "losses")}}
+        proc = subprocess.run([LITUNE, "fit", *fit_args(root, [losses, *callbacks]), *extra], env=litune_env(),
+                              capture_output=True, text=True, timeout=900, start_new_session=True)  # fmt: skip
+        if expect is not None:
+            assert proc.returncode == expect, proc.stderr[-4000:]
+        return proc
+
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run(whole)
+    killer = {"class_path": "resume_testing.SignalAt", "init_args": {"step": kill_step, "signum": "SIGKILL"}}
+    assert run(broken, callbacks=[killer], expect=None).returncode == -9
+    run(broken, "--ckpt_path=last")
+    got, want = read_losses(broken / "losses"), read_losses(whole / "losses")
+    assert sorted(got) == sorted(want)
+    assert max(abs(got[k] - want[k]) for k in want) < 1e-6
+    a, b = torch.load(broken / "record" / "record.pt"), torch.load(whole / "record" / "record.pt")
+    assert max((a["params"][k] - b["params"][k]).abs().max().item() for k in b["params"]) < 1e-6
+    return want

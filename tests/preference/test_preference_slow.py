@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from litune.cli import main
-from litune_testing import LITUNE, NETWORK, REPO, litune_env, run_litune
-from resume_testing import read_losses
+from litune_testing import NETWORK, REPO, run_litune
+from resume_testing import killed_run_resumes_like_the_whole_run
 
 TOLERANCE = 1e-5
 
@@ -169,23 +168,8 @@ def test_a_live_reference_fails_the_comparison(tmp_path, pairs, tokenizer_dir, o
 def test_sigkill_then_resume_continues_exactly(tmp_path, pairs, tokenizer_dir) -> None:
     """6 steps, micro-batch 2 x accumulation 2, a checkpoint every 2 steps; killed (SIGKILL) at the end of step 5."""
 
-    def run(root: Path, *extra: str, callbacks=(), expect: int | None = 0) -> subprocess.CompletedProcess:
-        losses = {"class_path": "resume_testing.StepLosses", "init_args": {"directory": str(root / "losses")}}
-        args = dpo_args(root, pairs, tokenizer_dir, 2, "--checkpoint.every_n_train_steps=2", *extra,
-                        callbacks=[losses, *callbacks], steps=6)  # fmt: skip
-        proc = subprocess.run([LITUNE, "fit", *args], env=litune_env(), capture_output=True, text=True, timeout=900,
-                              start_new_session=True)  # fmt: skip
-        if expect is not None:
-            assert proc.returncode == expect, proc.stderr[-4000:]
-        return proc
+    def args(root: Path, callbacks: list[dict]) -> list[str]:
+        return dpo_args(root, pairs, tokenizer_dir, 2, "--checkpoint.every_n_train_steps=2", callbacks=callbacks,
+                        steps=6)  # fmt: skip
 
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run(whole)
-    killer = {"class_path": "resume_testing.SignalAt", "init_args": {"step": 5, "signum": "SIGKILL"}}
-    assert run(broken, callbacks=[killer], expect=None).returncode == -9
-    run(broken, "--ckpt_path=last")
-    got, want = read_losses(broken / "losses"), read_losses(whole / "losses")
-    assert sorted(got) == sorted(want) and len(want) == 12
-    assert max(abs(got[k] - want[k]) for k in want) < 1e-6
-    a, b = torch.load(broken / "record" / "record.pt"), torch.load(whole / "record" / "record.pt")
-    assert max((a["params"][k] - b["params"][k]).abs().max().item() for k in b["params"]) < 1e-6
+    assert len(killed_run_resumes_like_the_whole_run(tmp_path, args, kill_step=5)) == 12

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from litune.cli import main
-from litune_testing import LITUNE, REPO, litune_env, run_litune
-from resume_testing import read_losses
+from litune_testing import REPO, run_litune
+from resume_testing import killed_run_resumes_like_the_whole_run
 
 TOLERANCE = 1e-5
 WORDS = ["def", "class", "return", "import", "for", "while", "with", "yield", "lambda", "try"]
@@ -97,25 +96,10 @@ def test_sigkill_then_resume_continues_the_same_rollouts(tmp_path, prompts, toke
     """6 steps, micro-batch 2 x accumulation 2, 2 iterations, a checkpoint every 3 steps; SIGKILL at the end of
     step 5."""
 
-    def run(root: Path, *extra: str, callbacks=(), expect: int | None = 0) -> subprocess.CompletedProcess:
-        losses = {"class_path": "resume_testing.StepLosses", "init_args": {"directory": str(root / "losses")}}
-        args = grpo_args(root, prompts, tokenizer_dir, 2, "--checkpoint.every_n_train_steps=3",
-                         "--model.rl.num_iterations=2", *extra,
-                         callbacks=[losses, *callbacks], steps=6)  # fmt: skip
-        proc = subprocess.run([LITUNE, "fit", *args], env=litune_env(), capture_output=True, text=True, timeout=900,
-                              start_new_session=True)  # fmt: skip
-        if expect is not None:
-            assert proc.returncode == expect, proc.stderr[-4000:]
-        return proc
+    def args(root: Path, callbacks: list[dict]) -> list[str]:
+        return grpo_args(root, prompts, tokenizer_dir, 2, "--checkpoint.every_n_train_steps=3",
+                         "--model.rl.num_iterations=2", callbacks=callbacks, steps=6)  # fmt: skip
 
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run(whole)
-    killer = {"class_path": "resume_testing.SignalAt", "init_args": {"step": 5, "signum": "SIGKILL"}}
-    assert run(broken, callbacks=[killer], expect=None).returncode == -9
-    run(broken, "--ckpt_path=last")
-    got, want = read_losses(broken / "losses"), read_losses(whole / "losses")
-    assert sorted(got) == sorted(want) and len(want) == 12
-    assert max(abs(got[k] - want[k]) for k in want) < 1e-6
+    want = killed_run_resumes_like_the_whole_run(tmp_path, args, kill_step=5)
+    assert len(want) == 12
     assert len({round(v, 9) for v in want.values()}) > 1, "the micro-batch losses differ (real rollouts)"
-    a, b = torch.load(broken / "record" / "record.pt"), torch.load(whole / "record" / "record.pt")
-    assert max((a["params"][k] - b["params"][k]).abs().max().item() for k in b["params"]) < 1e-6
