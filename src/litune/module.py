@@ -521,22 +521,24 @@ class LitLM(L.LightningModule):
         if self.preference is not None:
             self.preference.shard_reference(self.trainer.strategy)
 
-    def on_validation_epoch_start(self) -> None:
+    def _objectives(self) -> list[PreferenceObjective | GRPOObjective]:
+        """The objective that replaces the SFT loss (preference or GRPO; at most one is set), or none."""
+        return [objective for objective in (self.preference, self.rl) if objective is not None]
+
+    def _start_eval_epoch(self) -> None:
         self._shard_preference_reference()
-        for objective in (self.preference, self.rl):
-            if objective is not None:
-                objective.on_eval_epoch_start()
+        for objective in self._objectives():
+            objective.on_eval_epoch_start()
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval_epoch()
 
     def on_test_epoch_start(self) -> None:
-        self._shard_preference_reference()
-        for objective in (self.preference, self.rl):
-            if objective is not None:
-                objective.on_eval_epoch_start()
+        self._start_eval_epoch()
 
     def on_test_epoch_end(self) -> None:
-        for objective in (self.preference, self.rl):
-            if objective is not None:
-                objective.on_eval_epoch_end(self, "test")
+        for objective in self._objectives():
+            objective.on_eval_epoch_end(self, "test")
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, ppl: Perplexity) -> LMOutput:
         out = self.network(**self._network_inputs(batch))
@@ -549,9 +551,8 @@ class LitLM(L.LightningModule):
         return out
 
     def on_validation_epoch_end(self) -> None:
-        for objective in (self.preference, self.rl):
-            if objective is not None:
-                objective.on_eval_epoch_end(self, "val")
+        for objective in self._objectives():
+            objective.on_eval_epoch_end(self, "val")
         self._last_val_step = self.global_step  # lets the CLI skip a redundant final validation
 
     def configure_model(self) -> None:
@@ -569,9 +570,8 @@ class LitLM(L.LightningModule):
                 build()
             if self.adapters is not None and peft_model_of(self.network) is None:
                 add_adapters(self.network, self.adapters)
-            for objective in (self.preference, self.rl):
-                if objective is not None:
-                    objective.prepare_reference(self.network)
+            for objective in self._objectives():
+                objective.prepare_reference(self.network)
         if self.compile_network and getattr(self.network, "_compiled_call_impl", None) is None:
             # In place: the module (and its state_dict keys) stays the same object; only its __call__ is compiled.
             self.network.compile()
