@@ -268,7 +268,7 @@ class LituneCLI(LightningCLI):
                 f"set data.init_args.block_size to at most {max_len}",
             )
         rl = getattr(self.model, "rl", None)  # GRPO: a prompt and its completion must fit the context
-        completion = getattr(getattr(rl, "config", None), "max_completion_length", 0)
+        completion = rl.config.max_completion_length if rl is not None else 0
         if rl is not None and block_size is not None and max_len is not None and block_size + completion > max_len:
             raise ConfigError(
                 "model.rl.max_completion_length",
@@ -426,6 +426,21 @@ def check_config(cfg: Namespace) -> None:
     check_parallel_layout(cfg)
 
 
+def configured_network(cfg: Namespace) -> tuple[str, dict[str, Any]]:
+    """The parsed config's network entry: its ``class_path`` and its ``init_args`` as a dict (``("", {})`` when it has
+    none, e.g. a network given as an object). The pre-launch checks read the network through it."""
+    network = cfg.model.get("network") if cfg.get("model") else None
+    network = network.as_dict() if hasattr(network, "as_dict") else network
+    if not isinstance(network, dict):
+        return "", {}
+    return str(network.get("class_path") or ""), dict(network.get("init_args") or {})
+
+
+def class_name(class_path: str) -> str:
+    """``litune.models.HFCausalLM`` -> ``HFCausalLM``."""
+    return class_path.rpartition(".")[2]
+
+
 def check_adapters_strategy(cfg: Namespace) -> None:
     """Refuse adapters that FSDP2 does not shard (tensor parallelism, a 4-bit base) before any process is spawned
     (the strategy would refuse them only in setup)."""
@@ -433,9 +448,7 @@ def check_adapters_strategy(cfg: Namespace) -> None:
         return
     spec = describe_trainer(cfg.trainer)
     if spec.fsdp2:
-        network = cfg.model.get("network")
-        init_args = (network.get("init_args") if hasattr(network, "get") else None) or {}
-        check_adapters(spec.tensor_parallel_size, init_args.get("quantize") is not None)
+        check_adapters(spec.tensor_parallel_size, configured_network(cfg)[1].get("quantize") is not None)
 
 
 def check_preference_reference_strategy(cfg: Namespace) -> None:
@@ -459,9 +472,7 @@ def check_preference_reference_strategy(cfg: Namespace) -> None:
         return
     mode = ("adapters" if cfg.model.get("adapters") is not None else "copy") if reference == "auto" else reference
     strategy = "FSDP2" if spec.fsdp2 else "DeepSpeed ZeRO-3"
-    network = cfg.model.get("network")
-    class_path = network.get("class_path") if isinstance(network, Namespace) else None
-    deferred = class_path is not None and class_path.rpartition(".")[2] == "DeferredHFCausalLM"
+    deferred = class_name(configured_network(cfg)[0]) == "DeferredHFCausalLM"
     if mode in ("copy", "precomputed") and deferred:
         raise ConfigError(
             "model.preference.reference",
@@ -484,7 +495,7 @@ def check_rl_config(cfg: Namespace) -> None:
         raise ConfigError("model.rl", "model.rl and model.preference are both set", "set one objective")
     data = cfg.get("data")
     class_path = data.get("class_path") if isinstance(data, Namespace) else None
-    if class_path is not None and class_path.rpartition(".")[2] != "PromptDataModule":
+    if class_path is not None and class_name(class_path) != "PromptDataModule":
         raise ConfigError(
             "data.class_path",
             f"model.rl needs prompt batches, but the data module is {class_path}",
@@ -532,15 +543,12 @@ def check_parallel_layout(cfg: Namespace) -> None:
             "preference tuning counts its sequences over all ranks, which a tensor-parallel group would count twice",
             "use tensor_parallel_size: 1 (FSDP2 alone or DDP) for model.preference",
         )
-    network = cfg.model.get("network") if cfg.get("model") else None
-    network = network.as_dict() if hasattr(network, "as_dict") else network
-    class_path = network.get("class_path", "") if isinstance(network, dict) else ""
-    init_args = (network.get("init_args") if isinstance(network, dict) else None) or {}
+    class_path, init_args = configured_network(cfg)
     # The network families that declare a tensor_parallel_plan(): litune's decoder, and Hugging Face families whose
     # transformers config has a column/row-wise plan (built whole: a DeferredHFCausalLM's meta weights are not split).
     if class_path.endswith("DecoderLM"):
         check_divisible(TransformerConfig(**init_args).tensor_parallel_sizes(), tp)
-    elif class_path.rpartition(".")[2] == "HFCausalLM":
+    elif class_name(class_path) == "HFCausalLM":
         from litune.models.hf import build_hf_config, tensor_parallel_layout, tensor_parallel_sizes_of
 
         hf_config = build_hf_config(
@@ -551,7 +559,7 @@ def check_parallel_layout(cfg: Namespace) -> None:
         )
         tensor_parallel_layout(hf_config)
         check_divisible(tensor_parallel_sizes_of(hf_config), tp)
-    elif class_path.rpartition(".")[2] == "DeferredHFCausalLM":
+    elif class_name(class_path) == "DeferredHFCausalLM":
         raise ConfigError(
             "model.network.class_path",
             "a DeferredHFCausalLM creates its weights on the meta device, which tensor parallelism does not load yet",
