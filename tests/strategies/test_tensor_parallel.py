@@ -4,7 +4,8 @@ One spawn of 2 ranks checks, with float64 networks: logits, loss and every gradi
 the tensor-parallel network equal the unsharded one's on a padded batch and on a packed multi-document batch, with the
 plain and with the chunked (vocab-parallel) loss; a few AdamW steps with gradient clipping give the same parameters;
 and the teeth: GPT-2's fused q|k|v projection sharded as a plain column-parallel layer without the exchange of heads
-(rank 0 would attend with all of q and half of k) computes something else.
+(rank 0 would attend with all of q and half of k) computes something else. The same for Hugging Face GPT-2 (its
+``Conv1D`` projections, the vocabulary-parallel tied head, an odd vocabulary split unevenly) and Llama.
 """
 
 from __future__ import annotations
@@ -140,32 +141,58 @@ LLAMA = {
 }  # fmt: skip
 
 
+GPT2 = {
+    "model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 65, "n_positions": 32,
+    "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": 0, "eos_token_id": 0,
+}  # fmt: skip
+"""An odd vocabulary: the tied vocabulary-parallel head and embedding are split 33 + 32 rows."""
+
+
 def check_hf_rank(rank: int, port: int) -> None:
-    """One rank of 2: a Hugging Face Llama (grouped-query attention) split by transformers' own plan computes the
-    1-process logits, loss and gradients, on padded and packed batches."""
+    """One rank of 2: Hugging Face GPT-2 (fused ``Conv1D`` q|k|v, tied vocabulary-parallel head, plain and chunked
+    loss) and Llama (grouped-query attention, transformers' own plan) split over 2 ranks compute the 1-process
+    logits, loss and gradients, on padded and packed batches; a wrong split of either fails."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial
     from torch.distributed.tensor.parallel import RowwiseParallel
 
     from litune.models.hf import HFCausalLM
-    from litune.models.tensor_parallel import apply_tensor_parallel
+    from litune.models.tensor_parallel import Conv1DColwiseParallel, apply_tensor_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",))
+        for chunk in (None, 5):
+            torch.manual_seed(0)
+            reference = HFCausalLM(config=GPT2, loss_chunk_size=chunk).double()
+            sharded = apply_tensor_parallel(copy.deepcopy(reference), mesh)
+            body = sharded.model.transformer
+            assert sharded.model.lm_head.weight is body.wte.weight  # still tied, one shard for both
+            assert body.wte.weight.to_local().shape == ((33, 32), (32, 32))[rank]  # 65 rows: an uneven split
+            assert body.h[0].attn.c_attn.weight.to_local().shape == (32, 48)  # Conv1D [in, out]: q|k|v columns
+            assert (body.h[0].attn.num_heads, body.h[0].attn.split_size) == (2, 16)  # 2 of 4 heads per rank
+            assert_same_forward_and_backward(reference, sharded, f"gpt2 chunk {chunk}", logits=chunk is None)
+        # Teeth: c_attn split as a plain column-parallel Conv1D (no exchange of heads): rank 0 mixes q and k heads.
+        torch.manual_seed(0)
+        reference = HFCausalLM(config=GPT2).double()
+        c_attn = {f"model.transformer.h.{i}.attn.c_attn": Conv1DColwiseParallel() for i in range(2)}
+        assert_a_wrong_plan_changes_the_logits(reference, c_attn, mesh)
+
         torch.manual_seed(0)
         reference = HFCausalLM(config=LLAMA).double()
         sharded = apply_tensor_parallel(copy.deepcopy(reference), mesh)
         attention = sharded.model.model.layers[0].self_attn
         local_shapes = (attention.q_proj.weight.to_local().shape, attention.k_proj.weight.to_local().shape)
         assert local_shapes == ((16, 32), (8, 32))  # 2 of 4 query heads, 1 of 2 key/value heads
+        assert sharded.model.lm_head.weight.to_local().shape == (32, 32)  # untied vocabulary-parallel head
         assert_same_forward_and_backward(reference, sharded, "llama")
 
         # Teeth: the row-parallel outputs left as per-rank partial sums (no all-reduce) change the logits.
-        rows = [k for k, v in reference.tensor_parallel_plan().items() if isinstance(v, RowwiseParallel)]
+        plan = reference.tensor_parallel_plan()
+        rows = [k for k, v in plan.items() if isinstance(v, RowwiseParallel) and ".layers." in k]
         assert_a_wrong_plan_changes_the_logits(
             reference, {k: RowwiseParallel(output_layouts=Partial()) for k in rows}, mesh
         )
@@ -187,7 +214,7 @@ def test_tensor_parallel_decoder_equals_one_process() -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_tensor_parallel_hf_llama_equals_one_process() -> None:
+def test_tensor_parallel_hf_gpt2_and_llama_equal_one_process() -> None:
     mp.spawn(check_hf_rank, args=(free_port(),), nprocs=2)
 
 
@@ -208,24 +235,60 @@ def test_tensor_parallel_fit_of_a_hf_llama_matches_one_process(tmp_path, corpus_
     assert (probe(one, FIRST)["logits"] - probe(one, 1)["logits"]).abs().max() > 1e-2  # teeth: it trained
 
 
-def test_hf_families_take_transformers_plan_or_are_refused() -> None:
-    """Llama's plan comes from transformers (q/k/v/gate/up column-, o/down row-parallel, every layer); GPT-2 has none
-    and a grouped-query Llama whose key/value heads do not split is refused, both naming what to change."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_tensor_parallel_fit_of_a_hf_gpt2_matches_one_process_resumes_and_exports(
+    tmp_path, resumed_reference, corpus_dir, tokenizer_dir
+) -> None:
+    """``litune fit`` of the tiny Hugging Face GPT-2 under configs/strategy/fsdp2_tp2.yaml (Conv1D plan, tied
+    vocabulary-parallel head) trains what the shared 1-process reference trains, resumes exactly from its DCP
+    checkpoint, and exports a Hugging Face folder with the trained logits."""
+    from test_fsdp2 import FRAGMENTS, assert_export_matches
 
-    from litune.models.hf import HFCausalLM
-    from litune.models.tensor_parallel import check_divisible
+    tp = ("--config", str(FRAGMENTS / "fsdp2_tp2.yaml"), "--trainer.devices=2")
+    run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, *tp))
+    assert_matches(tmp_path, resumed_reference, FIRST)
+    assert is_fsdp2_checkpoint(the_run(tmp_path) / "checkpoints" / "last.ckpt")
+    run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, *tp, "--ckpt_path=last", steps=SECOND))
+    assert_matches(tmp_path, resumed_reference, SECOND)
+    # Teeth: the steps between the probes move the logits far beyond the comparison's tolerance.
+    assert (probe(resumed_reference, FIRST)["logits"] - probe(resumed_reference, SECOND)["logits"]).abs().max() > 1e-2
+    assert_export_matches(tmp_path, SECOND)
+
+
+def test_hf_families_take_transformers_plan_or_are_refused() -> None:
+    """Llama's plan comes from transformers (q/k/v/gate/up column-, o/down row-parallel, every layer), GPT-2's from
+    litune (Conv1D styles, local heads); both add the vocabulary-parallel head. A grouped-query Llama whose key/value
+    heads do not split, a GPT-2 with cross-attention and a family without a plan are refused, naming what to change."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from transformers import AutoConfig
+
+    from litune.models.hf import HFCausalLM, tensor_parallel_layout
+    from litune.models.tensor_parallel import Conv1DColwiseParallel, Conv1DRowwiseParallel, LocalHeads, check_divisible
 
     llama = HFCausalLM(config=LLAMA)
     plan = llama.tensor_parallel_plan()
-    assert len(plan) == 2 * 7 and isinstance(plan["model.model.layers.1.self_attn.k_proj"], ColwiseParallel)
+    assert len(plan) == 2 * 7 + 2 and isinstance(plan["model.model.layers.1.self_attn.k_proj"], ColwiseParallel)
     assert isinstance(plan["model.model.layers.0.mlp.down_proj"], RowwiseParallel)
+    assert isinstance(plan["model.lm_head"], ColwiseParallel) and isinstance(
+        plan["model.model.embed_tokens"], RowwiseParallel
+    )
     kv_heads = r"init_args.config.num_key_value_heads: config.num_key_value_heads=2 does not split evenly over .*=4"
     with pytest.raises(ConfigError, match=kv_heads):
         check_divisible(llama.tensor_parallel_sizes(), 4)
-    gpt2 = HFCausalLM(config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 64})
-    with pytest.raises(ConfigError, match=r"model.network: transformers' gpt2 declares no tensor-parallel plan"):
-        gpt2.tensor_parallel_plan()
+    gpt2 = HFCausalLM(config={**GPT2, "n_layer": 1})
+    plan = gpt2.tensor_parallel_plan()
+    assert isinstance(plan["model.transformer.h.0.attn"], LocalHeads)
+    assert plan["model.transformer.h.0.attn.c_attn"].fused_parts == 3
+    assert isinstance(plan["model.transformer.h.0.mlp.c_fc"], Conv1DColwiseParallel)
+    assert isinstance(plan["model.transformer.h.0.mlp.c_proj"], Conv1DRowwiseParallel)
+    with pytest.raises(ConfigError, match=r"config.n_head: config.n_head=4 does not split evenly over .*=8"):
+        check_divisible(gpt2.tensor_parallel_sizes(), 8)
+    crossed = HFCausalLM(config={**GPT2, "n_layer": 1, "add_cross_attention": True})
+    with pytest.raises(ConfigError, match=r"init_args.config.add_cross_attention: .*cross-attention"):
+        crossed.tensor_parallel_plan()
+    with pytest.raises(ConfigError, match=r"model.network: transformers' gpt_neo declares no tensor-parallel plan"):
+        tensor_parallel_layout(AutoConfig.for_model("gpt_neo"))
 
 
 def test_tensor_parallel_refuses_sizes_the_ranks_cannot_split() -> None:
@@ -269,14 +332,18 @@ def test_tensor_parallel_fit_matches_one_process_resumes_and_exports(tmp_path, c
 
 
 def test_tensor_parallel_without_a_plan_fails_before_spawning(tmp_path, corpus_dir, tokenizer_dir) -> None:
-    """The Hugging Face GPT-2 (no tensor_parallel_plan()) under fsdp2_tp2: one paragraph, exit 2, no run folder."""
+    """A Hugging Face GPT-2 with cross-attention (not in the plan) under fsdp2_tp2: one paragraph, exit 2, no run
+    folder."""
     from test_fsdp2 import FRAGMENTS
 
-    args = fit_args(tmp_path, corpus_dir, tokenizer_dir, "--config", str(FRAGMENTS / "fsdp2_tp2.yaml"))
+    from litune_testing import NETWORK as TINY_GPT2
+
+    crossed = f"--model.network.init_args.config={json.dumps({**TINY_GPT2, 'add_cross_attention': True})}"
+    args = [*fit_args(tmp_path, corpus_dir, tokenizer_dir, "--config", str(FRAGMENTS / "fsdp2_tp2.yaml")), crossed]
     proc = subprocess.run([LITUNE, "fit", *args, "--trainer.devices=2"], env=litune_env(), capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "model.network" in proc.stderr and "DecoderLM" in proc.stderr and "Traceback" not in proc.stderr
+    assert "model.network.init_args.config.add_cross_attention" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 

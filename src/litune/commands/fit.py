@@ -544,8 +544,9 @@ def check_parallel_layout(cfg: Namespace) -> None:
             "use tensor_parallel_size: 1 (FSDP2 alone or DDP) for model.preference",
         )
     class_path, init_args = configured_network(cfg)
-    # The network families that declare a tensor_parallel_plan(): litune's decoder, and Hugging Face families whose
-    # transformers config has a column/row-wise plan (built whole: a DeferredHFCausalLM's meta weights are not split).
+    # The network families that declare a tensor_parallel_plan(): litune's decoder, and Hugging Face GPT-2 (litune's
+    # plan) and families whose transformers config has a column/row-wise plan (built whole: a DeferredHFCausalLM's meta
+    # weights are not split).
     if class_path.endswith("DecoderLM"):
         check_divisible(TransformerConfig(**init_args).tensor_parallel_sizes(), tp)
     elif class_name(class_path) == "HFCausalLM":
@@ -569,7 +570,7 @@ def check_parallel_layout(cfg: Namespace) -> None:
         raise ConfigError(
             "model.network",
             f"{class_path or 'this network'} declares no tensor-parallel plan (litune's DecoderLM and HFCausalLM of "
-            "Llama-style families do)",
+            "GPT-2 and Llama-style families do)",
             "use litune.models.transformer.DecoderLM or litune.models.HFCausalLM, or tensor_parallel_size: 1",
         )
 

@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -196,35 +197,78 @@ TENSOR_PARALLEL_STYLES = ("colwise", "rowwise")
 """The styles of transformers' plans litune applies: a family whose plan uses others (packed, gathered, expert) is
 refused before launch."""
 
+GPT2_TENSOR_PARALLEL_LAYOUT = {
+    "h.*.attn": "local_heads",
+    "h.*.attn.c_attn": "conv1d_colwise_qkv",
+    "h.*.attn.c_proj": "conv1d_rowwise",
+    "h.*.mlp.c_fc": "conv1d_colwise",
+    "h.*.mlp.c_proj": "conv1d_rowwise",
+}
+"""litune's plan of GPT-2 (transformers declares none: its fused ``Conv1D`` q|k|v needs the heads exchange of
+:func:`litune.models.tensor_parallel.heads_of_this_rank`): the Megatron layout of :meth:`DecoderLM.tensor_parallel_plan`
+on HF's module names, each attention running on ``n_head/N`` heads."""
+
 
 def tensor_parallel_layout(hf_config: PretrainedConfig) -> dict[str, str]:
-    """transformers' own tensor-parallel plan of the family's base model (``base_model_tp_plan``), e.g. Llama's
+    """The family's tensor-parallel layout of its base model, ``{module pattern: style}``: GPT-2's is litune's
+    (:data:`GPT2_TENSOR_PARALLEL_LAYOUT`); the others are transformers' own (``base_model_tp_plan``), e.g. Llama's
     ``{"layers.*.self_attn.q_proj": "colwise", ..., "layers.*.mlp.down_proj": "rowwise"}``.
 
     Read from transformers, not written per family here: Llama, Mistral, Qwen2/3, Gemma and the other families whose
     config declares one get the same Megatron layout transformers uses for ``from_pretrained(tp_plan="auto")``.
 
     Raises:
-        ConfigError: the family declares no plan (GPT-2's fused ``Conv1D`` projections, for one) or one with other
-            styles than column/row-wise.
+        ConfigError: a GPT-2 with cross-attention, or a family that declares no plan or one with other styles than
+            column/row-wise.
     """
+    if hf_config.model_type == "gpt2":
+        if getattr(hf_config, "add_cross_attention", False):
+            raise ConfigError(
+                f"{NETWORK_ARGS}.config.add_cross_attention",
+                "GPT-2's cross-attention projections (q_attn, a k|v c_attn) are not in litune's tensor-parallel plan",
+                "set add_cross_attention: false, or tensor_parallel_size: 1 (FSDP2 alone)",
+            )
+        return dict(GPT2_TENSOR_PARALLEL_LAYOUT)
     layout = dict(getattr(hf_config, "base_model_tp_plan", None) or {})
     others = sorted({style for style in layout.values() if style not in TENSOR_PARALLEL_STYLES})
     if not layout or others:
         why = f"uses the styles {others}" if others else "declares no tensor-parallel plan"
         raise ConfigError(
             "model.network",
-            f"transformers' {hf_config.model_type} {why} (litune applies column/row-wise plans: Llama, Mistral, Qwen2 "
-            "and other families whose config has base_model_tp_plan)",
-            "use a Llama-style family or litune.models.transformer.DecoderLM, or tensor_parallel_size: 1 (FSDP2 alone)",
+            f"transformers' {hf_config.model_type} {why} (litune applies column/row-wise plans: GPT-2, Llama, Mistral, "
+            "Qwen2 and other families whose config has base_model_tp_plan)",
+            "use GPT-2, a Llama-style family or litune.models.transformer.DecoderLM, or tensor_parallel_size: 1 "
+            "(FSDP2 alone)",
         )
     return layout
 
 
 def tensor_parallel_sizes_of(hf_config: PretrainedConfig) -> dict[str, int]:
-    """The sizes a column/row-wise plan splits, by config key (each must divide by the tensor-parallel size)."""
+    """The sizes a column/row-wise plan splits, by config key (each must divide by the tensor-parallel size). The
+    vocabulary need not: DTensor splits it unevenly (``ceil(V/N)`` rows per rank, fewer on the last ones)."""
+    if hf_config.model_type == "gpt2":
+        return {
+            "config.n_head": int(hf_config.n_head),
+            "config.n_inner": int(hf_config.n_inner or 4 * hf_config.n_embd),
+        }
     keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
     return {f"config.{key}": int(getattr(hf_config, key)) for key in keys if getattr(hf_config, key, None)}
+
+
+def _tensor_parallel_style(style: str) -> Any:  # noqa: ANN401 (a torch ParallelStyle)
+    """The ``ParallelStyle`` of a layout's style name."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from litune.models.tensor_parallel import Conv1DColwiseParallel, Conv1DRowwiseParallel, LocalHeads
+
+    return {
+        "colwise": ColwiseParallel,
+        "rowwise": RowwiseParallel,
+        "local_heads": LocalHeads,
+        "conv1d_colwise": Conv1DColwiseParallel,
+        "conv1d_colwise_qkv": partial(Conv1DColwiseParallel, fused_parts=3),
+        "conv1d_rowwise": Conv1DRowwiseParallel,
+    }[style]()
 
 
 def context_length(hf_config: PretrainedConfig) -> int:
@@ -395,24 +439,36 @@ class HFCausalLM(nn.Module):
 
     def tensor_parallel_plan(self) -> dict[str, Any]:
         """How tensor parallelism splits the network (``parallelize_module``'s plan, see
-        :mod:`litune.models.tensor_parallel`): transformers' plan of the family (:func:`tensor_parallel_layout`), each
-        block's q/k/v and MLP up/gate projections column-parallel (``heads/N`` heads and ``intermediate/N`` hidden units
-        per rank; the attention reshapes to ``-1`` heads, so it runs on the local ones), the attention output and MLP
-        down projections row-parallel. Embeddings, norms and the output head are replicated (the logits are whole)."""
+        :mod:`litune.models.tensor_parallel`), from the family's layout (:func:`tensor_parallel_layout`): each block's
+        q/k/v and MLP up/gate projections column-parallel (``heads/N`` heads and ``intermediate/N`` hidden units per
+        rank), the attention output and MLP down projections row-parallel; norms and position tables replicated.
+
+        The output layer is vocabulary-parallel as in :meth:`DecoderLM.tensor_parallel_plan`: the head column-parallel
+        over the vocabulary (logits stay a DTensor sharded on it and the loss, plain or chunked, is
+        :func:`~litune.models.tensor_parallel.vocab_parallel_cross_entropy_sum`, never gathering them), the token
+        embedding row-parallel over the vocabulary (a tied head shares its ``[V/N, d]`` shard). A vocabulary that
+        does not divide by ``N`` is split unevenly by DTensor (no padding: the checkpoint keeps its shapes).
+        """
         import fnmatch
 
+        from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
         base = f"model.{self.model.base_model_prefix}."
         names = [
             name.removeprefix(base) for name, _ in self.model.named_modules(prefix="model") if name.startswith(base)
         ]
-        return {
-            base + name: styles[style]()
+        plan = {
+            base + name: _tensor_parallel_style(style)
             for pattern, style in tensor_parallel_layout(self.model.config).items()
             for name in fnmatch.filter(names, pattern)
         }
+        paths = {id(module): name for name, module in self.named_modules()}
+        embedding, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        if isinstance(embedding, nn.Embedding) and isinstance(head, nn.Linear):
+            plan[paths[id(embedding)]] = RowwiseParallel(input_layouts=Replicate())
+            plan[paths[id(head)]] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+        return plan
 
     def tensor_parallel_sizes(self) -> dict[str, int]:
         """The sizes tensor parallelism splits (see :func:`tensor_parallel_sizes_of`)."""

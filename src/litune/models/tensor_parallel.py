@@ -18,15 +18,23 @@ Two things PyTorch does not provide, hand-written here:
   ``torch.distributed.tensor.parallel.loss_parallel`` does the same but must also wrap the backward call, which
   Lightning owns; this version's collectives carry their own gradients, so it works inside the chunked loss and its
   recomputation too.
+* :class:`Conv1DColwiseParallel` / :class:`Conv1DRowwiseParallel` and :class:`LocalHeads`: Hugging Face GPT-2's
+  projections are ``transformers.pytorch_utils.Conv1D`` (weight ``[in, out]``, the transpose of ``nn.Linear``'s),
+  which torch's ``ColwiseParallel``/``RowwiseParallel`` refuse (they partition ``nn.Linear``/``nn.Embedding`` only);
+  the styles below keep torch's input/output handling and shard the transposed weight on the other dim. HF's
+  ``GPT2Attention`` splits q|k|v by ``split_size`` and counts ``num_heads``: :class:`LocalHeads` sets both to this
+  rank's share, as transformers' own tensor-parallel loading does for the families it plans.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from litune.errors import NETWORK_ARGS, ConfigError
 
@@ -107,7 +115,8 @@ def vocab_parallel_cross_entropy_sum(logits: DTensor, targets: torch.Tensor, ign
 
     Args:
         logits: DTensor ``[..., V]`` sharded on the last dim (``Shard(-1)``) over a 1-D tensor-parallel mesh; ``V``
-            divisible by the mesh size (checked before launch).
+            need not divide by the mesh size (DTensor's uneven split: ``ceil(V/N)`` columns per rank, fewer on the
+            last ones).
         targets: ``[...]`` target ids (a plain tensor, the same on every rank), ``ignore_index`` where no loss.
         ignore_index: the target id that takes no loss (``litune.models.output.IGNORE_INDEX``).
 
@@ -116,10 +125,11 @@ def vocab_parallel_cross_entropy_sum(logits: DTensor, targets: torch.Tensor, ign
     """
     mesh = logits.device_mesh
     group = mesh.get_group()
-    local = logits.to_local().float().reshape(-1, logits.size(-1) // mesh.size())  # [n, V/N]
-    flat = targets.reshape(-1)
+    local = logits.to_local().float()
     width = local.size(-1)
-    start = mesh.get_local_rank() * width
+    local = local.reshape(-1, width)  # [n, V/N]
+    flat = targets.reshape(-1)
+    start = min(mesh.get_local_rank() * -(-logits.size(-1) // mesh.size()), logits.size(-1))  # torch.chunk's split
     top = local.detach().max(dim=-1).values  # [n]; any per-row constant works, the global max avoids overflow
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     shifted = local - top[:, None]
@@ -130,6 +140,67 @@ def vocab_parallel_cross_entropy_sum(logits: DTensor, targets: torch.Tensor, ign
     picked = _SumOverRanks.apply(picked, group)
     losses = sum_exp.log() - picked
     return torch.where(flat != ignore_index, losses, torch.zeros_like(losses)).sum()
+
+
+def _distribute(module: nn.Module, mesh, placements: dict[str, Placement], src_data_rank: int | None) -> None:  # noqa: ANN001
+    """Replace each of ``module``'s own parameters by a DTensor with the placement named for it."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        dist_param = distribute_tensor(param, mesh, [placements[name]], src_data_rank=src_data_rank)
+        module.register_parameter(name, nn.Parameter(dist_param, requires_grad=param.requires_grad))
+
+
+class Conv1DColwiseParallel(ColwiseParallel):
+    """:class:`ColwiseParallel` for a Hugging Face ``Conv1D`` (``y = x @ W + b``, ``W [in, out]``): ``W`` is split on
+    its output dim 1 and ``b`` on dim 0, so each rank computes ``out/N`` of the outputs.
+
+    Args:
+        fused_parts: the layer computes this many equal outputs side by side (GPT-2's ``c_attn``: q|k|v, 3); the
+            output is then each rank's share of every part (:func:`heads_of_this_rank`), ``[B, T, parts·width/N]``.
+        **kwargs: :class:`ColwiseParallel`'s (``input_layouts``, ``output_layouts``, ``use_local_output``).
+    """
+
+    def __init__(self, *, fused_parts: int | None = None, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(**kwargs)
+        self.fused_parts = fused_parts
+
+    def _partition_conv1d(self, name: str, module: nn.Module, mesh) -> None:  # noqa: ANN001
+        _distribute(module, mesh, {"weight": Shard(1), "bias": Shard(0)}, self.src_data_rank)
+
+    def _output(self, mod: nn.Module, outputs: DTensor, mesh) -> torch.Tensor:  # noqa: ANN001
+        if self.fused_parts is not None:
+            return heads_of_this_rank(outputs, self.fused_parts)
+        return self._prepare_output_fn(self.output_layouts, self.use_local_output, mod, outputs, mesh)
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:  # noqa: ANN001
+        # torch's _apply dispatches on nn.Linear/nn.Embedding only; same input handling, Conv1D's partition.
+        inputs = partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts)
+        return distribute_module(module, device_mesh, self._partition_conv1d, inputs, self._output)
+
+
+class Conv1DRowwiseParallel(RowwiseParallel):
+    """:class:`RowwiseParallel` for a Hugging Face ``Conv1D``: ``W [in, out]`` split on its input dim 0 (the input
+    arrives split on its last dim), ``b`` replicated; the partial sums are all-reduced (``output_layouts``)."""
+
+    def _partition_conv1d(self, name: str, module: nn.Module, mesh) -> None:  # noqa: ANN001
+        _distribute(module, mesh, {"weight": Shard(0), "bias": Replicate()}, self.src_data_rank)
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:  # noqa: ANN001
+        self.desired_input_layouts = (Shard(-1),)
+        inputs = partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts)
+        outputs = partial(self._prepare_output_fn, self.output_layouts, self.use_local_output)
+        return distribute_module(module, device_mesh, self._partition_conv1d, inputs, outputs)
+
+
+class LocalHeads(ParallelStyle):
+    """An attention module whose projections are split by heads computes with ``1/N`` of them: its head count and
+    its q|k|v split width (GPT-2's ``num_heads`` and ``split_size``) become this rank's share. No parameters."""
+
+    ATTRIBUTES = ("num_heads", "split_size")
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:  # noqa: ANN001
+        for name in self.ATTRIBUTES:
+            setattr(module, name, getattr(module, name) // device_mesh.size())
+        return module
 
 
 def tensor_parallel_plan(network: nn.Module) -> dict:
