@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from litune.errors import ConfigError
 from litune.models.output import IGNORE_INDEX
 from litune.models.transformer import DecoderLM
+from litune.strategies.checks import cpu_cores
 from litune.strategies.fsdp2 import is_fsdp2_checkpoint
 from litune_testing import FIRST, LITUNE, SECOND, assert_matches, fit_args, litune_env, probe, run_litune, the_run
 
@@ -254,6 +255,23 @@ def test_tensor_parallel_fit_of_a_hf_gpt2_matches_one_process_resumes_and_export
     # Teeth: the steps between the probes move the logits far beyond the comparison's tolerance.
     assert (probe(resumed_reference, FIRST)["logits"] - probe(resumed_reference, SECOND)["logits"]).abs().max() > 1e-2
     assert_export_matches(tmp_path, SECOND)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # 4 processes: 53 s on the shared 2-core machine with litune's core check bypassed
+@pytest.mark.skipif(cpu_cores() < 4, reason="litune fit refuses more CPU processes than cores (strategies.checks)")
+def test_fsdp2_x_tensor_parallel_fit_on_a_2x2_mesh_matches_one_process(
+    tmp_path, reference, corpus_dir, tokenizer_dir
+) -> None:
+    """``litune fit`` on 4 processes with configs/strategy/fsdp2_tp2.yaml: a 2 x 2 (data_parallel x tensor_parallel)
+    mesh, the Hugging Face GPT-2 split by its plan within each pair and FSDP2 sharding over the pairs, trains what
+    the shared 1-process reference trains (2 data-parallel ranks: accumulation 1 instead of 2)."""
+    from test_fsdp2 import FRAGMENTS
+
+    mesh = ("--config", str(FRAGMENTS / "fsdp2_tp2.yaml"), "--trainer.devices=4")
+    run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, *mesh))
+    assert_matches(tmp_path, reference, FIRST, world_size=4)
+    assert (probe(reference, FIRST)["logits"] - probe(reference, 1)["logits"]).abs().max() > 1e-2  # it trained
 
 
 def test_hf_families_take_transformers_plan_or_are_refused() -> None:
