@@ -83,7 +83,13 @@ class FinalLogits(Callback):
         ids = probe_input_ids(network.vocab_size).to(pl_module.device)
         was_training = network.training
         network.eval()
+        # Whole logits under sequence parallelism too: the probe runs unsplit on every rank.
+        sequence_group = getattr(network, "sequence_group", None)
+        if sequence_group is not None:
+            network.split_sequences(None)
         out = network(input_ids=ids, labels=ids)
+        if sequence_group is not None:
+            network.split_sequences(sequence_group)
         network.train(was_training)
         if trainer.is_global_zero:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -91,6 +97,7 @@ class FinalLogits(Callback):
                 "logits": out.logits.float().cpu(),
                 "loss": float(out.loss),
                 "world_size": trainer.world_size,
+                "sequence_parallel": getattr(trainer.strategy, "sequence_parallel_size", 1),
                 "gradient_checkpointing": bool(
                     getattr(getattr(network, "model", None), "is_gradient_checkpointing", None)
                     or getattr(network, "gradient_checkpointing", False)  # litune's own networks

@@ -103,6 +103,7 @@ def expect_error(capsys: pytest.CaptureFixture, argv: list[str], field: str, *wo
 # --- configs --------------------------------------------------------------------------------------------------------
 
 HF = "--model.network.init_args.config="
+SP2 = ["--config", str(REPO / "configs" / "strategy" / "fsdp2_sp2.yaml")]
 CONFIG_CASES = {
     "unknown key": (["--trainer.max_stepz=3"], "trainer.max_stepz", "did you mean --trainer.max_steps"),
     "unknown network arg": (["--model.network.init_args.n_layers=3"], "model.network.init_args.n_layers"),
@@ -173,6 +174,21 @@ CONFIG_CASES = {
     "tensor parallel size zero": (["--config", str(REPO / "configs" / "strategy" / "fsdp2_tp2.yaml"),
                                    "--trainer.strategy.init_args.tensor_parallel_size=0"],
                                   "trainer.strategy.init_args.tensor_parallel_size", "positive"),
+    "sequence parallel over one process": (SP2, "trainer.strategy.init_args.sequence_parallel_size", "divide"),
+    "heads not divisible by sequence parallel": ([*SP2, "--trainer.devices=2",
+                                                  "--model.network.init_args.config.n_head=1"],
+                                                 "model.network.init_args.config.num_attention_heads", "divisible"),
+    "eager attention under sequence parallelism": ([*SP2, "--trainer.devices=2",
+                                                    "--model.network.init_args.attn_implementation=eager"],
+                                                   "model.network.init_args.attn_implementation", "sdpa"),
+    "odd block size under sequence parallelism": ([*SP2, "--trainer.devices=2", "--data.init_args.block_size=31"],
+                                                  "data.init_args.block_size", "multiple of 2"),
+    "sequence with tensor parallelism": ([*SP2, "--trainer.devices=2",
+                                          "--trainer.strategy.init_args.tensor_parallel_size=2"],
+                                         "trainer.strategy.init_args.sequence_parallel_size", "tensor_parallel_size"),
+    "adapters under sequence parallelism": ([*SP2, "--trainer.devices=2",
+                                             "--config", str(REPO / "configs" / "peft" / "lora.yaml")],
+                                            "model.adapters", "sequence_parallel_size: 1"),
     "val fraction out of range": (["--data.init_args.val_fraction=1.5"], "data.init_args.val_fraction"),
     "pretrained and config": (["--model.network.init_args.pretrained={tmp}"], "model.network.init_args",
                               "exactly one"),

@@ -47,7 +47,8 @@ def cli_args(config: Path, tiny_gpt2_dir: Path, corpus_dir: Path) -> list[str]:
         args.append(f"--model.network.init_args.pretrained={tiny_gpt2_dir}")
         if not whole:  # the base's from-scratch `config` would otherwise merge in beside `pretrained`
             args.append("--model.network.init_args.config=null")
-    if _get(tree, "trainer.strategy.init_args.tensor_parallel_size"):  # a network with a plan, ranks to split over
+    split = ("tensor_parallel_size", "sequence_parallel_size")
+    if any(_get(tree, f"trainer.strategy.init_args.{key}") for key in split):  # a network to split, ranks to split over
         decoder = {"class_path": "litune.models.transformer.DecoderLM",
                    "init_args": {"d_model": 32, "nhead": 2, "num_decoder_layers": 2, "vocab_size": 512}}  # fmt: skip
         args += [f"--model.network={json.dumps(decoder)}", "--trainer.devices=2"]

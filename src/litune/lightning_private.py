@@ -81,3 +81,14 @@ def flatten_params(params: Any) -> dict[str, Any]:
     from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 
     return _flatten_dict(_convert_params(params))
+
+
+def all_to_all_autograd(x: Any, group: Any) -> Any:
+    """Differentiable all-to-all of ``x`` (split evenly on dim 0) over ``group`` (Ulysses sequence parallelism).
+
+    The public ``torch.distributed.nn.functional.all_to_all_single`` is deprecated in favour of this function of the
+    functional collectives, which torch exports only from its private module.
+    """
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    return all_to_all_single_autograd(x, None, None, group)

@@ -87,6 +87,9 @@ class StrategyShape:
         tensor_parallel: ranks of a tensor-parallel group under FSDP2 (``tensor_parallel_size``): each holds ``1/tp``
             of every split layer, and FSDP2 shards that over the ``N / tp`` data-parallel ranks, so model state is
             ``1/N`` per device as with full sharding (the few replicated norm and position weights are not counted).
+        sequence_parallel: ranks of a Ulysses sequence group under FSDP2 (``sequence_parallel_size``): each holds
+            ``1/sp`` of every sequence's activations (token-wise ones, and attention's ``heads/sp`` over the whole
+            sequence) and logits; model state is sharded over all ``N`` ranks as with full sharding.
     """
 
     stage: int = 0
@@ -97,8 +100,15 @@ class StrategyShape:
     hybrid: bool = False
     shard_size: int | None = None
     tensor_parallel: int = 1
+    sequence_parallel: int = 1
 
     def __post_init__(self) -> None:
+        if self.sequence_parallel != 1 and (not self.fsdp or self.hybrid or self.tensor_parallel != 1):
+            raise ConfigError(
+                "trainer.strategy.init_args.sequence_parallel_size",
+                "sequence parallelism is composed with FSDP2's full sharding only (no tensor parallelism)",
+                "use configs/strategy/fsdp2_sp2.yaml",
+            )
         if self.tensor_parallel != 1 and (not self.fsdp or self.hybrid):
             raise ConfigError(
                 "trainer.strategy.init_args.tensor_parallel_size",
@@ -132,6 +142,7 @@ class StrategyShape:
     def name(self) -> str:
         if self.fsdp:
             tp = f"_tp{self.tensor_parallel}" if self.tensor_parallel > 1 else ""
+            tp += f"_sp{self.sequence_parallel}" if self.sequence_parallel > 1 else ""
             return "fsdp2" + ("_hybrid" if self.hybrid else "") + tp + ("_offload" if self.offload_params else "")
         if not self.deepspeed:
             return "ddp"
@@ -249,6 +260,25 @@ def activation_bytes(model: ModelShape, run: RunShape) -> float:
     return model.n_layer * per_layer * width / 2 + logits
 
 
+def check_sequence_groups(sequence_parallel: int, world_size: int, notes: list[str]) -> int:
+    """The factor Ulysses divides activations by (1 without it); refuses a group size that does not divide the
+    processes and notes what is not counted."""
+    if sequence_parallel == 1:
+        return 1
+    if world_size % sequence_parallel:
+        raise ConfigError(
+            "trainer.strategy.init_args.sequence_parallel_size",
+            f"sequence_parallel_size={sequence_parallel} does not divide the {world_size} processes",
+            f"use a sequence_parallel_size that divides {world_size}",
+        )
+    notes.append(
+        f"sequence parallel x{sequence_parallel}: activations and logits / {sequence_parallel} per rank (plus the "
+        "all-to-all buffers of one layer's q, k, v and output, and the whole sequence's mask when batches are padded "
+        "or packed: not counted)"
+    )
+    return sequence_parallel
+
+
 def estimate(model: ModelShape, run: RunShape, strategy: StrategyShape) -> MemoryEstimate:
     """Per-device memory of one training process.
 
@@ -264,6 +294,7 @@ def estimate(model: ModelShape, run: RunShape, strategy: StrategyShape) -> Memor
     optimizer = k * psi / (n if strategy.stage >= 1 else 1)
     host = 0.0
     result_notes: list[str] = []
+    activations = activation_bytes(model, run)
     if strategy.fsdp:
         shards = (strategy.shard_size or run.devices) if strategy.hybrid else n
         params, grads, optimizer = p * psi / shards, g * psi / shards, k * psi / shards
@@ -279,6 +310,7 @@ def estimate(model: ModelShape, run: RunShape, strategy: StrategyShape) -> Memor
                 f"tensor parallel x{strategy.tensor_parallel}: each layer split over a group (activations counted as "
                 "for one whole rank; the residual stream is replicated in the group)"
             )
+        activations /= check_sequence_groups(strategy.sequence_parallel, n, result_notes)
         if strategy.offload_params:
             # CPUOffloadPolicy: sharded parameters, gradients and optimizer state all live in host memory.
             host, params, grads, optimizer = params + grads + optimizer, 0.0, 0.0, 0.0
@@ -297,7 +329,7 @@ def estimate(model: ModelShape, run: RunShape, strategy: StrategyShape) -> Memor
         params=params,
         grads=grads,
         optimizer=optimizer,
-        activations=activation_bytes(model, run),
+        activations=activations,
         host=host,
         notes=result_notes,
     )

@@ -52,7 +52,7 @@ from litune.objective import (
 from litune.optim import LRSchedule, default_optimizer, param_groups
 from litune.preference.objective import Preference, PreferenceObjective, units_counter
 from litune.rl.objective import RL, GRPOObjective
-from litune.strategies.batch import batch_replicas
+from litune.strategies.batch import batch_replicas, loss_replicas
 from litune.strategies.checkpoint import world_size_changed
 from litune.strategies.descriptor import describe
 
@@ -344,7 +344,7 @@ class LitLM(L.LightningModule):
                 warnings.warn(
                     "the step's target tokens are estimated: batches do not come from LitLM's look-ahead", stacklevel=2
                 )
-        # Each row counted once: the ranks of a tensor-parallel group hold the same rows (batch_replicas).
+        # Each row counted once: the ranks of a tensor- or sequence-parallel group hold the same rows (batch_replicas).
         total = trainer.strategy.reduce(host_to_device(local, self.device), reduce_op="sum")
         self._step_targets = total // batch_replicas(trainer)
         self._window = (trainer.current_epoch, batch_idx, batch_idx + length)
@@ -365,7 +365,8 @@ class LitLM(L.LightningModule):
             return
         local = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
                              for v in (self._window_loss, self._window_targets)])  # fmt: skip
-        local = local / batch_replicas(self.trainer)  # a tensor-parallel group's ranks hold the same rows
+        # A tensor-parallel group's ranks compute the same loss; a sequence group's ranks each their slice's share.
+        local = local / loss_replicas(self.trainer)
         loss_sum, targets = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
         if int(targets) != int(self._step_targets):  # checked at the first step of a fit and at every logging step
             raise RuntimeError(

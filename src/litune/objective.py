@@ -39,7 +39,7 @@ import torch
 
 from litune.errors import ConfigError
 from litune.models.output import causal_targets, count_targets
-from litune.strategies.batch import batch_replicas
+from litune.strategies.batch import loss_replicas
 from litune.strategies.descriptor import describe
 
 BATCH_TAG = "_litune_position"
@@ -187,9 +187,11 @@ def gradient_divisor(trainer: pl.Trainer) -> int:
       ``accumulate_grad_batches``);
     * under tensor parallelism, FSDP2 averages over the data-parallel ranks only (a tensor-parallel group computes
       one gradient together), and ``N``, summed over all ranks, counts each row once per group member: the divisor
-      uses the data-parallel size, and :func:`step_targets` divides the count by the group size.
+      uses the data-parallel size, and :func:`step_targets` divides the count by the group size;
+    * under sequence parallelism, FSDP2 averages over every rank (each sequence rank's gradient is its slice's
+      share, a term of the sum like another data-parallel rank's), so the divisor counts all ranks.
     """
-    divisor = trainer.accumulate_grad_batches * (trainer.world_size // batch_replicas(trainer))
+    divisor = trainer.accumulate_grad_batches * (trainer.world_size // loss_replicas(trainer))
     if is_deepspeed(trainer):
         divisor *= trainer.model.gradient_accumulation_steps()  # trainer.model is the DeepSpeedEngine
     return divisor

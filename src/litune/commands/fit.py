@@ -27,7 +27,7 @@ from litune.callbacks.checkpointing import BestCheckpoints, Checkpointing
 from litune.callbacks.preemption import CollectiveTimeout, Preempted
 from litune.callbacks.run_info import log_once
 from litune.commands.wiring import add_loggers, add_tracking, add_tracking_arguments, as_list
-from litune.errors import ConfigError, as_config_error, from_parse_error, quoted_argument
+from litune.errors import NETWORK_ARGS, ConfigError, as_config_error, from_parse_error, quoted_argument
 from litune.host_memory import keep_freed_host_memory
 from litune.limits import check_limits
 from litune.module import LitLM
@@ -423,6 +423,7 @@ def check_config(cfg: Namespace) -> None:
     check_adapters_strategy(cfg)
     check_preference_reference_strategy(cfg)
     check_rl_config(cfg)
+    check_sequence_parallel(cfg)  # first: it refuses composing with tensor parallelism
     check_parallel_layout(cfg)
 
 
@@ -573,6 +574,76 @@ def check_parallel_layout(cfg: Namespace) -> None:
             "GPT-2 and Llama-style families do)",
             "use litune.models.transformer.DecoderLM or litune.models.HFCausalLM, or tensor_parallel_size: 1",
         )
+
+
+def check_sequence_parallel(cfg: Namespace) -> None:
+    """Refuse, before any process is spawned, a Ulysses layout the processes, the data or the network cannot split,
+    and the combinations it is not built or tested for."""
+    from litune.strategies.fsdp2 import SEQUENCE_FIELD, check_sequence_parallel_layout
+
+    spec = describe_trainer(cfg.trainer)
+    sp, world = spec.sequence_parallel_size, spec.world_size
+    if not spec.fsdp2 or sp == 1:
+        return
+    check_sequence_parallel_layout(sp, spec.tensor_parallel_size, "hybrid" if spec.kind.value == "hybrid" else "full")
+    if world is not None and world % sp:
+        raise ConfigError(
+            SEQUENCE_FIELD,
+            f"sequence_parallel_size={sp} does not divide the {world} processes",
+            f"use a sequence_parallel_size that divides {world}, or change trainer.devices/num_nodes",
+        )
+    model = cfg.get("model") or {}
+    for field, why in (
+        ("preference", "preference losses sum each sequence's log-probs, which a split sequence spreads over ranks"),
+        ("rl", "GRPO generates whole sequences on each rank"),
+        ("adapters", "adapters under sequence parallelism are not tested yet"),
+        ("compile", "torch.compile of the all-to-all attention is not tested yet"),
+    ):
+        if model.get(field):
+            raise ConfigError(f"model.{field}", f"{why}: not supported with sequence_parallel_size={sp}",
+                              f"drop model.{field}, or use sequence_parallel_size: 1")  # fmt: skip
+    block_size = (cfg.get("data") or {}).get("init_args", {}).get("block_size")
+    if isinstance(block_size, int) and (block_size < sp or block_size % sp):
+        raise ConfigError(
+            "data.init_args.block_size",
+            f"block_size={block_size} does not split into sequence_parallel_size={sp} equal slices",
+            f"use a block_size that is a multiple of {sp} (e.g. {max(sp, block_size - block_size % sp)})",
+        )
+    check_sequence_parallel_network(cfg, sp)
+
+
+def check_sequence_parallel_network(cfg: Namespace, sp: int) -> None:
+    """Refuse a network Ulysses cannot split: one without ``split_sequences()`` (only litune's decoder and the
+    Hugging Face causal LMs have it), attention other than SDPA, or heads that do not divide by ``sp``."""
+    from litune.models.sequence_parallel import check_divisible
+    from litune.models.transformer import TransformerConfig
+
+    class_path, init_args = configured_network(cfg)
+    if class_path.endswith("DecoderLM"):
+        check_divisible({"nhead": TransformerConfig(**init_args).nhead}, sp)
+        return
+    if class_name(class_path) not in ("HFCausalLM", "DeferredHFCausalLM"):
+        raise ConfigError(
+            "model.network",
+            f"{class_path or 'this network'} cannot split its sequences (litune's DecoderLM and HFCausalLM can)",
+            "use litune.models.transformer.DecoderLM or litune.models.HFCausalLM, or sequence_parallel_size: 1",
+        )
+    from litune.models.hf import build_hf_config, sequence_parallel_sizes_of
+
+    attention = init_args.get("attn_implementation", "sdpa")
+    if attention != "sdpa":
+        raise ConfigError(
+            f"{NETWORK_ARGS}.attn_implementation",
+            f"attn_implementation={attention!r} cannot be split: sequence parallelism wraps transformers' SDPA",
+            "use attn_implementation: sdpa, or sequence_parallel_size: 1",
+        )
+    hf_config = build_hf_config(
+        init_args.get("pretrained"),
+        init_args.get("config"),
+        init_args.get("revision"),
+        bool(init_args.get("trust_remote_code", False)),
+    )
+    check_divisible(sequence_parallel_sizes_of(hf_config), sp)
 
 
 def check_compile(cfg: Namespace) -> None:

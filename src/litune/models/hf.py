@@ -19,7 +19,8 @@ from litune.errors import NETWORK_ARGS, ConfigError, quoted_argument
 from litune.models.chunked_loss import check_chunk_size, chunked_lm_output, use_chunked_loss
 from litune.models.flops import matmul_weights
 from litune.models.generation import SamplingSettings
-from litune.models.output import LMOutput, causal_lm_output, causal_targets
+from litune.models.output import LMOutput, causal_targets, lm_output
+from litune.models.sequence_parallel import ULYSSES, SequenceSplit, register_ulysses_attention
 
 _HEAD_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 """Hugging Face config fields that transform the logits after ``lm_head`` (Gemma 2, Cohere, Granite, ...)."""
@@ -271,6 +272,17 @@ def _tensor_parallel_style(style: str) -> Any:  # noqa: ANN401 (a torch Parallel
     }[style]()
 
 
+def sequence_parallel_sizes_of(hf_config: PretrainedConfig) -> dict[str, int]:
+    """The head counts Ulysses splits, by config field (``config.num_attention_heads``, ``config.num_key_value_heads``
+    when the family has grouped-query attention)."""
+    sizes = {}
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int):
+            sizes[f"config.{name}"] = value
+    return sizes
+
+
 def context_length(hf_config: PretrainedConfig) -> int:
     """The longest sequence a Hugging Face model's position table allows (no limit for rotary/relative positions)."""
     for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
@@ -372,6 +384,7 @@ class HFCausalLM(nn.Module):
             check_model_fits(self.hf_config, config, self.weight_timing.memory_budget())
         if loss_chunk_size is not None:
             _check_plain_head(self.hf_config)
+        self.sequence_group: torch.distributed.ProcessGroup | None = None
         self.weight_timing.at_construction(self)
 
     def build(self) -> None:
@@ -436,6 +449,53 @@ class HFCausalLM(nn.Module):
         """
         names = set(getattr(self.model, "_no_split_modules", None) or ())
         return [module for module in self.model.modules() if type(module).__name__ in names]
+
+    def split_sequences(self, group: torch.distributed.ProcessGroup | None) -> None:
+        """Ulysses sequence parallelism over ``group`` (None: off): training and evaluation forwards keep ``1/N`` of
+        the sequence on each rank, attention runs through transformers' SDPA between two all-to-alls
+        (:func:`litune.models.sequence_parallel.ulysses_attention`, registered as ``"litune_ulysses"``; outside a
+        split it is plain SDPA, so generation is unchanged)."""
+        self.sequence_group = group
+
+    def sequence_parallel_sizes(self) -> dict[str, int]:
+        """The sizes Ulysses splits (see :func:`sequence_parallel_sizes_of`)."""
+        return sequence_parallel_sizes_of(self.hf_config)
+
+    def _model_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The Hugging Face model's inputs and the aligned targets (labels shifted over the whole sequence).
+
+        Under :meth:`split_sequences`: this rank's ``T/N`` tokens at their whole-sequence positions, no 2-D mask
+        (transformers would read it as this slice's), and for the attention function the split and the whole
+        sequence's mask (causal, padding, packed documents: litune's own, as the decoder builds it).
+        """
+        targets = None if labels is None else causal_targets(labels)
+        if self.sequence_group is None:
+            return model_inputs(input_ids, attention_mask, position_ids), targets
+        from litune.models.transformer import attention_mask as whole_sequence_mask
+        from litune.models.transformer import padding_or_none
+
+        if self.model.config._attn_implementation != ULYSSES:
+            register_ulysses_attention()
+            self.model.set_attn_implementation(ULYSSES)
+        split = SequenceSplit.of(self.sequence_group, input_ids.size(1))
+        # As model_inputs: restarting positions alone mark packed documents (transformers ignores a 2-D mask then).
+        padding = attention_mask if position_ids is None else None
+        ids, padding, positions = split.whole_batch(input_ids, padding, position_ids)
+        mask = whole_sequence_mask(split.length, 0, padding_or_none(padding), positions, causal=True, device=ids.device)
+        inputs = {
+            "input_ids": split.local(ids),
+            "attention_mask": None,
+            "position_ids": split.local(positions.expand(ids.size(0), -1)),
+            "sequence_split": split,
+            "sequence_mask": mask,
+        }
+        return inputs, split.targets(targets)
 
     def tensor_parallel_plan(self) -> dict[str, Any]:
         """How tensor parallelism splits the network (``parallelize_module``'s plan, see
@@ -504,8 +564,9 @@ class HFCausalLM(nn.Module):
         if use_chunked_loss(self.loss_chunk_size, labels):
             hidden, head, targets = self.output_features(input_ids, attention_mask, labels, position_ids)
             return chunked_lm_output(hidden, head, targets, self.loss_chunk_size)
-        out = self.model(**model_inputs(input_ids, attention_mask, position_ids), use_cache=False)
-        return causal_lm_output(out.logits, labels)
+        inputs, targets = self._model_inputs(input_ids, attention_mask, labels, position_ids)
+        out = self.model(**inputs, use_cache=False)
+        return lm_output(out.logits, targets)
 
     def output_features(
         self,
@@ -521,9 +582,9 @@ class HFCausalLM(nn.Module):
         Returns:
             ``(hidden [B, T, d_model], lm_head, targets [B, T] or None)``.
         """
-        hidden = self.model.base_model(**model_inputs(input_ids, attention_mask, position_ids), use_cache=False)
-        hidden = hidden.last_hidden_state
-        return hidden, self.model.get_output_embeddings(), None if labels is None else causal_targets(labels)
+        inputs, targets = self._model_inputs(input_ids, attention_mask, labels, position_ids)
+        hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
+        return hidden, self.model.get_output_embeddings(), targets
 
     @torch.no_grad()
     def generate(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -27,7 +28,8 @@ from litune.errors import NETWORK_ARGS, ConfigError
 from litune.models.chunked_loss import check_chunk_size, chunked_lm_output, use_chunked_loss
 from litune.models.flops import matmul_weights
 from litune.models.generation import SamplingSettings, generate_causal
-from litune.models.output import LMOutput, causal_lm_output, causal_targets
+from litune.models.output import LMOutput, causal_targets, lm_output
+from litune.models.sequence_parallel import SequenceSplit
 from litune.models.tensor_parallel import heads_of_this_rank
 
 if TYPE_CHECKING:
@@ -244,6 +246,7 @@ def attend(
     mask: torch.Tensor | None,
     dropout_p: float,
     is_causal: bool = False,
+    sequence: SequenceSplit | None = None,
 ) -> torch.Tensor:
     """Attention of every head through :func:`F.scaled_dot_product_attention`, heads merged.
 
@@ -252,13 +255,16 @@ def attend(
         mask: bool, broadcast to ``[B, heads, T, S]`` (True: may attend), or None.
         dropout_p: dropout on the attention weights (0 outside training).
         is_causal: SDPA's own causal mask (only with ``mask=None``).
+        sequence: Ulysses sequence parallelism: q, k, v hold this rank's ``T/N`` positions of every head; they are
+            exchanged for all ``T`` positions of ``heads/N`` heads around SDPA (``mask`` is the whole sequence's).
 
     Returns:
-        ``[B, T, heads * head_dim]``.
+        ``[B, T, heads * head_dim]`` (``T/N`` positions under a sequence split).
     """
-    return merge_heads(
-        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
-    )
+    if sequence is not None:
+        q, k, v = (sequence.to_heads(t) for t in (q, k, v))  # each (B, nh/N, T, hs)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    return merge_heads(y if sequence is None else sequence.to_sequence(y))
 
 
 def recomputes(network: nn.Module) -> bool:
@@ -295,14 +301,16 @@ class SelfAttention(nn.Module):
         *,
         causal: bool,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        sequence: SequenceSplit | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Attend ``x`` to itself (and to the cached keys/values).
 
         Args:
-            x: ``[B, T, d_model]``.
-            mask: bool ``[B or 1, 1, T, past + T]`` from :func:`attention_mask`, or None.
+            x: ``[B, T, d_model]`` (``T/N`` positions under a sequence split).
+            mask: bool ``[B or 1, 1, T, past + T]`` from :func:`attention_mask` (the whole sequence's), or None.
             causal: with ``mask=None`` and no cache, apply SDPA's built-in causal mask.
             past: cached ``(key, value)``, each ``[B, nhead, past, head_dim]``.
+            sequence: the Ulysses split of this forward (no cache), see :func:`attend`.
 
         Returns:
             ``[B, T, d_model]`` and the new ``(key, value)`` including ``x``'s.
@@ -313,8 +321,9 @@ class SelfAttention(nn.Module):
         q, k, v = (split_heads(t, self.head_dim) for t in qkv.chunk(3, dim=2))  # each (B, nh, T, hs)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        is_causal = causal and mask is None and past is None and x.size(1) > 1
-        y = attend(q, k, v, mask, self.dropout if self.training else 0.0, is_causal)  # (B, T, d_model)
+        whole = x.size(1) if sequence is None else sequence.length  # positions attention sees
+        is_causal = causal and mask is None and past is None and whole > 1
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0, is_causal, sequence)  # (B, T, d_model)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
@@ -382,9 +391,10 @@ class Block(Sublayers):
         *,
         causal: bool,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        sequence: SequenceSplit | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``[B, T, d_model]`` -> ``[B, T, d_model]`` and this layer's ``(key, value)``; see :class:`SelfAttention`."""
-        attn, kv = self.attn(self.before(x, self.ln_1), mask, causal=causal, past=past)
+        attn, kv = self.attn(self.before(x, self.ln_1), mask, causal=causal, past=past, sequence=sequence)
         x = self.after(x + attn, self.ln_1)
         x = self.after(x + self.mlp(self.before(x, self.ln_2)), self.ln_2)
         return x, kv
@@ -488,6 +498,23 @@ class DecoderLM(TransformerLM):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.num_decoder_layers))
         self.ln_f = layer_norm(cfg)
         self.add_head(residual_branches=2 * cfg.num_decoder_layers)  # attention and MLP per block
+        self.sequence_group: dist.ProcessGroup | None = None
+
+    def split_sequences(self, group: dist.ProcessGroup | None) -> None:
+        """Ulysses sequence parallelism over ``group`` (None: off): every forward without a cache keeps ``1/N`` of the
+        sequence on each rank of the group (see :mod:`litune.models.sequence_parallel`)."""
+        self.sequence_group = group
+
+    def sequence_parallel_sizes(self) -> dict[str, int]:
+        """The sizes Ulysses splits by config field (each must divide by the sequence-parallel size)."""
+        return {"nhead": self.config.nhead}
+
+    def _split(self, length: int, past_key_values: KVCache | None, use_cache: bool) -> SequenceSplit | None:
+        """This forward's sequence split: under :meth:`split_sequences` and without a key/value cache (generation
+        runs whole on every rank)."""
+        if self.sequence_group is None or past_key_values or use_cache:
+            return None
+        return SequenceSplit.of(self.sequence_group, length)
 
     def sharding_units(self) -> list[nn.Module]:
         """The blocks, sharded one by one under FSDP2 (embeddings, final norm and the tied head stay with the root)."""
@@ -552,15 +579,18 @@ class DecoderLM(TransformerLM):
             **kwargs: other batch entries, ignored.
 
         Returns:
-            :class:`LMOutput` with ``logits [B, T, vocab_size]``.
+            :class:`LMOutput` with ``logits [B, T, vocab_size]`` (this rank's ``T/N`` positions and their targets
+            under sequence parallelism).
         """
-        x, past = self._hidden(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        split = self._split(input_ids.size(1), past_key_values, use_cache)
+        x, past = self._hidden(input_ids, attention_mask, position_ids, past_key_values, use_cache, split)
+        targets = None if labels is None else causal_targets(labels)  # shifted over the whole sequence
+        if split is not None:
+            targets = split.targets(targets)
         if use_chunked_loss(self.config.loss_chunk_size, labels):
-            return chunked_lm_output(
-                x, self.lm_head, causal_targets(labels), self.config.loss_chunk_size, past_key_values=past
-            )
+            return chunked_lm_output(x, self.lm_head, targets, self.config.loss_chunk_size, past_key_values=past)
         logits = self.lm_head(x)  # (B, T, vocab_size)
-        return causal_lm_output(logits, labels, past_key_values=past)
+        return lm_output(logits, targets, past_key_values=past)
 
     def _hidden(
         self,
@@ -569,8 +599,15 @@ class DecoderLM(TransformerLM):
         position_ids: torch.Tensor | None,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
+        split: SequenceSplit | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
-        """The body: final hidden states ``[B, T, d_model]`` (after ``ln_f``, before ``lm_head``) and the cache."""
+        """The body: final hidden states ``[B, T, d_model]`` (after ``ln_f``, before ``lm_head``) and the cache.
+
+        Under a sequence ``split`` the mask is the whole sequence's (causal, padding, documents) and the positions
+        are each token's place in the whole sequence; the blocks run on this rank's ``T/N`` tokens.
+        """
+        if split is not None:
+            input_ids, attention_mask, position_ids = split.whole_batch(input_ids, attention_mask, position_ids)
         _, T = input_ids.shape
         past_len = past_key_values[0][0].size(2) if past_key_values else 0
         check_length(past_len + T, self.max_seq_len)
@@ -580,12 +617,14 @@ class DecoderLM(TransformerLM):
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device)[None, :]
         elif not torch.compiler.is_compiling() and int(position_ids.max()) >= self.max_seq_len:
             check_length(int(position_ids.max()) + 1, self.max_seq_len, "position_ids")
+        if split is not None:  # this rank's tokens, at their whole-sequence positions
+            input_ids, position_ids = split.local(input_ids), split.local(position_ids)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, d_model)
         cache: KVCache = []
         recompute = recomputes(self)
         for i, block in enumerate(self.h):
             past = past_key_values[i] if past_key_values else None
-            x, kv = run_block(block, recompute, x, mask, causal=True, past=past)
+            x, kv = run_block(block, recompute, x, mask, causal=True, past=past, sequence=split)
             if use_cache:  # only then: holding every layer's keys/values would undo checkpointing's saving
                 cache.append(kv)
         return self.ln_f(x), (cache if use_cache else None)
@@ -602,10 +641,12 @@ class DecoderLM(TransformerLM):
 
         Returns:
             ``(hidden [B, T, d_model], lm_head, targets [B, T] or None)``: ``lm_head(hidden)`` are the logits of
-            :meth:`forward`, ``targets`` its shifted labels.
+            :meth:`forward`, ``targets`` its shifted labels (this rank's ``T/N`` positions under sequence parallelism).
         """
-        hidden, _ = self._hidden(input_ids, attention_mask, position_ids)
-        return hidden, self.lm_head, None if labels is None else causal_targets(labels)
+        split = self._split(input_ids.size(1), None, False)
+        hidden, _ = self._hidden(input_ids, attention_mask, position_ids, split=split)
+        targets = None if labels is None else causal_targets(labels)
+        return hidden, self.lm_head, targets if split is None else split.targets(targets)
 
     @torch.no_grad()
     def generate(

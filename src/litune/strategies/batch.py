@@ -58,7 +58,7 @@ def apply_global_batch_size(trainer: Trainer, micro_batch_size: int, global_batc
     Raises:
         ConfigError: when the sizes do not divide, or an explicit ``trainer.accumulate_grad_batches`` disagrees.
     """
-    # Ranks of a tensor-parallel group read the same rows: only the data-parallel ranks add rows to a step.
+    # Ranks of a tensor- or sequence-parallel group read the same rows: only the data-parallel ranks add rows to a step.
     data_parallel = trainer.world_size // batch_replicas(trainer)
     steps = accumulation_steps(global_batch_size, micro_batch_size, data_parallel)
     if trainer.accumulate_grad_batches not in (1, steps):
@@ -73,7 +73,15 @@ def apply_global_batch_size(trainer: Trainer, micro_batch_size: int, global_batc
 
 
 def batch_replicas(trainer: Trainer) -> int:
-    """How many ranks read each batch row: the tensor-parallel group size (see ``StrategySpec.batch_replicas``)."""
+    """How many ranks read each batch row: the tensor- times the sequence-parallel group size (see
+    ``StrategySpec.batch_replicas``)."""
     from litune.strategies.descriptor import describe
 
     return describe(trainer.strategy).batch_replicas
+
+
+def loss_replicas(trainer: Trainer) -> int:
+    """How many ranks compute each loss term: the tensor-parallel group size (see ``StrategySpec.loss_replicas``)."""
+    from litune.strategies.descriptor import describe
+
+    return describe(trainer.strategy).loss_replicas

@@ -55,6 +55,7 @@ class StrategySpec:
         shard_size: ranks per shard group for ``Kind.HYBRID`` (None: one node's processes).
         world_size: processes over all nodes, when known.
         tensor_parallel_size: ranks of a tensor-parallel group (FSDP2 ``tensor_parallel_size``; 1: none).
+        sequence_parallel_size: ranks of a Ulysses sequence group (FSDP2 ``sequence_parallel_size``; 1: none).
     """
 
     kind: Kind
@@ -64,10 +65,18 @@ class StrategySpec:
     shard_size: int | None = None
     world_size: int | None = None
     tensor_parallel_size: int = 1
+    sequence_parallel_size: int = 1
 
     @property
     def batch_replicas(self) -> int:
-        """Ranks that read the same batch rows (a tensor-parallel group): the objective counts their tokens once."""
+        """Ranks that read the same batch rows (a tensor- or sequence-parallel group): the objective counts the rows'
+        tokens once."""
+        return self.tensor_parallel_size * self.sequence_parallel_size
+
+    @property
+    def loss_replicas(self) -> int:
+        """Ranks that compute the same loss (a tensor-parallel group; the ranks of a sequence group each take their
+        own slice's): the objective counts their summed losses once, and gradients are averaged over the others."""
         return self.tensor_parallel_size
 
     @property
@@ -130,6 +139,7 @@ class StrategySpec:
             hybrid=self.kind is Kind.HYBRID,
             shard_size=self.shard_size,
             tensor_parallel=self.tensor_parallel_size,
+            sequence_parallel=self.sequence_parallel_size,
         )
 
 
@@ -184,8 +194,9 @@ def _of_class(cls: type, args: Mapping[str, Any], world_size: int | None) -> Str
         hybrid = args.get("sharding", "full") == "hybrid"
         shard_size = int(args["shard_size"]) if args.get("shard_size") else None
         tp = int(args.get("tensor_parallel_size", 1) or 1)
+        sp = int(args.get("sequence_parallel_size", 1) or 1)
         kind = Kind.HYBRID if hybrid else Kind.FSDP2
-        return StrategySpec(kind, 0, offload, offload, shard_size, world_size, tensor_parallel_size=tp)
+        return StrategySpec(kind, 0, offload, offload, shard_size, world_size, tp, sp)
     if issubclass(cls, ParallelStrategy):
         return StrategySpec(Kind.DDP, world_size=world_size)
     return StrategySpec(Kind.SINGLE, world_size=world_size)
@@ -208,5 +219,6 @@ def _of_object(strategy: Strategy) -> StrategySpec:
         "shard_size": getattr(strategy, "shard_size", None),
         "cpu_offload": getattr(strategy, "cpu_offload", False),
         "tensor_parallel_size": getattr(strategy, "tensor_parallel_size", 1),
+        "sequence_parallel_size": getattr(strategy, "sequence_parallel_size", 1),
     }
     return _of_class(type(strategy), args, world_size)

@@ -27,6 +27,13 @@ over the data-parallel axis (skipped when that axis has one rank). The ranks of 
 rows (the samplers see the data-parallel size and rank), and the objective counts each row once
 (``batch_replicas``).
 
+Sequence parallelism (``sequence_parallel_size: N``, ``configs/strategy/fsdp2_sp2.yaml``): Ulysses
+(:mod:`litune.models.sequence_parallel`). The ranks of a sequence group (consecutive global ranks) read the same rows
+and each keeps ``1/N`` of every sequence; attention exchanges the sequence for the heads with an all-to-all. FSDP2
+shards over all ranks (``data_parallel x sequence_parallel`` flattened): a sequence rank's gradient is its slice's
+share, so averaging over every rank and dividing by the data-parallel size (``gradient_divisor``) gives the gradient
+of the whole batch. Composed with tensor parallelism it is refused (not implemented).
+
 Gradient clipping by norm works as in DDP: ``clip_grad_norm_`` over DTensor gradients all-reduces the shards' norms,
 so the clipped gradient is the one a single process would clip (tested against a 1-process run).
 """
@@ -123,6 +130,44 @@ def check_tensor_parallel_size(size: object, sharding: str = "full") -> None:
         )
 
 
+SEQUENCE_FIELD = "trainer.strategy.init_args.sequence_parallel_size"
+
+
+def check_sequence_parallel_layout(size: object, tensor_parallel_size: int = 1, sharding: str = "full") -> None:
+    """Raise a :class:`ConfigError` unless ``size`` is a positive integer, and (above 1) refuse the layouts sequence
+    parallelism is not composed with: tensor parallelism and hybrid sharding."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(SEQUENCE_FIELD, f"sequence_parallel_size={size!r} must be a positive integer", "use 1, 2, 4")
+    if size > 1 and tensor_parallel_size > 1:
+        raise ConfigError(
+            SEQUENCE_FIELD,
+            f"sequence parallelism is not composed with tensor_parallel_size={tensor_parallel_size} (not implemented)",
+            "use one of them: sequence_parallel_size for long sequences, tensor_parallel_size for wide layers",
+        )
+    if size > 1 and sharding != "full":
+        raise ConfigError(
+            SEQUENCE_FIELD,
+            f"sequence parallelism is composed with full sharding only, not sharding={sharding!r}",
+            "set sharding: full with sequence_parallel_size, or sequence_parallel_size: 1 for hybrid sharding",
+        )
+
+
+def split_sequences(network: nn.Module, group: Any) -> None:
+    """Turn on Ulysses sequence parallelism over ``group`` in ``network`` (its ``split_sequences(group)`` hook).
+
+    Raises:
+        ConfigError: when the network has no such hook.
+    """
+    hook = getattr(network, "split_sequences", None)
+    if not callable(hook):
+        raise ConfigError(
+            NETWORK_FIELD,
+            f"{type(network).__name__} cannot split its sequences (no `split_sequences()` method)",
+            "use litune.models.transformer.DecoderLM or litune.models.HFCausalLM, or sequence_parallel_size: 1",
+        )
+    hook(group)
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2) for every litune network, on GPUs (NCCL) and on CPU (gloo).
 
@@ -137,6 +182,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             False keeps them until the backward (ZeRO-2-like memory, less communication).
         tensor_parallel_size: ranks of a tensor-parallel group (1: FSDP2 alone); must divide the number of
             processes, and the network's heads, hidden units and vocabulary.
+        sequence_parallel_size: ranks of a Ulysses sequence-parallel group (1: off), each holding ``1/N`` of every
+            sequence; must divide the number of processes and the network's attention (and key/value) heads.
         process_group_backend: ``"nccl"``/``"gloo"``; default: NCCL on CUDA, gloo on CPU.
         timeout: collective timeout.
     """
@@ -152,6 +199,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         cpu_offload: bool = False,
         reshard_after_forward: bool = True,
         tensor_parallel_size: int = 1,
+        sequence_parallel_size: int = 1,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -166,12 +214,15 @@ class FSDP2Strategy(ModelParallelStrategy):
                 "remove shard_size, or set sharding: hybrid and a shard_size that divides the world size",
             )
         check_tensor_parallel_size(tensor_parallel_size, sharding)
+        check_sequence_parallel_layout(sequence_parallel_size, tensor_parallel_size, sharding)
         super().__init__(save_distributed_checkpoint=True, process_group_backend=process_group_backend, timeout=timeout)
         self.sharding = sharding
         self.shard_size = shard_size
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward
         self.tensor_parallel_size = tensor_parallel_size
+        self.sequence_parallel_size = sequence_parallel_size
+        self.sequence_mesh: Any = None  # (data_parallel x sequence_parallel) under sequence parallelism
 
     # ---- set-up -------------------------------------------------------------------------------------------------
 
@@ -183,9 +234,17 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """The device mesh: ``((N,), ("data_parallel",))``, ``((replicas, shard), ("replicate", "shard"))``, or with
-        tensor parallelism ``((N / tp, tp), ("data_parallel", "tensor_parallel"))``."""
+        tensor parallelism ``((N / tp, tp), ("data_parallel", "tensor_parallel"))``. Under sequence parallelism FSDP2
+        shards over all ``N`` ranks (``data_parallel`` spans the sequence groups, see :meth:`setup_environment`)."""
         world = self.world_size
         tp = self.tensor_parallel_size
+        sp = self.sequence_parallel_size
+        if sp > 1 and world % sp:
+            raise ConfigError(
+                SEQUENCE_FIELD,
+                f"sequence_parallel_size={sp} does not divide the {world} processes",
+                f"use a sequence_parallel_size that divides {world}, or change trainer.devices/num_nodes",
+            )
         if tp > 1:
             if world % tp:
                 raise ConfigError(
@@ -212,24 +271,30 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._setup_distributed()
         shape, names = self.mesh_shape()
         self._device_mesh = init_device_mesh(self.root_device.type, shape, mesh_dim_names=names)
+        sp = self.sequence_parallel_size
+        if sp > 1:  # the sequence groups: consecutive ranks, as the samplers count them
+            dims = ("data_parallel", "sequence_parallel")
+            self.sequence_mesh = init_device_mesh(
+                self.root_device.type, (self.world_size // sp, sp), mesh_dim_names=dims
+            )
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
     @property
     def batch_replicas(self) -> int:
-        """Ranks that read the same rows (a tensor-parallel group): the objective counts their tokens once."""
-        return self.tensor_parallel_size
+        """Ranks that read the same rows (a tensor- or sequence-parallel group): the look-ahead counts them once."""
+        return self.tensor_parallel_size * self.sequence_parallel_size
 
     @property
     def data_parallel_size(self) -> int:
-        return self.world_size // self.tensor_parallel_size
+        return self.world_size // self.batch_replicas
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # Every rank is a data-parallel rank (replicas and shards alike each take their own rows), except that the
-        # ranks of a tensor-parallel group (consecutive global ranks) share theirs.
-        tp = self.tensor_parallel_size
-        return {"num_replicas": self.world_size // tp, "rank": self.global_rank // tp}
+        # ranks of a tensor- or sequence-parallel group (consecutive global ranks) share theirs.
+        group = self.batch_replicas
+        return {"num_replicas": self.world_size // group, "rank": self.global_rank // group}
 
     def fully_shard_kwargs(self) -> dict[str, Any]:
         """``fully_shard`` arguments: mesh, mixed-precision and offload policies from this run's settings."""
@@ -300,6 +365,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             from litune.models.adapters import is_quantized
 
             check_adapters(self.tensor_parallel_size, is_quantized(network))
+        if self.sequence_parallel_size > 1:
+            split_sequences(network, self.sequence_mesh["sequence_parallel"].get_group())
         # LitLM.configure_model has built any deferred network (sharding it itself when it loads weights shard by
         # shard); the rest are sharded here, before Lightning materializes, converts and moves the module.
         self.shard_network(network)
@@ -330,6 +397,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         checkpoint[CHECKPOINT_KEY] = {
             "world_size": self.data_parallel_size,
             "tensor_parallel_size": self.tensor_parallel_size,
+            "sequence_parallel_size": self.sequence_parallel_size,
         }
         filepath = self.broadcast(str(filepath))
         with atomic_directory(filepath, self.is_global_zero, self.barrier) as staged:
