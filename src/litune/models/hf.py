@@ -331,7 +331,8 @@ class HFCausalLM(nn.Module):
     """Any ``AutoModelForCausalLM``: pretrained (hub id or local folder) or built from a config for scratch training.
 
     The loss is not taken by the Hugging Face model (no ``labels`` are passed to it): litune computes it in
-    :func:`~litune.models.output.causal_lm_output`, so every network shifts labels in the same single place.
+    :func:`~litune.models.output.lm_output` from :func:`~litune.models.output.causal_targets`, so every network shifts
+    labels in the same single place.
 
     Args:
         pretrained: hub id (``"gpt2"``) or local folder loaded with ``from_pretrained``. Exactly one of ``pretrained``
