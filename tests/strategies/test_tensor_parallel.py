@@ -366,11 +366,13 @@ def test_tensor_parallel_without_a_plan_fails_before_spawning(tmp_path, corpus_d
 
 
 def check_mesh_rank(rank: int, port: int) -> None:
-    """One rank of a 2 x 2 (data_parallel x tensor_parallel) mesh: tensor parallelism, then FSDP2 over the data axis."""
+    """One rank of a 2 x 2 (data_parallel x tensor_parallel) mesh: tensor parallelism, then FSDP2 over the data axis,
+    for litune's decoder and the Hugging Face GPT-2 (its odd vocabulary split unevenly, then sharded by FSDP2)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from litune.models.hf import HFCausalLM
     from litune.models.tensor_parallel import apply_tensor_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -378,21 +380,23 @@ def check_mesh_rank(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     try:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
-        torch.manual_seed(0)
-        reference = DecoderLM(**NETWORK).double()
-        network = apply_tensor_parallel(copy.deepcopy(reference), mesh["tensor_parallel"])
-        for block in network.h:  # as FSDP2Strategy.shard_network does
-            fully_shard(block, mesh=mesh["data_parallel"])
-        fully_shard(network, mesh=mesh["data_parallel"])
-        batch = batches()["packed"]
-        row = mesh["data_parallel"].get_local_rank()  # each data-parallel rank one row, its TP group shares it
-        network(**{key: value[row : row + 1] for key, value in batch.items()}).loss_sum.backward()
-        reference(**batch).loss_sum.backward()
-        got = grads(network)
-        for key, grad in grads(reference).items():  # FSDP2 averages the 2 data-parallel ranks' gradients
-            torch.testing.assert_close(got[key] * 2, grad, **TOL, msg=f"2x2 grad {key}")
-        norm = torch.nn.utils.clip_grad_norm_(network.parameters(), 0.1)
-        torch.testing.assert_close(full(norm) * 2, torch.nn.utils.get_total_norm(list(grads(reference).values())))
+        for build in (lambda: DecoderLM(**NETWORK), lambda: HFCausalLM(config=GPT2)):
+            torch.manual_seed(0)
+            reference = build().double()
+            network = apply_tensor_parallel(copy.deepcopy(reference), mesh["tensor_parallel"])
+            for block in network.sharding_units():  # as FSDP2Strategy.shard_network does
+                fully_shard(block, mesh=mesh["data_parallel"])
+            fully_shard(network, mesh=mesh["data_parallel"])
+            batch = batches()["packed"]
+            row = mesh["data_parallel"].get_local_rank()  # each data-parallel rank one row, its TP group shares it
+            network(**{key: value[row : row + 1] for key, value in batch.items()}).loss_sum.backward()
+            reference(**batch).loss_sum.backward()
+            got, label = grads(network), type(reference).__name__
+            for key, grad in grads(reference).items():  # FSDP2 averages the 2 data-parallel ranks' gradients
+                torch.testing.assert_close(got[key] * 2, grad, **TOL, msg=f"2x2 grad {key} of {label}")
+            norm = torch.nn.utils.clip_grad_norm_(network.parameters(), 0.1)
+            want = torch.nn.utils.get_total_norm(list(grads(reference).values()))
+            torch.testing.assert_close(full(norm) * 2, want, msg=f"2x2 gradient norm of {label}")
     finally:
         dist.destroy_process_group()
 
