@@ -51,6 +51,24 @@ def test_dpo_quick_mode_runs_litune_and_trl_side_by_side(tmp_path: Path) -> None
         assert report["memory"][path]["peak"] > 0
 
 
+@pytest.mark.slow
+def test_parallel_quick_mode_measures_tensor_parallel_ranks_beside_the_estimate(tmp_path: Path) -> None:
+    """``bench_parallel.py --quick`` (not in gpu.sh's dry run: CPU ranks only; ~30 s on the loaded 2-core machine):
+    one process holds exactly the model state ``litune estimate`` predicts, a tensor-parallel rank of 2 about half of
+    it (plus the replicated norms and position table), and saves fewer activation bytes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    cmd = [sys.executable, str(REPO / "bench" / "bench_parallel.py"), "--quick", "--json", str(tmp_path / "p.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "| layout | params | grads |" in proc.stdout and "| layout | tokens |" in proc.stdout
+    report = json.loads((tmp_path / "p.json").read_text())
+    state = {row["layout"]: row for row in report["state"]}
+    assert state["tp1"]["measured"] == state["tp1"]["predicted"]
+    assert 0.5 < state["tp2"]["measured"] / state["tp1"]["measured"] < 0.53
+    saved = {row["layout"]: row["measured"] for row in report["activations"]}
+    assert 0 < saved["tp2"] < saved["tp1"]
+
+
 def check_outputs(out: Path) -> None:
     """What every step of the dry run must have written (separate so it can be run on a kept output folder)."""
     overhead = json.loads((out / "overhead.json").read_text())
