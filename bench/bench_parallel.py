@@ -1,4 +1,4 @@
-"""Per-rank memory of parallel layouts (tensor parallelism; sequence-parallel rows plug in) on CPU vs `litune estimate`.
+"""Per-rank memory of parallel layouts (tensor and sequence parallelism) on CPU vs `litune estimate`.
 
 Every layout runs in its own group of CPU processes (gloo), a fresh group per measurement, on a Hugging Face GPT-2
 split by litune's plan (``HFCausalLM.tensor_parallel_plan()``, exactly what ``litune fit`` applies under
@@ -14,11 +14,15 @@ split by litune's plan (``HFCausalLM.tensor_parallel_plan()``, exactly what ``li
 
 Usage::
 
-    python bench/bench_parallel.py                 # both tables, TP=1 vs TP=2, 4k / 8k / 16k tokens (minutes on CPU)
+    python bench/bench_parallel.py                 # both tables, TP=1 vs TP=2 vs SP=2, 4k / 8k / 16k tokens (minutes)
     python bench/bench_parallel.py --quick         # a tiny model at 256 tokens: checks the script
     python bench/bench_parallel.py --layouts tp1 tp2 --seq 4096 8192 --json out.json
 
-Adding a layout (sequence parallelism): append a :class:`Layout` to :data:`LAYOUTS` with its ``split`` (network, mesh
+Sequence parallelism (``sp2``): Ulysses over 2 ranks (``split_sequences``) plus FSDP2 over both, as ``litune fit``
+applies under ``configs/strategy/fsdp2_sp2.yaml``; every rank gets the whole batch and keeps its half of each
+sequence.
+
+Adding a layout: append a :class:`Layout` to :data:`LAYOUTS` with its ``split`` (network, mesh
 -> network) and ``shard_batch`` (batch, mesh -> this rank's batch), and its ``strategy`` shape for ``estimate``; the
 tables pick it up. ``mesh`` is a 1-D device mesh over the layout's processes, named by ``Layout.mesh_name``.
 """
@@ -62,6 +66,20 @@ def _tensor_parallel(network: torch.nn.Module, mesh) -> torch.nn.Module:  # noqa
     return apply_tensor_parallel(network, mesh)
 
 
+def _sequence_parallel(network: torch.nn.Module, mesh) -> torch.nn.Module:  # noqa: ANN001
+    """Ulysses over the mesh, then FSDP2 over the same ranks (as ``litune fit`` under fsdp2_sp2 on a 1 x 2 mesh:
+    each rank keeps half of every sequence and half of the model state). The batch is given whole to every rank: the
+    network keeps its own slice."""
+    from litune.strategies.fsdp2 import sharding_units
+
+    network.split_sequences(mesh.get_group())
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in sharding_units(network):
+        fully_shard(unit, mesh=mesh)
+    return fully_shard(network, mesh=mesh)
+
+
 @dataclass(frozen=True)
 class Layout:
     """One row of the tables: how many processes, how a network and a batch are split over them.
@@ -86,6 +104,13 @@ class Layout:
 LAYOUTS = {
     "tp1": Layout("tp1", processes=1),
     "tp2": Layout("tp2", processes=2, strategy=StrategyShape(fsdp=True, tensor_parallel=2), split=_tensor_parallel),
+    "sp2": Layout(
+        "sp2",
+        processes=2,
+        strategy=StrategyShape(fsdp=True, sequence_parallel=2),
+        split=_sequence_parallel,
+        mesh_name="sequence_parallel",
+    ),
 }
 """The layouts measured; sequence-parallel rows are added here."""
 
@@ -119,6 +144,7 @@ def model_state(network: torch.nn.Module, layout: Layout, mesh, seq_len: int) ->
     """One AdamW step; the bytes of parameters, gradients and Adam moments this rank holds (before zero_grad)."""
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
     ids = torch.randint(0, network.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(mesh.device_type)
     batch = layout.shard_batch({"input_ids": ids, "labels": ids}, mesh)
     network(**batch).loss.backward()
     optimizer.step()
@@ -134,7 +160,9 @@ def saved_activations(network: torch.nn.Module, batch: Batch) -> int:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = _local(t).untyped_storage()
-        if storage.data_ptr() not in weights:
+        # FSDP2 swaps each block's gathered (unsharded) parameters in while the block runs: those are weights too.
+        gathered = {p.untyped_storage().data_ptr() for p in network.parameters() if not hasattr(p, "to_local")}
+        if storage.data_ptr() not in weights | gathered:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
@@ -153,20 +181,23 @@ def rank_main(rank: int, layout: Layout, args: argparse.Namespace, port: int, ou
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=layout.processes)
+    device = args.device
+    if device == "cuda":  # one GPU per rank (a GPU run: bench/gpu.sh's long-context row)
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=layout.processes)
     try:
-        mesh = init_device_mesh("cpu", (layout.processes,), mesh_dim_names=(layout.mesh_name,))
+        mesh = init_device_mesh(device, (layout.processes,), mesh_dim_names=(layout.mesh_name,))
         base_peak, base_now = _peak_rss(), _rss_now()
         torch.manual_seed(0)
-        network = layout.split(HFCausalLM(config=gpt2(args, args.state_seq)).train(), mesh)
+        network = layout.split(HFCausalLM(config=gpt2(args, args.state_seq)).train().to(device), mesh)
         state = model_state(network, layout, mesh, args.state_seq)
         state.update(peak_rss=_peak_rss() - base_peak, rss_after=_rss_now() - base_now)
         state["num_params"] = sum(p.numel() for p in network.parameters())  # a DTensor's numel() is the whole
         del network
         saved = {}
         for seq_len in args.seq:
-            network = layout.split(HFCausalLM(config=gpt2(args, seq_len)).train(), mesh)
-            ids = torch.randint(0, args.vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
+            network = layout.split(HFCausalLM(config=gpt2(args, seq_len)).train().to(device), mesh)
+            ids = torch.randint(0, args.vocab, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
             saved[seq_len] = saved_activations(network, layout.shard_batch({"input_ids": ids, "labels": ids}, mesh))
             del network
         Path(out, f"rank{rank}.json").write_text(json.dumps({"state": state, "saved": saved}))
@@ -237,6 +268,7 @@ def main() -> None:
     parser.add_argument("--state-seq", type=int, default=128, help="tokens per row of the model-state step")
     parser.add_argument("--seq", type=int, nargs="*", default=[4096, 8192, 16384], help="activation sequence lengths")
     parser.add_argument("--quick", action="store_true", help="tiny model, 256 tokens: checks the script")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per rank (NCCL)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.quick:

@@ -82,6 +82,18 @@ fi
 step checkpointing "$PYTHON" "$HERE/bench_checkpointing.py" --device "$DEVICE" "${QUICK[@]}" \
   --json "$OUT/checkpointing.json"
 
+# 6. (issue 27) Long context: per-rank activations of one training forward at 8k-32k tokens on GPT-2 124M's shape
+#    (fp32, batch 1) and model state, beside litune estimate (bench_parallel.py). Sequence parallelism (sp2, Ulysses)
+#    and tensor parallelism (tp2) need 2 GPUs (one NCCL rank each): added when the machine has them.
+if (( DRY_RUN )); then
+  step long-context "$PYTHON" "$HERE/bench_parallel.py" --quick --layouts tp1 --json "$OUT/long_context.json"
+else
+  LAYOUTS=(tp1)
+  if (( $(nvidia-smi -L 2>/dev/null | wc -l) >= 2 )); then LAYOUTS+=(tp2 sp2); fi
+  step long-context "$PYTHON" "$HERE/bench_parallel.py" --device cuda --layouts "${LAYOUTS[@]}" --n-layer 12 \
+    --n-embd 768 --n-head 12 --vocab 50257 --state-seq 512 --seq 8192 16384 32768 --json "$OUT/long_context.json"
+fi
+
 # 4. (issue 13, adapters) Full fine-tuning vs LoRA vs DoRA vs QLoRA (4-bit NF4 base) on GPT-2-small's shape, bf16-mixed:
 #    peak memory, trainable parameters, checkpoint size, tokens/s and validation perplexity after the same steps.
 if (( DRY_RUN )); then

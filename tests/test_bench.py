@@ -91,6 +91,8 @@ def check_outputs(out: Path) -> None:
     memory = json.loads((out / "memory.json").read_text())["results"]
     assert set(memory) == {"ddp", "deepspeed_zero2"}
     assert json.loads((out / "checkpointing.json").read_text())["results"]["decoder"]["on"]["saved"] > 0
+    long_context = json.loads((out / "long_context.json").read_text())["activations"]
+    assert long_context and all(row["measured"] > 0 for row in long_context)
     peft = {row["method"]: row for row in json.loads((out / "peft.json").read_text())["rows"]}
     assert set(peft) == {"full", "lora", "dora", "qlora"}
     assert peft["lora"]["trainable"] < peft["full"]["trainable"] and peft["lora"]["ckpt"] < peft["full"]["ckpt"]

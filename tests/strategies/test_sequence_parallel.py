@@ -138,6 +138,19 @@ def test_sequence_parallel_refuses_heads_the_ranks_cannot_split() -> None:
         check_divisible(llama.sequence_parallel_sizes(), 4)
 
 
+def assert_counts_each_row_once(root) -> None:  # noqa: ANN001
+    """ThroughputMonitor's samples per optimizer step are the global batch (8), not 8 per rank of a sequence group."""
+    import csv
+
+    from litune_testing import the_run
+
+    with (the_run(root) / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("perf/samples_per_sec")]
+    assert rows
+    for row in rows:
+        assert float(row["perf/samples_per_sec"]) * float(row["perf/step_time_s"]) == pytest.approx(8)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_sequence_parallel_fit_matches_one_process_resumes_and_exports(tmp_path, corpus_dir, tokenizer_dir) -> None:
@@ -159,6 +172,7 @@ def test_sequence_parallel_fit_matches_one_process_resumes_and_exports(tmp_path,
     run_litune("fit", *decoder_args(two, corpus_dir, tokenizer_dir, *sp))
     assert_matches(two, one, FIRST)
     assert probe(two, FIRST)["sequence_parallel"] == 2  # the 2 ranks split sequences (not 2 data-parallel ranks)
+    assert_counts_each_row_once(two)
     # Teeth: two optimizer steps move the logits far beyond the comparison's tolerance.
     assert (probe(one, FIRST)["logits"] - probe(one, 1)["logits"]).abs().max() > 1e-2
     assert is_fsdp2_checkpoint(the_run(two) / "checkpoints" / "last.ckpt")

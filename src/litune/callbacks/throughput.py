@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 
 from litune.errors import ConfigError
 from litune.models.flops import matmul_weights
+from litune.strategies.batch import batch_replicas
 from litune.tracking.peaks import device_peak_flops
 
 
@@ -155,6 +156,8 @@ class ThroughputMonitor(Callback):
         device = trainer.strategy.root_device
         counts = (self._samples, self._tokens, self._flops)
         window = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in counts])
+        # The ranks of a tensor- or sequence-parallel group all count the rows they share: count each row once.
+        window = window / batch_replicas(trainer)
         samples, tokens, flops = trainer.strategy.reduce(window, reduce_op="sum").tolist()
         self.tokens_seen += int(tokens)
         self.samples_seen += int(samples)
