@@ -18,7 +18,8 @@ gradient partition) or the parameter partition from device memory to host memory
 Activations follow Korthikanti et al. (2022), "Reducing Activation Recomputation in Large Transformer Models", eq. 1
 without tensor parallelism: ``s·b·h·(34 + 5·a·s/h)`` bytes per layer with 16-bit activations, and ``2·s·b·h`` per
 layer (the layer input) with full recomputation (gradient checkpointing). fp32 activations double those. The output
-layer adds the logits ``s·b·V`` in training precision plus the fp32 copy the loss takes.
+layer adds the logits ``s·b·V`` in training precision plus the fp32 copy the loss takes. Tensor parallelism over ``t``
+ranks follows eq. 2: ``s·b·h·(10 + 24/t + 5·a·s/(h·t))`` per layer and ``1/t`` of the (vocabulary-parallel) logits.
 """
 
 from __future__ import annotations
@@ -247,16 +248,19 @@ def model_state_bytes_per_param(strategy: StrategyShape, precision: str) -> tupl
     return width, width, 2.0 * width
 
 
-def activation_bytes(model: ModelShape, run: RunShape) -> float:
+def activation_bytes(model: ModelShape, run: RunShape, tensor_parallel: int = 1) -> float:
     """Activation memory of one micro-batch: Korthikanti et al.'s per-layer term times layers, plus the logits.
 
     The paper's ``s·b·h·(34 + 5as/h)`` counts 16-bit activations (and 1-byte dropout masks); fp32 runs roughly double
-    it, which is what the ``width / 2`` factor says.
+    it, which is what the ``width / 2`` factor says. Under tensor parallelism over ``t`` ranks (its eq. 2, without
+    sequence parallelism) a rank keeps ``s·b·h·(10 + 24/t + 5as/(ht))``: the residual stream, the norms' and the
+    column-parallel layers' inputs stay whole on every rank, the rest is split by heads and hidden units, and the
+    vocabulary-parallel logits are ``1/t`` of the whole.
     """
-    s, b, h, a = run.seq_len, run.micro_batch, model.hidden, model.n_head
+    s, b, h, a, t = run.seq_len, run.micro_batch, model.hidden, model.n_head, tensor_parallel
     width = PRECISION_BYTES[run.precision]
-    per_layer = 2 * s * b * h if run.gradient_checkpointing else s * b * h * (34 + 5 * a * s / h)
-    logits = s * b * model.vocab_size * (width + 4)  # logits, and the fp32 copy the loss takes
+    per_layer = 2 * s * b * h if run.gradient_checkpointing else s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+    logits = s * b * model.vocab_size * (width + 4) / t  # logits, and the fp32 copy the loss takes
     return model.n_layer * per_layer * width / 2 + logits
 
 
@@ -294,7 +298,7 @@ def estimate(model: ModelShape, run: RunShape, strategy: StrategyShape) -> Memor
     optimizer = k * psi / (n if strategy.stage >= 1 else 1)
     host = 0.0
     result_notes: list[str] = []
-    activations = activation_bytes(model, run)
+    activations = activation_bytes(model, run, strategy.tensor_parallel if strategy.fsdp else 1)
     if strategy.fsdp:
         shards = (strategy.shard_size or run.devices) if strategy.hybrid else n
         params, grads, optimizer = p * psi / shards, g * psi / shards, k * psi / shards
@@ -307,8 +311,9 @@ def estimate(model: ModelShape, run: RunShape, strategy: StrategyShape) -> Memor
                     f"use a tensor_parallel_size that divides {n}",
                 )
             result_notes.append(
-                f"tensor parallel x{strategy.tensor_parallel}: each layer split over a group (activations counted as "
-                "for one whole rank; the residual stream is replicated in the group)"
+                f"tensor parallel x{strategy.tensor_parallel}: each layer split over a group (activations per "
+                "Korthikanti et al. eq. 2: the residual stream and the layers' inputs replicated in the group, the "
+                "rest and the logits split)"
             )
         activations /= check_sequence_groups(strategy.sequence_parallel, n, result_notes)
         if strategy.offload_params:

@@ -64,6 +64,9 @@ def test_activations_follow_korthikanti_et_al() -> None:
     assert recompute == pytest.approx(layers * 2 * s * b * h + logits)
     fp32 = activation_bytes(LLAMA_7B, RunShape(s, b, "32-true"))
     assert fp32 == pytest.approx(2 * layers * s * b * h * (34 + 5 * a * s / h) + s * b * vocab * 8)
+    # Tensor parallelism over t ranks (eq. 2): 10 s·b·h per layer stay whole on every rank, the rest and logits / t.
+    tp4 = activation_bytes(LLAMA_7B, RunShape(s, b, "bf16-mixed"), tensor_parallel=4)
+    assert tp4 == pytest.approx(layers * s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)) + logits / 4)
 
 
 def test_cheapest_strategy_that_fits() -> None:
