@@ -203,3 +203,23 @@ def test_estimate_divides_activations_by_the_sequence_group(capsys) -> None:
     whole, split = per_device("fsdp2"), per_device("fsdp2_sp2")
     assert split["params"] == whole["params"] and split["optimizer"] == whole["optimizer"]
     assert split["activations"] == pytest.approx(whole["activations"] / 2)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sequence_parallel_fit_of_the_hf_gpt2_matches_and_resumes_on_another_layout(
+    tmp_path, reference, resumed_reference, corpus_dir, tokenizer_dir
+) -> None:
+    """The Hugging Face GPT-2 (attention through the registered ``litune_ulysses`` function) under fsdp2_sp2 on 2
+    processes trains as the shared 1-process reference does; its DCP checkpoint resumes on one FSDP2 process (DCP
+    reshards from FSDP2's 2-rank split) exactly as the reference resumes."""
+    from test_fsdp2 import FRAGMENTS, fsdp2_args, resume
+
+    from litune_testing import FIRST, SECOND, assert_matches, fit_args, probe, run_litune
+
+    run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, "--config", str(FRAGMENTS / "fsdp2_sp2.yaml"),
+                                "--trainer.devices=2"))  # fmt: skip
+    assert_matches(tmp_path, reference, FIRST)
+    assert probe(tmp_path, FIRST)["sequence_parallel"] == 2
+    resume(tmp_path, corpus_dir, tokenizer_dir, *fsdp2_args(devices=1))
+    assert_matches(tmp_path, resumed_reference, SECOND, world_size=1)
