@@ -138,6 +138,9 @@ def test_sequence_parallel_refuses_heads_the_ranks_cannot_split() -> None:
         check_divisible(llama.sequence_parallel_sizes(), 4)
 
 
+CHECKPOINTING = "--model.network.init_args.gradient_checkpointing=true"
+
+
 def assert_counts_each_row_once(root) -> None:  # noqa: ANN001
     """ThroughputMonitor's samples per optimizer step are the global batch (8), not 8 per rank of a sequence group."""
     import csv
@@ -164,14 +167,18 @@ def test_sequence_parallel_fit_matches_one_process_resumes_and_exports(tmp_path,
     from litune_testing import FIRST, SECOND, assert_matches, probe, run_litune, the_run
 
     one, two = tmp_path / "one", tmp_path / "two"
-    sp = ("--config", str(FRAGMENTS / "fsdp2_sp2.yaml"), "--trainer.devices=2")
+    # Gradient checkpointing on in the SP run, off in the reference: recomputing the blocks (all-to-alls included) in
+    # the backward pass must not change the math.
+    sp = ("--config", str(FRAGMENTS / "fsdp2_sp2.yaml"), "--trainer.devices=2", CHECKPOINTING)
     # One uninterrupted 1-process run (probed at FIRST and SECOND); the SP run stops at FIRST and resumes from there.
     run_litune(
         "fit", *decoder_args(one, corpus_dir, tokenizer_dir, "--trainer.devices=1"), f"--trainer.max_steps={SECOND}"
     )
     run_litune("fit", *decoder_args(two, corpus_dir, tokenizer_dir, *sp))
     assert_matches(two, one, FIRST)
-    assert probe(two, FIRST)["sequence_parallel"] == 2  # the 2 ranks split sequences (not 2 data-parallel ranks)
+    recorded = probe(two, FIRST)
+    assert recorded["sequence_parallel"] == 2  # the 2 ranks split sequences (not 2 data-parallel ranks)
+    assert recorded["gradient_checkpointing"] and not probe(one, FIRST)["gradient_checkpointing"]
     assert_counts_each_row_once(two)
     # Teeth: two optimizer steps move the logits far beyond the comparison's tolerance.
     assert (probe(one, FIRST)["logits"] - probe(one, 1)["logits"]).abs().max() > 1e-2
@@ -218,8 +225,9 @@ def test_sequence_parallel_fit_of_the_hf_gpt2_matches_and_resumes_on_another_lay
     from litune_testing import FIRST, SECOND, assert_matches, fit_args, probe, run_litune
 
     run_litune("fit", *fit_args(tmp_path, corpus_dir, tokenizer_dir, "--config", str(FRAGMENTS / "fsdp2_sp2.yaml"),
-                                "--trainer.devices=2"))  # fmt: skip
+                                "--trainer.devices=2", CHECKPOINTING))  # fmt: skip
     assert_matches(tmp_path, reference, FIRST)
-    assert probe(tmp_path, FIRST)["sequence_parallel"] == 2
+    recorded = probe(tmp_path, FIRST)
+    assert recorded["sequence_parallel"] == 2 and recorded["gradient_checkpointing"]
     resume(tmp_path, corpus_dir, tokenizer_dir, *fsdp2_args(devices=1))
     assert_matches(tmp_path, resumed_reference, SECOND, world_size=1)
