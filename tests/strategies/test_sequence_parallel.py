@@ -1,7 +1,8 @@
 """Ulysses sequence parallelism on 2 CPU processes over gloo, against the same network on one process.
 
-One spawn of 2 ranks checks, with float64 networks, litune's decoder (plain and chunked loss) and a Hugging Face
-Llama (grouped-query attention, through the registered ``litune_ulysses`` attention function): each rank's logits
+One spawn of 2 ranks checks, with float64 networks, litune's decoder (plain and chunked loss, and with DoRA adapters)
+and a Hugging Face Llama (grouped-query attention, through the registered ``litune_ulysses`` attention function; and
+with LoRA adapters, their gradients compared): each rank's logits
 equal the one-process logits of its half of the sequence, and the ranks' summed losses and summed gradients equal the
 one-process ones, on a padded batch, a packed multi-document batch and a batch of odd length (padded to split).
 Teeth: slices that number their positions from 0 (no offset), and next-token labels shifted after slicing instead of
@@ -55,7 +56,8 @@ def gaps(reference: torch.nn.Module, split: torch.nn.Module, batch: dict[str, to
         logits = part.local(part.padded(want.logits.transpose(1, 2), 0).transpose(1, 2))
         out["logits"] = float((got.logits - logits)[real].abs().max())  # padding positions' outputs are never used
     grads = {name: p.grad for name, p in split.named_parameters()}
-    out["grads"] = max(float((summed(grads[name]) - p.grad).abs().max()) for name, p in reference.named_parameters())
+    trained = [(name, p) for name, p in reference.named_parameters() if p.requires_grad]  # adapters: the base frozen
+    out["grads"] = max(float((summed(grads[name]) - p.grad).abs().max()) for name, p in trained)
     return out
 
 
@@ -65,6 +67,21 @@ def assert_split_matches(reference: torch.nn.Module, group, label: str) -> None:
     for name, batch in all_batches().items():
         found = gaps(reference, split, batch)
         assert max(found.values()) < TOL["atol"], (label, name, found)
+
+
+def with_adapters(network: torch.nn.Module, method: str = "lora") -> torch.nn.Module:
+    """``network`` (float64) with adapters on every linear layer (peft, in place; the base frozen), their ``B``
+    matrices made nonzero so every adapter weight gets a gradient."""
+    from litune.models.adapters import Adapters, add_adapters
+
+    torch.manual_seed(0)
+    network = network.double()
+    add_adapters(network, Adapters(method=method, r=4))
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return network
 
 
 class NoOffset(SequenceSplit):
@@ -114,6 +131,8 @@ def check_rank(rank: int, port: int) -> None:
         torch.manual_seed(0)
         llama = HFCausalLM(config=LLAMA).double()
         assert_split_matches(llama, group, "llama")
+        assert_split_matches(with_adapters(HFCausalLM(config=LLAMA)), group, "llama + LoRA")
+        assert_split_matches(with_adapters(DecoderLM(**NETWORK), "dora"), group, "decoder + DoRA")
         torch.manual_seed(0)
         assert_wrong_splits_fail(DecoderLM(**NETWORK).double(), group, decoder_module)
         assert_wrong_splits_fail(llama, group, hf_module)

@@ -596,7 +596,6 @@ def check_sequence_parallel(cfg: Namespace) -> None:
     for field, why in (
         ("preference", "preference losses sum each sequence's log-probs, which a split sequence spreads over ranks"),
         ("rl", "GRPO generates whole sequences on each rank"),
-        ("adapters", "adapters under sequence parallelism are not tested yet"),
         ("compile", "torch.compile of the all-to-all attention is not tested yet"),
     ):
         if model.get(field):
