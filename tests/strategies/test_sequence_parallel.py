@@ -67,6 +67,9 @@ def assert_split_matches(reference: torch.nn.Module, group, label: str) -> None:
     for name, batch in all_batches().items():
         found = gaps(reference, split, batch)
         assert max(found.values()) < TOL["atol"], (label, name, found)
+    ids = batches()["padded"]["input_ids"]
+    with torch.no_grad():  # no labels (generation, evaluation harnesses): the whole sequence on every rank
+        torch.testing.assert_close(split(input_ids=ids).logits, reference(input_ids=ids).logits, **TOL)
 
 
 def with_adapters(network: torch.nn.Module, method: str = "lora") -> torch.nn.Module:

@@ -452,10 +452,10 @@ class HFCausalLM(nn.Module):
         return [module for module in self.model.modules() if type(module).__name__ in names]
 
     def split_sequences(self, group: torch.distributed.ProcessGroup | None) -> None:
-        """Ulysses sequence parallelism over ``group`` (None: off): training and evaluation forwards keep ``1/N`` of
-        the sequence on each rank, attention runs through transformers' SDPA between two all-to-alls
+        """Ulysses sequence parallelism over ``group`` (None: off): forwards that take a loss (``labels`` given) keep
+        ``1/N`` of the sequence on each rank, attention runs through transformers' SDPA between two all-to-alls
         (:func:`litune.models.sequence_parallel.ulysses_attention`, registered as ``"litune_ulysses"``; outside a
-        split it is plain SDPA, so generation is unchanged)."""
+        split it is plain SDPA, so generation and logits-only forwards run whole on every rank)."""
         self.sequence_group = group
 
     def sequence_parallel_sizes(self) -> dict[str, int]:
@@ -476,7 +476,7 @@ class HFCausalLM(nn.Module):
         sequence's mask (causal, padding, packed documents: litune's own, as the decoder builds it).
         """
         targets = None if labels is None else causal_targets(labels)
-        if self.sequence_group is None:
+        if self.sequence_group is None or labels is None:  # split only a loss's forward (not generation's, lm-eval's)
             return model_inputs(input_ids, attention_mask, position_ids), targets
         from litune.models.transformer import attention_mask as whole_sequence_mask
         from litune.models.transformer import padding_or_none

@@ -501,18 +501,21 @@ class DecoderLM(TransformerLM):
         self.sequence_group: dist.ProcessGroup | None = None
 
     def split_sequences(self, group: dist.ProcessGroup | None) -> None:
-        """Ulysses sequence parallelism over ``group`` (None: off): every forward without a cache keeps ``1/N`` of the
-        sequence on each rank of the group (see :mod:`litune.models.sequence_parallel`)."""
+        """Ulysses sequence parallelism over ``group`` (None: off): every forward that takes a loss (``labels`` given,
+        no key/value cache) keeps ``1/N`` of the sequence on each rank of the group (see
+        :mod:`litune.models.sequence_parallel`); other forwards (generation, logits for evaluation harnesses) run the
+        whole sequence on every rank."""
         self.sequence_group = group
 
     def sequence_parallel_sizes(self) -> dict[str, int]:
         """The sizes Ulysses splits by config field (each must divide by the sequence-parallel size)."""
         return {"nhead": self.config.nhead}
 
-    def _split(self, length: int, past_key_values: KVCache | None, use_cache: bool) -> SequenceSplit | None:
-        """This forward's sequence split: under :meth:`split_sequences` and without a key/value cache (generation
-        runs whole on every rank)."""
-        if self.sequence_group is None or past_key_values or use_cache:
+    def _split(
+        self, length: int, labels: torch.Tensor | None, past_key_values: KVCache | None = None, use_cache: bool = False
+    ) -> SequenceSplit | None:
+        """This forward's sequence split: under :meth:`split_sequences`, for a loss (labels, no key/value cache)."""
+        if self.sequence_group is None or labels is None or past_key_values or use_cache:
             return None
         return SequenceSplit.of(self.sequence_group, length)
 
@@ -582,7 +585,7 @@ class DecoderLM(TransformerLM):
             :class:`LMOutput` with ``logits [B, T, vocab_size]`` (this rank's ``T/N`` positions and their targets
             under sequence parallelism).
         """
-        split = self._split(input_ids.size(1), past_key_values, use_cache)
+        split = self._split(input_ids.size(1), labels, past_key_values, use_cache)
         x, past = self._hidden(input_ids, attention_mask, position_ids, past_key_values, use_cache, split)
         targets = None if labels is None else causal_targets(labels)  # shifted over the whole sequence
         if split is not None:
@@ -643,7 +646,7 @@ class DecoderLM(TransformerLM):
             ``(hidden [B, T, d_model], lm_head, targets [B, T] or None)``: ``lm_head(hidden)`` are the logits of
             :meth:`forward`, ``targets`` its shifted labels (this rank's ``T/N`` positions under sequence parallelism).
         """
-        split = self._split(input_ids.size(1), None, False)
+        split = self._split(input_ids.size(1), labels)
         hidden, _ = self._hidden(input_ids, attention_mask, position_ids, split=split)
         targets = None if labels is None else causal_targets(labels)
         return hidden, self.lm_head, targets if split is None else split.targets(targets)
