@@ -67,6 +67,9 @@ def test_parallel_quick_mode_measures_tensor_parallel_ranks_beside_the_estimate(
     assert 0.5 < state["tp2"]["measured"] / state["tp1"]["measured"] < 0.53
     saved = {row["layout"]: row["measured"] for row in report["activations"]}
     assert 0 < saved["tp2"] < saved["tp1"]
+    # Sequence parallelism (Ulysses + FSDP2 over 2 ranks): model state halved as predicted, activations about halved.
+    assert state["sp2"]["measured"] == pytest.approx(state["sp2"]["predicted"], rel=1e-3)
+    assert 0.45 < saved["sp2"] / saved["tp1"] < 0.6
 
 
 def check_outputs(out: Path) -> None:
