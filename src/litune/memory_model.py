@@ -16,7 +16,8 @@ Under ``32-true`` DeepSpeed stores 4-byte weights and gradients but still keeps 
 gradient partition) or the parameter partition from device memory to host memory.
 
 Activations follow Korthikanti et al. (2022), "Reducing Activation Recomputation in Large Transformer Models", eq. 1
-without tensor parallelism: ``s·b·h·(34 + 5·a·s/h)`` bytes per layer with 16-bit activations, and ``2·s·b·h`` per
+without tensor parallelism: ``s·b·h·(34 + 5·a·s/h)`` bytes per layer with 16-bit activations (the ``5·a·s/h``
+score term only where attention keeps its probabilities: eager attention, not SDPA's fused kernels), and ``2·s·b·h`` per
 layer (the layer input) with full recomputation (gradient checkpointing). fp32 activations double those. The output
 layer adds the logits ``s·b·V`` in training precision plus the fp32 copy the loss takes. Tensor parallelism over ``t``
 ranks follows eq. 2: ``s·b·h·(10 + 24/t + 5·a·s/(h·t))`` per layer and ``1/t`` of the (vocabulary-parallel) logits.
@@ -58,6 +59,10 @@ class ModelShape:
         hidden: model width h.
         n_head: attention heads a.
         vocab_size: V, for the logits.
+        attention_probabilities: attention keeps its ``[b, a, s, s]`` softmax probabilities (and dropout mask) for
+            backward: eager attention, or SDPA's math fallback (attention dropout on CPU). False, the default: SDPA's
+            fused kernels (flash, memory-efficient: litune's decoder and Hugging Face's ``sdpa``), which keep only a
+            ``[b, a, s]`` log-sum-exp, so Korthikanti et al.'s ``5·a·s²`` term is not spent.
     """
 
     num_params: int
@@ -65,6 +70,7 @@ class ModelShape:
     hidden: int
     n_head: int
     vocab_size: int
+    attention_probabilities: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_params", "n_layer", "hidden", "n_head", "vocab_size"):
@@ -252,14 +258,18 @@ def activation_bytes(model: ModelShape, run: RunShape, tensor_parallel: int = 1)
     """Activation memory of one micro-batch: Korthikanti et al.'s per-layer term times layers, plus the logits.
 
     The paper's ``s·b·h·(34 + 5as/h)`` counts 16-bit activations (and 1-byte dropout masks); fp32 runs roughly double
-    it, which is what the ``width / 2`` factor says. Under tensor parallelism over ``t`` ranks (its eq. 2, without
+    it, which is what the ``width / 2`` factor says. Its ``5as/h`` term (the ``[a, s, s]`` scores, their softmax and
+    dropout mask) is counted only for attention that keeps them (``model.attention_probabilities``): SDPA's fused
+    kernels recompute them in the backward pass, and the measured activations of such a run grow linearly with
+    ``s`` (``docs/benchmarks.md``, parallelism tables). Under tensor parallelism over ``t`` ranks (its eq. 2, without
     sequence parallelism) a rank keeps ``s·b·h·(10 + 24/t + 5as/(ht))``: the residual stream, the norms' and the
     column-parallel layers' inputs stay whole on every rank, the rest is split by heads and hidden units, and the
     vocabulary-parallel logits are ``1/t`` of the whole.
     """
     s, b, h, a, t = run.seq_len, run.micro_batch, model.hidden, model.n_head, tensor_parallel
     width = PRECISION_BYTES[run.precision]
-    per_layer = 2 * s * b * h if run.gradient_checkpointing else s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+    scores = 5 * a * s / (h * t) if model.attention_probabilities else 0.0  # fused SDPA keeps no [s, s] scores
+    per_layer = 2 * s * b * h if run.gradient_checkpointing else s * b * h * (10 + 24 / t + scores)
     logits = s * b * model.vocab_size * (width + 4) / t  # logits, and the fp32 copy the loss takes
     return model.n_layer * per_layer * width / 2 + logits
 

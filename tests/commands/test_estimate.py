@@ -26,6 +26,8 @@ from litune_testing import REPO, TINY, fit_args, run_litune, the_run
 
 PSI = 7_000_000_000
 LLAMA_7B = ModelShape(num_params=PSI, n_layer=32, hidden=4096, n_head=32, vocab_size=32000)
+LLAMA_7B_EAGER = ModelShape(PSI, 32, 4096, 32, 32000, attention_probabilities=True)
+"""The paper's setting: attention that keeps its ``[b, a, s, s]`` probabilities for backward."""
 
 
 @pytest.mark.parametrize("n", [1, 2, 8, 64])
@@ -57,26 +59,33 @@ def test_offload_moves_optimizer_and_parameters_to_host_memory() -> None:
 
 def test_activations_follow_korthikanti_et_al() -> None:
     s, b, h, a, layers, vocab = 2048, 2, 4096, 32, 32, 32000
-    full = activation_bytes(LLAMA_7B, RunShape(seq_len=s, micro_batch=b, precision="bf16-mixed"))
+    full = activation_bytes(LLAMA_7B_EAGER, RunShape(seq_len=s, micro_batch=b, precision="bf16-mixed"))
     logits = s * b * vocab * (2 + 4)
     assert full == pytest.approx(layers * s * b * h * (34 + 5 * a * s / h) + logits)
-    recompute = activation_bytes(LLAMA_7B, RunShape(s, b, "bf16-mixed", gradient_checkpointing=True))
+    recompute = activation_bytes(LLAMA_7B_EAGER, RunShape(s, b, "bf16-mixed", gradient_checkpointing=True))
     assert recompute == pytest.approx(layers * 2 * s * b * h + logits)
-    fp32 = activation_bytes(LLAMA_7B, RunShape(s, b, "32-true"))
+    fp32 = activation_bytes(LLAMA_7B_EAGER, RunShape(s, b, "32-true"))
     assert fp32 == pytest.approx(2 * layers * s * b * h * (34 + 5 * a * s / h) + s * b * vocab * 8)
     # Tensor parallelism over t ranks (eq. 2): 10 s·b·h per layer stay whole on every rank, the rest and logits / t.
-    tp4 = activation_bytes(LLAMA_7B, RunShape(s, b, "bf16-mixed"), tensor_parallel=4)
+    tp4 = activation_bytes(LLAMA_7B_EAGER, RunShape(s, b, "bf16-mixed"), tensor_parallel=4)
     assert tp4 == pytest.approx(layers * s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)) + logits / 4)
+    # SDPA's fused kernels (the default) keep no [a, s, s] scores: the 5·a·s/h term is gone, the rest is the same.
+    fused = activation_bytes(LLAMA_7B, RunShape(seq_len=s, micro_batch=b, precision="bf16-mixed"))
+    assert fused == pytest.approx(layers * s * b * h * 34 + logits)
+    fused_tp4 = activation_bytes(LLAMA_7B, RunShape(s, b, "bf16-mixed"), tensor_parallel=4)
+    assert fused_tp4 == pytest.approx(layers * s * b * h * (10 + 24 / 4) + logits / 4)
 
 
 def test_cheapest_strategy_that_fits() -> None:
     run = RunShape(seq_len=2048, micro_batch=1, precision="bf16-mixed", devices=8)
     # DDP needs 112 GB of model state alone; ZeRO-1 needs 14 + 10.5 GB, plus activations without recomputation
-    # (32 layers x 2048 x 4096 x (34 + 5 x 32 x 2048 / 4096) bytes = 30 GiB): 24.5 GB + 30 GiB + logits fits in 80.
-    assert cheapest_fitting(LLAMA_7B, run, 80) == (StrategyShape(stage=1, deepspeed=True), False)
-    # On 24 GB cards ZeRO-3 (1.75 GB/GPU of model state) fits once activations are recomputed.
-    strategy, checkpointing = cheapest_fitting(LLAMA_7B, run, 24)
+    # (eager attention: 32 layers x 2048 x 4096 x (34 + 5 x 32 x 2048 / 4096) bytes = 30 GiB): fits in 80.
+    assert cheapest_fitting(LLAMA_7B_EAGER, run, 80) == (StrategyShape(stage=1, deepspeed=True), False)
+    # On 24 GB cards ZeRO-3 (1.75 GB/GPU of model state) fits once the eager activations are recomputed ...
+    strategy, checkpointing = cheapest_fitting(LLAMA_7B_EAGER, run, 24)
     assert strategy.stage == 3 and checkpointing
+    # ... and without recomputation under SDPA's fused attention (32 x 2048 x 4096 x 34 bytes = 8.5 GiB).
+    assert cheapest_fitting(LLAMA_7B, run, 24) == (StrategyShape(stage=3, deepspeed=True), False)
     assert cheapest_fitting(LLAMA_7B, RunShape(4096, 64, "bf16-mixed", devices=1), 80) is None
 
 
@@ -128,6 +137,15 @@ def test_cli_reads_only_the_config_of_a_pretrained_folder(capsys, tiny_gpt2_dir,
 
     assert data["model"]["num_params"] == AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).num_parameters()
     assert data["strategy"] == "ddp" and data["run"]["precision"] == "32-true"
+    assert not data["model"]["attention_probabilities"]  # SDPA, HFCausalLM's default
+    eager = estimate_json(
+        capsys,
+        "--config", str(TINY),
+        f"--model.network.init_args.pretrained={tiny_gpt2_dir}", "--model.network.init_args.config=null",
+        f"--model.tokenizer={tiny_gpt2_dir}", "--devices", "2", "--model.network.init_args.attn_implementation=eager",
+    )  # fmt: skip
+    assert eager["model"]["attention_probabilities"]  # eager attention keeps the [b, a, s, s] scores: counted
+    assert eager["per_device_bytes"]["activations"] > data["per_device_bytes"]["activations"]
 
 
 def test_cli_counts_a_deferred_network(capsys) -> None:
@@ -195,22 +213,46 @@ def saved_activation_bytes(network: torch.nn.Module, input_ids: torch.Tensor) ->
 def test_activation_estimate_is_within_10_percent_of_what_a_real_step_saves(seq_len: int, hidden: int) -> None:
     """Korthikanti et al.'s formula against the saved-tensor bytes of litune's DecoderLM (fp32, dropout 0.1) on CPU.
 
-    Scope (also in the README): fp32 with dropout, the paper's setting doubled. Measured otherwise: bf16-mixed autocast
-    keeps fp32 and bf16 copies (estimate 0.63x of the measurement), and Hugging Face GPT-2's tanh-GELU saves 4
-    tensors of 4h per layer (0.6-0.7x); the formula is a guide there, not a bound.
+    Scope (also in the README): fp32 with dropout, the paper's setting doubled; attention dropout sends CPU SDPA down
+    its math path, which keeps the ``[b, a, s, s]`` probabilities (``attention_probabilities=True``). Measured
+    otherwise: bf16-mixed autocast keeps fp32 and bf16 copies (estimate 0.63x of the measurement), and Hugging Face
+    GPT-2's tanh-GELU saves 4 tensors of 4h per layer (0.6-0.7x); the formula is a guide there, not a bound.
     """
+    network, measured = decoder_step_activations(seq_len, hidden, dropout=0.1)
+    shape = model_shape_of(network, hidden, attention_probabilities=True)
+    predicted = activation_bytes(shape, RunShape(seq_len=seq_len, micro_batch=4, precision="32-true"))
+    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+    # Teeth: the 16-bit count (the paper's, without the fp32 doubling) is far off the measurement.
+    undoubled = activation_bytes(shape, RunShape(seq_len=seq_len, micro_batch=4, precision="bf16-mixed"))
+    assert undoubled != pytest.approx(measured, rel=0.10)
+
+
+def test_fused_attention_estimate_has_no_score_term() -> None:
+    """Without attention dropout, SDPA's fused CPU kernel keeps no ``[b, a, s, s]`` scores: the default estimate
+    (``attention_probabilities=False``) is within 20% of the measurement (it still counts the paper's two ``s·b·h``
+    dropout masks per layer, so it errs high), and counting the score term overshoots by more than 2x at ``s=256``."""
+    seq_len, hidden = 256, 128
+    network, measured = decoder_step_activations(seq_len, hidden, dropout=0.0)
+    run = RunShape(seq_len=seq_len, micro_batch=4, precision="32-true")
+    predicted = activation_bytes(model_shape_of(network, hidden), run)
+    assert measured <= predicted <= 1.2 * measured, (predicted, measured)
+    with_scores = activation_bytes(model_shape_of(network, hidden, attention_probabilities=True), run)
+    assert with_scores > 2 * measured, (with_scores, measured)
+
+
+def decoder_step_activations(seq_len: int, hidden: int, dropout: float) -> tuple[torch.nn.Module, int]:
+    """A 2-layer, 4-head litune DecoderLM (vocabulary 512) and the bytes one training forward of ``[4, seq_len]``
+    tokens saves for backward."""
     from litune.models.transformer import DecoderLM
 
     torch.manual_seed(0)
-    layers, heads, vocab, batch = 2, 4, 512, 4
     network = DecoderLM(
-        d_model=hidden, nhead=heads, num_decoder_layers=layers, vocab_size=vocab, max_seq_len=seq_len, dropout=0.1,
+        d_model=hidden, nhead=4, num_decoder_layers=2, vocab_size=512, max_seq_len=seq_len, dropout=dropout,
         dim_feedforward=4 * hidden,
     ).train()  # fmt: skip
-    measured = saved_activation_bytes(network, torch.randint(0, vocab, (batch, seq_len)))
-    shape = ModelShape(sum(p.numel() for p in network.parameters()), layers, hidden, heads, vocab)
-    predicted = activation_bytes(shape, RunShape(seq_len=seq_len, micro_batch=batch, precision="32-true"))
-    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
-    # Teeth: the 16-bit count (the paper's, without the fp32 doubling) is far off the measurement.
-    undoubled = activation_bytes(shape, RunShape(seq_len=seq_len, micro_batch=batch, precision="bf16-mixed"))
-    assert undoubled != pytest.approx(measured, rel=0.10)
+    return network, saved_activation_bytes(network, torch.randint(0, 512, (4, seq_len)))
+
+
+def model_shape_of(network: torch.nn.Module, hidden: int, attention_probabilities: bool = False) -> ModelShape:
+    """The :class:`ModelShape` of :func:`decoder_step_activations`' network."""
+    return ModelShape(sum(p.numel() for p in network.parameters()), 2, hidden, 4, 512, attention_probabilities)

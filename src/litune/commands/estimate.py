@@ -64,7 +64,8 @@ def _network_on_meta(network: Namespace) -> torch.nn.Module:
             from transformers import AutoConfig, AutoModelForCausalLM
 
             hf_config = AutoConfig.from_pretrained(pretrained, trust_remote_code=init_args.get("trust_remote_code"))
-            return AutoModelForCausalLM.from_config(hf_config)
+            attention = init_args.get("attn_implementation") or "sdpa"  # HFCausalLM's default
+            return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention)
         parser = ArgumentParser(exit_on_error=False)
         parser.add_argument("--network", type=torch.nn.Module)
         built = parser.instantiate_classes(parser.parse_object({"network": network.as_dict()})).network
@@ -80,7 +81,10 @@ def model_shape(network: torch.nn.Module) -> ModelShape:
     hf = getattr(network, "model", network)
     cfg = getattr(hf, "config", None)
     if cfg is not None and hasattr(cfg, "num_hidden_layers"):
-        return ModelShape(num_params, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size)
+        eager = getattr(cfg, "_attn_implementation", None) == "eager"  # keeps its [b, a, s, s] probabilities
+        return ModelShape(
+            num_params, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size, eager
+        )
     cfg = getattr(network, "config", None)
     if cfg is not None and hasattr(cfg, "d_model"):
         layers = getattr(cfg, "num_encoder_layers", 0) + getattr(cfg, "num_decoder_layers", 0)
