@@ -40,6 +40,7 @@ so the clipped gradient is the one a single process would clip (tested against a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -77,14 +78,25 @@ def sharding_units(network: nn.Module) -> list[nn.Module]:
     Raises:
         ConfigError: when the network does not implement the ``sharding_units()`` hook.
     """
-    hook = getattr(network, "sharding_units", None)
-    if not callable(hook):
-        raise ConfigError(
-            NETWORK_FIELD,
-            f"{type(network).__name__} does not say how FSDP2 should shard it (no `sharding_units()` method)",
-            "implement `sharding_units()` returning the network's transformer blocks, or use a DDP/DeepSpeed config",
-        )
+    hook = network_hook(
+        network,
+        "sharding_units",
+        "does not say how FSDP2 should shard it",
+        "implement `sharding_units()` returning the network's transformer blocks, or use a DDP/DeepSpeed config",
+    )
     return list(hook())
+
+
+def network_hook(network: nn.Module, name: str, why: str, fix: str) -> Callable[..., Any]:
+    """The network's method ``name`` that a strategy calls (``sharding_units``, ``split_sequences``).
+
+    Raises:
+        ConfigError: naming ``model.network``, when the network has no such method: ``why`` it is needed, and ``fix``.
+    """
+    hook = getattr(network, name, None)
+    if not callable(hook):
+        raise ConfigError(NETWORK_FIELD, f"{type(network).__name__} {why} (no `{name}()` method)", fix)
+    return hook
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -158,13 +170,12 @@ def split_sequences(network: nn.Module, group: Any) -> None:
     Raises:
         ConfigError: when the network has no such hook.
     """
-    hook = getattr(network, "split_sequences", None)
-    if not callable(hook):
-        raise ConfigError(
-            NETWORK_FIELD,
-            f"{type(network).__name__} cannot split its sequences (no `split_sequences()` method)",
-            "use litune.models.transformer.DecoderLM or litune.models.HFCausalLM, or sequence_parallel_size: 1",
-        )
+    hook = network_hook(
+        network,
+        "split_sequences",
+        "cannot split its sequences",
+        "use litune.models.transformer.DecoderLM or litune.models.HFCausalLM, or sequence_parallel_size: 1",
+    )
     hook(group)
 
 
