@@ -49,7 +49,7 @@ from litune.objective import (
     train_look_ahead,
     uninstall_look_ahead,
 )
-from litune.optim import LRSchedule, default_optimizer, param_groups
+from litune.optim import LRSchedule, default_optimizer, param_groups, use_fast_kernels
 from litune.preference.objective import Preference, PreferenceObjective, units_counter
 from litune.rl.objective import RL, GRPOObjective
 from litune.strategies.batch import batch_replicas, loss_replicas
@@ -105,7 +105,9 @@ class LitLM(L.LightningModule):
         tokenizer: where the tokenizer comes from (hub id, local folder, or a trained BPE). The CLI links it to the
             data module; it is kept here so a checkpoint knows how to decode its own outputs.
         optimizer: a callable that builds the optimizer from parameter groups, e.g. ``torch.optim.AdamW`` with its
-            ``init_args`` (``lr``, ``weight_decay``, ``betas``) in the config.
+            ``init_args`` (``lr``, ``weight_decay``, ``betas``) in the config. Adam and AdamW run with torch's fused
+            kernel where the device has one (CPU, CUDA), else ``foreach``, unless ``fused`` or ``foreach`` is set
+            (:func:`litune.optim.use_fast_kernels`).
         lr_schedule: warmup and decay, stepped per optimizer step.
         nonfinite: what an optimizer step whose loss or gradient norm is NaN/Inf on any rank does (all ranks
             agree): ``skip`` leaves weights and optimizer state untouched for that step, counts it in
@@ -625,7 +627,8 @@ class LitLM(L.LightningModule):
             )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(param_groups(self.network))
+        # Adam/AdamW run fused (one kernel per tensor group) unless the config chose fused/foreach itself.
+        optimizer = use_fast_kernels(self.optimizer_factory(param_groups(self.network)))
         scheduler = self.lr_schedule.build(optimizer, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

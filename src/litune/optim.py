@@ -1,7 +1,8 @@
 """Optimizer parameter groups and learning-rate schedules.
 
-The optimizer class itself is chosen in the config (``class_path: torch.optim.AdamW``); this module only decides which
-parameters get weight decay and builds the warmup + decay schedule.
+The optimizer class itself is chosen in the config (``class_path: torch.optim.AdamW``); this module decides which
+parameters get weight decay, runs Adam and AdamW with torch's fused kernel unless the config chose an implementation
+(:func:`use_fast_kernels`), and builds the warmup + decay schedule.
 """
 
 from __future__ import annotations
@@ -38,6 +39,62 @@ def param_groups(network: nn.Module) -> list[dict]:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+FAST_KERNEL_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+"""Optimizers :func:`use_fast_kernels` switches to torch's fused kernel (what ``transformers.Trainer`` defaults to)."""
+
+
+def _fused_devices() -> set[str]:
+    """Device types with torch's fused Adam kernels (torch 2.13: cpu, cuda, mps, xpu, ...)."""
+    try:  # private in torch, but the very list torch's Adam checks ``fused=True`` against
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        return set(_get_fused_kernels_supported_devices())
+    except ImportError:
+        return {"cuda"}
+
+
+def _chose_implementation(group: dict) -> bool:
+    """Whether a parameter group (or the defaults) names an implementation: ``fused``/``foreach`` set, even to false."""
+    return group.get("fused") is not None or group.get("foreach") is not None or bool(group.get("differentiable"))
+
+
+def use_fast_kernels(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Switch a fresh Adam/AdamW to ``fused=True`` where torch has the kernel for every parameter, else ``foreach``.
+
+    torch's own default (``fused=None, foreach=None``) is the per-parameter for-loop on CPU and ``foreach`` on CUDA;
+    the fused kernel does the whole update in one pass per tensor group (about 5x faster on CPU for a 5 M-parameter
+    GPT-2) and gives the same parameters within fp32 rounding (``tests/test_optim.py``). An optimizer whose config set
+    ``fused`` or ``foreach`` (``false`` included) is left as configured, as is every other optimizer class.
+
+    Why switch after construction instead of passing ``fused=True``: the config's optimizer is a callable that takes
+    the parameter groups only, and which kernel fits depends on where the parameters are, known only here. The
+    switch sets the groups' flags as ``Adam.__init__(fused=True)`` does; torch checks the parameters' device and dtype
+    at the first step. It leaves ``_step_supports_amp_scaling`` unset, unlike ``Adam.__init__``: with it set, a
+    GradScaler (fp16 mixed precision) would unscale inside the kernel, and Lightning refuses gradient clipping for such
+    an optimizer; unset, the scaler unscales the gradients first, clipping works, and the kernel stays fused.
+    DeepSpeed ZeRO wraps this optimizer and steps it over its fp32 partitions (fused there too); with the optimizer
+    offloaded, :func:`litune.strategies.optimizers.to_deepspeed_cpu_adam` replaces it with DeepSpeed's CPU Adam.
+
+    Args:
+        optimizer: an optimizer with no state yet, whose parameters are already on their device (plain tensors or
+            FSDP2's DTensors, whose local shards the kernel updates).
+
+    Returns:
+        The same optimizer object (schedulers built on it keep working).
+    """
+    if type(optimizer) not in FAST_KERNEL_OPTIMIZERS or optimizer.state:
+        return optimizer
+    groups = [optimizer.defaults, *optimizer.param_groups]
+    if any(_chose_implementation(g) for g in groups):
+        return optimizer
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    devices = _fused_devices()
+    fused = all(p.device.type in devices and torch.is_floating_point(p) for p in params)
+    for group in groups:
+        group["fused"], group["foreach"] = (True, None) if fused else (None, True)
+    return optimizer
 
 
 @dataclass
