@@ -8,11 +8,15 @@ again each step; after ``keep_freed_host_memory()`` steps reuse the heap and fau
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+from litune import host_memory
 from litune.host_memory import ENV
+from litune_testing import the_run
 
 STEPS = 20
 BIG_PAGES = 40 * 2**20 // 4096  # pages of the 40 MiB buffer
@@ -51,3 +55,13 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again() -> None:
 def test_the_user_can_keep_glibc_defaults() -> None:
     assert faults("tuned", **{ENV: "default"})[0] is False
     assert faults("tuned", MALLOC_ARENA_MAX="2")[0] is False  # their own malloc settings win
+
+
+def test_only_litunes_own_command_keeps_freed_memory_and_only_on_cpu(reference: Path, monkeypatch) -> None:
+    """The reference run is a `litune fit` process on CPU; this test process only imports litune (and ran fits)."""
+    assert json.loads((the_run(reference) / "env.json").read_text())["host_allocator"] == "keep_freed"
+    assert host_memory.applied is False  # in-process fits of other tests (litune.cli.main([...])) left it alone
+    monkeypatch.setattr(host_memory, "_cli_process", True)
+    assert host_memory.tune_cli_run("cuda") is False  # a GPU run allocates on the device: glibc stays as it is
+    monkeypatch.setattr(host_memory, "_cli_process", False)
+    assert host_memory.tune_cli_run("cpu") is False  # not litune's own command

@@ -77,12 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``litune`` console script.
 
     Args:
-        argv: arguments after ``litune``; ``None`` reads ``sys.argv`` (LightningCLI then parses it itself).
+        argv: arguments after ``litune``; ``None`` reads ``sys.argv`` (LightningCLI then parses it itself) and marks
+            this process as litune's own command (the console script, ``python -m litune.cli``): only such a process
+            gets litune's host-allocator settings on CPU runs (:mod:`litune.host_memory`), never a program that
+            imports litune and calls ``main([...])``.
 
     Returns:
         The exit status: 0, 2 for a bare ``litune`` and for a configuration error (printed as one paragraph), 1 when
         training stopped on purpose (:class:`~litune.errors.TrainingStopped`, printed as one paragraph).
     """
+    if argv is None:
+        from litune.host_memory import mark_cli_process  # imports nothing heavy
+
+        mark_cli_process()
     args = list(sys.argv[1:] if argv is None else argv)
     show_info_logs()
     if not args or args[0] in ("-h", "--help"):

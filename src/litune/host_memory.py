@@ -10,6 +10,12 @@ PyTorch's CPU performance guide answers this by preloading another allocator (je
 ``mallopt`` does the same in-process, with no extra package and before any tensor is allocated. The price: a training
 process keeps up to :data:`TRIM_THRESHOLD` bytes of freed memory mapped. ``LITUNE_HOST_ALLOCATOR=default`` leaves
 glibc as it is (as does another allocator, or any ``MALLOC_*`` variable the user set).
+
+Scope: only a process that *is* litune's command (the ``litune`` console script or ``python -m litune.cli``, which mark
+it with :func:`mark_cli_process`), and only a run on the CPU accelerator (:func:`tune_cli_run`, called by every
+``litune fit``/``validate``/``test``, by ``tune lr`` and by the ranks they start, which run the same command line). A
+program that imports litune (a notebook, the tests) keeps its allocator as it is, and so does a GPU run, whose steps
+allocate on the device.
 """
 
 from __future__ import annotations
@@ -25,6 +31,32 @@ ENV = "LITUNE_HOST_ALLOCATOR"
 
 # glibc's mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+_cli_process = False  # set by litune.cli.main for the process whose own command line it runs
+applied = False
+"""Whether this process's malloc got the settings (read by the run's ``env.json`` and by the tests)."""
+
+
+def mark_cli_process() -> None:
+    """Mark this process as litune's own command (the console script or ``python -m litune.cli``)."""
+    global _cli_process
+    _cli_process = True
+
+
+def tune_cli_run(accelerator: str) -> bool:
+    """Apply :func:`keep_freed_host_memory` when this process is litune's command and the run is on the CPU.
+
+    Args:
+        accelerator: the run's resolved accelerator (``"cpu"``, ``"cuda"``, ...).
+
+    Returns:
+        Whether the settings are in effect in this process (also when an earlier call applied them).
+    """
+    global applied
+    if _cli_process and accelerator == "cpu" and not applied:
+        applied = keep_freed_host_memory()
+    return applied
 
 
 def keep_freed_host_memory() -> bool:

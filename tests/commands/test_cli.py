@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,6 +42,8 @@ def test_fit_writes_a_run_folder_with_config_checkpoint_and_metrics(tmp_path, co
     header = metrics[0].split(",")
     assert {"train/loss", "val/ppl", "step"} <= set(header)
     assert list(run.glob("events.out.tfevents.*")), "TensorBoard events in the run folder"
+    # A program that imports litune (this test) keeps its malloc settings: only the `litune` command changes them.
+    assert json.loads((run / "env.json").read_text())["host_allocator"] == "default"
 
 
 def test_two_runs_in_one_process_get_their_own_folders(tmp_path, corpus_dir, tokenizer_dir) -> None:

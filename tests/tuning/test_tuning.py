@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -39,6 +40,8 @@ def test_lr_finder_suggests_a_finite_rate_writes_a_plot_and_a_fragment_that_comp
     suggestion = float(line.split(":")[1])
     assert math.isfinite(suggestion) and 1e-7 < suggestion < 1.0
     (run_dir,) = runs.glob("*-tiny-lr-find")
+    # litune's own command on CPU: glibc keeps freed buffers, as in `litune fit` (litune.host_memory)
+    assert json.loads((run_dir / "lr_find.json").read_text())["host_allocator"] == "keep_freed"
     image = imread(run_dir / "lr_find.png")  # [H, W, RGBA] in [0, 1]
     assert image[..., :3].std() > 0.02, "lr_find.png is blank"
     fragment = run_dir / "lr.yaml"

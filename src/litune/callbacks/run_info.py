@@ -21,6 +21,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from litune import host_memory
 from litune.tracking.secrets import scrub
 
 _PACKAGES = ("litune", "torch", "lightning", "deepspeed", "transformers", "datasets", "tokenizers", "wandb")
@@ -71,6 +72,8 @@ def environment(trainer: pl.Trainer) -> dict[str, Any]:
         "devices_per_node": trainer.num_devices,
         "strategy": type(trainer.strategy).__name__,
         "precision": str(trainer.precision),
+        # glibc malloc keeping freed buffers (litune.host_memory): only litune's own command, on CPU.
+        "host_allocator": "keep_freed" if host_memory.applied else "default",
         "git": git_commit(),
         "host": platform.node(),
         "command": sys.argv,

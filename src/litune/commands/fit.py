@@ -28,7 +28,7 @@ from litune.callbacks.preemption import CollectiveTimeout, Preempted
 from litune.callbacks.run_info import log_once
 from litune.commands.wiring import add_loggers, add_tracking, add_tracking_arguments, as_list
 from litune.errors import NETWORK_ARGS, ConfigError, as_config_error, from_parse_error, quoted_argument
-from litune.host_memory import keep_freed_host_memory
+from litune.host_memory import tune_cli_run
 from litune.limits import check_limits
 from litune.module import LitLM
 from litune.resume import (
@@ -219,6 +219,9 @@ class LituneCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._section()
         check_config(cfg)
+        # Before the model's tensors exist: CPU steps reuse freed buffers instead of faulting in fresh pages. Only in
+        # litune's own command on CPU (litune.host_memory); `tune lr` passes here too (run=False, no subcommand).
+        tune_cli_run(resolve_accelerator(cfg.trainer.get("accelerator", "auto")))
         if self.subcommand is None:
             return
         self.save_config_kwargs = {**self.save_config_kwargs, "subcommand": self.subcommand}
@@ -776,6 +779,5 @@ def load_datamodule(argv: list[str]) -> LightningDataModule:
 
 def main(argv: list[str] | None) -> int:
     """Run ``litune fit | validate | test``; ``argv=None`` lets LightningCLI read ``sys.argv`` itself."""
-    keep_freed_host_memory()  # before the first tensor: CPU steps reuse freed buffers instead of faulting in pages
     LituneCLI(args=argv)
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from litune import host_memory
 from litune.commands.fit import LituneCLI, parse_config
 from litune.errors import ConfigError
 from litune.runs import RUN_DIR_ENV, checkpoints_dir, resolve_run_dir
@@ -107,6 +108,7 @@ def find_lr(argv: list[str], min_lr: float = 1e-7, max_lr: float = 1.0, num_trai
         figure.axes[0].set_title(f"learning-rate range test: suggestion {suggestion:.3g}")
         figure.savefig(run_dir / "lr_find.png", dpi=100)
         record = {"suggestion": suggestion, "min_lr": min_lr, "max_lr": max_lr, "lr": lrs, "loss": losses}
+        record["host_allocator"] = "keep_freed" if host_memory.applied else "default"  # as env.json of a fit
         (run_dir / "lr_find.json").write_text(json.dumps(record, indent=1, allow_nan=True))
     return LRFindResult(suggestion=float(suggestion), run_dir=run_dir, lrs=lrs, losses=losses)
 
