@@ -105,8 +105,23 @@ class FinalLogits(Callback):
                 "built_partitioned": getattr(network, "built_partitioned", None),  # see ProbedDeferredHFCausalLM
                 # Under DDP/DeepSpeed pl_module.network is the module itself (the engine wraps the LightningModule).
                 "compiled": getattr(network, "_compiled_call_impl", None) is not None,
+                "optimizer": stepping_optimizer(trainer),
             }
             torch.save(record, self.directory / f"step{step}.pt")
+
+
+def stepping_optimizer(trainer: Trainer) -> str:
+    """The optimizer that updates the weights and its kernel, e.g. ``AdamW fused`` or ``DeepSpeedCPUAdam``.
+
+    DeepSpeed's ZeRO optimizer wraps the configured one (``.optimizer``) and steps it over its fp32 partitions.
+    """
+    optimizer = trainer.optimizers[0]
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    name, defaults = type(optimizer).__name__, getattr(optimizer, "defaults", {})
+    if name == "DeepSpeedCPUAdam":
+        return name
+    return f"{name} {'fused' if defaults.get('fused') else 'foreach' if defaults.get('foreach') else 'for-loop'}"
 
 
 class ProbedDeferredHFCausalLM(DeferredHFCausalLM):
@@ -228,6 +243,8 @@ def assert_matches(root: Path, reference: Path, step: int, world_size: int = 2) 
     """The run under ``root`` computes what the 1-process reference computes after ``step`` optimizer steps."""
     got, want = probe(root, step), probe(reference, step)
     assert got["world_size"] == world_size and want["world_size"] == 1
+    # litune's default kernel under every strategy (ZeRO optimizer offload: DeepSpeed's CPU Adam, litune.optim)
+    assert got["optimizer"] in ("AdamW fused", "DeepSpeedCPUAdam") and want["optimizer"] == "AdamW fused", (got, want)
     # Same optimization, different reduction order (all-reduce vs. accumulation): fp32 round-off only.
     torch.testing.assert_close(got["logits"], want["logits"], atol=2e-4, rtol=1e-4)
     assert abs(got["loss"] - want["loss"]) < 1e-4

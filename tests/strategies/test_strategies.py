@@ -154,6 +154,7 @@ def test_offload_trains_resumes_and_exports(strategy, first_leg, resumed_referen
     """ZeRO-Offload on CPU: the optimizer step runs in DeepSpeed's CPU Adam (compiled by DeepSpeed's op builder)."""
     root = first_leg(strategy)
     assert_matches(root, resumed_reference, FIRST)
+    assert probe(root, FIRST)["optimizer"] == "DeepSpeedCPUAdam"  # offloaded: the fused torch AdamW is replaced
     check_model_state(root, strategy)
     resume_then_export(root, strategy, corpus_dir, tokenizer_dir, resumed_reference)
 
