@@ -65,6 +65,8 @@ class Setup:
     seed: int = 0
     threads: str = "1"
     log_every: int = 50  # Lightning's default log_every_n_steps; every side reads its loss on these steps only
+    env: dict[str, str] = field(default_factory=dict)  # given to every side alike (e.g. glibc's MALLOC_* settings)
+    cores: str | None = None  # `taskset -c CORES` for every side (e.g. "1"), or None
     runs: list[dict] = field(default_factory=list)
 
 
@@ -113,9 +115,21 @@ def model_dir(setup: Setup, size: Size, vocab: int) -> Path:
 
 
 def _env(setup: Setup) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=setup.threads, LITUNE_CACHE=str(setup.work / "cache"), HF_HUB_OFFLINE="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LITUNE_HOST_ALLOCATOR"}
+    env.update(OMP_NUM_THREADS=setup.threads, LITUNE_CACHE=str(setup.work / "cache"), HF_HUB_OFFLINE="1")
+    env.update(setup.env)
     env.pop("LITUNE_RUN_DIR", None)
     return env
+
+
+ALLOCATORS = {
+    # glibc's malloc keeps freed buffers (litune.host_memory's settings) in every side, given through the environment
+    # (litune then leaves them as they are): like for like.
+    "same": lambda: __import__("litune.host_memory", fromlist=["MALLOC_ENV"]).MALLOC_ENV,
+    # glibc's defaults in every side: litune told not to change them.
+    "glibc": lambda: {"LITUNE_HOST_ALLOCATOR": "default"},
+}
+"""The allocator settings every side shares in one table: name -> environment."""
 
 
 def litune_config(setup: Setup, size: Size, model: Path, steps: int, extra: dict | None = None) -> dict:
@@ -170,7 +184,7 @@ def run_side(setup: Setup, side: str, size: Size, steps: int, options: dict | No
     shutil.rmtree(out, ignore_errors=True)  # left by an earlier invocation with the same --work
     out.mkdir(parents=True)
     model = model_dir(setup, size, options.get("vocab", size.vocab))
-    if side == "litune":
+    if side == "litune":  # `loop`, `minimal` (the loop without a DataLoader) and `trainer` run bench/_worker.py
         config = litune_config(setup, size, model, steps, options.get("litune"))
         (out / "config.json").write_text(json.dumps(config))  # JSON is YAML
         cmd = [str(Path(sys.executable).parent / "litune"), "fit", "--config", str(out / "config.json")]
@@ -181,11 +195,12 @@ def run_side(setup: Setup, side: str, size: Size, steps: int, options: dict | No
             "block_size": size.block, "batch_size": size.batch, "steps": steps, "lr": setup.lr,
             "weight_decay": setup.weight_decay, "seed": setup.seed, "precision": setup.precision,
             "device": setup.device, "compile": bool(options.get("compile")), "out_dir": str(out),
-            "host_allocator": bool(options.get("host_allocator")),
             "losses": str(out / "losses.json"), "log_every": setup.log_every,
         }  # fmt: skip
         (out / "spec.json").write_text(json.dumps(spec))
         cmd = [sys.executable, str(WORKER), side, str(out / "spec.json")]
+    if setup.cores is not None:
+        cmd = ["taskset", "-c", setup.cores, *cmd]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=_env(setup), capture_output=True, text=True, cwd=out)
     seconds = time.perf_counter() - start

@@ -1,5 +1,12 @@
 """``litune fit`` against a hand-written PyTorch loop and ``transformers.Trainer``: tokens/s, start-up, per-step loss.
 
+Like for like: every side gets the same glibc malloc settings through the environment (``--allocators same``: those
+``litune fit`` would set itself, :data:`litune.host_memory.MALLOC_ENV`), and a second table gives every side glibc's
+defaults (``glibc``). The loop comes twice: ``loop`` with litune's ``DataLoader`` and collation, ``minimal`` without a
+DataLoader (the same sequences sliced from one tensor). Every side uses fused AdamW (the Trainer's and litune's
+default).
+``--cores 1`` pins every side to that core with ``taskset``.
+
 Every side trains the same saved GPT-2-architecture weights on the same batches (litune's ``TextDataModule``: same
 tokens, same collation), with the same AdamW settings, constant learning rate, precision, no dropout and no gradient
 clipping, and reads the loss on the same steps, every ``--log-every`` (Lightning's default 50: the loop calls
@@ -11,6 +18,7 @@ shuffles with its own sampler (and logs the mean since its last log), so only it
     python bench/bench_overhead.py                                  # tiny and small sizes, 3 rounds, CPU
     python bench/bench_overhead.py --sizes tiny --steps 50 650 --rounds 5   # framework overhead, steady state
     python bench/bench_overhead.py --quick                          # < 1 minute: tiny size, 1 round, few steps
+    OMP_NUM_THREADS=1 python bench/bench_overhead.py --sizes tiny --cores 1 --steps 50 450   # like for like, pinned
     python bench/bench_overhead.py --sizes gpt2 --device cuda --precision bf16-mixed --compile
     python bench/bench_overhead.py --json bench-results/overhead.json
 """
@@ -24,15 +32,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import SIZES, Setup, interleaved, max_loss_difference, prepare, versions, write_json  # noqa: E402
+from _harness import (  # noqa: E402
+    ALLOCATORS,
+    SIZES,
+    Setup,
+    interleaved,
+    max_loss_difference,
+    prepare,
+    versions,
+    write_json,
+)
+
+SIDES = ["litune", "loop", "minimal", "trainer"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
+    parser.add_argument("--sides", nargs="+", default=SIDES, choices=SIDES)
     parser.add_argument(
-        "--sides", nargs="+", default=["litune", "loop", "trainer"], choices=["litune", "loop", "trainer"]
+        "--allocators",
+        nargs="+",
+        default=None,
+        choices=sorted(ALLOCATORS),
+        help="One table per setting, each the same for every side (default on CPU: same glibc; cuda, --quick: same).",
     )
+    parser.add_argument("--cores", default=None, help="Pin every side with `taskset -c CORES` (e.g. 1, or 0,1).")
     parser.add_argument("--steps", nargs=2, type=int, default=[10, 40], metavar=("N1", "N2"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--log-every", type=int, default=50, help="Every side reads its loss every this many steps.")
@@ -48,16 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.rounds, args.steps, args.log_every = ["tiny"], 1, [2, 6], 1
+    if args.allocators is None:
+        args.allocators = ["same", "glibc"] if args.device == "cpu" and not args.quick else ["same"]
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
     return args
 
 
 def sides_for(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     sides: dict[str, tuple[str, dict]] = {s: (s, {}) for s in args.sides}
-    if "loop" in args.sides and args.device == "cpu" and not args.quick:
-        # litune fit keeps freed host memory for the next step (litune.host_memory); the loop with the same malloc
-        # settings separates that from the framework's own overhead.
-        sides["loop+host_alloc"] = ("loop", {"host_allocator": True})
     if args.compile:
         for s in args.compile_sides or args.sides:
             options = {"compile": True}
@@ -67,29 +90,33 @@ def sides_for(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     return sides
 
 
-def table(results: dict[str, dict], args: argparse.Namespace) -> str:
-    """A Markdown table: one row per size and side, ratios against the plain loop measured in the same run."""
+def table(results: dict[str, dict], args: argparse.Namespace, allocator: str = "same") -> str:
+    """A Markdown table: one row per size and side, ratios against the loops and the Trainer of the same run."""
+    pinned = f", taskset -c {args.cores}" if args.cores else ""
     lines = [
-        f"{args.device}, {args.precision}, OMP_NUM_THREADS={args.threads}, steps {args.steps[0]} and "
-        f"{args.steps[1]}, loss read every {args.log_every} steps, {args.rounds} interleaved rounds, medians",
+        f"{args.device}, {args.precision}, OMP_NUM_THREADS={args.threads}{pinned}, allocator: {allocator} on every "
+        f"side, steps {args.steps[0]} and {args.steps[1]}, loss read every {args.log_every} steps, {args.rounds} "
+        "interleaved rounds, medians",
         "",
-        "| size | side | tokens/s | vs loop | vs Trainer | MFU | ms/step | start-up s | max loss diff vs loop "
-        "| final loss |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| size | side | tokens/s | vs loop | vs minimal loop | vs Trainer | MFU | ms/step | per round ms/step "
+        "| start-up s | max loss diff vs loop | final loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for size, timings in results.items():
-        loop, trainer = timings.get("loop"), timings.get("trainer")
+        loop, minimal, trainer = timings.get("loop"), timings.get("minimal"), timings.get("trainer")
         for label, t in timings.items():
             vs_loop = f"{t.tokens_per_s / loop.tokens_per_s:.3f}" if loop else "-"
+            vs_minimal = f"{t.tokens_per_s / minimal.tokens_per_s:.3f}" if minimal else "-"
             vs_trainer = f"{t.tokens_per_s / trainer.tokens_per_s:.3f}" if trainer else "-"
             same_batches = loop and not label.startswith("trainer")
             diff = f"{max_loss_difference(t.losses, loop.losses):.1e}" if same_batches else "-"
             final = f"{t.losses[-1][1]:.4f}" if t.losses else "-"
             flops = SIZES[size].flops_per_token() * t.tokens_per_s
             mfu = f"{flops / args.peak_flops:.1%}" if args.peak_flops else "-"
+            rounds = " / ".join(f"{r * 1e3:.1f}" for r in t.per_step_rounds)
             lines.append(
-                f"| {size} | {label} | {t.tokens_per_s:,.0f} | {vs_loop} | {vs_trainer} | {mfu} "
-                f"| {t.per_step_s * 1e3:.1f} | {t.startup_s:.1f} | {diff} | {final} |"
+                f"| {size} | {label} | {t.tokens_per_s:,.0f} | {vs_loop} | {vs_minimal} | {vs_trainer} | {mfu} "
+                f"| {t.per_step_s * 1e3:.1f} | {rounds} | {t.startup_s:.1f} | {diff} | {final} |"
             )
     return "\n".join(lines)
 
@@ -100,17 +127,32 @@ def main(argv: list[str] | None = None) -> dict:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         corpus, tokenizer = prepare(work, max_bytes=300_000 if args.quick else 1_000_000)
-        setup = Setup(work=work, corpus=corpus, tokenizer=tokenizer, precision=args.precision, device=args.device)
-        setup.threads, setup.log_every = args.threads, args.log_every
-        results = {}
-        for name in args.sizes:
-            results[name] = interleaved(setup, sides_for(args), SIZES[name], *args.steps, rounds=args.rounds)
-    if args.quick:
-        print("(--quick: a few steps once, to check the script; the timings below mean nothing)")
-    print(table(results, args), flush=True)
-    payload = {"benchmark": "overhead", "args": vars(args), "results": results, "versions": versions()}
+        tables: dict[str, dict] = {}
+        for allocator in args.allocators:
+            setup = Setup(work=work, corpus=corpus, tokenizer=tokenizer, precision=args.precision, device=args.device)
+            setup.threads, setup.log_every, setup.cores = args.threads, args.log_every, args.cores
+            setup.env = dict(ALLOCATORS[allocator]())
+            tables[allocator] = {
+                name: interleaved(setup, sides_for(args), SIZES[name], *args.steps, rounds=args.rounds)
+                for name in args.sizes
+            }
+            if args.quick:
+                print("(--quick: a few steps once, to check the script; the timings below mean nothing)")
+            print(table(tables[allocator], args, allocator), "", sep="\n", flush=True)
+    # "results": the like-for-like table (the same allocator settings on every side); one entry per table as well.
+    results = tables.get("same") or next(iter(tables.values()))
+    payload = {"benchmark": "overhead", "args": vars(args), "results": results, "tables": tables, "uptime": _load()}
+    payload["versions"] = versions()
     write_json(args.json, payload)
     return payload
+
+
+def _load() -> str:
+    """``uptime``'s load averages when the run ends: the machine is shared, say how busy it was."""
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "-"
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from litune import host_memory
-from litune.host_memory import ENV
+from litune.host_memory import ENV, MALLOC_ENV
 from litune_testing import the_run
 
 STEPS = 20
@@ -50,6 +50,9 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again() -> None:
     _, default = faults("default")
     assert default > STEPS * BIG_PAGES * 0.9  # glibc's default: each step maps (and zero-fills) the big buffer
     assert tuned < STEPS * BIG_PAGES / 20, (tuned, default)
+    # The same settings through the environment (what bench/bench_overhead.py gives every side): the same reuse.
+    applied, from_env = faults("tuned", **MALLOC_ENV)
+    assert not applied and from_env < STEPS * BIG_PAGES / 20, from_env
 
 
 def test_the_user_can_keep_glibc_defaults() -> None:

@@ -28,6 +28,13 @@ MMAP_THRESHOLD = 256 * 2**20  # blocks below this come from the heap, where a fr
 TRIM_THRESHOLD = 2**30  # free bytes at the top of the heap before it is handed back to the kernel
 TOP_PAD = 64 * 2**20  # extra bytes the heap grows by, so a growing step does not fault page by page
 ENV = "LITUNE_HOST_ALLOCATOR"
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
+    "MALLOC_TOP_PAD_": str(TOP_PAD),
+}
+"""The same settings as environment variables, which glibc reads at start-up: they give any process (a hand-written
+loop, ``transformers.Trainer``) what litune's command sets itself; litune leaves them as they are."""
 
 # glibc's mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
