@@ -144,7 +144,11 @@ def litune_config(setup: Setup, size: Size, model: Path, steps: int, extra: dict
             "network": {"class_path": "litune.models.HFCausalLM", "init_args": network},
             "optimizer": {
                 "class_path": "torch.optim.AdamW",
-                "init_args": {"lr": setup.lr, "weight_decay": setup.weight_decay},
+                "init_args": {
+                    "lr": setup.lr,
+                    "weight_decay": setup.weight_decay,
+                    **((extra or {}).get("optimizer") or {}),
+                },
             },
             "lr_schedule": {"name": "constant", "warmup_steps": 0},
         },

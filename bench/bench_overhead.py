@@ -19,6 +19,7 @@ shuffles with its own sampler (and logs the mean since its last log), so only it
     python bench/bench_overhead.py --sizes tiny --steps 50 650 --rounds 5   # framework overhead, steady state
     python bench/bench_overhead.py --quick                          # < 1 minute: tiny size, 1 round, few steps
     OMP_NUM_THREADS=1 python bench/bench_overhead.py --sizes tiny --cores 1 --steps 50 450   # like for like, pinned
+    python bench/bench_overhead.py --sizes tiny --for-loop-litune   # also litune with the for-loop AdamW (before/after)
     python bench/bench_overhead.py --sizes gpt2 --device cuda --precision bf16-mixed --compile
     python bench/bench_overhead.py --json bench-results/overhead.json
 """
@@ -57,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(ALLOCATORS),
         help="One table per setting, each the same for every side (default on CPU: same glibc; cuda, --quick: same).",
     )
+    parser.add_argument(
+        "--for-loop-litune",
+        action="store_true",
+        help="Add a side `litune+for-loop`: litune with torch's per-parameter AdamW (litune's default before it ran "
+        "the fused kernel), for a before/after in the same run.",
+    )
     parser.add_argument("--cores", default=None, help="Pin every side with `taskset -c CORES` (e.g. 1, or 0,1).")
     parser.add_argument("--steps", nargs=2, type=int, default=[10, 40], metavar=("N1", "N2"))
     parser.add_argument("--rounds", type=int, default=3)
@@ -81,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sides_for(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     sides: dict[str, tuple[str, dict]] = {s: (s, {}) for s in args.sides}
+    if args.for_loop_litune and "litune" in args.sides:
+        sides["litune+for-loop"] = ("litune", {"litune": {"optimizer": {"fused": False, "foreach": False}}})
     if args.compile:
         for s in args.compile_sides or args.sides:
             options = {"compile": True}
