@@ -65,7 +65,6 @@ def run_loop(spec: dict) -> list[list[float]]:
     Returns:
         ``[step, loss]`` of every ``log_every``-th step (0-based step indices, as litune's logged ``step``).
     """
-    import torch
 
     model, optimizer, device = _model_and_optimizer(spec)
     bf16 = spec["precision"] == "bf16-mixed"
@@ -78,18 +77,26 @@ def run_loop(spec: dict) -> list[list[float]]:
         loader.sampler.set_epoch(epoch)
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if (step + 1) % every == 0:
-                losses.append([step, loss.item()])
-            step += 1
+            step = _train_step(model, optimizer, batch, device, bf16, step, every, losses)
             if step == spec["steps"]:
                 break
         epoch += 1
     return losses
+
+
+def _train_step(model, optimizer, batch: dict, device, bf16: bool, step: int, every: int, losses: list) -> int:  # noqa: ANN001
+    """One plain step of the hand-written loops: forward (bf16 autocast if asked), backward, optimizer step, and
+    ``loss.item()`` appended to ``losses`` as ``[step, loss]`` on every ``every``-th step. Returns the next step."""
+    import torch
+
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if (step + 1) % every == 0:
+        losses.append([step, loss.item()])
+    return step + 1
 
 
 def run_minimal(spec: dict) -> list[list[float]]:
@@ -101,7 +108,6 @@ def run_minimal(spec: dict) -> list[list[float]]:
     Returns:
         ``[step, loss]`` of every ``log_every``-th step, as :func:`run_loop`.
     """
-    import torch
 
     model, optimizer, device = _model_and_optimizer(spec)
     bf16 = spec["precision"] == "bf16-mixed"
@@ -121,14 +127,7 @@ def run_minimal(spec: dict) -> list[list[float]]:
                 del batch["attention_mask"]
             batches.append({k: v.to(device) for k, v in batch.items()})
         for batch in batches:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if (step + 1) % every == 0:
-                losses.append([step, loss.item()])
-            step += 1
+            step = _train_step(model, optimizer, batch, device, bf16, step, every, losses)
             if step == spec["steps"]:
                 break
         epoch += 1

@@ -19,6 +19,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_quick(script: str, tmp_path: Path) -> tuple[str, dict]:
+    """Run ``bench/<script> --quick`` (one thread, this interpreter's ``bin`` first on PATH): its stdout and JSON."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    out = tmp_path / "quick.json"
+    cmd = [sys.executable, str(REPO / "bench" / script), "--quick", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_gpu_script_dry_run_runs_every_benchmark_quick_mode(tmp_path: Path) -> None:
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, OMP_NUM_THREADS="1")
@@ -35,12 +45,8 @@ def test_dpo_quick_mode_runs_litune_and_trl_side_by_side(tmp_path: Path) -> None
     """``bench_dpo.py --quick`` (not in gpu.sh's dry run; ~37 s on the loaded 2-core machine, hence slow): both sides
     time every step, the ratio is their medians', and one DPO step from policy == reference gives ln 2 on the plain
     and on the chunked log-prob path."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    cmd = [sys.executable, str(REPO / "bench" / "bench_dpo.py"), "--quick", "--json", str(tmp_path / "d.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "| median step (s) |" in proc.stdout and "| peak (MiB) |" in proc.stdout
-    report = json.loads((tmp_path / "d.json").read_text())
+    stdout, report = run_quick("bench_dpo.py", tmp_path)
+    assert "| median step (s) |" in stdout and "| peak (MiB) |" in stdout
     steps, warmup = report["args"]["steps"], report["args"]["warmup"]
     times = report["step_time_s"]
     assert {side: len(t) for side, t in times["all"].items()} == {"litune": steps, "trl": steps}
@@ -56,12 +62,8 @@ def test_parallel_quick_mode_measures_tensor_parallel_ranks_beside_the_estimate(
     """``bench_parallel.py --quick`` (not in gpu.sh's dry run: CPU ranks only; ~30 s on the loaded 2-core machine):
     one process holds exactly the model state ``litune estimate`` predicts, a tensor-parallel rank of 2 about half of
     it (plus the replicated norms and position table), and saves fewer activation bytes."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    cmd = [sys.executable, str(REPO / "bench" / "bench_parallel.py"), "--quick", "--json", str(tmp_path / "p.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "| layout | params | grads |" in proc.stdout and "| layout | tokens |" in proc.stdout
-    report = json.loads((tmp_path / "p.json").read_text())
+    stdout, report = run_quick("bench_parallel.py", tmp_path)
+    assert "| layout | params | grads |" in stdout and "| layout | tokens |" in stdout
     state = {row["layout"]: row for row in report["state"]}
     assert state["tp1"]["measured"] == state["tp1"]["predicted"]
     assert 0.5 < state["tp2"]["measured"] / state["tp1"]["measured"] < 0.53
