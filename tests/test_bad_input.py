@@ -145,6 +145,12 @@ CONFIG_CASES = {
                               "model.optimizer.init_args.weight_decay"),
     "beta above one": (["--model.optimizer.init_args.betas=[1.5, 0.9]"], "model.optimizer.init_args.betas"),
     "negative warmup": (["--model.lr_schedule.warmup_steps=-1"], "model.lr_schedule.warmup_steps"),
+    "warmup not shorter than the run": (
+        # 2 processes: refused before they start (configure_optimizers would refuse it after the run folder is written)
+        ["--model.lr_schedule.name=cosine", "--model.lr_schedule.warmup_steps=1000", "--trainer.devices=2"],
+        "model.lr_schedule.warmup_steps",
+        "1000 warmup steps",
+    ),
     "negative workers": (["--data.init_args.num_workers=-1"], "data.init_args.num_workers"),
     "block size one": (["--data.init_args.block_size=1"], "data.init_args.block_size"),
     "unknown strategy": (["--trainer.strategy=foo"], "trainer.strategy", "foo"),

@@ -121,6 +121,17 @@ class LRSchedule:
         """Build the scheduler for a run of ``total_steps`` optimizer steps."""
         if self.name == "constant":
             return _lambda_lr(optimizer, self.name, self.warmup_steps, total_steps=1, min_lr_ratio=1.0)
+        self.check_run_length(total_steps)
+        return _lambda_lr(optimizer, self.name, self.warmup_steps, int(total_steps), self.min_lr_ratio)
+
+    def check_run_length(self, total_steps: int | float) -> None:
+        """Refuse a decaying schedule for a run of no finite length, or one not longer than its warmup.
+
+        Called before launch with ``trainer.max_steps`` (``litune fit``'s checks) and again with the step count
+        Lightning estimates (a run bounded by epochs is only known then).
+        """
+        if self.name == "constant":
+            return
         if not math.isfinite(total_steps):
             raise ConfigError(
                 "trainer.max_steps",
@@ -133,7 +144,6 @@ class LRSchedule:
                 f"{self.warmup_steps} warmup steps for a run of {int(total_steps)} optimizer steps",
                 "use fewer warmup steps than trainer.max_steps",
             )
-        return _lambda_lr(optimizer, self.name, self.warmup_steps, int(total_steps), self.min_lr_ratio)
 
 
 def _lambda_lr(

@@ -421,6 +421,7 @@ def _option_names(parser: Any) -> list[str]:
 def check_config(cfg: Namespace) -> None:
     """The checks of a parsed config that need no run folder: fail before any process is spawned."""
     check_limits(cfg)  # numeric settings Lightning checks late or never (accumulate_grad_batches=0, ...)
+    check_lr_schedule(cfg)
     check_trainer_config(cfg.trainer)  # fp16 on CPU, devices > cores, ...
     check_compile(cfg)
     check_adapters_strategy(cfg)
@@ -428,6 +429,17 @@ def check_config(cfg: Namespace) -> None:
     check_rl_config(cfg)
     check_sequence_parallel(cfg)  # first: it refuses composing with tensor parallelism
     check_parallel_layout(cfg)
+
+
+def check_lr_schedule(cfg: Namespace) -> None:
+    """Refuse a warmup at least as long as ``trainer.max_steps`` before any process is spawned (``configure_optimizers``
+    would, after the ranks started and the run folder was written); a run bounded by epochs is checked there."""
+    from litune.optim import LRSchedule
+
+    schedule = cfg.get("model") and cfg.model.get("lr_schedule")
+    max_steps = cfg.trainer.get("max_steps") or -1
+    if isinstance(schedule, Namespace) and max_steps > 0:
+        LRSchedule(**schedule.as_dict()).check_run_length(max_steps)
 
 
 def configured_network(cfg: Namespace) -> tuple[str, dict[str, Any]]:
