@@ -40,6 +40,8 @@ def cli_args(config: Path, tiny_gpt2_dir: Path, corpus_dir: Path) -> list[str]:
     if config.parent.name == "preference":  # loss fragments compose onto the preference quickstart
         args = ["--config", str(REPO / "configs" / "dpo.yaml"), f"--model.tokenizer={tiny_gpt2_dir}"]
     args += ["--config", str(config)]
+    if config.parent.name == "schedule":  # 100 warmup steps: a run longer than the tiny base's 4 steps (else refused)
+        args.append("--trainer.max_steps=1000")
     if isinstance(_get(tree, "model.tokenizer"), str):
         args.append(f"--model.tokenizer={tiny_gpt2_dir}")
     # A 4-bit (QLoRA) fragment quantizes pretrained weights: compose it onto the tiny pretrained GPT-2.
