@@ -28,6 +28,17 @@ def check_at_least_one(section: str, sizes: dict[str, int], fix: str) -> None:
             raise ConfigError(f"{section}.{name}", f"{name}={value} must be >= 1", fix)
 
 
+def check_group_divides(name: str, size: int, world: int) -> None:
+    """Refuse a parallel group size (``tensor_parallel_size``, ``sequence_parallel_size``) that does not divide the
+    ``world`` processes, naming ``trainer.strategy.init_args.<name>``."""
+    if world % size:
+        raise ConfigError(
+            f"trainer.strategy.init_args.{name}",
+            f"{name}={size} does not divide the {world} processes",
+            f"use a {name} that divides {world}, or change trainer.devices/num_nodes",
+        )
+
+
 class ConfigError(ValueError):
     """A user-facing configuration or input error.
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from litune.errors import ConfigError
+from litune.errors import ConfigError, check_group_divides
 
 GiB = 1024**3
 
@@ -279,12 +279,7 @@ def check_sequence_groups(sequence_parallel: int, world_size: int, notes: list[s
     processes and notes what is not counted."""
     if sequence_parallel == 1:
         return 1
-    if world_size % sequence_parallel:
-        raise ConfigError(
-            "trainer.strategy.init_args.sequence_parallel_size",
-            f"sequence_parallel_size={sequence_parallel} does not divide the {world_size} processes",
-            f"use a sequence_parallel_size that divides {world_size}",
-        )
+    check_group_divides("sequence_parallel_size", sequence_parallel, world_size)
     notes.append(
         f"sequence parallel x{sequence_parallel}: activations and logits / {sequence_parallel} per rank (plus the "
         "all-to-all buffers of one layer's q, k, v and output, and the whole sequence's mask when batches are padded "
@@ -314,12 +309,7 @@ def estimate(model: ModelShape, run: RunShape, strategy: StrategyShape) -> Memor
         params, grads, optimizer = p * psi / shards, g * psi / shards, k * psi / shards
         result_notes.append("plus one gathered block's parameters and gradients while it computes (not counted)")
         if strategy.tensor_parallel > 1:
-            if n % strategy.tensor_parallel:
-                raise ConfigError(
-                    "trainer.strategy.init_args.tensor_parallel_size",
-                    f"tensor_parallel_size={strategy.tensor_parallel} does not divide the {n} processes",
-                    f"use a tensor_parallel_size that divides {n}",
-                )
+            check_group_divides("tensor_parallel_size", strategy.tensor_parallel, n)
             result_notes.append(
                 f"tensor parallel x{strategy.tensor_parallel}: each layer split over a group (activations per "
                 "Korthikanti et al. eq. 2: the residual stream and the layers' inputs replicated in the group, the "

@@ -27,7 +27,14 @@ from litune.callbacks.checkpointing import BestCheckpoints, Checkpointing
 from litune.callbacks.preemption import CollectiveTimeout, Preempted
 from litune.callbacks.run_info import log_once
 from litune.commands.wiring import add_loggers, add_tracking, add_tracking_arguments, as_list
-from litune.errors import NETWORK_ARGS, ConfigError, as_config_error, from_parse_error, quoted_argument
+from litune.errors import (
+    NETWORK_ARGS,
+    ConfigError,
+    as_config_error,
+    check_group_divides,
+    from_parse_error,
+    quoted_argument,
+)
 from litune.host_memory import tune_cli_run
 from litune.limits import check_limits
 from litune.module import LitLM
@@ -547,12 +554,8 @@ def check_parallel_layout(cfg: Namespace) -> None:
 
     field = "trainer.strategy.init_args.tensor_parallel_size"
     check_tensor_parallel_size(tp, "hybrid" if spec.kind.value == "hybrid" else "full")
-    if world is not None and world % tp:
-        raise ConfigError(
-            field,
-            f"tensor_parallel_size={tp} does not divide the {world} processes",
-            f"use a tensor_parallel_size that divides {world}, or change trainer.devices/num_nodes",
-        )
+    if world is not None:
+        check_group_divides("tensor_parallel_size", tp, world)
     if cfg.get("model") and cfg.model.get("preference") is not None:
         raise ConfigError(
             field,
@@ -594,19 +597,15 @@ def check_parallel_layout(cfg: Namespace) -> None:
 def check_sequence_parallel(cfg: Namespace) -> None:
     """Refuse, before any process is spawned, a Ulysses layout the processes, the data or the network cannot split,
     and the combinations it is not built or tested for."""
-    from litune.strategies.fsdp2 import SEQUENCE_FIELD, check_sequence_parallel_layout
+    from litune.strategies.fsdp2 import check_sequence_parallel_layout
 
     spec = describe_trainer(cfg.trainer)
     sp, world = spec.sequence_parallel_size, spec.world_size
     if not spec.fsdp2 or sp == 1:
         return
     check_sequence_parallel_layout(sp, spec.tensor_parallel_size, "hybrid" if spec.kind.value == "hybrid" else "full")
-    if world is not None and world % sp:
-        raise ConfigError(
-            SEQUENCE_FIELD,
-            f"sequence_parallel_size={sp} does not divide the {world} processes",
-            f"use a sequence_parallel_size that divides {world}, or change trainer.devices/num_nodes",
-        )
+    if world is not None:
+        check_group_divides("sequence_parallel_size", sp, world)
     model = cfg.get("model") or {}
     for field, why in (
         ("preference", "preference losses sum each sequence's log-probs, which a split sequence spreads over ranks"),

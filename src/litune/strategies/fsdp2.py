@@ -52,7 +52,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from litune.errors import NETWORK_FIELD, ConfigError
+from litune.errors import NETWORK_FIELD, ConfigError, check_group_divides
 from litune.lightning_private import LIGHTNING_META_FILE
 from litune.strategies.atomic import atomic_directory
 from litune.strategies.checks import check_run, resolve_accelerator
@@ -250,19 +250,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         world = self.world_size
         tp = self.tensor_parallel_size
         sp = self.sequence_parallel_size
-        if sp > 1 and world % sp:
-            raise ConfigError(
-                SEQUENCE_FIELD,
-                f"sequence_parallel_size={sp} does not divide the {world} processes",
-                f"use a sequence_parallel_size that divides {world}, or change trainer.devices/num_nodes",
-            )
+        check_group_divides("sequence_parallel_size", sp, world)
         if tp > 1:
-            if world % tp:
-                raise ConfigError(
-                    "trainer.strategy.init_args.tensor_parallel_size",
-                    f"tensor_parallel_size={tp} does not divide the {world} processes",
-                    f"use a tensor_parallel_size that divides {world}, or change trainer.devices/num_nodes",
-                )
+            check_group_divides("tensor_parallel_size", tp, world)
             return (world // tp, tp), ("data_parallel", "tensor_parallel")
         if self.sharding == "full":
             return (world,), ("data_parallel",)
