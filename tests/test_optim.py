@@ -20,16 +20,26 @@ TOLERANCE = {"atol": 1e-6, "rtol": 1e-6}  # a few float32 ulps of weights of siz
 SETTINGS = {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-6}
 
 
-def trained(optimizer: partial) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
-    """A 1-layer GPT-2 after ``STEPS`` optimizer steps of the real Trainer (accumulation 2, clipping on)."""
+class LightningClipping(LitLM):
+    """LitLM with Lightning's own clipping (``clip_grad_norm_``: the norm computed a second time)."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):  # noqa: ANN001
+        L.LightningModule.configure_gradient_clipping(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def trained(
+    optimizer: partial, clip: float = 1.0, precision: str = "32-true", system_class: type[LitLM] = LitLM
+) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+    """A 1-layer GPT-2 after ``STEPS`` optimizer steps of the real Trainer (accumulation 2, clipping by ``clip``)."""
     torch.manual_seed(0)
     network = HFCausalLM(config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": VOCAB})
     ids = torch.randint(0, VOCAB, (32, 12), generator=torch.Generator().manual_seed(0))
     rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
-    system = LitLM(network, optimizer=optimizer, lr_schedule=LRSchedule(name="constant"))
+    system = system_class(network, optimizer=optimizer, lr_schedule=LRSchedule(name="constant"))
     trainer = L.Trainer(
-        max_steps=STEPS, accelerator="cpu", accumulate_grad_batches=2, gradient_clip_val=1.0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        max_steps=STEPS, accelerator="cpu", accumulate_grad_batches=2, gradient_clip_val=clip, precision=precision,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0,
     )  # fmt: skip
     trainer.fit(system, DataLoader(rows, batch_size=4))
     return {k: v.detach().clone() for k, v in network.state_dict().items()}, trainer.optimizers[0]
@@ -68,3 +78,20 @@ def test_fused_only_where_torch_has_the_kernel_and_other_optimizers_untouched() 
     assert not getattr(fused, "_step_supports_amp_scaling", False)
     chosen = use_fast_kernels(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], foreach=True))
     assert chosen.defaults["foreach"] is True and chosen.defaults["fused"] is None
+
+
+def test_clipping_reuses_the_checks_gradient_norm_and_clips_as_lightning_does() -> None:
+    """Clipping by norm with the norm the non-finite check computed gives Lightning's clipping to the last bit."""
+    adamw = partial(torch.optim.AdamW, **SETTINGS)
+    reused, _ = trained(adamw, clip=0.05)
+    lightning, _ = trained(adamw, clip=0.05, system_class=LightningClipping)
+    assert all(torch.equal(reused[k], lightning[k]) for k in reused)
+    unclipped, _ = trained(adamw, clip=0.0)  # teeth: 0.05 clips these steps
+    assert not all(torch.equal(reused[k], unclipped[k]) for k in reused)
+
+
+def test_fused_trains_under_bf16_mixed_with_clipping() -> None:
+    """Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales inside its kernel: the fused
+    default must not claim to (``_step_supports_amp_scaling``), and clipping under bf16 trains."""
+    params, optimizer = trained(partial(torch.optim.AdamW, **SETTINGS), clip=0.5, precision="bf16-mixed")
+    assert optimizer.defaults["fused"] is True and all(torch.isfinite(p).all() for p in params.values())

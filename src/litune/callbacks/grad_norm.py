@@ -36,9 +36,12 @@ class GradNormMonitor(Callback):
         # global_step is incremented after this optimizer step; only pay for the norm on logging steps.
         if self._deepspeed or (trainer.global_step + 1) % trainer.log_every_n_steps != 0:
             return
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if grads:
-            pl_module.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
+        norm = getattr(pl_module, "step_gradient_norm", None)  # LitLM's non-finite check computed it this step
+        if norm is None:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if norm is not None:
+            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
