@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -394,16 +395,25 @@ class NaNAtStep(HFCausalLM):
 
 
 class HostReads(Callback):
-    """Count, per optimizer step, the tensor values the training step reads back to the host (``item``, ``tolist``,
-    ``int()``, ``float()``, ``bool()``...): on a GPU each one makes the host wait for the device's queue.
+    """Count, per optimizer step, what a step reads back to the host and which collectives it makes.
 
-    A ``TorchFunctionMode`` sees every such call from the first micro-batch's ``on_train_batch_start`` to the last
-    one's ``on_train_batch_end`` (put this callback last). Writes ``{global_step: [calls]}`` to
-    ``<directory>/reads.json`` on rank 0, each call as ``name package/file.py:function device`` (the code that asked
-    for it, and the device of the tensor read).
+    Tensor reads (``item``, ``tolist``, ``int()``, ``float()``, ``bool()``, ``cpu``, ``nonzero``, ``numpy``...) are
+    seen by a ``TorchFunctionMode``: on a GPU each makes the host wait for the device's queue. Calls of
+    ``torch.distributed`` collectives (object broadcasts and gathers, ``barrier``, ``all_reduce``, ...) are counted
+    by wrapping them: an object collective pickles and reads back, a barrier blocks the host under NCCL.
+
+    A step is counted whole: from its first micro-batch's ``on_train_batch_start`` to the next step's, so that every
+    callback's ``on_train_batch_end`` is inside it (Lightning runs the checkpoint callbacks last). Writes
+    ``{global_step: [calls]}`` to ``<directory>/reads.json`` on rank 0, each call as ``name package/file.py:function
+    device`` (the code that asked for it, and the device of the tensor read, or ``dist`` for a collective).
     """
 
-    READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "__len__"}
+    READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "cpu", "nonzero"}
+    SCALAR_ONLY = {"__len__"}  # of a 1-element tensor only (len() of a batch is not a read)
+    COLLECTIVES = (
+        "all_reduce", "broadcast", "barrier", "all_gather", "all_gather_into_tensor", "reduce", "reduce_scatter_tensor",
+        "broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list", "monitored_barrier",
+    )  # fmt: skip
 
     def __init__(self, directory: str) -> None:
         from torch.overrides import TorchFunctionMode
@@ -415,30 +425,59 @@ class HostReads(Callback):
         class Reads(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
                 name = getattr(func, "__name__", "")
-                if name in HostReads.READS and args and isinstance(args[0], torch.Tensor) and args[0].numel() == 1:
-                    where = args[0].device.type
-                    callback.reads.setdefault(callback.step, []).append(f"{name} {_caller()} {where}")
+                tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                if tensor is not None and (
+                    name in HostReads.READS or (name in HostReads.SCALAR_ONLY and tensor.numel() == 1)
+                ):
+                    callback.record(f"{name} {_caller()} {tensor.device.type}")
                 return func(*args, **(kwargs or {}))
 
         self.mode = Reads()
-        self.step = 0
+        self.step = -1
         self.active = False
+        self._wrapped: dict[str, Any] = {}
+
+    def record(self, call: str) -> None:
+        self.reads.setdefault(self.step, []).append(call)
+
+    def _wrap_collectives(self) -> None:
+        import torch.distributed as dist
+
+        for name in self.COLLECTIVES:
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+
+            def counted(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
+                self.record(f"{_name} {_caller()} dist")
+                return _original(*args, **kwargs)
+
+            self._wrapped[name] = original
+            setattr(dist, name, counted)
+
+    def _unwrap_collectives(self) -> None:
+        import torch.distributed as dist
+
+        for name, original in self._wrapped.items():
+            setattr(dist, name, original)
+        self._wrapped.clear()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.active = True
+        self._wrap_collectives()
+        self.mode.__enter__()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
-        if not self.active:
-            self.step, self.active = trainer.global_step, True
+        if trainer.global_step != self.step:  # the first micro-batch of a step: the previous step is over
+            self.step = trainer.global_step
             self.reads.setdefault(self.step, [])
-            self.mode.__enter__()
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
-        if self.active and trainer.global_step != self.step:  # the optimizer stepped: the step is over
-            self.mode.__exit__(None, None, None)
-            self.active = False
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.active:
             self.mode.__exit__(None, None, None)
+            self._unwrap_collectives()
             self.active = False
+        self.reads.pop(-1, None)  # before the first step (nothing, unless set-up read something)
         if trainer.is_global_zero:
             self.directory.mkdir(parents=True, exist_ok=True)
             (self.directory / "reads.json").write_text(json.dumps(self.reads))

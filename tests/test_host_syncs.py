@@ -2,11 +2,15 @@
 
 On a GPU every read (``.item()``, ``float(t)``, ``.tolist()``) makes the host wait until the device has run everything
 queued, so the next step's kernels cannot be queued behind the current ones. litune keeps the step's token count and
-loss on the device between logging steps and joins the loss's NaN check to the gradients' (one all-reduce, one read).
-Counted here on CPU with a ``TorchFunctionMode`` over whole optimizer steps of a real ``litune fit`` (accumulation 2,
-with litune's default callbacks); logging steps and the first step (which checks the network's target count once)
-read more, by design. On a GPU (``gpu`` variant, run by ``bench/gpu.sh``) the same count is taken over CUDA tensors
-only, which separates host data from device values by construction.
+loss on the device between logging steps and joins the loss's NaN check to the gradients' (one all-reduce, one read);
+on several processes the preemption flag and the time-based checkpoint's decision ride on that same all-reduce
+(:mod:`litune.callbacks.step_votes`) instead of a read and an object broadcast of their own.
+Counted here on CPU with a ``TorchFunctionMode`` and wrapped ``torch.distributed`` collectives over whole optimizer
+steps of a real ``litune fit`` (litune's default callbacks, checkpoint callbacks included: ``HostReads``); on one
+process (accumulation 2) and on two (DDP, gloo). Logging steps, the first step (which checks the network's target
+count once) and the last (the final checkpoint) read more, by design. On a GPU (``gpu`` variant, run by
+``bench/gpu.sh``) the same count is taken over CUDA tensors only, which separates host data from device values by
+construction.
 """
 
 from __future__ import annotations
@@ -23,35 +27,46 @@ from torch.utils.data import DataLoader
 from litune.cli import main
 from litune.models.transformer import DecoderLM
 from litune.module import LitLM
-from litune_testing import fit_args
+from litune_testing import REPO, fit_args, run_litune
 
-STEPS, LOG_EVERY = 7, 3
+STEPS, LOG_EVERY = 8, 3
 FRAMEWORK = ("litune/", "lightning/")  # where the reads counted come from
 HOST_BATCH_COUNT = "__int__ litune/objective.py:count cpu"
 HOST_BATCH_MASK = "__bool__ litune/module.py:on_before_batch_transfer cpu"  # drops an all-ones mask before transfer
-SKIP_DECISION = "__float__ litune/module.py:_step_is_finite"
+HOST_RNG = "numpy litune/callbacks/resume.py:set_rng_states cpu"  # the RNG states ExactResume puts back: host memory
+SKIP_DECISION = "tolist litune/callbacks/step_votes.py:agree"
+STEP_ALL_REDUCE = "all_reduce litune/callbacks/step_votes.py:sum_over_ranks dist"  # token count, skip decision + votes
 
 
-def host_reads(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str) -> dict[int, list[str]]:
-    """Train ``STEPS`` steps of the tiny run in this process; the host reads of each optimizer step."""
+def host_reads(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, *extra: str, processes: int = 1
+) -> dict[int, list[str]]:
+    """Train ``STEPS`` steps of the tiny run (in this process, or ``litune fit`` on ``processes`` DDP processes);
+    the host reads and collectives of each optimizer step."""
     args = fit_args(tmp_path, corpus_dir, tokenizer_dir, *extra, steps=STEPS)
     flag = "--trainer.callbacks="
     callbacks = json.loads(next(a for a in args if a.startswith(flag)).removeprefix(flag))
     callbacks.append({"class_path": "litune_testing.HostReads", "init_args": {"directory": str(tmp_path / "reads")}})
     args = [a for a in args if not a.startswith(flag)]
     args += [f"{flag}{json.dumps(callbacks)}", f"--trainer.log_every_n_steps={LOG_EVERY}"]
-    try:
-        assert main(["fit", *args]) == 0
-    finally:
-        os.environ.pop("LITUNE_RUN_DIR", None)
+    if processes > 1:
+        # Ranks that disagree on entering a collective fail within 120 s naming it, instead of hanging the test.
+        ddp = ("--config", str(REPO / "configs" / "strategy" / "ddp.yaml"), f"--trainer.devices={processes}",
+               "--dist_timeout=120")  # fmt: skip
+        run_litune("fit", *args, *ddp)
+    else:
+        try:
+            assert main(["fit", *args]) == 0
+        finally:
+            os.environ.pop("LITUNE_RUN_DIR", None)
     reads = {int(step): calls for step, calls in json.loads((tmp_path / "reads" / "reads.json").read_text()).items()}
     assert sorted(reads) == list(range(STEPS))
     return reads
 
 
 def quiet_steps() -> list[int]:
-    """Steps that neither log nor are the first one."""
-    quiet = [step for step in range(1, STEPS) if (step + 1) % LOG_EVERY != 0]
+    """Steps that neither log nor are the first or the last one."""
+    quiet = [step for step in range(1, STEPS - 1) if (step + 1) % LOG_EVERY != 0]
     assert quiet == [1, 3, 4, 6]
     return quiet
 
@@ -65,11 +80,33 @@ def test_steps_between_logging_steps_read_one_value_to_the_host(tmp_path: Path, 
         # targets of host batches, and padding is looked for, before batches move to the device. The one read of a
         # device value: the skip decision.
         ours = [call for call in reads[step] if call.split()[1].startswith(FRAMEWORK)]
-        host_batch = (HOST_BATCH_COUNT, HOST_BATCH_MASK)
+        host_batch = (HOST_BATCH_COUNT, HOST_BATCH_MASK, HOST_RNG)
         assert [call for call in ours if call not in host_batch] == [f"{SKIP_DECISION} cpu"], (step, reads[step])
-    logging = [step for step in range(STEPS) if step not in quiet]
+    logging = [step for step in range(STEPS - 1) if step not in quiet]
     for step in logging:  # teeth: the counter sees the reads of the logging steps (loss, token count, metrics)
         assert sum(call.split()[1].startswith("litune/module.py") for call in reads[step]) > 1, (step, reads[step])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_on_two_processes_a_step_reads_one_value_and_makes_two_all_reduces(
+    tmp_path: Path, corpus_dir, tokenizer_dir
+) -> None:
+    """DDP on 2 processes: the token count and the skip decision are each one all-reduce, and the skip decision's
+    carries the preemption flag and the time-based checkpoint's decision (no ``.item()`` of the preemption check, no
+    object broadcast of Lightning's checkpoint clock, no barrier before the all-reduces, no broadcast and ``.item()``
+    of Lightning's SIGTERM flag on every micro-batch)."""
+    reads = host_reads(tmp_path, corpus_dir, tokenizer_dir, processes=2)
+    for step in quiet_steps():
+        ours = [call for call in reads[step] if call.split()[1].startswith(FRAMEWORK)]
+        host_data = (HOST_BATCH_COUNT, HOST_BATCH_MASK, HOST_RNG)
+        values = [call for call in ours if not call.endswith(" dist") and call not in host_data]
+        assert values == [f"{SKIP_DECISION} cpu"], (step, reads[step])
+        assert [call for call in ours if call.endswith(" dist")] == [STEP_ALL_REDUCE] * 2, (step, reads[step])
+    # Teeth: the counter sees the first step's check of the token count (a read and a reduce more) and the last step's
+    # final checkpoint (barriers, the gather of every rank's RNG states).
+    assert len(reads[0]) > len(reads[1]), reads
+    assert sum(call.endswith(" dist") for call in reads[STEPS - 1]) > 2, reads[STEPS - 1]
 
 
 @pytest.mark.gpu

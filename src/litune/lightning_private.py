@@ -92,3 +92,24 @@ def all_to_all_autograd(x: Any, group: Any) -> Any:
     from torch.distributed._functional_collectives import all_to_all_single_autograd
 
     return all_to_all_single_autograd(x, None, None, group)
+
+
+_SIGTERM_BROADCAST = "_broadcast_sigterm_tensor"
+
+
+def skip_sigterm_broadcast(trainer: pl.Trainer) -> None:
+    """Drop Lightning's per-micro-batch SIGTERM broadcast (while litune's preemption handlers are installed).
+
+    On 2+ processes Lightning 2.6's training loop broadcasts rank 0's ``trainer.received_sigterm`` before every
+    micro-batch and reads it back (``.item()``: a host sync per micro-batch on a GPU). Only Lightning's own SIGTERM
+    handler sets that flag. No public switch exists, hence the instance attribute over the loop's private method
+    (removed again by :func:`restore_sigterm_broadcast`).
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if hasattr(loop, _SIGTERM_BROADCAST):
+        setattr(loop, _SIGTERM_BROADCAST, lambda: None)
+
+
+def restore_sigterm_broadcast(trainer: pl.Trainer) -> None:
+    """Undo :func:`skip_sigterm_broadcast`."""
+    trainer.fit_loop.epoch_loop.__dict__.pop(_SIGTERM_BROADCAST, None)

@@ -23,6 +23,7 @@ from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from litune.callbacks.step_votes import agree, host_to_device, sum_over_ranks
 from litune.data.tokenizer import TokenizerSource, load_tokenizer
 from litune.errors import NETWORK_ARGS, ConfigError, TrainingStopped
 from litune.lightning_private import should_update_logs
@@ -83,18 +84,6 @@ def _full_adapter_state(network: nn.Module) -> dict[str, torch.Tensor] | None:
     if not any(isinstance(v, DTensor) for v in state.values()):
         return None
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
-
-
-def host_to_device(value: int, device: torch.device) -> torch.Tensor:
-    """A 0-d int64 tensor of a host count on ``device``, without making the host wait for the device's queue.
-
-    ``torch.tensor(value, device="cuda")`` copies from pageable memory and synchronizes the stream; a copy from pinned
-    memory with ``non_blocking=True`` is queued like any kernel.
-    """
-    tensor = torch.tensor(value, dtype=torch.long)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class LitLM(L.LightningModule):
@@ -349,7 +338,8 @@ class LitLM(L.LightningModule):
                     "the step's target tokens are estimated: batches do not come from LitLM's look-ahead", stacklevel=2
                 )
         # Each row counted once: the ranks of a tensor- or sequence-parallel group hold the same rows (batch_replicas).
-        total = trainer.strategy.reduce(host_to_device(local, self.device), reduce_op="sum")
+        # The sum over ranks stays on the device (no barrier, no read: litune.callbacks.step_votes.sum_over_ranks).
+        total = sum_over_ranks(host_to_device(local, self.device))
         self._step_targets = total // batch_replicas(trainer)
         self._window = (trainer.current_epoch, batch_idx, batch_idx + length)
         self._window_loss, self._window_targets = 0.0, 0
@@ -440,7 +430,8 @@ class LitLM(L.LightningModule):
             else:  # the norm clip_grad_norm_ would compute (the same call with the same defaults)
                 self.step_gradient_norm = norm
             bad += (~torch.isfinite(norm)).to(bad.dtype)
-        return float(self.trainer.strategy.reduce(bad, reduce_op="sum")) == 0
+        # One all-reduce with the callbacks' step votes (preemption, time-based checkpoint): litune.callbacks.step_votes
+        return agree(self.trainer, bad)
 
     def configure_gradient_clipping(
         self,

@@ -167,8 +167,12 @@ def test_two_processes_sigterm_to_rank0_saves_on_every_rank_and_resumes(
 ) -> None:
     # Only rank 0 (the process a user or scheduler signals) gets it; the other rank learns at the next step boundary.
     sender = {"class_path": "resume_testing.SignalAt", "init_args": {"step": 5, "signum": "SIGTERM", "rank": 0}}
-    args = STRATEGY_ARGS[strategy]
+    # The time trigger too is due at every step (60 us), on each rank's own clock: the ranks agree on it and on the
+    # preemption flag in the step's one all-reduce (litune.callbacks.step_votes) and save together, odd steps by time.
+    args = (*STRATEGY_ARGS[strategy], "--checkpoint.every_n_minutes=0.000001")
     run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, *args, callbacks=[sender]), expect=EXIT_PREEMPTED)
+    kept = sorted(int(p.name[4:10]) for p in (the_run(tmp_path) / "checkpoints").glob("step*.ckpt"))
+    assert kept[-1] >= 4 and kept == list(range(kept[-1] - 2, kept[-1] + 1)), kept  # keep_last 3, one per step
     run(fit_cmd(tmp_path, corpus_dir, tokenizer_dir, *args, "--ckpt_path=last"))
     worst = assert_same_losses(tmp_path / "losses", uninterrupted_2p(strategy) / "losses", ranks=2)
     print(f"2 processes {strategy}, SIGTERM to rank 0 at step 5: max |dloss| = {worst:.3g}")

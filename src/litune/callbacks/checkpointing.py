@@ -3,7 +3,9 @@ a metric.
 
 Lightning's ``ModelCheckpoint`` has each piece but lets a callback use only one trigger (``every_n_train_steps`` *or*
 ``train_time_interval``); its saving logic already handles both at once (it saves when either is due, and rank 0
-decides the time trigger for every rank), so :class:`Checkpointing` only lifts that check. Keeping the last ``K`` is
+decides the time trigger for every rank), so :class:`Checkpointing` only lifts that check. The time trigger is
+agreed over the ranks once per optimizer step, inside the step's one all-reduce (:mod:`litune.callbacks.step_votes`),
+instead of Lightning's broadcast of rank 0's clock on every micro-batch. Keeping the last ``K`` is
 ``ModelCheckpoint``'s top-k on the ``step``; the best by a metric is a second ``ModelCheckpoint``
 (:class:`BestCheckpoints`), because one callback has one top-k policy.
 
@@ -14,12 +16,14 @@ nothing, see :mod:`litune.callbacks.preemption`), the last 3 kept plus ``last.ck
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from litune.callbacks.step_votes import agreed_vote
 from litune.errors import ConfigError
 
 MAX_MINUTES = 1e8
@@ -65,9 +69,43 @@ class Checkpointing(ModelCheckpoint):
             self._train_time_interval = timedelta(minutes=every_n_minutes)
             if every_n_train_steps is None:
                 self._every_n_epochs = 0  # as ModelCheckpoint does for a time trigger alone
+        self._seen_step = -1
+        self._time_trigger = self._train_time_interval  # what on_train_batch_end hides from Lightning's check
+
+    @property
+    def state_key(self) -> str:
+        # Lightning keys the callback's saved state by its settings, the time interval included: keyed by the
+        # configured one even while on_train_batch_end has it swapped out (a save happens inside that window).
+        swapped, self._train_time_interval = self._train_time_interval, self._time_trigger
+        try:
+            return super().state_key
+        finally:
+            self._train_time_interval = swapped
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)  # starts the clock of the time trigger
+        self._seen_step = trainer.global_step
+
+    def step_vote(self, trainer: pl.Trainer) -> bool:
+        """This rank's vote: whether ``every_n_minutes`` have passed since the last save (or the start)."""
+        interval, last = self._time_trigger, self._last_time_checked
+        return interval is not None and last is not None and time.monotonic() - last >= interval.total_seconds()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
-        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        interval = self._time_trigger
+        if interval is None or not pl_module.automatic_optimization:
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        else:
+            # At an optimizer-step boundary only, and agreed over the ranks (step_votes). Lightning's own check runs
+            # only when the time is due, with a zero interval so that every rank saves (its broadcast then costs once
+            # per save); otherwise without a time trigger, so that it neither reads the clock nor broadcasts.
+            boundary, self._seen_step = trainer.global_step != self._seen_step, trainer.global_step
+            due = boundary and agreed_vote(trainer, self)
+            self._train_time_interval = timedelta(0) if due else None
+            try:
+                super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+            finally:
+                self._train_time_interval = interval
         if 0 <= trainer.max_steps <= trainer.global_step:  # the last step: a run's end never depends on the cadence
             self._save_final(trainer)
 

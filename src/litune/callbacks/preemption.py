@@ -3,9 +3,10 @@
 Why not Lightning's own handling: on SIGTERM Lightning 2.6 stops after the current *batch* without saving (mid
 accumulation window, nothing to resume from), and its SLURM SIGUSR1 handler saves from inside the signal handler, at
 whatever point the main thread was interrupted (for DeepSpeed, possibly inside a collective). Here the handler only
-sets a flag; the ranks agree on it at each optimizer-step boundary (one 1-element all-reduce per step, since the
-signal reaches ranks at different moments), all save ``checkpoints/last.ckpt`` together (atomically, see
-:mod:`litune.strategies.atomic`), and all exit with :data:`EXIT_PREEMPTED`. ``--ckpt_path last`` resumes exactly.
+sets a flag; the ranks agree on it at each optimizer-step boundary (the signal reaches ranks at different moments: the
+flag rides on the step's skip-decision all-reduce, :mod:`litune.callbacks.step_votes`), all save
+``checkpoints/last.ckpt`` together (atomically, see :mod:`litune.strategies.atomic`), and all exit with
+:data:`EXIT_PREEMPTED`. ``--ckpt_path last`` resumes exactly.
 
 Under SLURM, global rank 0 then runs ``scontrol requeue <job id>``: the requeued job gets the same ``SLURM_JOB_ID``,
 hence the same run folder (``<experiment>-job<id>``), and ``--ckpt_path last`` in the batch script continues from the
@@ -22,12 +23,18 @@ from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from litune.lightning_private import SubprocessScriptLauncher, mark_saved, set_process_group_timeout
+from litune.callbacks.step_votes import agreed_vote
+from litune.lightning_private import (
+    SubprocessScriptLauncher,
+    mark_saved,
+    restore_sigterm_broadcast,
+    set_process_group_timeout,
+    skip_sigterm_broadcast,
+)
 from litune.runs import last_checkpoint, slurm_requeue_id
 
 EXIT_PREEMPTED = 75
@@ -85,6 +92,15 @@ class Preemption(Callback):
 
         for signum in SIGNALS:
             signal.signal(signum, handler)
+        # Lightning's per-micro-batch broadcast of its own SIGTERM flag could only ever carry "no" now (its handler is
+        # replaced): the ranks agree on a signal through the step's vote instead.
+        skip_sigterm_broadcast(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restore_sigterm_broadcast(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        restore_sigterm_broadcast(trainer)
 
     # --- at each optimizer-step boundary: agree, save, exit ---
 
@@ -103,14 +119,14 @@ class Preemption(Callback):
         self.preempted = True
         trainer.should_stop = True
 
+    def step_vote(self, trainer: pl.Trainer) -> bool:
+        """This rank's vote at a step boundary: whether it has been signalled (:mod:`litune.callbacks.step_votes`)."""
+        return self._signal is not None
+
     def _any_rank_signalled(self, trainer: pl.Trainer) -> bool:
-        flag = self._signal is not None
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            # The signal reaches the ranks at slightly different moments: all must decide the same at this step.
-            tensor = torch.tensor([1.0 if flag else 0.0], device=trainer.strategy.root_device)
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-            flag = bool(tensor.item())
-        return flag
+        # The signal reaches the ranks at slightly different moments: all must decide the same at this step. The vote
+        # rides on LitLM's per-step skip all-reduce (no collective or host read of its own).
+        return agreed_vote(trainer, self)
 
     def _save(self, trainer: pl.Trainer) -> Path:
         # The callback that keeps `last.ckpt` (litune's Checkpointing), where `--ckpt_path last` looks.

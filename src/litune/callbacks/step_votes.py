@@ -1,0 +1,123 @@
+"""Decisions that every rank takes alike at an optimizer-step boundary, agreed in one all-reduce per step.
+
+Three things must be decided the same on every rank after a step, or the ranks would hang in different collectives:
+whether to skip the step (a NaN/Inf loss or gradient norm on some rank, :meth:`litune.module.LitLM._step_is_finite`),
+whether to stop for a preemption signal (:class:`~litune.callbacks.preemption.Preemption`), and whether the time-based
+checkpoint is due (:class:`~litune.callbacks.checkpointing.Checkpointing`). Each used to agree on its own: an
+all-reduce and a host read for the skip decision, another for the preemption flag, and Lightning's ``ModelCheckpoint``
+broadcast rank 0's clock decision as a pickled object on every micro-batch. On a GPU each read makes the host wait
+for the device's queue.
+
+Here a callback with a ``step_vote(trainer) -> bool`` method (its local, host-side answer) is a *voter*. LitLM's skip
+decision all-reduces its non-finite flag together with every voter's vote (:func:`agree`): one collective and one
+host read per step for all of them. A voter asks for the agreed answer at the step boundary (:func:`agreed_vote`);
+when no skip decision ran in this step (DeepSpeed's engine decides on its own, a module other than LitLM) the first
+voter to ask makes one all-reduce for all voters. A vote is summed over ranks: the agreed answer is "some rank said
+yes". On one process nothing is reduced and a vote is its own answer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Protocol
+
+import lightning.pytorch as pl
+import torch
+
+
+class StepVoter(Protocol):
+    """A callback that takes part in the per-step agreement."""
+
+    def step_vote(self, trainer: pl.Trainer) -> bool:
+        """This rank's answer, read on the host (no device value)."""
+        ...
+
+
+_AGREED: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
+"""voter -> (micro-batch it was agreed at, agreed answer)."""
+
+
+def voters(trainer: pl.Trainer) -> list[StepVoter]:
+    """The trainer's callbacks that vote, in callback order (the same on every rank)."""
+    return [cb for cb in trainer.callbacks if callable(getattr(cb, "step_vote", None))]
+
+
+def _micro_batch(trainer: pl.Trainer) -> int:
+    """The micro-batch being trained (counted from the start of the fit): the same from a step's optimizer step to
+    its ``on_train_batch_end``."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.ready
+
+
+def _distributed(trainer: pl.Trainer) -> bool:
+    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) ``tensor`` in place over every rank; no-op on one process.
+
+    Lightning's ``strategy.reduce`` puts a ``barrier`` before each all-reduce, which under NCCL blocks the host until
+    the device has run its queue: a host sync of its own. The collective alone is ordered on the device like a kernel.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def host_to_device(value: int | list[float], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A tensor of host values (0-d for a number, ``[len(value)]`` for a list) on ``device``, without making the host
+    wait for the device's queue.
+
+    ``torch.tensor(value, device="cuda")`` copies from pageable memory and synchronizes the stream; a copy from pinned
+    memory with ``non_blocking=True`` is queued like any kernel.
+    """
+    tensor = torch.tensor(value, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _votes(trainer: pl.Trainer, voting: list[StepVoter], device: torch.device) -> torch.Tensor:
+    """``[V]`` float32: the voters' local answers, copied to ``device`` without waiting for its queue."""
+    return host_to_device([float(v.step_vote(trainer)) for v in voting], device, dtype=torch.float32)
+
+
+def _store(trainer: pl.Trainer, voting: list[StepVoter], sums: list[float]) -> None:
+    batch = _micro_batch(trainer)
+    for voter, total in zip(voting, sums, strict=True):
+        _AGREED[voter] = (batch, total > 0)
+
+
+def agree(trainer: pl.Trainer, bad: torch.Tensor) -> bool:
+    """All-reduce ``bad`` together with every voter's vote: one collective, one host read.
+
+    Args:
+        trainer: the running trainer (its strategy reduces).
+        bad: 0-d float tensor on the step's device: how many checks failed on this rank (0 = all finite).
+
+    Returns:
+        Whether ``bad`` is 0 on every rank. The voters' agreed answers are kept for :func:`agreed_vote`.
+    """
+    voting = voters(trainer) if _distributed(trainer) else []
+    local = bad.reshape(1).float()  # a new tensor: the in-place all-reduce leaves ``bad`` as it was
+    if voting:
+        local = torch.cat([local, _votes(trainer, voting, local.device)])
+    sums = sum_over_ranks(local).tolist()  # the step's one read of a device value
+    _store(trainer, voting, sums[1:])
+    return sums[0] == 0
+
+
+def agreed_vote(trainer: pl.Trainer, voter: StepVoter) -> bool:
+    """``voter``'s answer agreed over all ranks for the current step: true when some rank voted yes.
+
+    Call it at a step boundary (``on_train_batch_end`` after the optimizer stepped), on every rank.
+    """
+    if not _distributed(trainer):
+        return voter.step_vote(trainer)
+    agreed = _AGREED.get(voter)
+    if agreed is not None and agreed[0] == _micro_batch(trainer):
+        return agreed[1]
+    # No skip decision carried the votes in this step (DeepSpeed, another LightningModule): one reduce for all voters.
+    voting = voters(trainer)
+    sums = sum_over_ranks(_votes(trainer, voting, trainer.strategy.root_device)).tolist()
+    _store(trainer, voting, sums)
+    return _AGREED[voter][1]
