@@ -339,7 +339,7 @@ class LitLM(L.LightningModule):
                 )
         # Each row counted once: the ranks of a tensor- or sequence-parallel group hold the same rows (batch_replicas).
         # The sum over ranks stays on the device (no barrier, no read: litune.callbacks.step_votes.sum_over_ranks).
-        total = sum_over_ranks(host_to_device(local, self.device))
+        total = sum_over_ranks(trainer, host_to_device(local, self.device))
         self._step_targets = total // batch_replicas(trainer)
         self._window = (trainer.current_epoch, batch_idx, batch_idx + length)
         self._window_loss, self._window_targets = 0.0, 0

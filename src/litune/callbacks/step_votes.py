@@ -52,13 +52,13 @@ def _distributed(trainer: pl.Trainer) -> bool:
     return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """All-reduce (sum) ``tensor`` in place over every rank; no-op on one process.
+def sum_over_ranks(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) ``tensor`` in place over the trainer's ranks; no-op on one process (as ``strategy.reduce``).
 
     Lightning's ``strategy.reduce`` puts a ``barrier`` before each all-reduce, which under NCCL blocks the host until
     the device has run its queue: a host sync of its own. The collective alone is ordered on the device like a kernel.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed(trainer):
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
 
@@ -101,7 +101,7 @@ def agree(trainer: pl.Trainer, bad: torch.Tensor) -> bool:
     local = bad.reshape(1).float()  # a new tensor: the in-place all-reduce leaves ``bad`` as it was
     if voting:
         local = torch.cat([local, _votes(trainer, voting, local.device)])
-    sums = sum_over_ranks(local).tolist()  # the step's one read of a device value
+    sums = sum_over_ranks(trainer, local).tolist()  # the step's one read of a device value
     _store(trainer, voting, sums[1:])
     return sums[0] == 0
 
@@ -118,6 +118,6 @@ def agreed_vote(trainer: pl.Trainer, voter: StepVoter) -> bool:
         return agreed[1]
     # No skip decision carried the votes in this step (DeepSpeed, another LightningModule): one reduce for all voters.
     voting = voters(trainer)
-    sums = sum_over_ranks(_votes(trainer, voting, trainer.strategy.root_device)).tolist()
+    sums = sum_over_ranks(trainer, _votes(trainer, voting, trainer.strategy.root_device)).tolist()
     _store(trainer, voting, sums)
     return _AGREED[voter][1]
