@@ -35,7 +35,8 @@ HOST_BATCH_COUNT = "__int__ litune/objective.py:count cpu"
 HOST_BATCH_MASK = "__bool__ litune/module.py:on_before_batch_transfer cpu"  # drops an all-ones mask before transfer
 HOST_RNG = "numpy litune/callbacks/resume.py:set_rng_states cpu"  # the RNG states ExactResume puts back: host memory
 SKIP_DECISION = "tolist litune/callbacks/step_votes.py:agree"
-STEP_ALL_REDUCE = "all_reduce litune/callbacks/step_votes.py:sum_over_ranks dist"  # token count, skip decision + votes
+# the token count; the skip decision with the votes
+STEP_ALL_REDUCE = "all_reduce litune/strategies/collectives.py:sum_over_ranks dist"
 
 
 def host_reads(

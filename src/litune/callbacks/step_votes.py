@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import lightning.pytorch as pl
 import torch
 
+from litune.strategies.collectives import distributed, host_to_device, sum_over_ranks
+
 
 class StepVoter(Protocol):
     """A callback that takes part in the per-step agreement."""
@@ -48,34 +50,6 @@ def _micro_batch(trainer: pl.Trainer) -> int:
     return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
 
-def _distributed(trainer: pl.Trainer) -> bool:
-    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def sum_over_ranks(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
-    """All-reduce (sum) ``tensor`` in place over the trainer's ranks; no-op on one process (as ``strategy.reduce``).
-
-    Lightning's ``strategy.reduce`` puts a ``barrier`` before each all-reduce, which under NCCL blocks the host until
-    the device has run its queue: a host sync of its own. The collective alone is ordered on the device like a kernel.
-    """
-    if _distributed(trainer):
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor
-
-
-def host_to_device(value: int | list[float], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """A tensor of host values (0-d for a number, ``[len(value)]`` for a list) on ``device``, without making the host
-    wait for the device's queue.
-
-    ``torch.tensor(value, device="cuda")`` copies from pageable memory and synchronizes the stream; a copy from pinned
-    memory with ``non_blocking=True`` is queued like any kernel.
-    """
-    tensor = torch.tensor(value, dtype=dtype)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 def _votes(trainer: pl.Trainer, voting: list[StepVoter], device: torch.device) -> torch.Tensor:
     """``[V]`` float32: the voters' local answers, copied to ``device`` without waiting for its queue."""
     return host_to_device([float(v.step_vote(trainer)) for v in voting], device, dtype=torch.float32)
@@ -97,7 +71,7 @@ def agree(trainer: pl.Trainer, bad: torch.Tensor) -> bool:
     Returns:
         Whether ``bad`` is 0 on every rank. The voters' agreed answers are kept for :func:`agreed_vote`.
     """
-    voting = voters(trainer) if _distributed(trainer) else []
+    voting = voters(trainer) if distributed(trainer) else []
     local = bad.reshape(1).float()  # a new tensor: the in-place all-reduce leaves ``bad`` as it was
     if voting:
         local = torch.cat([local, _votes(trainer, voting, local.device)])
@@ -111,7 +85,7 @@ def agreed_vote(trainer: pl.Trainer, voter: StepVoter) -> bool:
 
     Call it at a step boundary (``on_train_batch_end`` after the optimizer stepped), on every rank.
     """
-    if not _distributed(trainer):
+    if not distributed(trainer):
         return voter.step_vote(trainer)
     agreed = _AGREED.get(voter)
     if agreed is not None and agreed[0] == _micro_batch(trainer):
