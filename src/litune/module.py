@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from litune.callbacks.step_votes import agree, host_to_device, sum_over_ranks
+from litune.callbacks.step_votes import agree
 from litune.data.tokenizer import TokenizerSource, load_tokenizer
 from litune.errors import NETWORK_ARGS, ConfigError, TrainingStopped
 from litune.lightning_private import should_update_logs
@@ -56,6 +56,7 @@ from litune.preference.objective import Preference, PreferenceObjective, units_c
 from litune.rl.objective import RL, GRPOObjective
 from litune.strategies.batch import batch_replicas, loss_replicas
 from litune.strategies.checkpoint import world_size_changed
+from litune.strategies.collectives import host_to_device, sum_over_ranks
 from litune.strategies.descriptor import describe
 
 
@@ -191,6 +192,7 @@ class LitLM(L.LightningModule):
         self._unpadded_mask_shape: tuple[int, ...] | None = None  # see on_before_batch_transfer
         self._estimated_warned = False
         self.step_gradient_norm: torch.Tensor | None = None  # this step's gradient norm (see _step_is_finite)
+        self._step_norm_params: list[torch.nn.Parameter] = []  # the parameters step_gradient_norm is over
 
     @property
     def tokens_seen(self) -> int:
@@ -338,7 +340,7 @@ class LitLM(L.LightningModule):
                     "the step's target tokens are estimated: batches do not come from LitLM's look-ahead", stacklevel=2
                 )
         # Each row counted once: the ranks of a tensor- or sequence-parallel group hold the same rows (batch_replicas).
-        # The sum over ranks stays on the device (no barrier, no read: litune.callbacks.step_votes.sum_over_ranks).
+        # The sum over ranks stays on the device (no barrier, no read: litune.strategies.collectives.sum_over_ranks).
         total = sum_over_ranks(trainer, host_to_device(local, self.device))
         self._step_targets = total // batch_replicas(trainer)
         self._window = (trainer.current_epoch, batch_idx, batch_idx + length)
@@ -405,30 +407,32 @@ class LitLM(L.LightningModule):
                 optimizer.step(closure=lambda: loss)
             else:
                 self._nonfinite_step()
-            self.step_gradient_norm = None  # this step's: never reused by a later one
+            self.step_gradient_norm, self._step_norm_params = None, []  # this step's: never reused by a later one
         if should_update_logs(trainer):  # as train/loss: only when loggers read it (a ms each)
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def _step_is_finite(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether the step's loss and gradient norm are finite on every rank (one scalar all-reduce).
+        """Whether the step's loss and gradient norm are finite on every rank.
 
-        The one host sync of a training step: whether to call ``optimizer.step`` is decided on the host. The gradient
-        norm is kept as :attr:`step_gradient_norm` for clipping (:meth:`configure_gradient_clipping`) and the
-        ``train/grad_norm`` log, which then make no second pass over the gradients.
+        The one host sync of a training step: whether to call ``optimizer.step`` is decided on the host, from one
+        all-reduce that also carries the callbacks' step votes on several processes (:func:`step_votes.agree`). The
+        gradient norm is kept as :attr:`step_gradient_norm`, and the parameters it was taken over, for clipping
+        (:meth:`configure_gradient_clipping`) and the ``train/grad_norm`` log, which then make no second pass over the
+        gradients.
         """
         # The window's loss is the step's until the next step's first micro-batch starts a new window.
         bad = (~torch.isfinite(torch.as_tensor(self._window_loss, device=self.device))).float()
         # The optimizer's parameters, in its order (as Lightning's clip_grad_norm_ sums them: the same norm to the last
         # bit); walking self.parameters() costs a Hugging Face model's whole module tree, about 0.2 ms a step.
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        self.step_gradient_norm = None
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.step_gradient_norm, self._step_norm_params = None, []
         # Under fp16 AMP, inf gradients are the GradScaler's business (it skips those steps and lowers the scale).
-        if grads and str(self.trainer.precision) not in ("16-mixed", "16"):
-            norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+        if params and str(self.trainer.precision) not in ("16-mixed", "16"):
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], error_if_nonfinite=False)
             if hasattr(norm, "full_tensor"):  # FSDP2: sharded gradients give a DTensor norm
                 norm = norm.full_tensor()
             else:  # the norm clip_grad_norm_ would compute (the same call with the same defaults)
-                self.step_gradient_norm = norm
+                self.step_gradient_norm, self._step_norm_params = norm, params
             bad += (~torch.isfinite(norm)).to(bad.dtype)
         # One all-reduce with the callbacks' step votes (preemption, time-based checkpoint): litune.callbacks.step_votes
         return agree(self.trainer, bad)
@@ -450,8 +454,7 @@ class LitLM(L.LightningModule):
         if norm is None or not gradient_clip_val or algorithm != "norm" or own_clipping:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+        torch.nn.utils.clip_grads_with_norm_(self._step_norm_params, gradient_clip_val, norm)
 
     def _nonfinite_step(self) -> None:
         step = self.trainer.global_step + 1  # the optimizer step being taken (checkpoints count finished steps)
