@@ -161,6 +161,25 @@ def test_cadence_every_m_minutes(tmp_path, corpus_dir, tokenizer_dir, no_job) ->
     assert steps == list(range(1, 8)), steps
 
 
+def test_checkpoint_callbacks_keep_lightnings_state_key_while_the_time_trigger_is_swapped(tmp_path: Path) -> None:
+    """Checkpoints name a callback's state by ``ModelCheckpoint.state_key``: the cached key must be that string, for
+    the configured interval even while ``on_train_batch_end`` hides it, and follow a change of the settings."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from litune.callbacks.checkpointing import BestCheckpoints, Checkpointing
+
+    every = Checkpointing(every_n_train_steps=5, every_n_minutes=2.0, dirpath=tmp_path)
+    expected = ModelCheckpoint.state_key.fget(every)  # type: ignore[attr-defined]  # Lightning's formula
+    assert "'train_time_interval': datetime.timedelta(seconds=120)" in expected
+    assert every.state_key == expected
+    every._train_time_interval = None  # as on_train_batch_end swaps it around Lightning's check
+    assert every.state_key == expected
+    every.monitor = "val/loss"  # teeth: a key formatted once and never again would miss this
+    assert "val/loss" in every.state_key
+    best = BestCheckpoints(dirpath=tmp_path)
+    assert best.state_key == ModelCheckpoint.state_key.fget(best)  # type: ignore[attr-defined]
+
+
 def test_multinode_launcher_names_each_job_uniquely(tmp_path: Path) -> None:
     """launch/torchrun_multinode.sh takes the scheduler's job id as run id, and refuses to guess one for several nodes.
 

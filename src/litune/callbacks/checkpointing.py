@@ -75,12 +75,10 @@ class Checkpointing(ModelCheckpoint):
     @property
     def state_key(self) -> str:
         # Lightning keys the callback's saved state by its settings, the time interval included: keyed by the
-        # configured one even while on_train_batch_end has it swapped out (a save happens inside that window).
-        swapped, self._train_time_interval = self._train_time_interval, self._time_trigger
-        try:
-            return super().state_key
-        finally:
-            self._train_time_interval = swapped
+        # configured one even while on_train_batch_end has it swapped out (a save happens inside that window). It also
+        # formats every callback's key on every hook call (its profiler's label), ~30 times a step, and this key is a
+        # repr of the settings: formatted again only when they change.
+        return _cached_state_key(self, self._time_trigger)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)  # starts the clock of the time trigger
@@ -144,6 +142,10 @@ class BestCheckpoints(ModelCheckpoint):
         kwargs.setdefault("auto_insert_metric_name", False)
         super().__init__(monitor=monitor, mode=mode, save_top_k=save_top_k, **kwargs)
 
+    @property
+    def state_key(self) -> str:
+        return _cached_state_key(self, self._train_time_interval)  # as Checkpointing's: formatted once
+
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         return  # only after validation, when the metric is fresh
 
@@ -156,3 +158,19 @@ class BestCheckpoints(ModelCheckpoint):
         if self._should_skip_saving_checkpoint(trainer):
             return
         self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _cached_state_key(callback: ModelCheckpoint, interval: timedelta | None) -> str:
+    """``ModelCheckpoint.state_key`` with ``train_time_interval=interval``, formatted once per distinct settings."""
+    settings = (callback.monitor, callback.mode, callback._every_n_train_steps, callback._every_n_epochs, interval)
+    cached = getattr(callback, "_state_key_cache", None)
+    if cached is None or cached[0] != settings:
+        key = callback._generate_state_key(
+            monitor=settings[0],
+            mode=settings[1],
+            every_n_train_steps=settings[2],
+            every_n_epochs=settings[3],
+            train_time_interval=interval,
+        )
+        cached = callback._state_key_cache = (settings, key)
+    return cached[1]
