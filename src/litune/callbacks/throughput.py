@@ -57,7 +57,7 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak_flops: float, device
     return flops_per_token * tokens_per_sec / (peak_flops * devices)
 
 
-def batch_tokens(batch: Any) -> tuple[int, torch.Tensor, int]:
+def batch_tokens(batch: Any) -> tuple[int, torch.Tensor | float, int]:
     """Count a batch: ``(samples, real tokens, sequence length)``.
 
     Real tokens are the positions where ``attention_mask`` is 1 (all positions if there is no mask): padding costs
@@ -67,12 +67,13 @@ def batch_tokens(batch: Any) -> tuple[int, torch.Tensor, int]:
         batch: a litune batch, a dict with ``input_ids [B, T]`` and optionally ``attention_mask [B, T]``.
 
     Returns:
-        The token count stays a 0-d tensor on the batch's device: reading it (``int()``) would make the host wait
-        for the GPU on every step.
+        With a mask, the token count stays a 0-d tensor on the batch's device: reading it (``int()``) would make the
+        host wait for the GPU on every step. Without one it is the batch's size, a host number: summed on the host,
+        it costs no tensor operation a step.
     """
     input_ids = batch["input_ids"]
     mask = batch.get("attention_mask")
-    tokens = mask.sum(dtype=torch.float64) if mask is not None else torch.tensor(float(input_ids.numel()))
+    tokens = mask.sum(dtype=torch.float64) if mask is not None else float(input_ids.numel())
     return input_ids.shape[0], tokens, input_ids.shape[-1]
 
 
