@@ -51,6 +51,9 @@ def test_collator_pads_to_multiple_of_8_capped_at_block_size() -> None:
     assert batch["position_ids"].tolist() == [[0, 1, 0] + [0] * 5, [0] * 8]
     long = c([{"input_ids": list(range(1, 18)), "position_ids": list(range(17))}])
     assert long["input_ids"].shape == (1, 20)  # 17 would round up to 24: capped at max_length
+    assert c([{"input_ids": [5, 6], "labels": []}])["labels"].tolist() == [[5, 6] + [-100] * 6]  # empty: as none
+    with pytest.raises(ValueError, match="a row's labels has 3 entries but its input_ids 2"):
+        c([{"input_ids": [5, 6], "labels": [5, 6, 7]}])  # misaligned targets are refused, never truncated
 
 
 def _docs_file(tmp_path: Path) -> Path:
