@@ -123,37 +123,6 @@ def test_throughput_tokens_mfu_and_memory_are_logged_and_consistent(tmp_path) ->
     assert 0.05 < peak_gib[6] <= rss_gib * 1.5 and peak_gib[6] >= peak_gib[2]
 
 
-class SpikySystem(TinySystem):
-    """Allocates and frees ``SPIKE_BYTES`` inside step 3's forward: memory that is back with the kernel by the end of
-    the step (glibc maps a block this large with mmap and unmaps it when freed)."""
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if batch_idx == 2:
-            spike = torch.ones(SPIKE_BYTES // 4)  # written: every page is resident
-            del spike
-        return super().training_step(batch, batch_idx)
-
-
-SPIKE_BYTES = 512 * 2**20
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the kernel's peak RSS is a Linux feature")
-def test_cpu_peak_memory_includes_a_spike_inside_a_step(tmp_path) -> None:
-    """On CPU the peak is the kernel's peak RSS over the training, not an RSS sample after each step: a 512 MiB
-    buffer freed inside a step counts. Teeth: sampling after every step (the fallback) misses it."""
-    rss_before = psutil.Process().memory_info().rss
-    torch.manual_seed(0)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=4, log_every_n_steps=2, logger=CSVLogger(tmp_path, name="", version=""),
-        callbacks=[MemoryMonitor()], enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-    )  # fmt: skip
-    trainer.fit(SpikySystem(), train_dataloaders=torch.utils.data.DataLoader(batches(4), batch_size=None))
-    peak = column(read_csv(tmp_path / "metrics.csv"), "memory/peak_gib")
-    assert psutil.Process().memory_info().rss < rss_before + SPIKE_BYTES / 2, "the spike must be freed to the kernel"
-    assert peak[2] < (rss_before + SPIKE_BYTES) / 1024**3, "the spike comes in step 3, after step 2's log"
-    assert peak[4] >= (rss_before + 0.9 * SPIKE_BYTES) / 1024**3
-
-
 def test_mfu_is_omitted_not_zero_when_the_peak_is_unknown(tmp_path) -> None:
     rows = read_csv(train(tmp_path, [ThroughputMonitor()], steps=2, enable_progress_bar=False))
     assert "perf/mfu" not in rows[0] and column(rows, "perf/tokens_per_sec")[2] > 0
