@@ -161,16 +161,15 @@ class BestCheckpoints(ModelCheckpoint):
 
 
 def _cached_state_key(callback: ModelCheckpoint, interval: timedelta | None) -> str:
-    """``ModelCheckpoint.state_key`` with ``train_time_interval=interval``, formatted once per distinct settings."""
+    """``ModelCheckpoint.state_key`` with ``train_time_interval=interval``, formatted once per distinct settings (by
+    Lightning's own property, with the interval put in place for the call)."""
     settings = (callback.monitor, callback.mode, callback._every_n_train_steps, callback._every_n_epochs, interval)
     cached = getattr(callback, "_state_key_cache", None)
     if cached is None or cached[0] != settings:
-        key = callback._generate_state_key(
-            monitor=settings[0],
-            mode=settings[1],
-            every_n_train_steps=settings[2],
-            every_n_epochs=settings[3],
-            train_time_interval=interval,
-        )
+        swapped, callback._train_time_interval = callback._train_time_interval, interval
+        try:
+            key = ModelCheckpoint.state_key.fget(callback)  # type: ignore[attr-defined]
+        finally:
+            callback._train_time_interval = swapped
         cached = callback._state_key_cache = (settings, key)
     return cached[1]
