@@ -171,3 +171,51 @@ def test_non_positive_learning_rate_is_a_config_error(lr: float) -> None:
 def test_tokenizer_larger_than_the_vocabulary_is_a_config_error(tokenizer_dir) -> None:
     with pytest.raises(ConfigError, match=r"512 tokens .* vocabulary has 300"):
         LitLM(tiny_network(), tokenizer=str(tokenizer_dir))
+
+
+class _HookRecorder(L.Callback):
+    """Overrides one per-batch hook and inherits the others as Lightning's no-ops; notes what it sees in training."""
+
+    def __init__(self) -> None:
+        self.zero_grad_calls = 0
+        self.seen: dict[str, object] = {}
+
+    def on_before_zero_grad(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: object) -> None:
+        self.zero_grad_calls += 1
+        self.seen = {
+            "callback.on_after_backward": vars(self).get("on_after_backward", "inherited"),
+            "callback.on_before_zero_grad": vars(self).get("on_before_zero_grad", "inherited"),
+            "module.on_train_batch_end": vars(pl_module).get("on_train_batch_end", "inherited"),
+            "module.on_validation_batch_end": vars(pl_module).get("on_validation_batch_end", "inherited"),
+        }
+
+
+def _fit_with(recorder: _HookRecorder, **trainer_kwargs: object) -> LitLM:
+    system = LitLM(tiny_network(), optimizer=OPTIMIZERS["AdamW"])
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[recorder], **trainer_kwargs)  # fmt: skip
+    trainer.fit(system, batches())
+    return system
+
+
+def test_inherited_no_op_hooks_are_hidden_from_lightning_while_training_and_put_back_after() -> None:
+    recorder = _HookRecorder()
+    system = _fit_with(recorder)
+    assert recorder.zero_grad_calls == 3  # an overridden hook is still called at every step
+    assert recorder.seen == {
+        "callback.on_after_backward": None,  # hidden: Lightning's callable() check skips it
+        "callback.on_before_zero_grad": "inherited",  # overridden: left alone
+        "module.on_train_batch_end": None,
+        "module.on_validation_batch_end": "inherited",  # the eval loop inspects the module's signature: kept
+    }
+    assert "on_after_backward" not in vars(recorder) and "on_train_batch_end" not in vars(system)  # put back
+
+
+def test_a_profiler_still_sees_every_hook_call() -> None:
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    recorder, profiler = _HookRecorder(), SimpleProfiler()
+    _fit_with(recorder, profiler=profiler)
+    assert recorder.seen["callback.on_after_backward"] == "inherited"
+    assert len(profiler.recorded_durations["[Callback]_HookRecorder.on_after_backward"]) == 3

@@ -28,6 +28,7 @@ from litune.errors import ConfigError
 from litune.models.hf import HFCausalLM
 from litune.models.output import IGNORE_INDEX
 from litune.module import LitLM
+from litune.objective import step_objective
 from litune_testing import NETWORK, REPO, TINY, run_litune
 
 TOLERANCE = 1e-5
@@ -255,3 +256,19 @@ def test_eval_shards_are_equal_and_their_padding_weighs_nothing() -> None:
 def test_nonfinite_must_be_skip_or_stop() -> None:
     with pytest.raises(ConfigError, match="model.nonfinite"):
         LitLM(tiny_system().network, nonfinite="ignore")
+
+
+def test_step_objective_gives_the_same_bits_and_gradient_with_the_count_on_the_host_or_the_device() -> None:
+    torch.manual_seed(0)
+    for n in [0, 1, 3, 7, 10, 49, 512, 4097, 100_003, 3 * 2**20 + 1]:
+        for divisor in [1, 2, 3, 6, 8]:
+            loss_sum = (torch.rand(()) * 1e4).requires_grad_()
+            on_host = step_objective(loss_sum, n, divisor)
+            (grad_host,) = torch.autograd.grad(on_host, loss_sum)
+            on_device = step_objective(loss_sum, torch.tensor(n), divisor)
+            (grad_device,) = torch.autograd.grad(on_device, loss_sum)
+            assert on_host.item() == on_device.item() and grad_host.item() == grad_device.item(), (n, divisor)
+    # Teeth: the plain host formula (divisor / N in float64) misses the device's bits for some N.
+    loss_sum = torch.tensor(1234.5678)
+    naive = [(loss_sum * (6 / n)).item() for n in range(1, 400)]
+    assert naive != [step_objective(loss_sum, torch.tensor(n), 6).item() for n in range(1, 400)]

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from litune.errors import ConfigError
@@ -197,17 +198,26 @@ def gradient_divisor(trainer: pl.Trainer) -> int:
     return divisor
 
 
-def step_objective(loss_sum: torch.Tensor, step_targets: torch.Tensor, divisor: int) -> torch.Tensor:
+def step_objective(loss_sum: torch.Tensor, step_targets: torch.Tensor | int, divisor: int) -> torch.Tensor:
     """The loss one micro-batch returns to Lightning so that the optimizer sees ``grad(sum of losses / N)``.
 
     Args:
         loss_sum: scalar, this micro-batch's summed token loss.
-        step_targets: scalar, ``N``: the target tokens of the whole optimizer step over all ranks.
+        step_targets: scalar, ``N``: the target tokens of the whole optimizer step over all ranks (a device tensor,
+            or a host number on one process).
         divisor: :func:`gradient_divisor`.
 
     Returns:
-        ``loss_sum * divisor / max(N, 1)`` (0 with a zero gradient for a micro-batch without targets).
+        ``loss_sum * divisor / max(N, 1)`` (0 with a zero gradient for a micro-batch without targets), computed as
+        ``loss_sum * (reciprocal(N) * divisor)`` in ``loss_sum``'s dtype whether ``N`` is a tensor or a host number:
+        the same bits either way.
     """
+    if isinstance(step_targets, int) and loss_sum.dtype == torch.float32:
+        # What the tensor expression below computes, in float32 on the host (torch's `divisor / t` is
+        # `t.reciprocal() * divisor`): no 0-d tensor operations on the step's path.
+        scale = np.float32(divisor) * (np.float32(1.0) / np.float32(max(step_targets, 1)))
+        return loss_sum * float(scale)
+    step_targets = torch.as_tensor(step_targets, device=loss_sum.device)
     return loss_sum * (divisor / step_targets.clamp(min=1).to(loss_sum.dtype))
 
 

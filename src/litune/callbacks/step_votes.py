@@ -18,6 +18,7 @@ yes". On one process nothing is reduced and a vote is its own answer.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, Protocol
 
@@ -51,8 +52,8 @@ def _micro_batch(trainer: pl.Trainer) -> int:
 
 
 def _votes(trainer: pl.Trainer, voting: list[StepVoter], device: torch.device) -> torch.Tensor:
-    """``[V]`` float32: the voters' local answers, copied to ``device`` without waiting for its queue."""
-    return host_to_device([float(v.step_vote(trainer)) for v in voting], device, dtype=torch.float32)
+    """``[V]`` float64: the voters' local answers, copied to ``device`` without waiting for its queue."""
+    return host_to_device([float(v.step_vote(trainer)) for v in voting], device, dtype=torch.float64)
 
 
 def _store(trainer: pl.Trainer, voting: list[StepVoter], sums: list[float]) -> None:
@@ -61,23 +62,26 @@ def _store(trainer: pl.Trainer, voting: list[StepVoter], sums: list[float]) -> N
         _AGREED[voter] = (batch, total > 0)
 
 
-def agree(trainer: pl.Trainer, bad: torch.Tensor) -> bool:
-    """All-reduce ``bad`` together with every voter's vote: one collective, one host read.
+def agree(trainer: pl.Trainer, checked: torch.Tensor) -> bool:
+    """All-reduce ``checked`` together with every voter's vote: one collective, one host read.
 
     Args:
         trainer: the running trainer (its strategy reduces).
-        bad: 0-d float tensor on the step's device: how many checks failed on this rank (0 = all finite).
+        checked: 0-d float tensor on the step's device, finite exactly when this rank's checks passed (e.g. the
+            step's loss plus its gradient norm).
 
     Returns:
-        Whether ``bad`` is 0 on every rank. The voters' agreed answers are kept for :func:`agreed_vote`.
+        Whether ``checked`` is finite on every rank (a sum over ranks in float64 is finite exactly when every term
+        is). The voters' agreed answers are kept for :func:`agreed_vote`.
     """
     voting = voters(trainer) if distributed(trainer) else []
-    local = bad.reshape(1).float()  # a new tensor: the in-place all-reduce leaves ``bad`` as it was
+    # A copy: the in-place all-reduce leaves ``checked`` as it was.
+    local = checked.reshape(1).to(torch.float64, copy=True)
     if voting:
         local = torch.cat([local, _votes(trainer, voting, local.device)])
     sums = sum_over_ranks(trainer, local).tolist()  # the step's one read of a device value
     _store(trainer, voting, sums[1:])
-    return sums[0] == 0
+    return math.isfinite(sums[0])
 
 
 def agreed_vote(trainer: pl.Trainer, voter: StepVoter) -> bool:
