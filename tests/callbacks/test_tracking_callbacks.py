@@ -238,3 +238,29 @@ def test_secret_names_and_values_are_scrubbed(monkeypatch) -> None:
     assert scrub("https://h/?api_key=abc&page=2") == f"https://h/?api_key={REDACTED}&page=2"
     assert not is_secret_name("tokenizer") and is_secret_name("WANDB_API_KEY") and is_secret_name("client_secret")
     assert math.isclose(scrub({"lr": 0.1})["lr"], 0.1)
+
+
+def test_resident_set_reads_what_psutil_reads_and_follows_an_allocation() -> None:
+    from litune.callbacks.memory import ResidentSet
+
+    rss = ResidentSet()
+    before = rss.bytes()
+    assert abs(before - psutil.Process().memory_info().rss) < 8 * 2**20
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert rss.bytes() - before > 60 * 2**20
+    del block
+    rss.close()
+    assert abs(rss.bytes() - psutil.Process().memory_info().rss) < 8 * 2**20  # reopens after close
+
+
+def test_a_copied_resident_set_reads_through_its_own_file() -> None:
+    import copy
+
+    from litune.callbacks.memory import ResidentSet
+
+    rss = ResidentSet()
+    rss.bytes()
+    twin = copy.deepcopy(rss)
+    rss.close()  # the original's file: the copy must not have shared it
+    assert abs(twin.bytes() - psutil.Process().memory_info().rss) < 8 * 2**20
+    twin.close()
