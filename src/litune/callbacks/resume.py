@@ -10,10 +10,12 @@ reads python, numpy and torch's states but Lightning's Trainer never saves them,
 Where the state is taken matters. Between two optimizer steps an uninterrupted run may draw random numbers that a
 resumed run does not (creating the validation or a new epoch's DataLoader iterator draws a base seed from torch's
 generator), and a resumed run draws some that the uninterrupted one did not (its own DataLoader iterator). So the state
-is snapshotted right after every optimizer step and put back right before the next training batch, in every run: what
-happens in between (validation, logging, saving, iterator creation) never changes the training's random numbers, and a
-checkpoint saved at step ``k`` carries exactly the snapshot the uninterrupted run continues from. Cost: one RNG
-get/set per optimizer step (a few microseconds).
+is snapshotted right after every optimizer step, and put back right before the next training batch whenever something
+that may draw ran in between: a checkpoint save, validation, the end of an epoch (the next iterator's creation). So
+those never change the training's random numbers, and a checkpoint saved at step ``k`` carries exactly the snapshot the
+uninterrupted run continues from. Between other steps nothing is put back: whatever runs there (a callback that
+samples) runs alike in the uninterrupted and the resumed run. Cost: one read of the states per optimizer step (~45 µs,
+most of it numpy's), and a write only after such events.
 
 On resume the callback also drops from ``metrics.csv`` the rows the killed attempt logged after the checkpoint
 (they are logged again), so the file has one row per step; and it flushes the loggers right after the step whose
@@ -44,10 +46,14 @@ def rng_states(device: torch.device | None = None) -> dict[str, Any]:
     Only this rank's own CUDA device is read: ``torch.cuda.get_rng_state_all`` would touch every visible GPU. Only
     tensors, numbers and strings, so that checkpoints load with ``torch.load(weights_only=True)``.
     """
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return _saveable(_read_rng_states(device))
+
+
+def _read_rng_states(device: torch.device | None) -> dict[str, Any]:
+    """The states as the generators give them (numpy's as its own tuple): what a per-step snapshot keeps."""
     states: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
     if device is not None and device.type == "cuda":
@@ -55,10 +61,19 @@ def rng_states(device: torch.device | None = None) -> dict[str, Any]:
     return states
 
 
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Put back what :func:`rng_states` returned."""
+def _saveable(states: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_read_rng_states`' states with numpy's as tensors and plain numbers (``weights_only`` loading)."""
     kind, keys, pos, has_gauss, gauss = states["numpy"]
-    numpy_state = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    return {**states, "numpy": numpy_state}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Put back what :func:`rng_states` (or :func:`_read_rng_states`) returned."""
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
+    numpy_state = (kind, keys, pos, has_gauss, gauss)
     restore_rng_states({"torch": states["torch"], "python": states["python"], "numpy": numpy_state})
     if "torch.cuda.device" in states and torch.cuda.is_available():
         index, state = states["torch.cuda.device"]
@@ -78,6 +93,7 @@ class ExactResume(Callback):
         self._snapshot: dict[str, Any] | None = None
         self._snapshot_step = -1
         self._restore: dict[str, Any] | None = None
+        self._restore_snapshot = False  # something that may draw random numbers ran since the snapshot
         self._seen_step = -1
         self._flush_loggers = False
         self._resumed = False
@@ -99,9 +115,12 @@ class ExactResume(Callback):
                 # The logger step this run's rows start at (known only now: Lightning's loop advances it after
                 # on_train_start). Rows a killed attempt wrote at or after it are stale: this run logs them again.
                 drop_csv_rows_from(trainer, batches_that_stepped(trainer))
+        if self._restore is None and self._restore_snapshot and self._snapshot is not None:
+            self._restore = self._snapshot
         if self._restore is not None:
             set_rng_states(self._restore)
             self._restore = None
+        self._restore_snapshot = False
         if self._flush_loggers:
             # Lightning logs a step's metrics after the step's checkpoint is saved, and the CSV logger writes its rows
             # every 100 steps: without this, a kill before the next flush loses the rows up to the checkpoint, which
@@ -113,16 +132,23 @@ class ExactResume(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step != self._seen_step:  # an optimizer step just finished (not inside accumulation)
             self._seen_step = trainer.global_step
-            self._snapshot = rng_states(self._device())
+            self._snapshot = _read_rng_states(self._device())
             self._snapshot_step = trainer.global_step
-            self._restore = self._snapshot  # whatever runs before the next batch must not change its randomness
+            self._restore_snapshot = False
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_snapshot = True  # its iterator draws a seed, and the model may sample
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_snapshot = True  # the next epoch's iterator draws a seed (a resumed run draws its own)
 
     def state_dict(self) -> dict[str, Any]:
         # Called on every rank while a checkpoint is assembled (trainer.save_checkpoint runs on all ranks).
         self._flush_loggers = True
+        self._restore_snapshot = True  # the resumed run continues from the snapshot: so does this one
         trainer = self._trainer
         if trainer is not None and self._snapshot_step == trainer.global_step and self._snapshot is not None:
-            mine = self._snapshot
+            mine = _saveable(self._snapshot)
         else:  # a save outside the training loop (e.g. before the first step)
             mine = rng_states(self._device())
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
