@@ -9,17 +9,25 @@ through: forward (the network and its loss), backward, optimizer (``step`` and `
 
 Both sides get litune's glibc malloc settings through the environment (``--glibc-defaults``: neither does).
 
+``--clock`` times instead of profiling: ``perf_counter`` around the network's forward (with its loss), the backward
+and the optimizer's ``step``, and around every step, with no profiler on, so nothing inflates the Python in between.
+It prints medians per step of the step, the three timed parts and the rest (the framework's own time: data, loop,
+hooks, callbacks, checks, logging, ``zero_grad``), which is the number to compare between the sides.
+
     OMP_NUM_THREADS=1 taskset -c 1 python bench/profile_step.py --side litune --size tiny --steps 150
     OMP_NUM_THREADS=1 taskset -c 1 python bench/profile_step.py --side trainer --size tiny --steps 150
+    OMP_NUM_THREADS=1 taskset -c 1 python bench/profile_step.py --side litune --steps 450 --warmup 50 --clock
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import json
 import os
 import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -82,12 +90,61 @@ class _Window:
         return pstats.Stats(self.profile), step - self.first, time.perf_counter() - self.start
 
 
-def run_litune(setup: Setup, size_name: str, steps: int, warmup: int) -> tuple[pstats.Stats, int, float]:
+class _Clock:
+    """Per-step wall time and the time of the forward, backward and optimizer step inside it (``--clock``)."""
+
+    PARTS = ("forward", "backward", "optimizer")
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.spent, self.marks = warmup, dict.fromkeys(self.PARTS, 0.0), []
+
+    def time(self, owner: object, name: str, part: str) -> None:
+        """Replace ``owner.name`` by a timed wrapper (signature kept: the Trainer inspects ``forward``'s)."""
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.spent[part] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def maybe_start(self, step: int) -> None:  # called at every step's start, as _Window's
+        if step >= self.warmup:
+            self.marks.append((time.perf_counter(), dict(self.spent)))
+
+    def stop(self, step: int) -> dict[str, float]:
+        rows = []
+        for (t0, spent0), (t1, spent1) in zip(self.marks[:-1], self.marks[1:], strict=True):
+            row = {part: (spent1[part] - spent0[part]) * 1e3 for part in self.PARTS}
+            row["step"] = (t1 - t0) * 1e3
+            row["rest (framework)"] = row["step"] - sum(row[part] for part in self.PARTS)
+            rows.append(row)
+        return {key: statistics.median(row[key] for row in rows) for key in rows[0]} | {"steps": len(rows)}
+
+
+def _clock_optimizer_and_backward(clock: _Clock) -> None:
+    import torch
+
+    clock.time(torch.Tensor, "backward", "backward")
+    clock.time(torch.optim.AdamW, "step", "optimizer")  # before the optimizer exists: torch wraps it in its hooks
+
+
+def run_litune(setup: Setup, size_name: str, steps: int, warmup: int, clock: _Clock | None = None) -> tuple:
     from lightning.pytorch import Callback
 
     from litune.cli import main
 
-    window = _Window(warmup)
+    window: _Window | _Clock = _Window(warmup)
+    if clock is not None:
+        from litune.models.hf import HFCausalLM
+
+        window = clock
+        clock.time(HFCausalLM, "forward", "forward")
+        _clock_optimizer_and_backward(clock)
     result: dict[str, tuple] = {}
 
     class Profiler(Callback):
@@ -108,14 +165,14 @@ def run_litune(setup: Setup, size_name: str, steps: int, warmup: int) -> tuple[p
     return result["r"]
 
 
-def run_trainer(setup: Setup, size_name: str, steps: int, warmup: int) -> tuple[pstats.Stats, int, float]:
+def run_trainer(setup: Setup, size_name: str, steps: int, warmup: int, clock: _Clock | None = None) -> tuple:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from litune.data.text import TextDataModule
 
     size = SIZES[size_name]
-    window = _Window(warmup)
+    window: _Window | _Clock = _Window(warmup) if clock is None else clock
     result: dict[str, tuple] = {}
 
     class Profiler(TrainerCallback):
@@ -127,6 +184,9 @@ def run_trainer(setup: Setup, size_name: str, steps: int, warmup: int) -> tuple[
 
     torch.manual_seed(setup.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir(setup, size, size.vocab), attn_implementation="sdpa")
+    if clock is not None:
+        clock.time(type(model), "forward", "forward")
+        _clock_optimizer_and_backward(clock)
     dm = TextDataModule(tokenizer=str(setup.tokenizer), path=str(setup.corpus), block_size=size.block,
                         batch_size=size.batch, val_fraction=0.0, seed=setup.seed)  # fmt: skip
     dm.prepare_data()
@@ -153,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--glibc-defaults", action="store_true", help="Do not give glibc litune's malloc settings.")
+    parser.add_argument("--clock", action="store_true", help="Time forward, backward, optimizer and the rest instead.")
     args = parser.parse_args(argv)
     from litune.host_memory import MALLOC_ENV
 
@@ -164,13 +225,21 @@ def main(argv: list[str] | None = None) -> dict:
         corpus, tokenizer = prepare(work)
         setup = Setup(work=work, corpus=corpus, tokenizer=tokenizer, log_every=args.log_every)
         run = run_litune if args.side == "litune" else run_trainer
-        stats, steps, wall = run(setup, args.size, args.steps, args.warmup)
-    per_step = categorize(stats, steps, wall)
-    print(f"{args.side}, {args.size}, {steps} profiled steps (cProfile on), ms per step:")
+        if args.clock:
+            per_step = run(setup, args.size, args.steps, args.warmup, _Clock(args.warmup))
+            steps = per_step.pop("steps")
+        else:
+            stats, steps, wall = run(setup, args.size, args.steps, args.warmup)
+    if not args.clock:
+        per_step = categorize(stats, steps, wall)
+    kind = "timed steps (no profiler), medians" if args.clock else "profiled steps (cProfile on)"
+    print(f"{args.side}, {args.size}, {steps} {kind}, ms per step:")
     for key, value in per_step.items():
         print(f"  {key:32s} {value:8.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"side": args.side, "size": args.size, "steps": steps, "ms": per_step}))
+        args.json.write_text(
+            json.dumps({"side": args.side, "size": args.size, "steps": steps, "clock": args.clock, "ms": per_step})
+        )
     return per_step
 
 
