@@ -67,6 +67,7 @@ class Setup:
     log_every: int = 50  # Lightning's default log_every_n_steps; every side reads its loss on these steps only
     env: dict[str, str] = field(default_factory=dict)  # given to every side alike (e.g. glibc's MALLOC_* settings)
     cores: str | None = None  # `taskset -c CORES` for every side (e.g. "1"), or None
+    clip: float = 0.0  # gradient clipping by norm on every side (0: none, the default of litune and the loops)
     runs: list[dict] = field(default_factory=list)
 
 
@@ -171,6 +172,7 @@ def litune_config(setup: Setup, size: Size, model: Path, steps: int, extra: dict
             # Every side reads the loss on the same steps (the loop calls loss.item() there, as a hand-written loop
             # that prints it does): no side pays a per-step logging cost the others skip.
             "log_every_n_steps": setup.log_every,
+            **({"gradient_clip_val": setup.clip} if setup.clip else {}),
             **((extra or {}).get("trainer") or {}),
         },
     }
@@ -199,7 +201,7 @@ def run_side(setup: Setup, side: str, size: Size, steps: int, options: dict | No
             "block_size": size.block, "batch_size": size.batch, "steps": steps, "lr": setup.lr,
             "weight_decay": setup.weight_decay, "seed": setup.seed, "precision": setup.precision,
             "device": setup.device, "compile": bool(options.get("compile")), "out_dir": str(out),
-            "losses": str(out / "losses.json"), "log_every": setup.log_every,
+            "losses": str(out / "losses.json"), "log_every": setup.log_every, "clip": setup.clip,
         }  # fmt: skip
         (out / "spec.json").write_text(json.dumps(spec))
         cmd = [sys.executable, str(WORKER), side, str(out / "spec.json")]

@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _datamodule(spec: dict):
@@ -77,21 +78,25 @@ def run_loop(spec: dict) -> list[list[float]]:
         loader.sampler.set_epoch(epoch)
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            step = _train_step(model, optimizer, batch, device, bf16, step, every, losses)
+            step = _train_step(model, optimizer, batch, device, bf16, step, every, losses, spec.get("clip", 0.0))
             if step == spec["steps"]:
                 break
         epoch += 1
     return losses
 
 
-def _train_step(model, optimizer, batch: dict, device, bf16: bool, step: int, every: int, losses: list) -> int:  # noqa: ANN001
-    """One plain step of the hand-written loops: forward (bf16 autocast if asked), backward, optimizer step, and
-    ``loss.item()`` appended to ``losses`` as ``[step, loss]`` on every ``every``-th step. Returns the next step."""
+def _train_step(model: Any, optimizer: Any, batch: dict, device: Any, bf16: bool, step: int, every: int, losses: list,
+                clip: float) -> int:  # fmt: skip
+    """One plain step of the hand-written loops: forward (bf16 autocast if asked), backward, clipping by norm (if
+    ``clip``), optimizer step, and ``loss.item()`` appended to ``losses`` as ``[step, loss]`` on every ``every``-th
+    step. Returns the next step."""
     import torch
 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = model(**batch).loss
     loss.backward()
+    if clip:  # over the optimizer's parameters in its order, as Lightning's and litune's clipping sum the norm
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if (step + 1) % every == 0:
@@ -127,7 +132,7 @@ def run_minimal(spec: dict) -> list[list[float]]:
                 del batch["attention_mask"]
             batches.append({k: v.to(device) for k, v in batch.items()})
         for batch in batches:
-            step = _train_step(model, optimizer, batch, device, bf16, step, every, losses)
+            step = _train_step(model, optimizer, batch, device, bf16, step, every, losses, spec.get("clip", 0.0))
             if step == spec["steps"]:
                 break
         epoch += 1
@@ -157,7 +162,7 @@ def run_trainer(spec: dict) -> list[list[float]]:
         weight_decay=spec["weight_decay"],
         lr_scheduler_type="constant",
         warmup_steps=0,
-        max_grad_norm=0.0,  # litune and the loop do not clip either
+        max_grad_norm=spec.get("clip", 0.0),  # 0: litune and the loops do not clip by default either
         logging_steps=spec["log_every"],  # as the other two sides
         save_strategy="no",
         report_to=[],

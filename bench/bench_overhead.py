@@ -9,8 +9,10 @@ default).
 
 Every side trains the same saved GPT-2-architecture weights on the same batches (litune's ``TextDataModule``: same
 tokens, same collation), with the same AdamW settings, constant learning rate, precision, no dropout and no gradient
-clipping, and reads the loss on the same steps, every ``--log-every`` (Lightning's default 50: the loop calls
-``loss.item()`` there, litune logs with ``log_every_n_steps``, the Trainer with ``logging_steps``). Each side is a
+clipping (``--clip NORM``: every side clips by that norm, litune with ``gradient_clip_val``, the Trainer with
+``max_grad_norm``, the loops with ``clip_grad_norm_``), and reads the loss on the same steps, every ``--log-every``
+(Lightning's default 50: the loop calls ``loss.item()`` there, litune logs with ``log_every_n_steps``, the Trainer
+with ``logging_steps``). Each side is a
 whole process timed from outside, at ``n1`` and ``n2`` steps, interleaved over rounds (see ``_harness.py``). The loop
 and litune see the same batches in the same order, so their logged losses must agree to float noise; the Trainer
 shuffles with its own sampler (and logs the mean since its last log), so only its final loss is comparable.
@@ -72,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-sides", nargs="+", default=None, help="Sides timed with --compile (default: all).")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default=None, help="Default: 32-true on CPU, bf16-mixed on CUDA.")
+    parser.add_argument(
+        "--clip", type=float, default=0.0, help="Clip gradients by this norm on every side (default 0: no side clips)."
+    )
     parser.add_argument("--threads", default="1", help="OMP_NUM_THREADS of every side (the same for all).")
     parser.add_argument("--peak-flops", type=float, default=None, help="Device peak FLOP/s: adds an MFU column.")
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
@@ -105,7 +110,7 @@ def table(results: dict[str, dict], args: argparse.Namespace, allocator: str = "
     lines = [
         f"{args.device}, {args.precision}, OMP_NUM_THREADS={args.threads}{pinned}, allocator: {allocator} on every "
         f"side, steps {args.steps[0]} and {args.steps[1]}, loss read every {args.log_every} steps, {args.rounds} "
-        "interleaved rounds, medians",
+        f"interleaved rounds, medians{f', gradients clipped at norm {args.clip} on every side' if args.clip else ''}",
         "",
         "| size | side | tokens/s | vs loop | vs minimal loop | vs Trainer | MFU | ms/step | per round ms/step "
         "| start-up s | max loss diff vs loop | final loss |",
@@ -140,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         for allocator in args.allocators:
             setup = Setup(work=work, corpus=corpus, tokenizer=tokenizer, precision=args.precision, device=args.device)
             setup.threads, setup.log_every, setup.cores = args.threads, args.log_every, args.cores
+            setup.clip = args.clip
             setup.env = dict(ALLOCATORS[allocator]())
             tables[allocator] = {
                 name: interleaved(setup, sides_for(args), SIZES[name], *args.steps, rounds=args.rounds)
