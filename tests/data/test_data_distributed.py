@@ -49,6 +49,10 @@ SCRIPT = textwrap.dedent(
     out = {{"rank": trainer.global_rank, "cache_hit": dm.cache_hit, "rows": rows.rows,
            "train_rows": len(dm.train_set), "cache_folder": dm.stats["cache_folder"]}}
     (tmp / f"rank{{trainer.global_rank}}.json").write_text(json.dumps(out))
+    # As litune fit does: end the process group before exit. Left to interpreter shutdown, DeepSpeed's gloo group once
+    # aborted the process ("terminate called without an active exception") after a finished fit.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     """
 )
 
