@@ -534,8 +534,11 @@ def random_batches(vocab_size: int, n: int = 16, seq: int = 12) -> DataLoader:
     return DataLoader(rows, batch_size=4)
 
 
-def fit_in_process(system: LightningModule, steps: int, vocab_size: int, precision: str = "32-true") -> Trainer:
-    """Train ``system`` for ``steps`` optimizer steps on ``random_batches(vocab_size)`` with a bare CPU Trainer."""
+def fit_in_process(
+    system: LightningModule, steps: int, vocab_size: int, precision: str = "32-true", **trainer_kwargs: Any
+) -> Trainer:
+    """Train ``system`` for ``steps`` optimizer steps on ``random_batches(vocab_size)`` with a bare CPU Trainer
+    (``trainer_kwargs``: further Trainer arguments, e.g. ``callbacks`` or a ``profiler``)."""
     trainer = Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -546,6 +549,7 @@ def fit_in_process(system: LightningModule, steps: int, vocab_size: int, precisi
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        **trainer_kwargs,
     )
     trainer.fit(system, random_batches(vocab_size))
     return trainer

@@ -192,10 +192,7 @@ class _HookRecorder(L.Callback):
 
 def _fit_with(recorder: _HookRecorder, **trainer_kwargs: object) -> LitLM:
     system = LitLM(tiny_network(), optimizer=OPTIMIZERS["AdamW"])
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[recorder], **trainer_kwargs)  # fmt: skip
-    trainer.fit(system, batches())
+    fit_in_process(system, 3, VOCAB, callbacks=[recorder], **trainer_kwargs)
     return system
 
 

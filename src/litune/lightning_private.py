@@ -146,7 +146,7 @@ def skip_noop_hooks(trainer: pl.Trainer) -> list[tuple[Any, str]]:
         return []
     # The evaluation loop inspects the module's validation batch hooks' signatures (dataloader_idx): those stay.
     module_hooks = [hook for hook in PER_BATCH_HOOKS if not hook.startswith("on_validation")]
-    owners = [*((cb, Callback, PER_BATCH_HOOKS) for cb in trainer.callbacks)]
+    owners = [(cb, Callback, PER_BATCH_HOOKS) for cb in trainer.callbacks]
     owners.append((trainer.lightning_module, pl.LightningModule, module_hooks))
     hidden = []
     for owner, base, hooks in owners:

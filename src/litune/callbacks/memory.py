@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from litune.callbacks.throughput import log_exact
 
 GIB = 1024**3
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096  # /proc/<pid>/statm counts pages
 
 
 class ResidentSet:
@@ -47,9 +48,6 @@ class ResidentSet:
         if self._statm is not None and self._pid == os.getpid():  # after a fork the parent's descriptor stays open
             os.close(self._statm)
         self._statm, self._pid = None, -1
-
-
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def device_memory_bytes(device: torch.device, process: ResidentSet) -> int:
